@@ -1,0 +1,491 @@
+//! The refresh decision: a pure function of (family state, presented
+//! generation, request, policy, now). Tables, keys, clocks and events are the
+//! engine's business; this module only says what should happen.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::clock::Timestamp;
+use crate::family::{Family, Status};
+use crate::policy::{ClientPolicy, IpCheck, PolicyVersion, Rotation};
+use crate::token::{FamilyId, Generation, Token};
+
+/// Why a redemption was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// Malformed, unknown family, unknown key or bad tag. Changes nothing.
+    InvalidToken,
+    /// The presenting client is not the family's client (RFC 6749 §10.4).
+    ClientMismatch,
+    /// The family was revoked.
+    Revoked,
+    /// The family's absolute lifetime has passed.
+    ExpiredAbsolute,
+    /// The family was unused for longer than the idle TTL.
+    ExpiredIdle,
+    /// An already-rotated token was presented outside grace (RFC 9700
+    /// §4.14.2); the policy's `on_reuse` was applied.
+    ReuseDetected,
+    /// A generation newer than the family's current one: the state was
+    /// rolled back (restored backup, lost write).
+    StateRollback,
+    /// The client IP is outside the policy's allow-list.
+    IpNotAllowed,
+    /// The family has rotated 2^32 - 1 times and can rotate no further.
+    GenerationsExhausted,
+}
+
+/// The OAuth error code a denial is reported as (RFC 6749 §5.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OAuthError {
+    /// `invalid_grant`.
+    InvalidGrant,
+    /// `invalid_client`.
+    InvalidClient,
+}
+
+impl OAuthError {
+    /// The wire code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OAuthError::InvalidGrant => "invalid_grant",
+            OAuthError::InvalidClient => "invalid_client",
+        }
+    }
+}
+
+impl DenyReason {
+    /// Stable snake_case name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::InvalidToken => "invalid_token",
+            DenyReason::ClientMismatch => "client_mismatch",
+            DenyReason::Revoked => "revoked",
+            DenyReason::ExpiredAbsolute => "expired_absolute",
+            DenyReason::ExpiredIdle => "expired_idle",
+            DenyReason::ReuseDetected => "reuse_detected",
+            DenyReason::StateRollback => "state_rollback",
+            DenyReason::IpNotAllowed => "ip_not_allowed",
+            DenyReason::GenerationsExhausted => "generations_exhausted",
+        }
+    }
+
+    /// The OAuth error to answer with. A refresh token "issued to another
+    /// client" is `invalid_grant` per RFC 6749 §5.2; `invalid_client` is for
+    /// failed client authentication, which is the server's, not the engine's.
+    pub fn oauth_error(self) -> OAuthError {
+        OAuthError::InvalidGrant
+    }
+
+    /// Text safe to show the client: names the failed check, echoes nothing.
+    pub fn description(self) -> &'static str {
+        match self {
+            DenyReason::InvalidToken => "refresh token is invalid",
+            DenyReason::ClientMismatch => "refresh token was issued to another client",
+            DenyReason::Revoked => "refresh token has been revoked",
+            DenyReason::ExpiredAbsolute => "refresh token has passed its absolute lifetime",
+            DenyReason::ExpiredIdle => "refresh token expired after being unused too long",
+            DenyReason::ReuseDetected => "refresh token reuse detected; token family revoked",
+            DenyReason::StateRollback => "refresh token is newer than the server's state",
+            DenyReason::IpNotAllowed => "refresh is not allowed from this network",
+            DenyReason::GenerationsExhausted => "refresh token can no longer be rotated",
+        }
+    }
+
+    /// Every reason, for metrics tables.
+    pub const ALL: [DenyReason; 9] = [
+        DenyReason::InvalidToken,
+        DenyReason::ClientMismatch,
+        DenyReason::Revoked,
+        DenyReason::ExpiredAbsolute,
+        DenyReason::ExpiredIdle,
+        DenyReason::ReuseDetected,
+        DenyReason::StateRollback,
+        DenyReason::IpNotAllowed,
+        DenyReason::GenerationsExhausted,
+    ];
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How an accepted redemption was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AcceptKind {
+    /// The family advanced one generation; the token is new.
+    Rotated,
+    /// Policy `rotation = "reuse"`: the presented token stays valid.
+    Kept,
+    /// The predecessor was replayed inside the grace window: the token is the
+    /// successor the rotation already returned.
+    GraceReplay,
+    /// A new family was started.
+    Issued,
+}
+
+impl AcceptKind {
+    /// Stable snake_case name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcceptKind::Rotated => "rotated",
+            AcceptKind::Kept => "kept",
+            AcceptKind::GraceReplay => "grace_replay",
+            AcceptKind::Issued => "issued",
+        }
+    }
+}
+
+/// An accepted redemption.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The refresh token the client must use next.
+    pub token: Token,
+    /// Its family.
+    pub family: FamilyId,
+    /// Its generation.
+    pub generation: Generation,
+    /// Rotation, reuse or grace replay.
+    pub kind: AcceptKind,
+    /// The policy set that decided.
+    pub policy_version: PolicyVersion,
+}
+
+/// A refused redemption.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Denied {
+    /// What failed.
+    pub reason: DenyReason,
+    /// The family, when the token named a real one with a valid tag.
+    pub family: Option<FamilyId>,
+    /// The policy set that decided.
+    pub policy_version: PolicyVersion,
+}
+
+/// The outcome of one redemption: always a decision, never an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Accepted, with the token to use next.
+    Accept(Accepted),
+    /// Refused, with why.
+    Deny(Denied),
+}
+
+impl Decision {
+    /// The accepted outcome, if it was one.
+    pub fn accepted(&self) -> Option<&Accepted> {
+        match self {
+            Decision::Accept(a) => Some(a),
+            Decision::Deny(_) => None,
+        }
+    }
+
+    /// The denial reason, if it was one.
+    pub fn deny_reason(&self) -> Option<DenyReason> {
+        match self {
+            Decision::Accept(_) => None,
+            Decision::Deny(d) => Some(d.reason),
+        }
+    }
+
+    /// The policy set that decided.
+    pub fn policy_version(&self) -> PolicyVersion {
+        match self {
+            Decision::Accept(a) => a.policy_version,
+            Decision::Deny(d) => d.policy_version,
+        }
+    }
+
+    /// The outcome's snake_case name (`rotated`, `reuse_detected`, ...).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Decision::Accept(a) => a.kind.as_str(),
+            Decision::Deny(d) => d.reason.as_str(),
+        }
+    }
+}
+
+/// What the request brings, beyond the token's verified fields.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Request<'a> {
+    pub(crate) generation: Generation,
+    pub(crate) client: &'a str,
+    pub(crate) ip: IpAddr,
+    pub(crate) now: Timestamp,
+}
+
+/// What should happen, before anything has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Accept(AcceptKind),
+    Deny(DenyReason),
+}
+
+/// Steps 4–8 of DESIGN §3, in order. Steps 1–3 (parse, look up, verify the
+/// tag) need the key ring and the table, so the engine does them first; a
+/// family only reaches this function with a valid tag.
+pub(crate) fn decide(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> Verdict {
+    // 4. Client binding.
+    if *f.client != *req.client {
+        return Verdict::Deny(DenyReason::ClientMismatch);
+    }
+    // 5. Revoked, then absolute, then idle lifetime.
+    if let Status::Revoked { .. } = f.status {
+        return Verdict::Deny(DenyReason::Revoked);
+    }
+    if let Some(reason) = expiry(f, policy, req.now) {
+        return Verdict::Deny(reason);
+    }
+    // 6. Classify the presented generation against the current one.
+    let (g, c) = (req.generation, f.generation);
+    if g > c {
+        return Verdict::Deny(DenyReason::StateRollback);
+    }
+    if g < c {
+        return if in_grace(f, req, policy) {
+            Verdict::Accept(AcceptKind::GraceReplay)
+        } else {
+            Verdict::Deny(DenyReason::ReuseDetected)
+        };
+    }
+    // 7. Allow-list, after reuse: a replay from a foreign network is theft,
+    //    not travel.
+    if policy.ip_check == IpCheck::EveryRefresh && !policy.ip_allowlist.contains(req.ip) {
+        return Verdict::Deny(DenyReason::IpNotAllowed);
+    }
+    // 8. Accept.
+    match policy.rotation {
+        Rotation::Reuse => Verdict::Accept(AcceptKind::Kept),
+        Rotation::Rotate if c.next().is_none() => Verdict::Deny(DenyReason::GenerationsExhausted),
+        Rotation::Rotate => Verdict::Accept(AcceptKind::Rotated),
+    }
+}
+
+/// Whether the family's lifetime is over under `policy` at `now`.
+pub(crate) fn expiry(f: &Family, policy: &ClientPolicy, now: Timestamp) -> Option<DenyReason> {
+    if let Some(ttl) = policy.absolute_ttl
+        && now >= f.created.saturating_add(ttl)
+    {
+        return Some(DenyReason::ExpiredAbsolute);
+    }
+    if let Some(ttl) = policy.idle_ttl
+        && now >= f.last_used.saturating_add(ttl)
+    {
+        return Some(DenyReason::ExpiredIdle);
+    }
+    None
+}
+
+fn in_grace(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> bool {
+    // Only the immediate predecessor, and only once a rotation happened
+    // (generation 1 has no predecessor refresh token).
+    Some(req.generation) == f.generation.get().checked_sub(1).map(Generation::new)
+        && req.generation >= Generation::FIRST
+        && req.now < f.rotated_at.saturating_add(policy.grace_period)
+        && f.grace_used < policy.grace_max_replays
+        && (!policy.grace_same_ip || f.rotation_ip == Some(req.ip))
+}
+
+/// Apply an accepting verdict's state change. `key` is the active key, which
+/// mints the new generation on rotation.
+pub(crate) fn apply_accept(
+    f: &mut Family,
+    kind: AcceptKind,
+    req: &Request<'_>,
+    key: crate::token::KeyId,
+) {
+    match kind {
+        AcceptKind::Rotated => {
+            // decide() refused exhausted generations; keep the old one if
+            // that ever changes rather than wrapping to 0.
+            f.generation = f.generation.next().unwrap_or(f.generation);
+            f.rotated_at = req.now;
+            f.rotation_ip = Some(req.ip);
+            f.grace_used = 0;
+            f.key = key;
+        }
+        AcceptKind::GraceReplay => f.grace_used = f.grace_used.saturating_add(1),
+        AcceptKind::Kept | AcceptKind::Issued => {}
+    }
+    f.last_used = req.now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::family::RevokeReason;
+    use crate::policy::{AllowList, IpRange};
+    use crate::token::{FamilySecret, KeyId};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn fam(gen_: u32) -> Family {
+        Family {
+            id: FamilyId::from_bytes([1; 16]),
+            secret: FamilySecret([2; 16]),
+            client: Arc::from("c"),
+            subject: Arc::from("s"),
+            scope: Arc::from("openid"),
+            created: Timestamp::from_secs(1000),
+            last_used: Timestamp::from_secs(1000),
+            rotated_at: Timestamp::from_secs(1000),
+            generation: Generation::new(gen_),
+            key: KeyId(0),
+            grace_used: 0,
+            rotation_ip: Some("10.0.0.1".parse().unwrap()),
+            status: Status::Active,
+        }
+    }
+
+    fn req(g: u32, secs: u64) -> Request<'static> {
+        Request {
+            generation: Generation::new(g),
+            client: "c",
+            ip: "10.0.0.1".parse().unwrap(),
+            now: Timestamp::from_secs(secs),
+        }
+    }
+
+    fn deny(v: Verdict) -> DenyReason {
+        match v {
+            Verdict::Deny(r) => r,
+            Verdict::Accept(k) => panic!("accepted as {k:?}"),
+        }
+    }
+
+    #[test]
+    fn client_binding_comes_before_revocation_and_expiry() {
+        let mut f = fam(3);
+        f.revoke(RevokeReason::Requested, Timestamp::from_secs(1000));
+        let mut r = req(3, 1_000_000_000);
+        r.client = "other";
+        assert_eq!(
+            deny(decide(&f, &r, &ClientPolicy::default())),
+            DenyReason::ClientMismatch
+        );
+    }
+
+    #[test]
+    fn revoked_before_expired_and_absolute_before_idle() {
+        let p = ClientPolicy::default();
+        let mut f = fam(3);
+        let late = 1000 + 91 * 86400;
+        assert_eq!(
+            deny(decide(&f, &req(3, late), &p)),
+            DenyReason::ExpiredAbsolute
+        );
+        f.revoke(RevokeReason::Requested, Timestamp::from_secs(1000));
+        assert_eq!(deny(decide(&f, &req(3, late), &p)), DenyReason::Revoked);
+    }
+
+    #[test]
+    fn expiry_denies_before_any_generation_logic() {
+        let p = ClientPolicy::default();
+        let f = fam(3);
+        let idle = 1000 + 31 * 86400;
+        assert_eq!(deny(decide(&f, &req(1, idle), &p)), DenyReason::ExpiredIdle);
+        assert_eq!(deny(decide(&f, &req(9, idle), &p)), DenyReason::ExpiredIdle);
+    }
+
+    #[test]
+    fn reuse_is_checked_before_allow_list() {
+        let p = ClientPolicy {
+            ip_allowlist: AllowList::new(&["192.0.2.0/24".parse::<IpRange>().unwrap()]),
+            ..ClientPolicy::default()
+        };
+        let f = fam(3);
+        assert_eq!(
+            deny(decide(&f, &req(1, 1001), &p)),
+            DenyReason::ReuseDetected
+        );
+        assert_eq!(
+            deny(decide(&f, &req(3, 1001), &p)),
+            DenyReason::IpNotAllowed
+        );
+    }
+
+    #[test]
+    fn issuance_only_skips_the_allow_list_on_refresh() {
+        let p = ClientPolicy {
+            ip_allowlist: AllowList::new(&["192.0.2.0/24".parse::<IpRange>().unwrap()]),
+            ip_check: IpCheck::IssuanceOnly,
+            ..ClientPolicy::default()
+        };
+        assert_eq!(
+            decide(&fam(3), &req(3, 1001), &p),
+            Verdict::Accept(AcceptKind::Rotated)
+        );
+    }
+
+    #[test]
+    fn grace_window_bounds() {
+        let p = ClientPolicy {
+            grace_period: Duration::from_secs(10),
+            grace_max_replays: 2,
+            ..ClientPolicy::default()
+        };
+        let mut f = fam(3);
+        let grace = Verdict::Accept(AcceptKind::GraceReplay);
+        assert_eq!(decide(&f, &req(2, 1009), &p), grace);
+        assert_eq!(
+            deny(decide(&f, &req(2, 1010), &p)),
+            DenyReason::ReuseDetected
+        );
+        assert_eq!(
+            deny(decide(&f, &req(1, 1001), &p)),
+            DenyReason::ReuseDetected
+        );
+        f.grace_used = 2;
+        assert_eq!(
+            deny(decide(&f, &req(2, 1001), &p)),
+            DenyReason::ReuseDetected
+        );
+    }
+
+    #[test]
+    fn grace_same_ip_refuses_other_ip() {
+        let p = ClientPolicy {
+            grace_period: Duration::from_secs(10),
+            grace_same_ip: true,
+            ..ClientPolicy::default()
+        };
+        let f = fam(3);
+        let mut r = req(2, 1001);
+        assert_eq!(decide(&f, &r, &p), Verdict::Accept(AcceptKind::GraceReplay));
+        r.ip = "10.0.0.2".parse().unwrap();
+        assert_eq!(deny(decide(&f, &r, &p)), DenyReason::ReuseDetected);
+    }
+
+    #[test]
+    fn newer_generation_is_rollback() {
+        assert_eq!(
+            deny(decide(&fam(3), &req(4, 1001), &ClientPolicy::default())),
+            DenyReason::StateRollback
+        );
+    }
+
+    #[test]
+    fn exhausted_generations_deny_instead_of_wrapping() {
+        let f = fam(u32::MAX);
+        assert_eq!(
+            deny(decide(&f, &req(u32::MAX, 1001), &ClientPolicy::default())),
+            DenyReason::GenerationsExhausted
+        );
+    }
+
+    #[test]
+    fn apply_rotation_resets_grace_state() {
+        let mut f = fam(3);
+        f.grace_used = 1;
+        let r = req(3, 2000);
+        apply_accept(&mut f, AcceptKind::Rotated, &r, KeyId(5));
+        assert_eq!(f.generation, Generation::new(4));
+        assert_eq!(f.grace_used, 0);
+        assert_eq!(f.rotated_at, r.now);
+        assert_eq!(f.last_used, r.now);
+        assert_eq!(f.key, KeyId(5));
+    }
+}

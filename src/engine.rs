@@ -1,0 +1,872 @@
+//! The engine: the shell around the pure decision. It owns the table, the key
+//! ring, the policy set in force, the clock and the event sink.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::decision::{self, AcceptKind, Accepted, Decision, Denied, DenyReason, Request, Verdict};
+use crate::error::Error;
+use crate::event::{Dispatcher, Event, EventCounts, EventKind, EventSink, NoopSink};
+use crate::family::{Family, RevokeReason, Status};
+use crate::policy::{OnReuse, PolicySet, PolicyVersion};
+use crate::table::{Interner, OUTCOMES, SubjectIndex, Table};
+use crate::token::{self, FamilyId, FamilySecret, Generation, KeyRing, TokenKind};
+
+/// Longest subject accepted at issuance.
+pub const MAX_SUBJECT_LEN: usize = 1024;
+/// Longest scope string accepted at issuance.
+pub const MAX_SCOPE_LEN: usize = 4096;
+
+/// Who a new family is for.
+#[derive(Clone, Copy, Debug)]
+pub struct IssueRequest<'a> {
+    /// The OAuth client.
+    pub client: &'a str,
+    /// The end user.
+    pub subject: &'a str,
+    /// The granted scope, space-separated.
+    pub scope: &'a str,
+    /// The client's IP address.
+    pub ip: IpAddr,
+}
+
+/// What [`Engine::introspect`] reports of a token, changing nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Introspection {
+    /// Whether redeeming this token now would be accepted as the current
+    /// generation (grace replays are not "active": they are a retry).
+    pub active: bool,
+    /// The family.
+    pub family: FamilyId,
+    /// The family's client.
+    pub client: Arc<str>,
+    /// The family's subject.
+    pub subject: Arc<str>,
+    /// The family's scope.
+    pub scope: Arc<str>,
+    /// The presented token's generation.
+    pub generation: Generation,
+    /// The family's current generation.
+    pub current_generation: Generation,
+    /// When the family was born.
+    pub issued_at: Timestamp,
+    /// When the family was last used.
+    pub last_used: Timestamp,
+    /// When it expires if unused, under the policy in force.
+    pub idle_expires_at: Option<Timestamp>,
+    /// When it expires regardless, under the policy in force.
+    pub absolute_expires_at: Option<Timestamp>,
+    /// Active, or revoked with why and when.
+    pub status: Status,
+}
+
+impl Introspection {
+    /// The earlier of the two expiries, if any.
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        match (self.idle_expires_at, self.absolute_expires_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What one [`Engine::sweep`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Slots looked at (bounded by the budget).
+    pub examined: usize,
+    /// Families removed.
+    pub removed: usize,
+}
+
+/// Counters since the engine started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Family records held (revoked ones until swept).
+    pub families: usize,
+    /// Redemptions by outcome name (`rotated`, `reuse_detected`, ...).
+    pub outcomes: Vec<(&'static str, u64)>,
+    /// Events by kind.
+    pub events: EventCounts,
+}
+
+impl Stats {
+    /// The count of one outcome by name.
+    pub fn outcome(&self, name: &str) -> u64 {
+        self.outcomes
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, c)| *c)
+    }
+}
+
+const ACCEPT_KINDS: [AcceptKind; 4] = [
+    AcceptKind::Rotated,
+    AcceptKind::Kept,
+    AcceptKind::GraceReplay,
+    AcceptKind::Issued,
+];
+
+fn outcome_slot(v: Verdict) -> usize {
+    match v {
+        Verdict::Accept(k) => k as usize,
+        Verdict::Deny(r) => ACCEPT_KINDS.len() + r as usize,
+    }
+}
+
+const _: () = assert!(ACCEPT_KINDS.len() + DenyReason::ALL.len() <= OUTCOMES);
+
+/// Configures an [`Engine`].
+pub struct EngineBuilder {
+    keys: Option<KeyRing>,
+    policies: PolicySet,
+    clock: Box<dyn Clock>,
+    sink: Box<dyn EventSink>,
+    shards: usize,
+    revoked_retention: Duration,
+}
+
+impl Default for EngineBuilder {
+    fn default() -> EngineBuilder {
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        EngineBuilder {
+            keys: None,
+            policies: PolicySet::default(),
+            clock: Box::new(SystemClock),
+            sink: Box::new(NoopSink),
+            // Many more shards than cores keeps two redemptions from meeting
+            // on one lock; each costs a few hundred bytes.
+            shards: (cores * 64).max(256),
+            revoked_retention: Duration::from_secs(86_400),
+        }
+    }
+}
+
+impl EngineBuilder {
+    /// The MAC key ring. Without one, a fresh random key is generated, and
+    /// every token dies with the process.
+    pub fn keys(mut self, keys: KeyRing) -> EngineBuilder {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// The policy set in force at start. Default: [`PolicySet::default`].
+    pub fn policies(mut self, set: PolicySet) -> EngineBuilder {
+        self.policies = set;
+        self
+    }
+
+    /// The clock. Default: [`SystemClock`].
+    pub fn clock(mut self, clock: impl Clock) -> EngineBuilder {
+        self.clock = Box::new(clock);
+        self
+    }
+
+    /// Where events go. Default: [`NoopSink`] (events are still counted).
+    pub fn events(mut self, sink: impl EventSink) -> EngineBuilder {
+        self.sink = Box::new(sink);
+        self
+    }
+
+    /// Number of table shards (rounded up to a power of two).
+    pub fn shards(mut self, n: usize) -> EngineBuilder {
+        self.shards = n;
+        self
+    }
+
+    /// How long a revoked family is kept so that its tokens keep answering
+    /// `revoked` (and replays keep raising events) before the sweeper drops
+    /// it. Default: one day.
+    pub fn revoked_retention(mut self, d: Duration) -> EngineBuilder {
+        self.revoked_retention = d;
+        self
+    }
+
+    /// Build the engine.
+    pub fn build(self) -> Result<Engine, Error> {
+        let keys = match self.keys {
+            Some(k) => k,
+            None => KeyRing::generate()?,
+        };
+        Ok(Engine {
+            keys: ArcSwap::from_pointee(keys),
+            policies: ArcSwap::from_pointee(self.policies),
+            table: Table::new(self.shards),
+            subjects: SubjectIndex::new(self.shards),
+            interner: Interner::new(),
+            clock: self.clock,
+            events: Dispatcher::new(self.sink),
+            revoked_retention: self.revoked_retention,
+            unsharded_outcomes: Default::default(),
+        })
+    }
+}
+
+/// The refresh-token lifecycle engine. Share it by reference or `Arc`; every
+/// method takes `&self`.
+pub struct Engine {
+    keys: ArcSwap<KeyRing>,
+    policies: ArcSwap<PolicySet>,
+    table: Table,
+    subjects: SubjectIndex,
+    interner: Interner,
+    clock: Box<dyn Clock>,
+    events: Dispatcher,
+    revoked_retention: Duration,
+    /// Outcomes decided before a shard is locked (malformed tokens).
+    unsharded_outcomes: [AtomicU64; OUTCOMES],
+}
+
+/// A family's identity, copied out of the lock for events and follow-ups.
+struct Who {
+    family: FamilyId,
+    client: Arc<str>,
+    subject: Arc<str>,
+}
+
+impl Who {
+    fn of(f: &Family) -> Who {
+        Who {
+            family: f.id,
+            client: f.client.clone(),
+            subject: f.subject.clone(),
+        }
+    }
+}
+
+impl Engine {
+    /// Configure an engine.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// The current time on the engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// The policy set in force.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies.load_full()
+    }
+
+    /// Put `set` in force atomically; returns the set it replaced. Every
+    /// redemption is decided wholly under one set or the other.
+    pub fn swap_policies(&self, set: PolicySet) -> Arc<PolicySet> {
+        self.policies.swap(Arc::new(set))
+    }
+
+    /// The MAC key ring in use.
+    pub fn key_ring(&self) -> Arc<KeyRing> {
+        self.keys.load_full()
+    }
+
+    /// Replace the key ring (after adding, activating or removing a key).
+    pub fn set_key_ring(&self, keys: KeyRing) {
+        self.keys.store(Arc::new(keys));
+    }
+
+    fn emit(
+        &self,
+        kind: EventKind,
+        who: Option<&Who>,
+        ip: Option<IpAddr>,
+        version: PolicyVersion,
+        at: Timestamp,
+    ) {
+        self.events.emit(&Event {
+            kind,
+            family: who.map(|w| w.family),
+            client: who.map(|w| w.client.clone()),
+            subject: who.map(|w| w.subject.clone()),
+            ip,
+            policy_version: version,
+            at,
+        });
+    }
+
+    /// Start a family: the first refresh token (generation 1).
+    pub fn issue(&self, req: &IssueRequest<'_>) -> Result<Decision, Error> {
+        self.issue_at(req, self.clock.now())
+    }
+
+    /// [`issue`](Self::issue) at a given time.
+    pub fn issue_at(&self, req: &IssueRequest<'_>, now: Timestamp) -> Result<Decision, Error> {
+        check_len("client", req.client, crate::policy::MAX_CLIENT_ID_LEN)?;
+        check_len("subject", req.subject, MAX_SUBJECT_LEN)?;
+        if req.scope.len() > MAX_SCOPE_LEN {
+            return Err(Error::InvalidArgument {
+                name: "scope",
+                expected: "at most 4096 bytes",
+            });
+        }
+        let policies = self.policies.load();
+        let version = policies.version();
+        let policy = policies.policy(req.client);
+        // The allow-list applies at issuance in both `ip_check` modes.
+        if !policy.ip_allowlist.contains(req.ip) {
+            self.events.emit(&Event {
+                kind: EventKind::IpNotAllowed,
+                family: None,
+                client: Some(self.interner.intern(req.client)),
+                subject: Some(Arc::from(req.subject)),
+                ip: Some(req.ip),
+                policy_version: version,
+                at: now,
+            });
+            return Ok(Decision::Deny(Denied {
+                reason: DenyReason::IpNotAllowed,
+                family: None,
+                policy_version: version,
+            }));
+        }
+        let keys = self.keys.load();
+        let client = self.interner.intern(req.client);
+        let scope = self.interner.intern(req.scope);
+        let cap = policy.max_families_per_subject;
+
+        let mut evicted = Vec::new();
+        let family = {
+            let mut subjects = self.subjects.lock(req.subject);
+            let subject = match subjects.get_key_value(req.subject) {
+                Some((k, _)) => k.clone(),
+                None => Arc::from(req.subject),
+            };
+            let mut f = Family {
+                id: FamilyId::from_bytes([0; 16]),
+                secret: FamilySecret([0; 16]),
+                client,
+                subject: subject.clone(),
+                scope,
+                created: now,
+                last_used: now,
+                rotated_at: now,
+                generation: Generation::FIRST,
+                key: keys.active(),
+                grace_used: 0,
+                rotation_ip: Some(req.ip),
+                status: Status::Active,
+            };
+            let ids = subjects.entry(subject).or_default();
+            if cap > 0 {
+                self.evict_over_cap(ids, &f.client, cap, now, &mut evicted);
+            }
+            // 128 random bits collide never in practice; loop all the same
+            // rather than overwrite a family.
+            let minted = loop {
+                let mut rnd = [0u8; 32];
+                crate::random::fill(&mut rnd)?;
+                let (id, secret) = rnd.split_at(16);
+                f.id = FamilyId::from_bytes(id.try_into().expect("16 bytes"));
+                f.secret = FamilySecret(secret.try_into().expect("16 bytes"));
+                let minted = (f.id, f.secret);
+                let mut shard = self.table.lock(&f.id);
+                match shard.insert(f) {
+                    Ok(()) => {
+                        shard.outcomes[outcome_slot(Verdict::Accept(AcceptKind::Issued))] += 1;
+                        break minted;
+                    }
+                    Err(back) => f = back,
+                }
+            };
+            ids.push(minted.0);
+            minted
+        };
+        for w in &evicted {
+            self.emit(
+                EventKind::CapEviction { cap },
+                Some(w),
+                Some(req.ip),
+                version,
+                now,
+            );
+            self.emit(
+                EventKind::FamilyRevoked {
+                    reason: RevokeReason::CapEviction,
+                },
+                Some(w),
+                Some(req.ip),
+                version,
+                now,
+            );
+        }
+        let token = keys
+            .mint(
+                TokenKind::Refresh,
+                keys.active(),
+                &family.0,
+                Generation::FIRST,
+                &family.1,
+            )
+            .expect("the active key is always in the ring");
+        Ok(Decision::Accept(Accepted {
+            token,
+            family: family.0,
+            generation: Generation::FIRST,
+            kind: AcceptKind::Issued,
+            policy_version: version,
+        }))
+    }
+
+    /// Revoke the oldest families of `client` in `ids` until one more fits
+    /// under `cap`. Called with the subject's index shard locked.
+    fn evict_over_cap(
+        &self,
+        ids: &mut Vec<FamilyId>,
+        client: &Arc<str>,
+        cap: u32,
+        now: Timestamp,
+        evicted: &mut Vec<Who>,
+    ) {
+        let mut mine: Vec<(Timestamp, FamilyId)> = Vec::new();
+        ids.retain(|id| {
+            let shard = self.table.lock(id);
+            match shard.get(id) {
+                // Drop index entries of swept or revoked families on the way.
+                Some(f) if f.is_active() => {
+                    if f.client == *client {
+                        mine.push((f.created, *id));
+                    }
+                    true
+                }
+                _ => false,
+            }
+        });
+        let cap = cap as usize;
+        if mine.len() < cap {
+            return;
+        }
+        mine.sort();
+        let excess = mine.len() + 1 - cap;
+        for (_, id) in mine.into_iter().take(excess) {
+            let mut shard = self.table.lock(&id);
+            if let Some(f) = shard.get_mut(&id)
+                && f.revoke(RevokeReason::CapEviction, now)
+            {
+                evicted.push(Who::of(f));
+            }
+            drop(shard);
+            ids.retain(|x| *x != id);
+        }
+    }
+
+    /// Redeem a refresh token presented by `client` from `ip`.
+    pub fn redeem(&self, token: &str, client: &str, ip: IpAddr) -> Decision {
+        self.redeem_at(token, client, ip, self.clock.now())
+    }
+
+    /// [`redeem`](Self::redeem) at a given time.
+    pub fn redeem_at(&self, token: &str, client: &str, ip: IpAddr, now: Timestamp) -> Decision {
+        let policies = self.policies.load();
+        let version = policies.version();
+        let invalid = || {
+            self.unsharded_outcomes[outcome_slot(Verdict::Deny(DenyReason::InvalidToken))]
+                .fetch_add(1, Ordering::Relaxed);
+            Decision::Deny(Denied {
+                reason: DenyReason::InvalidToken,
+                family: None,
+                policy_version: version,
+            })
+        };
+        // 1. Parse; unknown key ids are malformed too.
+        let Some(parsed) = token::parse(token, TokenKind::Refresh) else {
+            return invalid();
+        };
+        let keys = self.keys.load();
+        if !keys.contains(parsed.key) {
+            return invalid();
+        }
+        // 2. Look up; 3. verify the tag. A forgery touches nothing.
+        let mut shard = self.table.lock(&parsed.family);
+        let Some(f) = shard.get_mut(&parsed.family) else {
+            drop(shard);
+            return invalid();
+        };
+        if !keys.verify(&parsed, &f.secret) {
+            drop(shard);
+            return invalid();
+        }
+        let policy = policies.policy(&f.client);
+        let req = Request {
+            generation: parsed.generation,
+            client,
+            ip,
+            now,
+        };
+        let mut verdict = decision::decide(f, &req, policy);
+        if let Verdict::Accept(kind) = verdict {
+            // The token to return is minted with the active key on rotation,
+            // else with the key of the current generation. If that key was
+            // removed, the current token is dead; refuse rather than fork.
+            let mint_key = if kind == AcceptKind::Rotated {
+                keys.active()
+            } else {
+                f.key
+            };
+            if !keys.contains(mint_key) {
+                verdict = Verdict::Deny(DenyReason::InvalidToken);
+            }
+        }
+        match verdict {
+            Verdict::Accept(kind) => {
+                decision::apply_accept(f, kind, &req, keys.active());
+                let token = keys.mint(TokenKind::Refresh, f.key, &f.id, f.generation, &f.secret);
+                let (family, generation) = (f.id, f.generation);
+                shard.outcomes[outcome_slot(verdict)] += 1;
+                drop(shard);
+                match token {
+                    Some(token) => Decision::Accept(Accepted {
+                        token,
+                        family,
+                        generation,
+                        kind,
+                        policy_version: version,
+                    }),
+                    // Checked just above, under the same ring snapshot.
+                    None => invalid(),
+                }
+            }
+            Verdict::Deny(reason) => {
+                let current = f.generation;
+                let who = Who::of(f);
+                let mut revoked = false;
+                let on_reuse = policy.on_reuse;
+                if reason == DenyReason::ReuseDetected && on_reuse != OnReuse::ReportOnly {
+                    revoked = f.revoke(RevokeReason::ReuseDetected, now);
+                }
+                shard.outcomes[outcome_slot(verdict)] += 1;
+                drop(shard);
+                self.after_denial(reason, &req, &who, current, on_reuse, revoked, version);
+                Decision::Deny(Denied {
+                    reason,
+                    family: Some(who.family),
+                    policy_version: version,
+                })
+            }
+        }
+    }
+
+    /// Events and cross-family follow-ups of a denial, outside every lock.
+    #[allow(clippy::too_many_arguments)]
+    fn after_denial(
+        &self,
+        reason: DenyReason,
+        req: &Request<'_>,
+        who: &Who,
+        current: Generation,
+        on_reuse: OnReuse,
+        revoked: bool,
+        version: PolicyVersion,
+    ) {
+        let (ip, now) = (Some(req.ip), req.now);
+        match reason {
+            DenyReason::ReuseDetected => {
+                self.emit(
+                    EventKind::ReuseDetected {
+                        presented: req.generation,
+                        current,
+                        response: on_reuse,
+                    },
+                    Some(who),
+                    ip,
+                    version,
+                    now,
+                );
+                if revoked {
+                    self.emit(
+                        EventKind::FamilyRevoked {
+                            reason: RevokeReason::ReuseDetected,
+                        },
+                        Some(who),
+                        ip,
+                        version,
+                        now,
+                    );
+                }
+                match on_reuse {
+                    OnReuse::RevokeSubjectClient => {
+                        self.revoke_subject_with(
+                            &who.subject,
+                            Some(&who.client),
+                            RevokeReason::SubjectReuse,
+                            ip,
+                            now,
+                        );
+                    }
+                    OnReuse::RevokeSubject => {
+                        self.revoke_subject_with(
+                            &who.subject,
+                            None,
+                            RevokeReason::SubjectReuse,
+                            ip,
+                            now,
+                        );
+                    }
+                    OnReuse::RevokeFamily => self.subjects.remove(&who.subject, &who.family),
+                    OnReuse::ReportOnly => {}
+                }
+            }
+            DenyReason::ClientMismatch => self.emit(
+                EventKind::ClientMismatch {
+                    presented_client: req.client.into(),
+                },
+                Some(who),
+                ip,
+                version,
+                now,
+            ),
+            DenyReason::StateRollback => self.emit(
+                EventKind::StateRollback {
+                    presented: req.generation,
+                    current,
+                },
+                Some(who),
+                ip,
+                version,
+                now,
+            ),
+            DenyReason::IpNotAllowed => {
+                self.emit(EventKind::IpNotAllowed, Some(who), ip, version, now)
+            }
+            _ => {}
+        }
+    }
+
+    /// Revoke the family of a refresh token. With `client`, a token of
+    /// another client is left alone (RFC 7009 §2.1). Returns whether this
+    /// call revoked it; an invalid or already-revoked token is `false`.
+    pub fn revoke_token(&self, token: &str, client: Option<&str>) -> bool {
+        self.revoke_token_at(token, client, self.clock.now())
+    }
+
+    /// [`revoke_token`](Self::revoke_token) at a given time.
+    pub fn revoke_token_at(&self, token: &str, client: Option<&str>, now: Timestamp) -> bool {
+        let Some(parsed) = token::parse(token, TokenKind::Refresh) else {
+            return false;
+        };
+        let keys = self.keys.load();
+        let mut shard = self.table.lock(&parsed.family);
+        let Some(f) = shard.get_mut(&parsed.family) else {
+            return false;
+        };
+        if !keys.verify(&parsed, &f.secret)
+            || client.is_some_and(|c| *f.client != *c)
+            || !f.revoke(RevokeReason::Requested, now)
+        {
+            return false;
+        }
+        let who = Who::of(f);
+        drop(shard);
+        self.after_revoke(&who, RevokeReason::Requested, now);
+        true
+    }
+
+    /// Revoke one family by id. Returns whether this call revoked it.
+    pub fn revoke_family(&self, id: FamilyId) -> bool {
+        self.revoke_family_at(id, self.clock.now())
+    }
+
+    /// [`revoke_family`](Self::revoke_family) at a given time.
+    pub fn revoke_family_at(&self, id: FamilyId, now: Timestamp) -> bool {
+        let mut shard = self.table.lock(&id);
+        let Some(f) = shard.get_mut(&id) else {
+            return false;
+        };
+        if !f.revoke(RevokeReason::Requested, now) {
+            return false;
+        }
+        let who = Who::of(f);
+        drop(shard);
+        self.after_revoke(&who, RevokeReason::Requested, now);
+        true
+    }
+
+    fn after_revoke(&self, who: &Who, reason: RevokeReason, now: Timestamp) {
+        self.subjects.remove(&who.subject, &who.family);
+        let version = self.policies.load().version();
+        self.emit(
+            EventKind::FamilyRevoked { reason },
+            Some(who),
+            None,
+            version,
+            now,
+        );
+    }
+
+    /// Revoke every family of `subject`, or only those of `client`.
+    /// Returns how many this call revoked.
+    pub fn revoke_subject(&self, subject: &str, client: Option<&str>) -> usize {
+        self.revoke_subject_at(subject, client, self.clock.now())
+    }
+
+    /// [`revoke_subject`](Self::revoke_subject) at a given time.
+    pub fn revoke_subject_at(&self, subject: &str, client: Option<&str>, now: Timestamp) -> usize {
+        self.revoke_subject_with(subject, client, RevokeReason::SubjectRevoked, None, now)
+    }
+
+    fn revoke_subject_with(
+        &self,
+        subject: &str,
+        client: Option<&str>,
+        reason: RevokeReason,
+        ip: Option<IpAddr>,
+        now: Timestamp,
+    ) -> usize {
+        let version = self.policies.load().version();
+        let mut revoked = Vec::new();
+        {
+            let mut subjects = self.subjects.lock(subject);
+            let Some(ids) = subjects.get_mut(subject) else {
+                return 0;
+            };
+            ids.retain(|id| {
+                let mut shard = self.table.lock(id);
+                match shard.get_mut(id) {
+                    Some(f) if f.is_active() => {
+                        if client.is_some_and(|c| *f.client != *c) {
+                            return true;
+                        }
+                        f.revoke(reason, now);
+                        revoked.push(Who::of(f));
+                        false
+                    }
+                    _ => false,
+                }
+            });
+            if ids.is_empty() {
+                subjects.remove(subject);
+            }
+        }
+        for w in &revoked {
+            self.emit(
+                EventKind::FamilyRevoked { reason },
+                Some(w),
+                ip,
+                version,
+                now,
+            );
+        }
+        revoked.len()
+    }
+
+    /// Revoke every family of `client`. This scans the whole table, one
+    /// shard lock at a time: an administrative operation, not a hot path.
+    pub fn revoke_client(&self, client: &str) -> usize {
+        self.revoke_client_at(client, self.clock.now())
+    }
+
+    /// [`revoke_client`](Self::revoke_client) at a given time.
+    pub fn revoke_client_at(&self, client: &str, now: Timestamp) -> usize {
+        let mut revoked = Vec::new();
+        for i in 0..self.table.shard_count() {
+            let mut shard = self.table.lock_shard(i);
+            for f in shard.families_mut() {
+                if *f.client == *client && f.revoke(RevokeReason::ClientRevoked, now) {
+                    revoked.push(Who::of(f));
+                }
+            }
+        }
+        for w in &revoked {
+            self.after_revoke(w, RevokeReason::ClientRevoked, now);
+        }
+        revoked.len()
+    }
+
+    /// Describe a refresh token without changing anything. `None` for a
+    /// malformed or forged token, or an unknown family.
+    pub fn introspect(&self, token: &str) -> Option<Introspection> {
+        self.introspect_at(token, self.clock.now())
+    }
+
+    /// [`introspect`](Self::introspect) at a given time.
+    pub fn introspect_at(&self, token: &str, now: Timestamp) -> Option<Introspection> {
+        let parsed = token::parse(token, TokenKind::Refresh)?;
+        let keys = self.keys.load();
+        let policies = self.policies.load();
+        let shard = self.table.lock(&parsed.family);
+        let f = shard.get(&parsed.family)?;
+        if !keys.verify(&parsed, &f.secret) {
+            return None;
+        }
+        let policy = policies.policy(&f.client);
+        let expired = decision::expiry(f, policy, now).is_some();
+        Some(Introspection {
+            active: f.is_active() && !expired && parsed.generation == f.generation,
+            family: f.id,
+            client: f.client.clone(),
+            subject: f.subject.clone(),
+            scope: f.scope.clone(),
+            generation: parsed.generation,
+            current_generation: f.generation,
+            issued_at: f.created,
+            last_used: f.last_used,
+            idle_expires_at: policy.idle_ttl.map(|t| f.last_used.saturating_add(t)),
+            absolute_expires_at: policy.absolute_ttl.map(|t| f.created.saturating_add(t)),
+            status: f.status,
+        })
+    }
+
+    /// Remove expired families, and revoked ones past their retention,
+    /// examining at most `budget` slots. Call it periodically; memory then
+    /// stays bounded by the live families under churn.
+    pub fn sweep(&self, budget: usize) -> SweepReport {
+        self.sweep_at(budget, self.clock.now())
+    }
+
+    /// [`sweep`](Self::sweep) at a given time.
+    pub fn sweep_at(&self, budget: usize, now: Timestamp) -> SweepReport {
+        let policies = self.policies.load();
+        let retention = self.revoked_retention;
+        let (examined, removed) = self.table.sweep(budget, |f| match f.status {
+            Status::Revoked { at, .. } => now >= at.saturating_add(retention),
+            Status::Active => decision::expiry(f, policies.policy(&f.client), now).is_some(),
+        });
+        for f in &removed {
+            if f.is_active() {
+                self.subjects.remove(&f.subject, &f.id);
+            }
+        }
+        SweepReport {
+            examined,
+            removed: removed.len(),
+        }
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> Stats {
+        let mut counts = self.table.outcomes();
+        for (c, u) in counts.iter_mut().zip(self.unsharded_outcomes.iter()) {
+            *c += u.load(Ordering::Relaxed);
+        }
+        let mut outcomes = Vec::new();
+        for k in ACCEPT_KINDS {
+            outcomes.push((k.as_str(), counts[outcome_slot(Verdict::Accept(k))]));
+        }
+        for r in DenyReason::ALL {
+            outcomes.push((r.as_str(), counts[outcome_slot(Verdict::Deny(r))]));
+        }
+        Stats {
+            families: self.table.len(),
+            outcomes,
+            events: self.events.counts(),
+        }
+    }
+}
+
+fn check_len(name: &'static str, v: &str, max: usize) -> Result<(), Error> {
+    if v.is_empty() || v.len() > max {
+        return Err(Error::InvalidArgument {
+            name,
+            expected: match name {
+                "client" => "1 to 255 bytes",
+                _ => "1 to 1024 bytes",
+            },
+        });
+    }
+    Ok(())
+}

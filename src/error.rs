@@ -1,0 +1,78 @@
+//! Errors: misuse, misconfiguration and failures of the machinery.
+//!
+//! A denied refresh is not an error: it is a [`Decision`](crate::Decision).
+
+use std::fmt;
+
+use crate::policy::PolicyError;
+use crate::token::KeyId;
+
+/// What went wrong outside the decision itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// The key ring already holds a key with this id.
+    DuplicateKey {
+        /// The id that was added twice.
+        id: KeyId,
+    },
+    /// The key ring holds no key with this id.
+    UnknownKey {
+        /// The id asked for.
+        id: KeyId,
+    },
+    /// The active key cannot be removed; activate another key first.
+    RemoveActiveKey {
+        /// The active key's id.
+        id: KeyId,
+    },
+    /// The operating system's random number generator failed.
+    Random {
+        /// The OS error text.
+        detail: String,
+    },
+    /// A policy set was refused; every problem is listed.
+    Policy {
+        /// One entry per problem found.
+        errors: Vec<PolicyError>,
+    },
+    /// An argument is empty or too long.
+    InvalidArgument {
+        /// Which argument.
+        name: &'static str,
+        /// What is allowed.
+        expected: &'static str,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::DuplicateKey { id } => write!(f, "key ring already holds key {id}"),
+            Error::UnknownKey { id } => write!(f, "key ring holds no key {id}"),
+            Error::RemoveActiveKey { id } => {
+                write!(
+                    f,
+                    "key {id} is active; activate another key before removing it"
+                )
+            }
+            Error::Random { detail } => write!(f, "os random number generator failed: {detail}"),
+            Error::Policy { errors } => {
+                write!(f, "policy set refused ({} problem", errors.len())?;
+                if errors.len() != 1 {
+                    f.write_str("s")?;
+                }
+                f.write_str(")")?;
+                for e in errors {
+                    write!(f, "\n  {e}")?;
+                }
+                Ok(())
+            }
+            Error::InvalidArgument { name, expected } => {
+                write!(f, "invalid {name}: expected {expected}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,213 @@
+//! Security events, delivered to a sink the embedder provides.
+
+use std::net::IpAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::clock::Timestamp;
+use crate::family::RevokeReason;
+use crate::policy::{OnReuse, PolicyVersion};
+use crate::token::{FamilyId, Generation};
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// A rotated-out token was presented outside grace.
+    ReuseDetected {
+        /// The generation presented.
+        presented: Generation,
+        /// The family's current generation.
+        current: Generation,
+        /// What the policy did about it.
+        response: OnReuse,
+    },
+    /// A family was revoked.
+    FamilyRevoked {
+        /// Why.
+        reason: RevokeReason,
+    },
+    /// A refresh or issuance came from outside the allow-list.
+    IpNotAllowed,
+    /// A client presented another client's token.
+    ClientMismatch {
+        /// The client that presented it.
+        presented_client: Box<str>,
+    },
+    /// A token newer than the state was presented: state was rolled back.
+    StateRollback {
+        /// The generation presented.
+        presented: Generation,
+        /// The family's current generation.
+        current: Generation,
+    },
+    /// The oldest family of a subject was revoked to stay under the cap.
+    CapEviction {
+        /// The policy's `max_families_per_subject`.
+        cap: u32,
+    },
+}
+
+impl EventKind {
+    /// Stable snake_case name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EventKind::ReuseDetected { .. } => "reuse_detected",
+            EventKind::FamilyRevoked { .. } => "family_revoked",
+            EventKind::IpNotAllowed => "ip_not_allowed",
+            EventKind::ClientMismatch { .. } => "client_mismatch",
+            EventKind::StateRollback { .. } => "state_rollback",
+            EventKind::CapEviction { .. } => "cap_eviction",
+        }
+    }
+
+    fn index(&self) -> usize {
+        match self {
+            EventKind::ReuseDetected { .. } => 0,
+            EventKind::FamilyRevoked { .. } => 1,
+            EventKind::IpNotAllowed => 2,
+            EventKind::ClientMismatch { .. } => 3,
+            EventKind::StateRollback { .. } => 4,
+            EventKind::CapEviction { .. } => 5,
+        }
+    }
+}
+
+/// Names of every event kind, in the order of [`EventCounts`].
+pub const EVENT_KINDS: [&str; 6] = [
+    "reuse_detected",
+    "family_revoked",
+    "ip_not_allowed",
+    "client_mismatch",
+    "state_rollback",
+    "cap_eviction",
+];
+
+/// One security-relevant outcome, with everything an operator needs to act.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// What happened.
+    pub kind: EventKind,
+    /// The family concerned.
+    pub family: Option<FamilyId>,
+    /// The family's client.
+    pub client: Option<Arc<str>>,
+    /// The family's subject.
+    pub subject: Option<Arc<str>>,
+    /// The client IP of the request that caused it, if a request did.
+    pub ip: Option<IpAddr>,
+    /// The policy set in force.
+    pub policy_version: PolicyVersion,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// Receives events. Called outside every table lock, from the thread that
+/// made the decision; a slow sink slows that caller only, and a panicking
+/// sink is contained and counted.
+pub trait EventSink: Send + Sync + 'static {
+    /// Deliver one event.
+    fn emit(&self, event: &Event);
+}
+
+/// Discards events (they are still counted).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoopSink;
+
+impl EventSink for NoopSink {
+    fn emit(&self, _: &Event) {}
+}
+
+/// Keeps every event in memory: for tests and examples.
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    events: Mutex<Vec<Event>>,
+}
+
+impl MemorySink {
+    /// An empty sink.
+    pub fn new() -> MemorySink {
+        MemorySink::default()
+    }
+
+    /// Take the events received so far.
+    pub fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut self.events.lock())
+    }
+
+    /// A copy of the events received so far.
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().clone()
+    }
+}
+
+impl EventSink for MemorySink {
+    fn emit(&self, event: &Event) {
+        self.events.lock().push(event.clone());
+    }
+}
+
+impl<S: EventSink> EventSink for Arc<S> {
+    fn emit(&self, event: &Event) {
+        (**self).emit(event)
+    }
+}
+
+/// Events counted by kind, plus sink panics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventCounts {
+    /// Per kind, in the order of [`EVENT_KINDS`].
+    pub by_kind: [u64; 6],
+    /// Times the sink panicked (the event is still counted).
+    pub sink_panics: u64,
+}
+
+impl EventCounts {
+    /// The count for one kind by name.
+    pub fn get(&self, kind: &str) -> u64 {
+        EVENT_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.by_kind[i])
+    }
+}
+
+/// The engine's side of event delivery: counts, then calls the sink with
+/// panics contained.
+pub(crate) struct Dispatcher {
+    sink: Box<dyn EventSink>,
+    counts: [AtomicU64; 6],
+    panics: AtomicU64,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(sink: Box<dyn EventSink>) -> Dispatcher {
+        Dispatcher {
+            sink,
+            counts: Default::default(),
+            panics: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn emit(&self, event: &Event) {
+        self.counts[event.kind.index()].fetch_add(1, Ordering::Relaxed);
+        // The engine holds no lock here and has finished its state change, so
+        // a panicking sink cannot leave the table half-updated; containing it
+        // keeps one bad sink from failing the redemption that triggered it.
+        if catch_unwind(AssertUnwindSafe(|| self.sink.emit(event))).is_err() {
+            self.panics.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn counts(&self) -> EventCounts {
+        let mut c = EventCounts::default();
+        for (i, n) in self.counts.iter().enumerate() {
+            c.by_kind[i] = n.load(Ordering::Relaxed);
+        }
+        c.sink_panics = self.panics.load(Ordering::Relaxed);
+        c
+    }
+}

@@ -1,0 +1,115 @@
+//! The one record a token family keeps, however often it rotates.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::clock::Timestamp;
+use crate::token::{FamilyId, FamilySecret, Generation, KeyId};
+
+/// Why a family was revoked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RevokeReason {
+    /// One of its rotated-out tokens was presented again.
+    ReuseDetected,
+    /// Another family of the same subject saw reuse and the policy's
+    /// `on_reuse` reaches across families.
+    SubjectReuse,
+    /// Its authorization code was exchanged a second time.
+    CodeReplay,
+    /// The subject went over `max_families_per_subject`; this was the oldest.
+    CapEviction,
+    /// Revoked on request (RFC 7009 revocation, or by family id).
+    Requested,
+    /// Every family of the subject was revoked on request.
+    SubjectRevoked,
+    /// Every family of the client was revoked on request.
+    ClientRevoked,
+}
+
+impl RevokeReason {
+    /// Stable snake_case name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokeReason::ReuseDetected => "reuse_detected",
+            RevokeReason::SubjectReuse => "subject_reuse",
+            RevokeReason::CodeReplay => "code_replay",
+            RevokeReason::CapEviction => "cap_eviction",
+            RevokeReason::Requested => "requested",
+            RevokeReason::SubjectRevoked => "subject_revoked",
+            RevokeReason::ClientRevoked => "client_revoked",
+        }
+    }
+}
+
+impl fmt::Display for RevokeReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a family can still be redeemed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Redeemable, subject to lifetimes.
+    Active,
+    /// Dead for good.
+    Revoked {
+        /// Why.
+        reason: RevokeReason,
+        /// When.
+        at: Timestamp,
+    },
+}
+
+/// One token family's state.
+#[derive(Clone)]
+pub(crate) struct Family {
+    pub(crate) id: FamilyId,
+    pub(crate) secret: FamilySecret,
+    pub(crate) client: Arc<str>,
+    pub(crate) subject: Arc<str>,
+    pub(crate) scope: Arc<str>,
+    pub(crate) created: Timestamp,
+    pub(crate) last_used: Timestamp,
+    /// When the current generation was minted by a rotation.
+    pub(crate) rotated_at: Timestamp,
+    pub(crate) generation: Generation,
+    /// Key that minted the current generation, so a grace replay returns the
+    /// identical token even after the active key changed.
+    pub(crate) key: KeyId,
+    /// Grace replays served since the last rotation.
+    pub(crate) grace_used: u8,
+    /// Client IP of the last rotation (for `grace_same_ip`).
+    pub(crate) rotation_ip: Option<IpAddr>,
+    pub(crate) status: Status,
+}
+
+impl Family {
+    pub(crate) fn is_active(&self) -> bool {
+        self.status == Status::Active
+    }
+
+    /// Mark revoked; `false` if it already was (the first reason stands).
+    pub(crate) fn revoke(&mut self, reason: RevokeReason, now: Timestamp) -> bool {
+        if self.is_active() {
+            self.status = Status::Revoked { reason, at: now };
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl fmt::Debug for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Family")
+            .field("id", &self.id)
+            .field("client", &self.client)
+            .field("subject", &self.subject)
+            .field("generation", &self.generation)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,75 @@
+//! refresh-guard decides, for every OAuth 2.0 refresh-token redemption,
+//! whether to accept it and what comes next: rotation with reuse detection
+//! (RFC 9700 §4.14.2), a grace window that returns the *same* successor to
+//! racing or retrying clients, idle and absolute lifetimes, and per-client IP
+//! allow-lists, under a policy set that can be swapped live. It is a library
+//! an authorization server embeds; a decision is an in-process call, not a
+//! database round trip.
+//!
+//! What it deliberately does not do: authenticate users or clients, render
+//! consent, mint access tokens, or talk HTTP (the server is a separate
+//! feature). Tokens are derived from one record per family, never stored.
+//!
+//! ```
+//! use std::net::IpAddr;
+//! use refresh_guard::{Decision, DenyReason, Engine, IssueRequest};
+//!
+//! let engine = Engine::builder().build()?;
+//! let ip: IpAddr = "203.0.113.7".parse().unwrap();
+//! let first = engine.issue(&IssueRequest {
+//!     client: "mobile-app",
+//!     subject: "user-42",
+//!     scope: "openid offline_access",
+//!     ip,
+//! })?;
+//! let t1 = first.accepted().expect("issued").token;
+//!
+//! // A refresh rotates: a new token comes back, the old one is spent.
+//! let t2 = engine.redeem(&t1, "mobile-app", ip).accepted().expect("rotated").token;
+//!
+//! // Presenting the spent token again is reuse: the family is revoked.
+//! assert_eq!(engine.redeem(&t1, "mobile-app", ip).deny_reason(), Some(DenyReason::ReuseDetected));
+//! assert_eq!(engine.redeem(&t2, "mobile-app", ip).deny_reason(), Some(DenyReason::Revoked));
+//! # Ok::<(), refresh_guard::Error>(())
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+// The public interface is:
+pub use crate::clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
+pub use crate::engine::{
+    Engine, EngineBuilder, Introspection, IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, Stats,
+    SweepReport,
+};
+pub use crate::error::Error;
+pub use crate::event::{
+    EVENT_KINDS, Event, EventCounts, EventKind, EventSink, MemorySink, NoopSink,
+};
+pub use crate::family::{RevokeReason, Status};
+pub use crate::policy::{
+    AllowList, AllowListError, ClientPolicy, IpCheck, KNOB_NAMES, OnReuse, Pkce, PolicyError,
+    PolicyOverrides, PolicySet, PolicySetBuilder, PolicyVersion, Rotation, format_duration,
+};
+pub use crate::token::{
+    FamilyId, Generation, KeyId, KeyRing, KeySecret, TOKEN_LEN, Token, TokenKind,
+};
+
+/// Policy limits and allow-list entries.
+pub mod limits {
+    pub use crate::policy::{
+        MAX_ACCESS_TOKEN_TTL, MAX_CLIENT_ID_LEN, MAX_CODE_TTL, MAX_GRACE_PERIOD,
+    };
+}
+pub use crate::policy::IpRange;
+
+mod clock;
+mod decision;
+mod engine;
+mod error;
+mod event;
+mod family;
+mod policy;
+mod random;
+mod table;
+mod token;

@@ -1,0 +1,258 @@
+//! The in-process family table: lock-sharded, O(1) per operation.
+//!
+//! Each shard is a mutex around a slab of family records plus a hash index
+//! into it. One family lives in exactly one shard, so holding its shard's lock
+//! makes redemption, revocation and sweeping of that family atomic with
+//! respect to each other; no operation on one family takes a lock that spans
+//! the table. The slab gives the sweeper a stable cursor, so each sweep call
+//! does a bounded amount of work.
+//!
+//! Lock order: a subject-index shard may be held while taking a family shard,
+//! never the reverse.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::family::Family;
+use crate::token::FamilyId;
+
+type Hasher = ahash::RandomState;
+
+/// Redemption outcomes counted per shard, under the lock already held, so
+/// counting adds no shared cache line to the hot path.
+pub(crate) const OUTCOMES: usize = 16;
+
+/// A shard padded to its own cache lines so neighbouring locks do not
+/// false-share.
+#[repr(align(128))]
+struct Shard(Mutex<ShardInner>);
+
+pub(crate) struct ShardInner {
+    index: HashMap<FamilyId, u32, Hasher>,
+    slots: Vec<Option<Family>>,
+    free: Vec<u32>,
+    pub(crate) outcomes: [u64; OUTCOMES],
+}
+
+impl ShardInner {
+    fn new() -> ShardInner {
+        ShardInner {
+            index: HashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            outcomes: [0; OUTCOMES],
+        }
+    }
+
+    pub(crate) fn get(&self, id: &FamilyId) -> Option<&Family> {
+        let slot = *self.index.get(id)?;
+        self.slots.get(slot as usize)?.as_ref()
+    }
+
+    pub(crate) fn get_mut(&mut self, id: &FamilyId) -> Option<&mut Family> {
+        let slot = *self.index.get(id)?;
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    /// Insert a new family; gives it back if the id is taken.
+    pub(crate) fn insert(&mut self, f: Family) -> Result<(), Family> {
+        let slot = match self.free.last() {
+            Some(&s) => s,
+            None => match u32::try_from(self.slots.len()) {
+                Ok(s) => s,
+                // 4 billion families in one shard: refuse rather than alias.
+                Err(_) => return Err(f),
+            },
+        };
+        match self.index.entry(f.id) {
+            Entry::Occupied(_) => Err(f),
+            Entry::Vacant(v) => {
+                v.insert(slot);
+                if self.free.pop().is_none() {
+                    self.slots.push(Some(f));
+                } else {
+                    self.slots[slot as usize] = Some(f);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn remove_slot(&mut self, slot: usize) -> Option<Family> {
+        let f = self.slots.get_mut(slot)?.take()?;
+        self.index.remove(&f.id);
+        // Slot numbers fit u32: insert refuses beyond that.
+        self.free.push(slot as u32);
+        Some(f)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Every family in the shard, for administrative scans.
+    pub(crate) fn families_mut(&mut self) -> impl Iterator<Item = &mut Family> {
+        self.slots.iter_mut().flatten()
+    }
+}
+
+/// Families by id, in shards.
+pub(crate) struct Table {
+    shards: Box<[Shard]>,
+    mask: u64,
+    cursor: Mutex<(usize, usize)>,
+}
+
+impl Table {
+    /// `shards` is rounded up to a power of two.
+    pub(crate) fn new(shards: usize) -> Table {
+        let n = shards.clamp(1, 1 << 16).next_power_of_two();
+        Table {
+            shards: (0..n)
+                .map(|_| Shard(Mutex::new(ShardInner::new())))
+                .collect(),
+            mask: (n - 1) as u64,
+            cursor: Mutex::new((0, 0)),
+        }
+    }
+
+    /// Lock the shard that holds (or would hold) family `id`.
+    pub(crate) fn lock(&self, id: &FamilyId) -> MutexGuard<'_, ShardInner> {
+        // Family ids are CSPRNG output, so their low bits spread evenly; an
+        // attacker can choose ids only for lookups, which cannot skew shards.
+        let i = (id.shard_bits() & self.mask) as usize;
+        self.shards[i].0.lock()
+    }
+
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub(crate) fn lock_shard(&self, i: usize) -> MutexGuard<'_, ShardInner> {
+        self.shards[i].0.lock()
+    }
+
+    /// Live records (revoked but not yet swept included).
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.0.lock().len()).sum()
+    }
+
+    /// Sum of the per-shard outcome counters.
+    pub(crate) fn outcomes(&self) -> [u64; OUTCOMES] {
+        let mut total = [0u64; OUTCOMES];
+        for s in self.shards.iter() {
+            let g = s.0.lock();
+            for (t, n) in total.iter_mut().zip(g.outcomes.iter()) {
+                *t += n;
+            }
+        }
+        total
+    }
+
+    /// Examine at most `budget` slots (an empty shard costs one), resuming
+    /// where the last call stopped, and remove the families `dead` picks.
+    /// Returns how many slots were examined and the removed families.
+    pub(crate) fn sweep(
+        &self,
+        budget: usize,
+        mut dead: impl FnMut(&Family) -> bool,
+    ) -> (usize, Vec<Family>) {
+        let mut cursor = self.cursor.lock();
+        let (mut shard, mut slot) = *cursor;
+        let mut examined = 0;
+        let mut removed = Vec::new();
+        while examined < budget {
+            let mut g = self.shards[shard].0.lock();
+            let end = g.slots.len().min(slot + (budget - examined));
+            examined += (end.saturating_sub(slot)).max(1);
+            for i in slot..end {
+                if g.slots[i].as_ref().is_some_and(&mut dead)
+                    && let Some(f) = g.remove_slot(i)
+                {
+                    removed.push(f);
+                }
+            }
+            if end >= g.slots.len() {
+                // Shard done: give back memory a burst of churn left behind.
+                if g.index.capacity() > 64 && g.index.len() < g.index.capacity() / 4 {
+                    g.index.shrink_to_fit();
+                }
+                drop(g);
+                shard = (shard + 1) % self.shards.len();
+                slot = 0;
+            } else {
+                slot = end;
+            }
+        }
+        *cursor = (shard, slot);
+        (examined, removed)
+    }
+}
+
+/// Subject → ids of its families, for subject-wide revocation and the
+/// per-subject cap. Holds only families that are not known revoked; swept
+/// and revoked families are removed from it.
+pub(crate) struct SubjectIndex {
+    shards: Box<[Mutex<SubjectShard>]>,
+    hasher: Hasher,
+}
+
+pub(crate) type SubjectShard = HashMap<Arc<str>, Vec<FamilyId>, Hasher>;
+
+impl SubjectIndex {
+    pub(crate) fn new(shards: usize) -> SubjectIndex {
+        let n = shards.clamp(1, 1 << 16).next_power_of_two();
+        SubjectIndex {
+            shards: (0..n).map(|_| Mutex::new(HashMap::default())).collect(),
+            hasher: Hasher::new(),
+        }
+    }
+
+    pub(crate) fn lock(&self, subject: &str) -> MutexGuard<'_, SubjectShard> {
+        let h = self.hasher.hash_one(subject);
+        self.shards[(h as usize) & (self.shards.len() - 1)].lock()
+    }
+
+    /// Forget one family of `subject`.
+    pub(crate) fn remove(&self, subject: &str, id: &FamilyId) {
+        let mut g = self.lock(subject);
+        if let Some(v) = g.get_mut(subject) {
+            v.retain(|f| f != id);
+            if v.is_empty() {
+                g.remove(subject);
+            }
+        }
+    }
+}
+
+/// Shares one allocation per distinct client id and scope string.
+///
+/// Grows with the number of distinct values, which the embedder (not the
+/// token holder) controls: client ids and granted scopes.
+pub(crate) struct Interner {
+    set: parking_lot::RwLock<std::collections::HashSet<Arc<str>, Hasher>>,
+}
+
+impl Interner {
+    pub(crate) fn new() -> Interner {
+        Interner {
+            set: parking_lot::RwLock::new(Default::default()),
+        }
+    }
+
+    pub(crate) fn intern(&self, s: &str) -> Arc<str> {
+        if let Some(a) = self.set.read().get(s) {
+            return a.clone();
+        }
+        let mut w = self.set.write();
+        if let Some(a) = w.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        w.insert(a.clone());
+        a
+    }
+}

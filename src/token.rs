@@ -1,0 +1,584 @@
+//! Derived tokens: `rgt_`/`rgc_` + base64url(key id · family id · generation · tag).
+//!
+//! Nothing per token is stored. A token is recomputed from its family's record,
+//! so a family costs one record however often it rotates, and every past
+//! generation stays verifiable (reuse detection never forgets).
+//!
+//! The tag is HMAC-SHA-256 under a key-ring key over a domain label, the key
+//! id, the family id, the generation and the family's own random secret: a
+//! leaked store alone cannot mint tokens (no key), and a leaked key alone
+//! cannot either (no family secret).
+
+use std::fmt;
+use std::ops::Deref;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::error::Error;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const PREFIX_LEN: usize = 4;
+const TAG_LEN: usize = 16;
+/// key id (1) + family id (16) + generation (4) + tag (16).
+const RAW_LEN: usize = 1 + 16 + 4 + TAG_LEN;
+/// 37 raw bytes are 50 base64 characters without padding.
+const B64_LEN: usize = 50;
+/// Length in bytes (and characters) of every token and code.
+pub const TOKEN_LEN: usize = PREFIX_LEN + B64_LEN;
+
+/// What a token is for; each kind has its own prefix and MAC domain, so a
+/// code can never be replayed as a refresh token or the reverse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenKind {
+    /// A refresh token (`rgt_`), generation 1 and later.
+    Refresh,
+    /// An authorization code (`rgc_`), generation 0 of its family.
+    Code,
+}
+
+impl TokenKind {
+    fn prefix(self) -> &'static [u8; PREFIX_LEN] {
+        match self {
+            TokenKind::Refresh => b"rgt_",
+            TokenKind::Code => b"rgc_",
+        }
+    }
+
+    fn domain(self) -> &'static [u8] {
+        match self {
+            TokenKind::Refresh => b"refresh-guard/v1/refresh-token\0",
+            TokenKind::Code => b"refresh-guard/v1/authorization-code\0",
+        }
+    }
+}
+
+/// Identifies one token family (one lineage born from one authorization).
+///
+/// Random, 128 bits, not a secret: it appears in events and logs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FamilyId([u8; 16]);
+
+impl FamilyId {
+    /// A family id from its bytes (for stores and tests).
+    pub const fn from_bytes(bytes: [u8; 16]) -> FamilyId {
+        FamilyId(bytes)
+    }
+
+    /// The id's bytes.
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// A well-mixed 64-bit value for shard selection: the id is random.
+    pub(crate) fn shard_bits(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(b)
+    }
+}
+
+impl fmt::Display for FamilyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for FamilyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FamilyId({self})")
+    }
+}
+
+/// A family's position in its lineage: the code is 0, the first refresh
+/// token 1, each rotation adds one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Generation(u32);
+
+impl Generation {
+    /// The authorization code's generation.
+    pub const CODE: Generation = Generation(0);
+    /// The first refresh token's generation.
+    pub const FIRST: Generation = Generation(1);
+
+    /// A generation from its number.
+    pub const fn new(n: u32) -> Generation {
+        Generation(n)
+    }
+
+    /// The generation's number.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+
+    /// The next generation, or `None` once 2^32 - 1 rotations are spent.
+    pub fn next(self) -> Option<Generation> {
+        self.0.checked_add(1).map(Generation)
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Names a MAC key in the key ring; carried in every token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId(pub u8);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The random per-family secret mixed into every tag of the family.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FamilySecret(pub(crate) [u8; 16]);
+
+impl fmt::Debug for FamilySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FamilySecret(<redacted>)")
+    }
+}
+
+/// 32 bytes of MAC key material.
+#[derive(Clone)]
+pub struct KeySecret([u8; 32]);
+
+impl KeySecret {
+    /// Key material from bytes the embedder keeps (a KMS, a key file).
+    pub const fn from_bytes(bytes: [u8; 32]) -> KeySecret {
+        KeySecret(bytes)
+    }
+
+    /// Fresh key material from the operating system's CSPRNG.
+    pub fn generate() -> Result<KeySecret, Error> {
+        let mut b = [0u8; 32];
+        crate::random::fill(&mut b)?;
+        Ok(KeySecret(b))
+    }
+
+    /// The key bytes, for the embedder to persist.
+    pub fn expose_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeySecret(<redacted>)")
+    }
+}
+
+/// MAC keys by id: one active key mints, every present key verifies, so keys
+/// rotate without logging anyone out. Removing a key kills its tokens.
+#[derive(Clone)]
+pub struct KeyRing {
+    /// `slot[id] - 1` indexes `macs`; 0 = no such key.
+    slot: [u8; 256],
+    /// Pre-keyed HMAC states, cloned per tag so the key schedule runs once.
+    macs: Vec<(KeyId, HmacSha256)>,
+    active: KeyId,
+}
+
+impl KeyRing {
+    /// A ring holding one key, which is active.
+    pub fn new(id: KeyId, secret: &KeySecret) -> KeyRing {
+        let mut ring = KeyRing {
+            slot: [0; 256],
+            macs: Vec::with_capacity(1),
+            active: id,
+        };
+        ring.insert(id, secret);
+        ring
+    }
+
+    /// A ring with one freshly generated key, id 0.
+    pub fn generate() -> Result<KeyRing, Error> {
+        Ok(KeyRing::new(KeyId(0), &KeySecret::generate()?))
+    }
+
+    fn insert(&mut self, id: KeyId, secret: &KeySecret) {
+        // HMAC accepts keys of any length; 32 bytes cannot fail.
+        let mac = <HmacSha256 as Mac>::new_from_slice(&secret.0)
+            .expect("HMAC-SHA-256 takes keys of any length");
+        self.macs.push((id, mac));
+        // At most 256 ids exist, so the index fits in a u8 after +1.
+        self.slot[usize::from(id.0)] = u8::try_from(self.macs.len()).unwrap_or(u8::MAX);
+    }
+
+    /// Add a verifying key. It mints only once made active.
+    pub fn add(&mut self, id: KeyId, secret: &KeySecret) -> Result<(), Error> {
+        if self.contains(id) {
+            return Err(Error::DuplicateKey { id });
+        }
+        self.insert(id, secret);
+        Ok(())
+    }
+
+    /// Make `id` the key that mints new tokens.
+    pub fn set_active(&mut self, id: KeyId) -> Result<(), Error> {
+        if !self.contains(id) {
+            return Err(Error::UnknownKey { id });
+        }
+        self.active = id;
+        Ok(())
+    }
+
+    /// Remove a key: tokens it minted become `invalid_token`. The active key
+    /// cannot be removed (activate another first).
+    pub fn remove(&mut self, id: KeyId) -> Result<(), Error> {
+        if !self.contains(id) {
+            return Err(Error::UnknownKey { id });
+        }
+        if id == self.active {
+            return Err(Error::RemoveActiveKey { id });
+        }
+        self.macs.retain(|(k, _)| *k != id);
+        self.slot = [0; 256];
+        for (i, (k, _)) in self.macs.iter().enumerate() {
+            self.slot[usize::from(k.0)] = u8::try_from(i + 1).unwrap_or(u8::MAX);
+        }
+        Ok(())
+    }
+
+    /// Whether the ring holds key `id`.
+    pub fn contains(&self, id: KeyId) -> bool {
+        self.slot[usize::from(id.0)] != 0
+    }
+
+    /// The key that mints new tokens.
+    pub fn active(&self) -> KeyId {
+        self.active
+    }
+
+    /// Ids of every key in the ring.
+    pub fn ids(&self) -> impl Iterator<Item = KeyId> + '_ {
+        self.macs.iter().map(|(k, _)| *k)
+    }
+
+    fn mac(&self, id: KeyId) -> Option<&HmacSha256> {
+        match self.slot[usize::from(id.0)] {
+            0 => None,
+            i => self.macs.get(usize::from(i) - 1).map(|(_, m)| m),
+        }
+    }
+
+    fn tag(
+        &self,
+        kind: TokenKind,
+        key: KeyId,
+        family: &FamilyId,
+        generation: Generation,
+        secret: &FamilySecret,
+    ) -> Option<[u8; TAG_LEN]> {
+        let mut mac = self.mac(key)?.clone();
+        mac.update(kind.domain());
+        mac.update(&[key.0]);
+        mac.update(&family.0);
+        mac.update(&generation.0.to_be_bytes());
+        mac.update(&secret.0);
+        let full = mac.finalize().into_bytes();
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&full[..TAG_LEN]);
+        Some(tag)
+    }
+
+    /// Mint the token of `generation` with key `key`; `None` if the ring no
+    /// longer holds that key.
+    pub(crate) fn mint(
+        &self,
+        kind: TokenKind,
+        key: KeyId,
+        family: &FamilyId,
+        generation: Generation,
+        secret: &FamilySecret,
+    ) -> Option<Token> {
+        let tag = self.tag(kind, key, family, generation, secret)?;
+        let mut raw = [0u8; RAW_LEN];
+        raw[0] = key.0;
+        raw[1..17].copy_from_slice(&family.0);
+        raw[17..21].copy_from_slice(&generation.0.to_be_bytes());
+        raw[21..].copy_from_slice(&tag);
+        let mut bytes = [0u8; TOKEN_LEN];
+        bytes[..PREFIX_LEN].copy_from_slice(kind.prefix());
+        let n = URL_SAFE_NO_PAD
+            .encode_slice(raw, &mut bytes[PREFIX_LEN..])
+            .expect("37 bytes always encode to exactly 50 characters");
+        debug_assert_eq!(n, B64_LEN);
+        Some(Token { bytes })
+    }
+
+    /// Constant-time check of a parsed token's tag against its family.
+    pub(crate) fn verify(&self, parsed: &ParsedToken, secret: &FamilySecret) -> bool {
+        match self.tag(
+            parsed.kind,
+            parsed.key,
+            &parsed.family,
+            parsed.generation,
+            secret,
+        ) {
+            Some(expected) => bool::from(expected.ct_eq(&parsed.tag)),
+            None => false,
+        }
+    }
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("ids", &self.ids().collect::<Vec<_>>())
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fields of a well-formed token. Nothing here is verified yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ParsedToken {
+    pub(crate) kind: TokenKind,
+    pub(crate) key: KeyId,
+    pub(crate) family: FamilyId,
+    pub(crate) generation: Generation,
+    tag: [u8; TAG_LEN],
+}
+
+/// Parse `s` as a token of `kind` without allocating. `None` means
+/// malformed: wrong prefix, length, alphabet or non-canonical encoding.
+pub(crate) fn parse(s: &str, kind: TokenKind) -> Option<ParsedToken> {
+    let b = s.as_bytes();
+    if b.len() != TOKEN_LEN || &b[..PREFIX_LEN] != kind.prefix() {
+        return None;
+    }
+    // decode_slice wants room for its estimate (3 bytes per 4 characters).
+    let mut raw = [0u8; RAW_LEN + 2];
+    // The engine rejects trailing bits that are not zero, so every token has
+    // exactly one spelling.
+    let n = URL_SAFE_NO_PAD
+        .decode_slice(&b[PREFIX_LEN..], &mut raw)
+        .ok()?;
+    if n != RAW_LEN {
+        return None;
+    }
+    let mut family = [0u8; 16];
+    family.copy_from_slice(&raw[1..17]);
+    let mut generation = [0u8; 4];
+    generation.copy_from_slice(&raw[17..21]);
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&raw[21..RAW_LEN]);
+    Some(ParsedToken {
+        kind,
+        key: KeyId(raw[0]),
+        family: FamilyId(family),
+        generation: Generation(u32::from_be_bytes(generation)),
+        tag,
+    })
+}
+
+/// A token or code, stored inline (no heap allocation), readable as `&str`.
+///
+/// It is a bearer secret: `Debug` redacts it and there is no `Display`; send
+/// it with [`Token::as_str`].
+#[derive(Clone, Copy)]
+pub struct Token {
+    bytes: [u8; TOKEN_LEN],
+}
+
+impl Token {
+    /// The token text to hand to the client.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII (prefix and base64url alphabet) is ever written here.
+        std::str::from_utf8(&self.bytes).expect("tokens are ASCII")
+    }
+
+    /// Which kind of token this is.
+    pub fn kind(&self) -> TokenKind {
+        if &self.bytes[..PREFIX_LEN] == TokenKind::Code.prefix() {
+            TokenKind::Code
+        } else {
+            TokenKind::Refresh
+        }
+    }
+}
+
+impl Deref for Token {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Token {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Token {
+    fn eq(&self, other: &Token) -> bool {
+        bool::from(self.bytes.ct_eq(&other.bytes))
+    }
+}
+
+impl Eq for Token {}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let prefix = match self.kind() {
+            TokenKind::Refresh => "rgt_",
+            TokenKind::Code => "rgc_",
+        };
+        write!(f, "Token({prefix}<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> KeyRing {
+        KeyRing::new(KeyId(7), &KeySecret::from_bytes([42; 32]))
+    }
+
+    fn secret() -> FamilySecret {
+        FamilySecret([9; 16])
+    }
+
+    const FAM: FamilyId = FamilyId([1; 16]);
+
+    #[test]
+    fn mint_then_parse_round_trips() {
+        let r = ring();
+        let t = r
+            .mint(TokenKind::Refresh, KeyId(7), &FAM, Generation(3), &secret())
+            .unwrap();
+        assert_eq!(t.len(), TOKEN_LEN);
+        assert!(t.starts_with("rgt_"));
+        let p = parse(&t, TokenKind::Refresh).unwrap();
+        assert_eq!(p.family, FAM);
+        assert_eq!(p.generation, Generation(3));
+        assert_eq!(p.key, KeyId(7));
+        assert!(r.verify(&p, &secret()));
+        assert!(!r.verify(&p, &FamilySecret([8; 16])));
+    }
+
+    #[test]
+    fn code_and_refresh_token_do_not_cross() {
+        let r = ring();
+        let code = r
+            .mint(TokenKind::Code, KeyId(7), &FAM, Generation(0), &secret())
+            .unwrap();
+        assert!(code.starts_with("rgc_"));
+        assert!(parse(&code, TokenKind::Refresh).is_none());
+        // Same bytes under the other prefix: parses, but the tag is for another domain.
+        let forged = format!("rgt_{}", &code[4..]);
+        let p = parse(&forged, TokenKind::Refresh).unwrap();
+        assert!(!r.verify(&p, &secret()));
+    }
+
+    #[test]
+    fn malformed_tokens_are_rejected() {
+        let r = ring();
+        let t = r
+            .mint(TokenKind::Refresh, KeyId(7), &FAM, Generation(1), &secret())
+            .unwrap();
+        assert!(parse("", TokenKind::Refresh).is_none());
+        assert!(parse(&t[..TOKEN_LEN - 1], TokenKind::Refresh).is_none());
+        assert!(parse(&format!("{}A", t.as_str()), TokenKind::Refresh).is_none());
+        assert!(parse(&format!("xgt_{}", &t[4..]), TokenKind::Refresh).is_none());
+        let mut bad = t.as_str().to_owned();
+        bad.replace_range(10..11, "+");
+        assert!(
+            parse(&bad, TokenKind::Refresh).is_none(),
+            "non-url alphabet"
+        );
+        let mut bad = t.as_str().to_owned();
+        bad.replace_range(10..11, "é");
+        assert!(parse(&bad, TokenKind::Refresh).is_none(), "non-ascii");
+    }
+
+    #[test]
+    fn non_canonical_trailing_bits_are_rejected() {
+        let r = ring();
+        let t = r
+            .mint(TokenKind::Refresh, KeyId(7), &FAM, Generation(1), &secret())
+            .unwrap();
+        // The last character carries 2 data bits and 4 padding bits; set a padding bit.
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let last = t.as_bytes()[TOKEN_LEN - 1];
+        let idx = alphabet.iter().position(|&c| c == last).unwrap();
+        let tweaked = alphabet[idx ^ 1] as char;
+        let mut s = t.as_str().to_owned();
+        s.pop();
+        s.push(tweaked);
+        assert!(parse(&s, TokenKind::Refresh).is_none());
+    }
+
+    #[test]
+    fn key_rotation_keeps_old_tokens_until_key_removed() {
+        let mut r = ring();
+        let old = r
+            .mint(
+                TokenKind::Refresh,
+                r.active(),
+                &FAM,
+                Generation(1),
+                &secret(),
+            )
+            .unwrap();
+        r.add(KeyId(8), &KeySecret::from_bytes([43; 32])).unwrap();
+        r.set_active(KeyId(8)).unwrap();
+        let new = r
+            .mint(
+                TokenKind::Refresh,
+                r.active(),
+                &FAM,
+                Generation(2),
+                &secret(),
+            )
+            .unwrap();
+        assert!(r.verify(&parse(&old, TokenKind::Refresh).unwrap(), &secret()));
+        assert!(r.verify(&parse(&new, TokenKind::Refresh).unwrap(), &secret()));
+        r.remove(KeyId(7)).unwrap();
+        assert!(!r.verify(&parse(&old, TokenKind::Refresh).unwrap(), &secret()));
+        assert!(r.verify(&parse(&new, TokenKind::Refresh).unwrap(), &secret()));
+        assert!(matches!(
+            r.remove(KeyId(8)),
+            Err(Error::RemoveActiveKey { .. })
+        ));
+        assert!(matches!(
+            r.add(KeyId(8), &KeySecret::from_bytes([0; 32])),
+            Err(Error::DuplicateKey { .. })
+        ));
+        assert!(matches!(
+            r.set_active(KeyId(1)),
+            Err(Error::UnknownKey { .. })
+        ));
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let r = ring();
+        let t = r
+            .mint(TokenKind::Refresh, KeyId(7), &FAM, Generation(1), &secret())
+            .unwrap();
+        let d = format!(
+            "{t:?} {r:?} {:?} {:?}",
+            secret(),
+            KeySecret::from_bytes([42; 32])
+        );
+        assert!(!d.contains(&t[4..]), "{d}");
+        assert!(!d.contains("42, 42"), "{d}");
+        assert!(!d.contains("9, 9"), "{d}");
+        assert!(d.contains("redacted"));
+    }
+}
