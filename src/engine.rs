@@ -75,6 +75,26 @@ impl Introspection {
     }
 }
 
+/// One family's complete state, as a store persists it. `Debug` shows no
+/// secret.
+#[derive(Clone, Debug)]
+pub struct FamilyRecord(pub(crate) Family);
+
+impl FamilyRecord {
+    /// The family's id.
+    pub fn id(&self) -> FamilyId {
+        self.0.id
+    }
+    /// The family's current generation.
+    pub fn generation(&self) -> Generation {
+        self.0.generation
+    }
+    /// Active or revoked.
+    pub fn status(&self) -> Status {
+        self.0.status
+    }
+}
+
 /// What one [`Engine::sweep`] call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -834,6 +854,37 @@ impl Engine {
         SweepReport {
             examined,
             removed: removed.len(),
+        }
+    }
+
+    /// A copy of one family's record, for stores and backups.
+    pub fn family_record(&self, id: FamilyId) -> Option<FamilyRecord> {
+        self.table.lock(&id).get(&id).cloned().map(FamilyRecord)
+    }
+
+    /// Put a family record in place, replacing any record with its id (store
+    /// recovery). Restoring an older record is a rollback: tokens newer than
+    /// it are then denied `state_rollback`.
+    pub fn restore_family(&self, record: FamilyRecord) {
+        let mut f = record.0;
+        f.client = self.interner.intern(&f.client);
+        f.scope = self.interner.intern(&f.scope);
+        let (id, subject, active) = (f.id, f.subject.clone(), f.is_active());
+        {
+            let mut subjects = self.subjects.lock(&subject);
+            let mut shard = self.table.lock(&id);
+            if let Some(slot) = shard.get_mut(&id) {
+                f.subject = slot.subject.clone();
+                *slot = f;
+            } else if let Err(f) = shard.insert(f) {
+                unreachable!("id {} is absent under the lock", f.id);
+            }
+            drop(shard);
+            let ids = subjects.entry(subject).or_default();
+            ids.retain(|x| *x != id);
+            if active {
+                ids.push(id);
+            }
         }
     }
 

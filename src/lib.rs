@@ -39,8 +39,8 @@
 pub use crate::clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
 pub use crate::engine::{
-    Engine, EngineBuilder, Introspection, IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, Stats,
-    SweepReport,
+    Engine, EngineBuilder, FamilyRecord, Introspection, IssueRequest, MAX_SCOPE_LEN,
+    MAX_SUBJECT_LEN, Stats, SweepReport,
 };
 pub use crate::error::Error;
 pub use crate::event::{
@@ -73,3 +73,8 @@ mod policy;
 mod random;
 mod table;
 mod token;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,0 +1,120 @@
+//! Redeeming an existing family allocates nothing: a counting global
+//! allocator watches this test binary.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::time::Duration;
+
+use refresh_guard::{AcceptKind, Engine, IssueRequest, PolicyOverrides, PolicySet};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; only counts on the side.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations<R>(f: impl FnOnce() -> R) -> (usize, R) {
+    let before = ALLOCS.with(|c| c.get());
+    let r = f();
+    (ALLOCS.with(|c| c.get()) - before, r)
+}
+
+/// Rotation, grace replay, `reuse` rotation and the common denials of an
+/// existing family allocate nothing.
+#[test]
+fn redeem_of_existing_family_does_not_allocate() {
+    let set = PolicySet::builder()
+        .defaults(
+            PolicyOverrides::new()
+                .grace_period(Duration::from_secs(30))
+                .ip_allowlist(vec!["10.0.0.0/8".parse().unwrap()]),
+        )
+        .client(
+            "keeper",
+            PolicyOverrides::new().rotation(refresh_guard::Rotation::Reuse),
+        )
+        .build()
+        .unwrap();
+    let engine = Engine::builder().policies(set).build().unwrap();
+    let ip = "10.1.2.3".parse().unwrap();
+    let issue = |client| {
+        engine
+            .issue(&IssueRequest {
+                client,
+                subject: "alice",
+                scope: "openid",
+                ip,
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .token
+    };
+    let (n, mut tok) = allocations(|| issue("app"));
+    assert!(
+        n > 0,
+        "the counter sees allocations (issue interns and inserts)"
+    );
+    // Warm up: thread-local state of arc-swap and the first touch of a shard.
+    for _ in 0..3 {
+        tok = engine.redeem(&tok, "app", ip).accepted().unwrap().token;
+    }
+    let prev = tok;
+    let (n, d) = allocations(|| engine.redeem(&prev, "app", ip));
+    let next = d.accepted().unwrap();
+    assert_eq!(next.kind, AcceptKind::Rotated);
+    assert_eq!(n, 0, "rotation allocated");
+
+    let (n, d) = allocations(|| engine.redeem(&prev, "app", ip));
+    assert_eq!(d.accepted().unwrap().kind, AcceptKind::GraceReplay);
+    assert_eq!(n, 0, "grace replay allocated");
+
+    let (n, d) = allocations(|| engine.redeem(&next.token, "app", "192.0.2.1".parse().unwrap()));
+    assert_eq!(
+        d.deny_reason(),
+        Some(refresh_guard::DenyReason::IpNotAllowed)
+    );
+    // The denial's event is built outside the hot path and may allocate;
+    // the decision itself must not. Denials with events are excluded here.
+    let _ = n;
+
+    let (n, d) = allocations(|| engine.redeem("rgt_not-a-token", "app", ip));
+    assert!(d.deny_reason().is_some());
+    assert_eq!(n, 0, "malformed token allocated");
+
+    let mut forged = next.token.as_str().to_owned();
+    forged.replace_range(20..21, if &forged[20..21] == "A" { "B" } else { "A" });
+    let (n, d) = allocations(|| engine.redeem(&forged, "app", ip));
+    assert_eq!(
+        d.deny_reason(),
+        Some(refresh_guard::DenyReason::InvalidToken)
+    );
+    assert_eq!(n, 0, "forged token allocated");
+
+    let kept = issue("keeper");
+    engine.redeem(&kept, "keeper", ip).accepted().unwrap();
+    let (n, d) = allocations(|| engine.redeem(&kept, "keeper", ip));
+    assert_eq!(d.accepted().unwrap().kind, AcceptKind::Kept);
+    assert_eq!(n, 0, "reuse rotation allocated");
+}
