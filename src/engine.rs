@@ -278,7 +278,31 @@ impl Engine {
     /// Put `set` in force atomically; returns the set it replaced. Every
     /// redemption is decided wholly under one set or the other.
     pub fn swap_policies(&self, set: PolicySet) -> Arc<PolicySet> {
-        self.policies.swap(Arc::new(set))
+        let to = set.version();
+        let old = self.policies.swap(Arc::new(set));
+        self.emit(
+            EventKind::PolicySwapped {
+                from: old.version(),
+            },
+            None,
+            None,
+            to,
+            self.clock.now(),
+        );
+        old
+    }
+
+    /// Report a failed policy reload: an event naming every problem, under
+    /// the version that stays in force.
+    pub fn report_reload_failure(&self, errors: Vec<String>) {
+        let version = self.policies.load().version();
+        self.emit(
+            EventKind::PolicyReloadFailed { errors },
+            None,
+            None,
+            version,
+            self.clock.now(),
+        );
     }
 
     /// The MAC key ring in use.

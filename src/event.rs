@@ -49,6 +49,17 @@ pub enum EventKind {
         /// The policy's `max_families_per_subject`.
         cap: u32,
     },
+    /// A new policy set was put in force.
+    PolicySwapped {
+        /// The version replaced.
+        from: PolicyVersion,
+    },
+    /// A policy reload failed; the set in force (the event's
+    /// `policy_version`) keeps serving.
+    PolicyReloadFailed {
+        /// Every problem, each naming file, line, column and key.
+        errors: Vec<String>,
+    },
 }
 
 impl EventKind {
@@ -61,6 +72,8 @@ impl EventKind {
             EventKind::ClientMismatch { .. } => "client_mismatch",
             EventKind::StateRollback { .. } => "state_rollback",
             EventKind::CapEviction { .. } => "cap_eviction",
+            EventKind::PolicySwapped { .. } => "policy_swapped",
+            EventKind::PolicyReloadFailed { .. } => "policy_reload_failed",
         }
     }
 
@@ -72,19 +85,25 @@ impl EventKind {
             EventKind::ClientMismatch { .. } => 3,
             EventKind::StateRollback { .. } => 4,
             EventKind::CapEviction { .. } => 5,
+            EventKind::PolicySwapped { .. } => 6,
+            EventKind::PolicyReloadFailed { .. } => 7,
         }
     }
 }
 
 /// Names of every event kind, in the order of [`EventCounts`].
-pub const EVENT_KINDS: [&str; 6] = [
+pub const EVENT_KINDS: [&str; N_KINDS] = [
     "reuse_detected",
     "family_revoked",
     "ip_not_allowed",
     "client_mismatch",
     "state_rollback",
     "cap_eviction",
+    "policy_swapped",
+    "policy_reload_failed",
 ];
+
+const N_KINDS: usize = 8;
 
 /// One security-relevant outcome, with everything an operator needs to act.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,7 +179,7 @@ impl<S: EventSink> EventSink for Arc<S> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventCounts {
     /// Per kind, in the order of [`EVENT_KINDS`].
-    pub by_kind: [u64; 6],
+    pub by_kind: [u64; N_KINDS],
     /// Times the sink panicked (the event is still counted).
     pub sink_panics: u64,
 }
@@ -179,7 +198,7 @@ impl EventCounts {
 /// panics contained.
 pub(crate) struct Dispatcher {
     sink: Box<dyn EventSink>,
-    counts: [AtomicU64; 6],
+    counts: [AtomicU64; N_KINDS],
     panics: AtomicU64,
 }
 
