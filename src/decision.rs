@@ -34,6 +34,27 @@ pub enum DenyReason {
     IpNotAllowed,
     /// The family has rotated 2^32 - 1 times and can rotate no further.
     GenerationsExhausted,
+    /// The authorization code was already exchanged; its family is revoked
+    /// (RFC 6749 §4.1.2).
+    CodeReused,
+    /// The authorization code's lifetime (`code_ttl`) has passed.
+    CodeExpired,
+    /// `redirect_uri` differs from the one given at authorization
+    /// (RFC 6749 §4.1.3).
+    RedirectUriMismatch,
+    /// The policy requires PKCE and the challenge or verifier is missing.
+    PkceRequired,
+    /// The PKCE method is not allowed by the policy (or unknown).
+    PkceMethodNotAllowed,
+    /// The code challenge is malformed.
+    PkceChallengeInvalid,
+    /// The code verifier is not 43–128 characters of `[A-Za-z0-9-._~]`.
+    PkceVerifierInvalid,
+    /// A verifier was sent for a code issued without a challenge: a PKCE
+    /// downgrade (RFC 9700 §2.1.1).
+    PkceVerifierUnexpected,
+    /// The verifier does not match the challenge.
+    PkceMismatch,
 }
 
 /// The OAuth error code a denial is reported as (RFC 6749 §5.2).
@@ -43,6 +64,8 @@ pub enum OAuthError {
     InvalidGrant,
     /// `invalid_client`.
     InvalidClient,
+    /// `invalid_request`.
+    InvalidRequest,
 }
 
 impl OAuthError {
@@ -51,6 +74,7 @@ impl OAuthError {
         match self {
             OAuthError::InvalidGrant => "invalid_grant",
             OAuthError::InvalidClient => "invalid_client",
+            OAuthError::InvalidRequest => "invalid_request",
         }
     }
 }
@@ -68,14 +92,27 @@ impl DenyReason {
             DenyReason::StateRollback => "state_rollback",
             DenyReason::IpNotAllowed => "ip_not_allowed",
             DenyReason::GenerationsExhausted => "generations_exhausted",
+            DenyReason::CodeReused => "code_reused",
+            DenyReason::CodeExpired => "code_expired",
+            DenyReason::RedirectUriMismatch => "redirect_uri_mismatch",
+            DenyReason::PkceRequired => "pkce_required",
+            DenyReason::PkceMethodNotAllowed => "pkce_method_not_allowed",
+            DenyReason::PkceChallengeInvalid => "pkce_challenge_invalid",
+            DenyReason::PkceVerifierInvalid => "pkce_verifier_invalid",
+            DenyReason::PkceVerifierUnexpected => "pkce_verifier_unexpected",
+            DenyReason::PkceMismatch => "pkce_mismatch",
         }
     }
 
     /// The OAuth error to answer with. A refresh token "issued to another
     /// client" is `invalid_grant` per RFC 6749 §5.2; `invalid_client` is for
     /// failed client authentication, which is the server's, not the engine's.
+    /// A malformed PKCE challenge is a bad authorization request.
     pub fn oauth_error(self) -> OAuthError {
-        OAuthError::InvalidGrant
+        match self {
+            DenyReason::PkceChallengeInvalid => OAuthError::InvalidRequest,
+            _ => OAuthError::InvalidGrant,
+        }
     }
 
     /// Text safe to show the client: names the failed check, echoes nothing.
@@ -90,11 +127,28 @@ impl DenyReason {
             DenyReason::StateRollback => "refresh token is newer than the server's state",
             DenyReason::IpNotAllowed => "refresh is not allowed from this network",
             DenyReason::GenerationsExhausted => "refresh token can no longer be rotated",
+            DenyReason::CodeReused => {
+                "authorization code was already used; tokens issued from it are revoked"
+            }
+            DenyReason::CodeExpired => "authorization code has expired",
+            DenyReason::RedirectUriMismatch => {
+                "redirect_uri does not match the authorization request"
+            }
+            DenyReason::PkceRequired => "PKCE is required: code_challenge or code_verifier missing",
+            DenyReason::PkceMethodNotAllowed => "code_challenge_method is not allowed; use S256",
+            DenyReason::PkceChallengeInvalid => "code_challenge is malformed",
+            DenyReason::PkceVerifierInvalid => {
+                "code_verifier must be 43-128 characters of [A-Za-z0-9-._~]"
+            }
+            DenyReason::PkceVerifierUnexpected => {
+                "code_verifier sent for an authorization request without code_challenge"
+            }
+            DenyReason::PkceMismatch => "code_verifier does not match code_challenge",
         }
     }
 
     /// Every reason, for metrics tables.
-    pub const ALL: [DenyReason; 9] = [
+    pub const ALL: [DenyReason; 18] = [
         DenyReason::InvalidToken,
         DenyReason::ClientMismatch,
         DenyReason::Revoked,
@@ -104,6 +158,15 @@ impl DenyReason {
         DenyReason::StateRollback,
         DenyReason::IpNotAllowed,
         DenyReason::GenerationsExhausted,
+        DenyReason::CodeReused,
+        DenyReason::CodeExpired,
+        DenyReason::RedirectUriMismatch,
+        DenyReason::PkceRequired,
+        DenyReason::PkceMethodNotAllowed,
+        DenyReason::PkceChallengeInvalid,
+        DenyReason::PkceVerifierInvalid,
+        DenyReason::PkceVerifierUnexpected,
+        DenyReason::PkceMismatch,
     ];
 }
 
@@ -125,6 +188,10 @@ pub enum AcceptKind {
     GraceReplay,
     /// A new family was started.
     Issued,
+    /// An authorization code was issued (generation 0).
+    CodeIssued,
+    /// An authorization code was exchanged for the first refresh token.
+    Exchanged,
 }
 
 impl AcceptKind {
@@ -135,6 +202,8 @@ impl AcceptKind {
             AcceptKind::Kept => "kept",
             AcceptKind::GraceReplay => "grace_replay",
             AcceptKind::Issued => "issued",
+            AcceptKind::CodeIssued => "code_issued",
+            AcceptKind::Exchanged => "exchanged",
         }
     }
 }
@@ -308,7 +377,7 @@ pub(crate) fn apply_accept(
             f.key = key;
         }
         AcceptKind::GraceReplay => f.grace_used = f.grace_used.saturating_add(1),
-        AcceptKind::Kept | AcceptKind::Issued => {}
+        AcceptKind::Kept | AcceptKind::Issued | AcceptKind::CodeIssued | AcceptKind::Exchanged => {}
     }
     f.last_used = req.now;
 }
@@ -337,6 +406,7 @@ mod tests {
             grace_used: 0,
             rotation_ip: Some("10.0.0.1".parse().unwrap()),
             status: Status::Active,
+            code: None,
         }
     }
 

@@ -9,11 +9,12 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::code::{self, CodeState, ExchangeCheck, MAX_REDIRECT_URI_LEN};
 use crate::decision::{self, AcceptKind, Accepted, Decision, Denied, DenyReason, Request, Verdict};
 use crate::error::Error;
 use crate::event::{Dispatcher, Event, EventCounts, EventKind, EventSink, NoopSink};
 use crate::family::{Family, RevokeReason, Status};
-use crate::policy::{OnReuse, PolicySet, PolicyVersion};
+use crate::policy::{ClientPolicy, OnReuse, PolicySet, PolicyVersion};
 use crate::table::{Interner, OUTCOMES, SubjectIndex, Table};
 use crate::token::{self, FamilyId, FamilySecret, Generation, KeyRing, TokenKind};
 
@@ -33,6 +34,52 @@ pub struct IssueRequest<'a> {
     pub scope: &'a str,
     /// The client's IP address.
     pub ip: IpAddr,
+}
+
+/// An authorization request the embedding server has authenticated and
+/// the user has consented to.
+#[derive(Clone, Copy, Debug)]
+pub struct AuthorizeRequest<'a> {
+    /// The OAuth client.
+    pub client: &'a str,
+    /// The end user.
+    pub subject: &'a str,
+    /// The granted scope, space-separated.
+    pub scope: &'a str,
+    /// The redirect URI of the request; the exchange must present the same.
+    pub redirect_uri: &'a str,
+    /// RFC 7636 `code_challenge`.
+    pub code_challenge: Option<&'a str>,
+    /// RFC 7636 `code_challenge_method` (`S256` or `plain`; absent = plain).
+    pub code_challenge_method: Option<&'a str>,
+    /// The user agent's IP address (recorded; the allow-list applies at the
+    /// exchange).
+    pub ip: IpAddr,
+}
+
+/// A token request with `grant_type=authorization_code`.
+#[derive(Clone, Copy)]
+pub struct ExchangeRequest<'a> {
+    /// The authorization code.
+    pub code: &'a str,
+    /// RFC 7636 `code_verifier`.
+    pub code_verifier: Option<&'a str>,
+    /// The client presenting the code.
+    pub client: &'a str,
+    /// Must equal the authorization request's.
+    pub redirect_uri: &'a str,
+    /// The client's IP address.
+    pub ip: IpAddr,
+}
+
+impl std::fmt::Debug for ExchangeRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeRequest")
+            .field("client", &self.client)
+            .field("redirect_uri", &self.redirect_uri)
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What [`Engine::introspect`] reports of a token, changing nothing.
@@ -125,11 +172,13 @@ impl Stats {
     }
 }
 
-const ACCEPT_KINDS: [AcceptKind; 4] = [
+const ACCEPT_KINDS: [AcceptKind; 6] = [
     AcceptKind::Rotated,
     AcceptKind::Kept,
     AcceptKind::GraceReplay,
     AcceptKind::Issued,
+    AcceptKind::CodeIssued,
+    AcceptKind::Exchanged,
 ];
 
 fn outcome_slot(v: Verdict) -> usize {
@@ -341,14 +390,7 @@ impl Engine {
 
     /// [`issue`](Self::issue) at a given time.
     pub fn issue_at(&self, req: &IssueRequest<'_>, now: Timestamp) -> Result<Decision, Error> {
-        check_len("client", req.client, crate::policy::MAX_CLIENT_ID_LEN)?;
-        check_len("subject", req.subject, MAX_SUBJECT_LEN)?;
-        if req.scope.len() > MAX_SCOPE_LEN {
-            return Err(Error::InvalidArgument {
-                name: "scope",
-                expected: "at most 4096 bytes",
-            });
-        }
+        check_identity(req.client, req.subject, req.scope)?;
         let policies = self.policies.load();
         let version = policies.version();
         let policy = policies.policy(req.client);
@@ -363,19 +405,30 @@ impl Engine {
                 policy_version: version,
                 at: now,
             });
-            return Ok(Decision::Deny(Denied {
-                reason: DenyReason::IpNotAllowed,
-                family: None,
-                policy_version: version,
-            }));
+            return Ok(deny(DenyReason::IpNotAllowed, None, version));
         }
-        let keys = self.keys.load();
-        let client = self.interner.intern(req.client);
-        let scope = self.interner.intern(req.scope);
-        let cap = policy.max_families_per_subject;
+        self.start_family(req, policy, version, None, now)
+    }
 
+    /// Create a family at generation 1 (a direct issue) or 0 (an
+    /// authorization code carrying `code`), applying the subject cap, and
+    /// return its first token.
+    fn start_family(
+        &self,
+        req: &IssueRequest<'_>,
+        policy: &ClientPolicy,
+        version: PolicyVersion,
+        code: Option<Box<CodeState>>,
+        now: Timestamp,
+    ) -> Result<Decision, Error> {
+        let keys = self.keys.load();
+        let (kind, token_kind, generation) = match code {
+            Some(_) => (AcceptKind::CodeIssued, TokenKind::Code, Generation::CODE),
+            None => (AcceptKind::Issued, TokenKind::Refresh, Generation::FIRST),
+        };
+        let cap = policy.max_families_per_subject;
         let mut evicted = Vec::new();
-        let family = {
+        let (id, secret) = {
             let mut subjects = self.subjects.lock(req.subject);
             let subject = match subjects.get_key_value(req.subject) {
                 Some((k, _)) => k.clone(),
@@ -384,17 +437,18 @@ impl Engine {
             let mut f = Family {
                 id: FamilyId::from_bytes([0; 16]),
                 secret: FamilySecret([0; 16]),
-                client,
+                client: self.interner.intern(req.client),
                 subject: subject.clone(),
-                scope,
+                scope: self.interner.intern(req.scope),
                 created: now,
                 last_used: now,
                 rotated_at: now,
-                generation: Generation::FIRST,
+                generation,
                 key: keys.active(),
                 grace_used: 0,
                 rotation_ip: Some(req.ip),
                 status: Status::Active,
+                code,
             };
             let ids = subjects.entry(subject).or_default();
             if cap > 0 {
@@ -412,7 +466,7 @@ impl Engine {
                 let mut shard = self.table.lock(&f.id);
                 match shard.insert(f) {
                     Ok(()) => {
-                        shard.outcomes[outcome_slot(Verdict::Accept(AcceptKind::Issued))] += 1;
+                        shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
                         break minted;
                     }
                     Err(back) => f = back,
@@ -440,21 +494,152 @@ impl Engine {
             );
         }
         let token = keys
-            .mint(
-                TokenKind::Refresh,
-                keys.active(),
-                &family.0,
-                Generation::FIRST,
-                &family.1,
-            )
+            .mint(token_kind, keys.active(), &id, generation, &secret)
             .expect("the active key is always in the ring");
         Ok(Decision::Accept(Accepted {
             token,
-            family: family.0,
-            generation: Generation::FIRST,
-            kind: AcceptKind::Issued,
+            family: id,
+            generation,
+            kind,
             policy_version: version,
         }))
+    }
+
+    /// Issue an authorization code (`rgc_…`, generation 0 of a new family)
+    /// after the embedding server's login and consent. The client's `pkce`
+    /// policy is enforced here already: with `s256`, a missing challenge or
+    /// method `plain` is refused (`invalid_request`-class denials).
+    pub fn authorize(&self, req: &AuthorizeRequest<'_>) -> Result<Decision, Error> {
+        self.authorize_at(req, self.clock.now())
+    }
+
+    /// [`authorize`](Self::authorize) at a given time.
+    pub fn authorize_at(
+        &self,
+        req: &AuthorizeRequest<'_>,
+        now: Timestamp,
+    ) -> Result<Decision, Error> {
+        check_identity(req.client, req.subject, req.scope)?;
+        if req.redirect_uri.is_empty() || req.redirect_uri.len() > MAX_REDIRECT_URI_LEN {
+            return Err(Error::InvalidArgument {
+                name: "redirect_uri",
+                expected: "1 to 2048 bytes",
+            });
+        }
+        let policies = self.policies.load();
+        let version = policies.version();
+        let policy = policies.policy(req.client);
+        let challenge =
+            match code::challenge_for(policy, req.code_challenge, req.code_challenge_method) {
+                Ok(c) => c,
+                Err(reason) => return Ok(deny(reason, None, version)),
+            };
+        let state = Box::new(CodeState {
+            challenge,
+            redirect_uri: req.redirect_uri.into(),
+        });
+        let issue = IssueRequest {
+            client: req.client,
+            subject: req.subject,
+            scope: req.scope,
+            ip: req.ip,
+        };
+        self.start_family(&issue, policy, version, Some(state), now)
+    }
+
+    /// Exchange an authorization code for the family's first refresh token
+    /// (generation 1). A second exchange of the same code is `code_reused`
+    /// and revokes the family born from it.
+    pub fn exchange(&self, req: &ExchangeRequest<'_>) -> Decision {
+        self.exchange_at(req, self.clock.now())
+    }
+
+    /// [`exchange`](Self::exchange) at a given time.
+    pub fn exchange_at(&self, req: &ExchangeRequest<'_>, now: Timestamp) -> Decision {
+        let policies = self.policies.load();
+        let version = policies.version();
+        let invalid = || {
+            self.unsharded_outcomes[outcome_slot(Verdict::Deny(DenyReason::InvalidToken))]
+                .fetch_add(1, Ordering::Relaxed);
+            deny(DenyReason::InvalidToken, None, version)
+        };
+        let Some(parsed) = token::parse(req.code, TokenKind::Code) else {
+            return invalid();
+        };
+        let keys = self.keys.load();
+        let mut shard = self.table.lock(&parsed.family);
+        let Some(f) = shard.get_mut(&parsed.family) else {
+            drop(shard);
+            return invalid();
+        };
+        // Only generation 0 is a code; a tag that verifies for any other
+        // generation under the code domain was never minted.
+        if parsed.generation != Generation::CODE || !keys.verify(&parsed, &f.secret) {
+            drop(shard);
+            return invalid();
+        }
+        let policy = policies.policy(&f.client);
+        let check = ExchangeCheck {
+            client: req.client,
+            redirect_uri: req.redirect_uri,
+            verifier: req.code_verifier,
+            ip: req.ip,
+            now,
+        };
+        match code::decide_exchange(f, &check, policy) {
+            Ok(()) => {
+                f.code = None;
+                f.generation = Generation::FIRST;
+                f.created = now;
+                f.last_used = now;
+                f.rotated_at = now;
+                f.rotation_ip = Some(req.ip);
+                f.key = keys.active();
+                let (id, secret, key) = (f.id, f.secret, f.key);
+                shard.outcomes[outcome_slot(Verdict::Accept(AcceptKind::Exchanged))] += 1;
+                drop(shard);
+                let token = keys
+                    .mint(TokenKind::Refresh, key, &id, Generation::FIRST, &secret)
+                    .expect("the active key is always in the ring");
+                Decision::Accept(Accepted {
+                    token,
+                    family: id,
+                    generation: Generation::FIRST,
+                    kind: AcceptKind::Exchanged,
+                    policy_version: version,
+                })
+            }
+            Err(reason) => {
+                let who = Who::of(f);
+                let revoked =
+                    reason == DenyReason::CodeReused && f.revoke(RevokeReason::CodeReplay, now);
+                shard.outcomes[outcome_slot(Verdict::Deny(reason))] += 1;
+                drop(shard);
+                let ip = Some(req.ip);
+                match reason {
+                    DenyReason::CodeReused => {
+                        self.emit(EventKind::CodeReplay, Some(&who), ip, version, now);
+                        if revoked {
+                            self.after_revoke(&who, RevokeReason::CodeReplay, ip, now);
+                        }
+                    }
+                    DenyReason::ClientMismatch => self.emit(
+                        EventKind::ClientMismatch {
+                            presented_client: req.client.into(),
+                        },
+                        Some(&who),
+                        ip,
+                        version,
+                        now,
+                    ),
+                    DenyReason::IpNotAllowed => {
+                        self.emit(EventKind::IpNotAllowed, Some(&who), ip, version, now)
+                    }
+                    _ => {}
+                }
+                deny(reason, Some(who.family), version)
+            }
+        }
     }
 
     /// Revoke the oldest families of `client` in `ids` until one more fits
@@ -706,7 +891,7 @@ impl Engine {
         }
         let who = Who::of(f);
         drop(shard);
-        self.after_revoke(&who, RevokeReason::Requested, now);
+        self.after_revoke(&who, RevokeReason::Requested, None, now);
         true
     }
 
@@ -726,17 +911,17 @@ impl Engine {
         }
         let who = Who::of(f);
         drop(shard);
-        self.after_revoke(&who, RevokeReason::Requested, now);
+        self.after_revoke(&who, RevokeReason::Requested, None, now);
         true
     }
 
-    fn after_revoke(&self, who: &Who, reason: RevokeReason, now: Timestamp) {
+    fn after_revoke(&self, who: &Who, reason: RevokeReason, ip: Option<IpAddr>, now: Timestamp) {
         self.subjects.remove(&who.subject, &who.family);
         let version = self.policies.load().version();
         self.emit(
             EventKind::FamilyRevoked { reason },
             Some(who),
-            None,
+            ip,
             version,
             now,
         );
@@ -816,7 +1001,7 @@ impl Engine {
             }
         }
         for w in &revoked {
-            self.after_revoke(w, RevokeReason::ClientRevoked, now);
+            self.after_revoke(w, RevokeReason::ClientRevoked, None, now);
         }
         revoked.len()
     }
@@ -868,7 +1053,14 @@ impl Engine {
         let retention = self.revoked_retention;
         let (examined, removed) = self.table.sweep(budget, |f| match f.status {
             Status::Revoked { at, .. } => now >= at.saturating_add(retention),
-            Status::Active => decision::expiry(f, policies.policy(&f.client), now).is_some(),
+            Status::Active => {
+                let policy = policies.policy(&f.client);
+                match f.code {
+                    // An unused code lives `code_ttl`, then its family goes.
+                    Some(_) => now >= f.created.saturating_add(policy.code_ttl),
+                    None => decision::expiry(f, policy, now).is_some(),
+                }
+            }
         });
         for f in &removed {
             if f.is_active() {
@@ -931,6 +1123,26 @@ impl Engine {
             events: self.events.counts(),
         }
     }
+}
+
+fn deny(reason: DenyReason, family: Option<FamilyId>, version: PolicyVersion) -> Decision {
+    Decision::Deny(Denied {
+        reason,
+        family,
+        policy_version: version,
+    })
+}
+
+fn check_identity(client: &str, subject: &str, scope: &str) -> Result<(), Error> {
+    check_len("client", client, crate::policy::MAX_CLIENT_ID_LEN)?;
+    check_len("subject", subject, MAX_SUBJECT_LEN)?;
+    if scope.len() > MAX_SCOPE_LEN {
+        return Err(Error::InvalidArgument {
+            name: "scope",
+            expected: "at most 4096 bytes",
+        });
+    }
+    Ok(())
 }
 
 fn check_len(name: &'static str, v: &str, max: usize) -> Result<(), Error> {

@@ -49,6 +49,9 @@ pub enum EventKind {
         /// The policy's `max_families_per_subject`.
         cap: u32,
     },
+    /// An authorization code was exchanged a second time; the family born
+    /// from it is revoked.
+    CodeReplay,
     /// A new policy set was put in force.
     PolicySwapped {
         /// The version replaced.
@@ -72,6 +75,7 @@ impl EventKind {
             EventKind::ClientMismatch { .. } => "client_mismatch",
             EventKind::StateRollback { .. } => "state_rollback",
             EventKind::CapEviction { .. } => "cap_eviction",
+            EventKind::CodeReplay => "code_replay",
             EventKind::PolicySwapped { .. } => "policy_swapped",
             EventKind::PolicyReloadFailed { .. } => "policy_reload_failed",
         }
@@ -87,6 +91,7 @@ impl EventKind {
             EventKind::CapEviction { .. } => 5,
             EventKind::PolicySwapped { .. } => 6,
             EventKind::PolicyReloadFailed { .. } => 7,
+            EventKind::CodeReplay => 8,
         }
     }
 }
@@ -101,9 +106,10 @@ pub const EVENT_KINDS: [&str; N_KINDS] = [
     "cap_eviction",
     "policy_swapped",
     "policy_reload_failed",
+    "code_replay",
 ];
 
-const N_KINDS: usize = 8;
+const N_KINDS: usize = 9;
 
 /// One security-relevant outcome, with everything an operator needs to act.
 #[derive(Clone, Debug, PartialEq, Eq)]

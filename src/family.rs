@@ -84,6 +84,8 @@ pub(crate) struct Family {
     /// Client IP of the last rotation (for `grace_same_ip`).
     pub(crate) rotation_ip: Option<IpAddr>,
     pub(crate) status: Status,
+    /// Until the code is exchanged: what the exchange checks it against.
+    pub(crate) code: Option<Box<crate::code::CodeState>>,
 }
 
 impl Family {

@@ -39,8 +39,8 @@
 pub use crate::clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
 pub use crate::engine::{
-    Engine, EngineBuilder, FamilyRecord, Introspection, IssueRequest, MAX_SCOPE_LEN,
-    MAX_SUBJECT_LEN, Stats, SweepReport,
+    AuthorizeRequest, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
+    IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, Stats, SweepReport,
 };
 pub use crate::error::Error;
 pub use crate::event::{
@@ -61,9 +61,11 @@ pub mod limits {
         MAX_ACCESS_TOKEN_TTL, MAX_CLIENT_ID_LEN, MAX_CODE_TTL, MAX_GRACE_PERIOD,
     };
 }
+pub use crate::code::MAX_REDIRECT_URI_LEN;
 pub use crate::policy::IpRange;
 
 mod clock;
+mod code;
 mod decision;
 mod engine;
 mod error;

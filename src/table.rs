@@ -23,7 +23,7 @@ type Hasher = ahash::RandomState;
 
 /// Redemption outcomes counted per shard, under the lock already held, so
 /// counting adds no shared cache line to the hot path.
-pub(crate) const OUTCOMES: usize = 16;
+pub(crate) const OUTCOMES: usize = 32;
 
 /// A shard padded to its own cache lines so neighbouring locks do not
 /// false-share.

@@ -1,0 +1,352 @@
+//! PKCE-bound authorization codes (RFC 7636) as generation 0 of a family.
+
+mod common;
+
+use std::sync::Barrier;
+use std::time::Duration;
+
+use common::{CLIENT, Harness, ip};
+use refresh_guard::{
+    AcceptKind, AuthorizeRequest, Decision, DenyReason, EventKind, ExchangeRequest, Generation,
+    IpCheck, Pkce, PolicyOverrides, RevokeReason, Token,
+};
+
+const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+const REDIRECT: &str = "https://app.example/callback";
+
+fn authorize(h: &Harness, challenge: Option<&str>, method: Option<&str>) -> Decision {
+    h.engine
+        .authorize(&AuthorizeRequest {
+            client: CLIENT,
+            subject: "alice",
+            scope: "openid offline_access",
+            redirect_uri: REDIRECT,
+            code_challenge: challenge,
+            code_challenge_method: method,
+            ip: ip("203.0.113.5"),
+        })
+        .unwrap()
+}
+
+fn code(h: &Harness) -> Token {
+    let d = authorize(h, Some(CHALLENGE), Some("S256"));
+    let a = d.accepted().expect("code issued");
+    assert_eq!(a.kind, AcceptKind::CodeIssued);
+    assert_eq!(a.generation, Generation::CODE);
+    assert!(a.token.starts_with("rgc_"));
+    a.token
+}
+
+fn exchange(h: &Harness, code: &str, verifier: Option<&str>) -> Decision {
+    h.engine.exchange(&ExchangeRequest {
+        code,
+        code_verifier: verifier,
+        client: CLIENT,
+        redirect_uri: REDIRECT,
+        ip: ip("10.0.0.1"),
+    })
+}
+
+fn reason(d: Decision) -> DenyReason {
+    d.deny_reason().expect("denied")
+}
+
+/// The RFC 7636 Appendix B verifier/challenge pair exchanges for generation 1,
+/// which then refreshes like any family.
+#[test]
+fn rfc7636_appendix_b_exchange() {
+    let h = Harness::new(PolicyOverrides::new());
+    let c = code(&h);
+    let d = exchange(&h, &c, Some(VERIFIER));
+    let a = *d.accepted().unwrap();
+    assert_eq!(a.kind, AcceptKind::Exchanged);
+    assert_eq!(a.generation, Generation::FIRST);
+    assert!(a.token.starts_with("rgt_"));
+    let r = h.engine.redeem(&a.token, CLIENT, ip("10.0.0.1"));
+    assert_eq!(r.accepted().unwrap().generation, Generation::new(2));
+}
+
+/// `pkce = "s256"` refuses, at authorize time, a missing challenge and `plain`.
+#[test]
+fn s256_policy_refuses_at_authorize() {
+    let h = Harness::new(PolicyOverrides::new().pkce(Pkce::S256));
+    assert_eq!(reason(authorize(&h, None, None)), DenyReason::PkceRequired);
+    assert_eq!(
+        reason(authorize(&h, Some(VERIFIER), Some("plain"))),
+        DenyReason::PkceMethodNotAllowed
+    );
+    assert_eq!(
+        reason(authorize(&h, Some(VERIFIER), None)),
+        DenyReason::PkceMethodNotAllowed,
+        "absent method means plain"
+    );
+    assert_eq!(
+        reason(authorize(&h, Some("abc"), Some("S256"))),
+        DenyReason::PkceChallengeInvalid
+    );
+    assert_eq!(
+        DenyReason::PkceChallengeInvalid.oauth_error().as_str(),
+        "invalid_request"
+    );
+    assert_eq!(h.engine.stats().families, 0, "refusals create nothing");
+}
+
+/// A malformed or forged code is `invalid_token` and changes nothing.
+#[test]
+fn malformed_and_forged_codes_are_invalid() {
+    let h = Harness::new(PolicyOverrides::new());
+    let c = code(&h);
+    assert_eq!(
+        reason(exchange(&h, "rgc_nope", Some(VERIFIER))),
+        DenyReason::InvalidToken
+    );
+    let as_refresh = format!("rgt_{}", &c[4..]);
+    assert_eq!(
+        reason(exchange(&h, &as_refresh, Some(VERIFIER))),
+        DenyReason::InvalidToken
+    );
+    let mut forged = c.as_str().to_owned();
+    forged.replace_range(30..31, if &forged[30..31] == "A" { "B" } else { "A" });
+    assert_eq!(
+        reason(exchange(&h, &forged, Some(VERIFIER))),
+        DenyReason::InvalidToken
+    );
+    // The real code still works: nothing was burned.
+    assert!(exchange(&h, &c, Some(VERIFIER)).accepted().is_some());
+}
+
+/// A code presented by another client is `client_mismatch`.
+#[test]
+fn code_of_another_client_is_refused() {
+    let h = Harness::new(PolicyOverrides::new());
+    let c = code(&h);
+    let d = h.engine.exchange(&ExchangeRequest {
+        code: &c,
+        code_verifier: Some(VERIFIER),
+        client: "other",
+        redirect_uri: REDIRECT,
+        ip: ip("10.0.0.1"),
+    });
+    assert_eq!(reason(d), DenyReason::ClientMismatch);
+    assert!(exchange(&h, &c, Some(VERIFIER)).accepted().is_some());
+}
+
+/// The redirect URI must be identical to the authorization request's.
+#[test]
+fn redirect_uri_must_match() {
+    let h = Harness::new(PolicyOverrides::new());
+    let c = code(&h);
+    let d = h.engine.exchange(&ExchangeRequest {
+        code: &c,
+        code_verifier: Some(VERIFIER),
+        client: CLIENT,
+        redirect_uri: "https://app.example/callback/",
+        ip: ip("10.0.0.1"),
+    });
+    assert_eq!(reason(d), DenyReason::RedirectUriMismatch);
+}
+
+/// Codes live `code_ttl`.
+#[test]
+fn expired_code_is_refused() {
+    let h = Harness::new(PolicyOverrides::new().code_ttl(Duration::from_secs(30)));
+    let c = code(&h);
+    h.advance(30);
+    assert_eq!(
+        reason(exchange(&h, &c, Some(VERIFIER))),
+        DenyReason::CodeExpired
+    );
+}
+
+/// PKCE at the exchange: missing, malformed and wrong verifiers.
+#[test]
+fn verifier_checks() {
+    let h = Harness::new(PolicyOverrides::new());
+    let c = code(&h);
+    assert_eq!(reason(exchange(&h, &c, None)), DenyReason::PkceRequired);
+    assert_eq!(
+        reason(exchange(&h, &c, Some("short"))),
+        DenyReason::PkceVerifierInvalid
+    );
+    let bad = format!("{}+", &VERIFIER[..43]);
+    assert_eq!(
+        reason(exchange(&h, &c, Some(&bad))),
+        DenyReason::PkceVerifierInvalid
+    );
+    let wrong = VERIFIER.replace('d', "e");
+    assert_eq!(
+        reason(exchange(&h, &c, Some(&wrong))),
+        DenyReason::PkceMismatch
+    );
+    assert!(exchange(&h, &c, Some(VERIFIER)).accepted().is_some());
+}
+
+/// `s256_or_plain` accepts plain; `optional` accepts a code without a
+/// challenge but refuses a verifier for it (downgrade).
+#[test]
+fn plain_and_optional_policies() {
+    let h = Harness::new(PolicyOverrides::new().pkce(Pkce::S256OrPlain));
+    let c = authorize(&h, Some(VERIFIER), Some("plain"))
+        .accepted()
+        .unwrap()
+        .token;
+    assert_eq!(
+        reason(exchange(&h, &c, Some(&VERIFIER.replace('d', "e")))),
+        DenyReason::PkceMismatch
+    );
+    assert!(exchange(&h, &c, Some(VERIFIER)).accepted().is_some());
+    assert_eq!(reason(authorize(&h, None, None)), DenyReason::PkceRequired);
+
+    let h = Harness::new(PolicyOverrides::new().pkce(Pkce::Optional));
+    let c = authorize(&h, None, None).accepted().unwrap().token;
+    assert_eq!(
+        reason(exchange(&h, &c, Some(VERIFIER))),
+        DenyReason::PkceVerifierUnexpected
+    );
+    assert!(exchange(&h, &c, None).accepted().is_some());
+    // A code issued with a challenge always needs the verifier, even under `optional`.
+    let c = code(&h);
+    assert_eq!(reason(exchange(&h, &c, None)), DenyReason::PkceRequired);
+}
+
+/// The allow-list applies at the exchange in both `ip_check` modes.
+#[test]
+fn allow_list_applies_at_exchange_in_both_modes() {
+    for mode in [IpCheck::EveryRefresh, IpCheck::IssuanceOnly] {
+        let h = Harness::new(
+            PolicyOverrides::new()
+                .ip_allowlist(vec!["192.0.2.0/24".parse().unwrap()])
+                .ip_check(mode),
+        );
+        let c = code(&h);
+        assert_eq!(
+            reason(exchange(&h, &c, Some(VERIFIER))),
+            DenyReason::IpNotAllowed
+        );
+        let d = h.engine.exchange(&ExchangeRequest {
+            code: &c,
+            code_verifier: Some(VERIFIER),
+            client: CLIENT,
+            redirect_uri: REDIRECT,
+            ip: ip("192.0.2.10"),
+        });
+        assert!(d.accepted().is_some(), "{mode:?}");
+    }
+}
+
+/// A second exchange is `code_reused`, revokes the family born from the code
+/// (its refresh token dies) and emits an event.
+#[test]
+fn code_replay_revokes_the_family() {
+    let h = Harness::new(PolicyOverrides::new());
+    let c = code(&h);
+    let rt = exchange(&h, &c, Some(VERIFIER)).accepted().unwrap().token;
+    h.sink.take();
+    assert_eq!(
+        reason(exchange(&h, &c, Some(VERIFIER))),
+        DenyReason::CodeReused
+    );
+    assert_eq!(
+        h.engine.redeem(&rt, CLIENT, ip("10.0.0.1")).deny_reason(),
+        Some(DenyReason::Revoked)
+    );
+    let ev = h.sink.take();
+    let kinds: Vec<_> = ev.iter().map(|e| e.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::CodeReplay,
+            EventKind::FamilyRevoked {
+                reason: RevokeReason::CodeReplay
+            }
+        ]
+    );
+    assert_eq!(ev[0].ip, Some(ip("10.0.0.1")));
+    // Further replays: the family is revoked.
+    assert_eq!(
+        reason(exchange(&h, &c, Some(VERIFIER))),
+        DenyReason::Revoked
+    );
+}
+
+/// N threads exchanging one code at once: exactly one family is created (one
+/// exchange succeeds) and the replays then revoke it.
+#[test]
+fn racing_exchanges_create_one_family_then_revoke_it() {
+    const THREADS: usize = 8;
+    let h = Harness::new(PolicyOverrides::new());
+    for _ in 0..300 {
+        let c = code(&h);
+        let barrier = Barrier::new(THREADS);
+        let out: Vec<Decision> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        exchange(&h, &c, Some(VERIFIER))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        let wins: Vec<_> = out.iter().filter_map(|d| d.accepted()).collect();
+        assert_eq!(wins.len(), 1);
+        let reasons: Vec<_> = out.iter().filter_map(|d| d.deny_reason()).collect();
+        assert_eq!(
+            reasons
+                .iter()
+                .filter(|r| **r == DenyReason::CodeReused)
+                .count(),
+            1,
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .all(|r| matches!(r, DenyReason::CodeReused | DenyReason::Revoked))
+        );
+        assert_eq!(
+            h.engine
+                .redeem(&wins[0].token, CLIENT, ip("10.0.0.1"))
+                .deny_reason(),
+            Some(DenyReason::Revoked)
+        );
+    }
+}
+
+/// Unused codes expire and are swept: memory stays bounded.
+#[test]
+fn unused_codes_are_swept() {
+    let h = Harness::new(PolicyOverrides::new().code_ttl(Duration::from_secs(60)));
+    for _ in 0..100 {
+        code(&h);
+    }
+    assert_eq!(h.engine.stats().families, 100);
+    h.advance(59);
+    h.engine.sweep(100_000);
+    assert_eq!(h.engine.stats().families, 100);
+    h.advance(1);
+    h.engine.sweep(100_000);
+    assert_eq!(h.engine.stats().families, 0);
+}
+
+/// The absolute lifetime counts from the exchange, not the authorization.
+#[test]
+fn absolute_lifetime_starts_at_exchange() {
+    let h = Harness::new(
+        PolicyOverrides::new()
+            .code_ttl(Duration::from_secs(600))
+            .absolute_ttl(Some(Duration::from_secs(1000))),
+    );
+    let c = code(&h);
+    h.advance(500);
+    let rt = exchange(&h, &c, Some(VERIFIER)).accepted().unwrap().token;
+    h.advance(900);
+    assert!(
+        h.engine
+            .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .accepted()
+            .is_some()
+    );
+}
