@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::code::{self, CodeState, ExchangeCheck, MAX_REDIRECT_URI_LEN};
@@ -181,6 +181,13 @@ const ACCEPT_KINDS: [AcceptKind; 6] = [
     AcceptKind::Exchanged,
 ];
 
+fn slot_name(slot: usize) -> &'static str {
+    match slot.checked_sub(ACCEPT_KINDS.len()) {
+        None => ACCEPT_KINDS[slot].as_str(),
+        Some(i) => DenyReason::ALL.get(i).map_or("unknown", |r| r.as_str()),
+    }
+}
+
 fn outcome_slot(v: Verdict) -> usize {
     match v {
         Verdict::Accept(k) => k as usize,
@@ -271,6 +278,8 @@ impl EngineBuilder {
             clock: self.clock,
             events: Dispatcher::new(self.sink),
             revoked_retention: self.revoked_retention,
+            shadow: ArcSwapOption::empty(),
+            shadow_epoch: AtomicU64::new(0),
             unsharded_outcomes: Default::default(),
         })
     }
@@ -287,8 +296,59 @@ pub struct Engine {
     clock: Box<dyn Clock>,
     events: Dispatcher,
     revoked_retention: Duration,
+    shadow: ArcSwapOption<Shadow>,
+    shadow_epoch: AtomicU64,
     /// Outcomes decided before a shard is locked (malformed tokens).
     unsharded_outcomes: [AtomicU64; OUTCOMES],
+}
+
+/// A candidate policy set under evaluation.
+struct Shadow {
+    set: Arc<PolicySet>,
+    epoch: u64,
+    since: Timestamp,
+}
+
+/// How a shadow candidate would have decided, beside the set in force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShadowReport {
+    /// The version in force.
+    pub active: PolicyVersion,
+    /// The candidate's version.
+    pub candidate: PolicyVersion,
+    /// When the candidate was installed.
+    pub since: Timestamp,
+    /// One row per (client, active outcome, candidate outcome) seen.
+    pub rows: Vec<ShadowRow>,
+}
+
+impl ShadowReport {
+    /// Rows where the candidate decides differently.
+    pub fn changed(&self) -> impl Iterator<Item = &ShadowRow> {
+        self.rows.iter().filter(|r| r.active != r.candidate)
+    }
+
+    /// The count for one (client, active, candidate) triple.
+    pub fn count(&self, client: &str, active: &str, candidate: &str) -> u64 {
+        self.rows
+            .iter()
+            .filter(|r| &*r.client == client && r.active == active && r.candidate == candidate)
+            .map(|r| r.count)
+            .sum()
+    }
+}
+
+/// One cell of a [`ShadowReport`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShadowRow {
+    /// The family's client.
+    pub client: Arc<str>,
+    /// The outcome under the set in force (`rotated`, `expired_idle`, ...).
+    pub active: &'static str,
+    /// The outcome the candidate would have given.
+    pub candidate: &'static str,
+    /// How many redemptions.
+    pub count: u64,
 }
 
 /// A family's identity, copied out of the lock for events and follow-ups.
@@ -712,10 +772,11 @@ impl Engine {
         }
         // 2. Look up; 3. verify the tag. A forgery touches nothing.
         let mut shard = self.table.lock(&parsed.family);
-        let Some(f) = shard.get_mut(&parsed.family) else {
+        let Some(slot) = shard.slot_mut(&parsed.family) else {
             drop(shard);
             return invalid();
         };
+        let f = slot.family;
         if !keys.verify(&parsed, &f.secret) {
             drop(shard);
             return invalid();
@@ -741,12 +802,23 @@ impl Engine {
                 verdict = Verdict::Deny(DenyReason::InvalidToken);
             }
         }
+        slot.outcomes[outcome_slot(verdict)] += 1;
+        // Shadow: the same pure decision on the same state under the
+        // candidate set, counted and otherwise discarded.
+        if let Some(shadow) = &*self.shadow.load() {
+            let candidate = decision::decide(f, &req, shadow.set.policy(&f.client));
+            slot.shadow.record(
+                shadow.epoch,
+                &f.client,
+                outcome_slot(verdict),
+                outcome_slot(candidate),
+            );
+        }
         match verdict {
             Verdict::Accept(kind) => {
                 decision::apply_accept(f, kind, &req, keys.active());
                 let token = keys.mint(TokenKind::Refresh, f.key, &f.id, f.generation, &f.secret);
                 let (family, generation) = (f.id, f.generation);
-                shard.outcomes[outcome_slot(verdict)] += 1;
                 drop(shard);
                 match token {
                     Some(token) => Decision::Accept(Accepted {
@@ -768,7 +840,6 @@ impl Engine {
                 if reason == DenyReason::ReuseDetected && on_reuse != OnReuse::ReportOnly {
                     revoked = f.revoke(RevokeReason::ReuseDetected, now);
                 }
-                shard.outcomes[outcome_slot(verdict)] += 1;
                 drop(shard);
                 self.after_denial(reason, &req, &who, current, on_reuse, revoked, version);
                 Decision::Deny(Denied {
@@ -778,6 +849,60 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Evaluate `candidate` beside the set in force on live redemptions,
+    /// with no effect but counting (active outcome, candidate outcome) pairs
+    /// per client. Replaces any earlier candidate and its counts.
+    pub fn set_shadow(&self, candidate: PolicySet) -> PolicyVersion {
+        let version = candidate.version();
+        let epoch = self.shadow_epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shadow.store(Some(Arc::new(Shadow {
+            set: Arc::new(candidate),
+            epoch,
+            since: self.clock.now(),
+        })));
+        version
+    }
+
+    /// What the candidate would have changed so far; `None` without one.
+    pub fn shadow_report(&self) -> Option<ShadowReport> {
+        let shadow = self.shadow.load_full()?;
+        let mut rows: Vec<ShadowRow> = self
+            .table
+            .shadow_counts(shadow.epoch)
+            .into_iter()
+            .map(|((client, a, c), count)| ShadowRow {
+                client,
+                active: slot_name(usize::from(a)),
+                candidate: slot_name(usize::from(c)),
+                count,
+            })
+            .collect();
+        rows.sort_by(|x, y| {
+            (&x.client, x.active, x.candidate).cmp(&(&y.client, y.active, y.candidate))
+        });
+        Some(ShadowReport {
+            active: self.policies.load().version(),
+            candidate: shadow.set.version(),
+            since: shadow.since,
+            rows,
+        })
+    }
+
+    /// Put the candidate in force (an atomic swap) and end the shadow.
+    /// Returns the version now in force, `None` if there was no candidate.
+    pub fn promote_shadow(&self) -> Option<PolicyVersion> {
+        let shadow = self.shadow.swap(None)?;
+        let set = Arc::unwrap_or_clone(shadow.set.clone());
+        let version = set.version();
+        self.swap_policies(set);
+        Some(version)
+    }
+
+    /// Drop the candidate and its counts. Returns whether there was one.
+    pub fn drop_shadow(&self) -> bool {
+        self.shadow.swap(None).is_some()
     }
 
     /// Events and cross-family follow-ups of a denial, outside every lock.
@@ -1110,13 +1235,8 @@ impl Engine {
         for (c, u) in counts.iter_mut().zip(self.unsharded_outcomes.iter()) {
             *c += u.load(Ordering::Relaxed);
         }
-        let mut outcomes = Vec::new();
-        for k in ACCEPT_KINDS {
-            outcomes.push((k.as_str(), counts[outcome_slot(Verdict::Accept(k))]));
-        }
-        for r in DenyReason::ALL {
-            outcomes.push((r.as_str(), counts[outcome_slot(Verdict::Deny(r))]));
-        }
+        let slots = ACCEPT_KINDS.len() + DenyReason::ALL.len();
+        let outcomes = (0..slots).map(|i| (slot_name(i), counts[i])).collect();
         Stats {
             families: self.table.len(),
             outcomes,
@@ -1156,4 +1276,20 @@ fn check_len(name: &'static str, v: &str, max: usize) -> Result<(), Error> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_slots_name_their_outcome() {
+        for k in ACCEPT_KINDS {
+            assert_eq!(slot_name(outcome_slot(Verdict::Accept(k))), k.as_str());
+        }
+        for r in DenyReason::ALL {
+            assert_eq!(slot_name(outcome_slot(Verdict::Deny(r))), r.as_str());
+        }
+        assert!(ACCEPT_KINDS.len() + DenyReason::ALL.len() <= OUTCOMES);
+    }
 }

@@ -40,7 +40,7 @@ pub use crate::clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
 pub use crate::engine::{
     AuthorizeRequest, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
-    IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, Stats, SweepReport,
+    IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, ShadowReport, ShadowRow, Stats, SweepReport,
 };
 pub use crate::error::Error;
 pub use crate::event::{

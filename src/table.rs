@@ -35,6 +35,49 @@ pub(crate) struct ShardInner {
     slots: Vec<Option<Family>>,
     free: Vec<u32>,
     pub(crate) outcomes: [u64; OUTCOMES],
+    shadow: ShadowCounts,
+}
+
+/// (active outcome, candidate outcome) counts per client for the shadow
+/// policy set of one epoch; a new candidate starts a new epoch.
+#[derive(Default)]
+pub(crate) struct ShadowCounts {
+    epoch: u64,
+    by_client: HashMap<Arc<str>, Vec<(u8, u8, u64)>, Hasher>,
+}
+
+impl ShadowCounts {
+    pub(crate) fn record(
+        &mut self,
+        epoch: u64,
+        client: &Arc<str>,
+        active: usize,
+        candidate: usize,
+    ) {
+        if self.epoch != epoch {
+            self.by_client.clear();
+            self.epoch = epoch;
+        }
+        // Outcome slots are < OUTCOMES (32), so they fit a u8.
+        let pair = (active as u8, candidate as u8);
+        if !self.by_client.contains_key(&**client) {
+            self.by_client.insert(client.clone(), Vec::new());
+        }
+        let Some(pairs) = self.by_client.get_mut(&**client) else {
+            return;
+        };
+        match pairs.iter_mut().find(|(a, c, _)| (*a, *c) == pair) {
+            Some(p) => p.2 += 1,
+            None => pairs.push((pair.0, pair.1, 1)),
+        }
+    }
+}
+
+/// A family together with its shard's counters, borrowed at once.
+pub(crate) struct FamilySlot<'a> {
+    pub(crate) family: &'a mut Family,
+    pub(crate) outcomes: &'a mut [u64; OUTCOMES],
+    pub(crate) shadow: &'a mut ShadowCounts,
 }
 
 impl ShardInner {
@@ -44,7 +87,18 @@ impl ShardInner {
             slots: Vec::new(),
             free: Vec::new(),
             outcomes: [0; OUTCOMES],
+            shadow: ShadowCounts::default(),
         }
+    }
+
+    pub(crate) fn slot_mut(&mut self, id: &FamilyId) -> Option<FamilySlot<'_>> {
+        let i = *self.index.get(id)? as usize;
+        let family = self.slots.get_mut(i)?.as_mut()?;
+        Some(FamilySlot {
+            family,
+            outcomes: &mut self.outcomes,
+            shadow: &mut self.shadow,
+        })
     }
 
     pub(crate) fn get(&self, id: &FamilyId) -> Option<&Family> {
@@ -147,6 +201,24 @@ impl Table {
             let g = s.0.lock();
             for (t, n) in total.iter_mut().zip(g.outcomes.iter()) {
                 *t += n;
+            }
+        }
+        total
+    }
+
+    /// Shadow counts of `epoch`, summed over shards: (client, active outcome
+    /// slot, candidate outcome slot) → count.
+    pub(crate) fn shadow_counts(&self, epoch: u64) -> HashMap<(Arc<str>, u8, u8), u64, Hasher> {
+        let mut total: HashMap<(Arc<str>, u8, u8), u64, Hasher> = HashMap::default();
+        for s in self.shards.iter() {
+            let g = s.0.lock();
+            if g.shadow.epoch != epoch {
+                continue;
+            }
+            for (client, pairs) in &g.shadow.by_client {
+                for &(a, c, n) in pairs {
+                    *total.entry((client.clone(), a, c)).or_default() += n;
+                }
             }
         }
         total
