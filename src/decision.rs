@@ -375,6 +375,8 @@ pub(crate) fn apply_accept(
             f.rotation_ip = Some(req.ip);
             f.grace_used = 0;
             f.key = key;
+            // The cached tag is the old generation's.
+            f.tag_uid = crate::token::KeyUid::NONE;
         }
         AcceptKind::GraceReplay => f.grace_used = f.grace_used.saturating_add(1),
         AcceptKind::Kept | AcceptKind::Issued | AcceptKind::CodeIssued | AcceptKind::Exchanged => {}
@@ -403,6 +405,8 @@ mod tests {
             rotated_at: Timestamp::from_secs(1000),
             generation: Generation::new(gen_),
             key: KeyId(0),
+            tag: [0; 16],
+            tag_uid: crate::token::KeyUid::NONE,
             grace_used: 0,
             rotation_ip: Some("10.0.0.1".parse().unwrap()),
             status: Status::Active,
@@ -557,5 +561,10 @@ mod tests {
         assert_eq!(f.rotated_at, r.now);
         assert_eq!(f.last_used, r.now);
         assert_eq!(f.key, KeyId(5));
+        assert_eq!(
+            f.tag_uid,
+            crate::token::KeyUid::NONE,
+            "tag cache invalidated"
+        );
     }
 }

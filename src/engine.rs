@@ -16,7 +16,7 @@ use crate::event::{Dispatcher, Event, EventCounts, EventKind, EventSink, NoopSin
 use crate::family::{Family, RevokeReason, Status};
 use crate::policy::{ClientPolicy, OnReuse, PolicySet, PolicyVersion};
 use crate::table::{Interner, OUTCOMES, SubjectIndex, Table};
-use crate::token::{self, FamilyId, FamilySecret, Generation, KeyRing, TokenKind};
+use crate::token::{self, FamilyId, FamilySecret, Generation, KeyRing, KeyUid, Token, TokenKind};
 
 /// Longest subject accepted at issuance.
 pub const MAX_SUBJECT_LEN: usize = 1024;
@@ -488,7 +488,7 @@ impl Engine {
         };
         let cap = policy.max_families_per_subject;
         let mut evicted = Vec::new();
-        let (id, secret) = {
+        let (id, tag) = {
             let mut subjects = self.subjects.lock(req.subject);
             let subject = match subjects.get_key_value(req.subject) {
                 Some((k, _)) => k.clone(),
@@ -505,6 +505,8 @@ impl Engine {
                 rotated_at: now,
                 generation,
                 key: keys.active(),
+                tag: [0; 16],
+                tag_uid: KeyUid::NONE,
                 grace_used: 0,
                 rotation_ip: Some(req.ip),
                 status: Status::Active,
@@ -522,7 +524,13 @@ impl Engine {
                 let (id, secret) = rnd.split_at(16);
                 f.id = FamilyId::from_bytes(id.try_into().expect("16 bytes"));
                 f.secret = FamilySecret(secret.try_into().expect("16 bytes"));
-                let minted = (f.id, f.secret);
+                let tag = keys
+                    .tag(token_kind, f.key, &f.id, generation, &f.secret)
+                    .expect("the active key is always in the ring");
+                if token_kind == TokenKind::Refresh {
+                    cache_tag(&mut f, &keys, tag);
+                }
+                let minted = (f.id, tag);
                 let mut shard = self.table.lock(&f.id);
                 match shard.insert(f) {
                     Ok(()) => {
@@ -553,9 +561,7 @@ impl Engine {
                 now,
             );
         }
-        let token = keys
-            .mint(token_kind, keys.active(), &id, generation, &secret)
-            .expect("the active key is always in the ring");
+        let token = token::assemble(token_kind, keys.active(), &id, generation, &tag);
         Ok(Decision::Accept(Accepted {
             token,
             family: id,
@@ -655,12 +661,11 @@ impl Engine {
                 f.rotated_at = now;
                 f.rotation_ip = Some(req.ip);
                 f.key = keys.active();
-                let (id, secret, key) = (f.id, f.secret, f.key);
+                f.tag_uid = KeyUid::NONE;
+                let token = mint_current(f, &keys).expect("the active key is always in the ring");
+                let id = f.id;
                 shard.outcomes[outcome_slot(Verdict::Accept(AcceptKind::Exchanged))] += 1;
                 drop(shard);
-                let token = keys
-                    .mint(TokenKind::Refresh, key, &id, Generation::FIRST, &secret)
-                    .expect("the active key is always in the ring");
                 Decision::Accept(Accepted {
                     token,
                     family: id,
@@ -777,7 +782,18 @@ impl Engine {
             return invalid();
         };
         let f = slot.family;
-        if !keys.verify(&parsed, &f.secret) {
+        // The current generation verifies against the cached tag, older ones
+        // by HMAC. Timing can thus tell whether a presented generation is the
+        // current one, never anything about the tag.
+        let cached = parsed.generation == f.generation
+            && parsed.key == f.key
+            && keys.uid(f.key) == Some(f.tag_uid);
+        let valid = if cached {
+            parsed.tag_is(&f.tag)
+        } else {
+            keys.verify(&parsed, &f.secret)
+        };
+        if !valid {
             drop(shard);
             return invalid();
         }
@@ -817,7 +833,7 @@ impl Engine {
         match verdict {
             Verdict::Accept(kind) => {
                 decision::apply_accept(f, kind, &req, keys.active());
-                let token = keys.mint(TokenKind::Refresh, f.key, &f.id, f.generation, &f.secret);
+                let token = mint_current(f, &keys);
                 let (family, generation) = (f.id, f.generation);
                 drop(shard);
                 match token {
@@ -1200,7 +1216,11 @@ impl Engine {
 
     /// A copy of one family's record, for stores and backups.
     pub fn family_record(&self, id: FamilyId) -> Option<FamilyRecord> {
-        self.table.lock(&id).get(&id).cloned().map(FamilyRecord)
+        let mut f = self.table.lock(&id).get(&id).cloned()?;
+        // The tag cache is a redeemable token: it never leaves the table.
+        f.tag = [0; 16];
+        f.tag_uid = KeyUid::NONE;
+        Some(FamilyRecord(f))
     }
 
     /// Put a family record in place, replacing any record with its id (store
@@ -1208,6 +1228,7 @@ impl Engine {
     /// it are then denied `state_rollback`.
     pub fn restore_family(&self, record: FamilyRecord) {
         let mut f = record.0;
+        f.tag_uid = KeyUid::NONE;
         f.client = self.interner.intern(&f.client);
         f.scope = self.interner.intern(&f.scope);
         let (id, subject, active) = (f.id, f.subject.clone(), f.is_active());
@@ -1243,6 +1264,29 @@ impl Engine {
             events: self.events.counts(),
         }
     }
+}
+
+/// Store a freshly computed tag of the current generation in the cache.
+fn cache_tag(f: &mut Family, keys: &KeyRing, tag: [u8; 16]) {
+    f.tag = tag;
+    f.tag_uid = keys.uid(f.key).unwrap_or(KeyUid::NONE);
+}
+
+/// The family's current refresh token, from the tag cache when it is valid
+/// for the ring, else computed (and cached). `None` if its key is gone.
+fn mint_current(f: &mut Family, keys: &KeyRing) -> Option<Token> {
+    let uid = keys.uid(f.key)?;
+    if uid != f.tag_uid {
+        let tag = keys.tag(TokenKind::Refresh, f.key, &f.id, f.generation, &f.secret)?;
+        cache_tag(f, keys, tag);
+    }
+    Some(token::assemble(
+        TokenKind::Refresh,
+        f.key,
+        &f.id,
+        f.generation,
+        &f.tag,
+    ))
 }
 
 fn deny(reason: DenyReason, family: Option<FamilyId>, version: PolicyVersion) -> Decision {

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::clock::Timestamp;
-use crate::token::{FamilyId, FamilySecret, Generation, KeyId};
+use crate::token::{FamilyId, FamilySecret, Generation, KeyId, KeyUid};
 
 /// Why a family was revoked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -79,6 +79,12 @@ pub(crate) struct Family {
     /// Key that minted the current generation, so a grace replay returns the
     /// identical token even after the active key changed.
     pub(crate) key: KeyId,
+    /// The current generation's refresh-token tag and the key material that
+    /// made it: verifying and re-issuing the current token then needs no
+    /// HMAC. A cache only, recomputable from the fields above; never
+    /// persisted (a store must not hold redeemable tokens).
+    pub(crate) tag: [u8; 16],
+    pub(crate) tag_uid: KeyUid,
     /// Grace replays served since the last rotation.
     pub(crate) grace_used: u8,
     /// Client IP of the last rotation (for `grace_same_ip`).

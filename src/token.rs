@@ -49,10 +49,12 @@ impl TokenKind {
         }
     }
 
-    fn domain(self) -> &'static [u8] {
+    /// Short on purpose: label + key id + family + generation + secret is
+    /// 41 bytes, so the inner hash of the HMAC is one SHA-256 block.
+    fn domain(self) -> &'static [u8; 4] {
         match self {
-            TokenKind::Refresh => b"refresh-guard/v1/refresh-token\0",
-            TokenKind::Code => b"refresh-guard/v1/authorization-code\0",
+            TokenKind::Refresh => b"rg1r",
+            TokenKind::Code => b"rg1c",
         }
     }
 }
@@ -185,8 +187,9 @@ impl fmt::Debug for KeySecret {
 pub struct KeyRing {
     /// `slot[id] - 1` indexes `macs`; 0 = no such key.
     slot: [u8; 256],
-    /// Pre-keyed HMAC states, cloned per tag so the key schedule runs once.
-    macs: Vec<(KeyId, HmacSha256)>,
+    /// Pre-keyed HMAC states, cloned per tag so the key schedule runs once,
+    /// each with a process-unique id of its key material (see [`KeyUid`]).
+    macs: Vec<(KeyId, KeyUid, HmacSha256)>,
     active: KeyId,
 }
 
@@ -211,7 +214,7 @@ impl KeyRing {
         // HMAC accepts keys of any length; 32 bytes cannot fail.
         let mac = <HmacSha256 as Mac>::new_from_slice(&secret.0)
             .expect("HMAC-SHA-256 takes keys of any length");
-        self.macs.push((id, mac));
+        self.macs.push((id, KeyUid::next(), mac));
         // At most 256 ids exist, so the index fits in a u8 after +1.
         self.slot[usize::from(id.0)] = u8::try_from(self.macs.len()).unwrap_or(u8::MAX);
     }
@@ -243,9 +246,9 @@ impl KeyRing {
         if id == self.active {
             return Err(Error::RemoveActiveKey { id });
         }
-        self.macs.retain(|(k, _)| *k != id);
+        self.macs.retain(|(k, _, _)| *k != id);
         self.slot = [0; 256];
-        for (i, (k, _)) in self.macs.iter().enumerate() {
+        for (i, (k, _, _)) in self.macs.iter().enumerate() {
             self.slot[usize::from(k.0)] = u8::try_from(i + 1).unwrap_or(u8::MAX);
         }
         Ok(())
@@ -263,17 +266,23 @@ impl KeyRing {
 
     /// Ids of every key in the ring.
     pub fn ids(&self) -> impl Iterator<Item = KeyId> + '_ {
-        self.macs.iter().map(|(k, _)| *k)
+        self.macs.iter().map(|(k, _, _)| *k)
     }
 
-    fn mac(&self, id: KeyId) -> Option<&HmacSha256> {
+    fn entry(&self, id: KeyId) -> Option<&(KeyId, KeyUid, HmacSha256)> {
         match self.slot[usize::from(id.0)] {
             0 => None,
-            i => self.macs.get(usize::from(i) - 1).map(|(_, m)| m),
+            i => self.macs.get(usize::from(i) - 1),
         }
     }
 
-    fn tag(
+    /// The identity of the key material behind `id`, if present.
+    pub(crate) fn uid(&self, id: KeyId) -> Option<KeyUid> {
+        self.entry(id).map(|e| e.1)
+    }
+
+    /// The tag of one token; `None` if the ring does not hold `key`.
+    pub(crate) fn tag(
         &self,
         kind: TokenKind,
         key: KeyId,
@@ -281,7 +290,7 @@ impl KeyRing {
         generation: Generation,
         secret: &FamilySecret,
     ) -> Option<[u8; TAG_LEN]> {
-        let mut mac = self.mac(key)?.clone();
+        let mut mac = self.entry(key)?.2.clone();
         mac.update(kind.domain());
         mac.update(&[key.0]);
         mac.update(&family.0);
@@ -293,8 +302,7 @@ impl KeyRing {
         Some(tag)
     }
 
-    /// Mint the token of `generation` with key `key`; `None` if the ring no
-    /// longer holds that key.
+    #[cfg(test)]
     pub(crate) fn mint(
         &self,
         kind: TokenKind,
@@ -304,18 +312,7 @@ impl KeyRing {
         secret: &FamilySecret,
     ) -> Option<Token> {
         let tag = self.tag(kind, key, family, generation, secret)?;
-        let mut raw = [0u8; RAW_LEN];
-        raw[0] = key.0;
-        raw[1..17].copy_from_slice(&family.0);
-        raw[17..21].copy_from_slice(&generation.0.to_be_bytes());
-        raw[21..].copy_from_slice(&tag);
-        let mut bytes = [0u8; TOKEN_LEN];
-        bytes[..PREFIX_LEN].copy_from_slice(kind.prefix());
-        let n = URL_SAFE_NO_PAD
-            .encode_slice(raw, &mut bytes[PREFIX_LEN..])
-            .expect("37 bytes always encode to exactly 50 characters");
-        debug_assert_eq!(n, B64_LEN);
-        Some(Token { bytes })
+        Some(assemble(kind, key, family, generation, &tag))
     }
 
     /// Constant-time check of a parsed token's tag against its family.
@@ -342,6 +339,44 @@ impl fmt::Debug for KeyRing {
     }
 }
 
+/// Lay out a token from its fields and tag.
+pub(crate) fn assemble(
+    kind: TokenKind,
+    key: KeyId,
+    family: &FamilyId,
+    generation: Generation,
+    tag: &[u8; TAG_LEN],
+) -> Token {
+    let mut raw = [0u8; RAW_LEN];
+    raw[0] = key.0;
+    raw[1..17].copy_from_slice(&family.0);
+    raw[17..21].copy_from_slice(&generation.0.to_be_bytes());
+    raw[21..].copy_from_slice(tag);
+    let mut bytes = [0u8; TOKEN_LEN];
+    bytes[..PREFIX_LEN].copy_from_slice(kind.prefix());
+    let n = URL_SAFE_NO_PAD
+        .encode_slice(raw, &mut bytes[PREFIX_LEN..])
+        .expect("37 bytes always encode to exactly 50 characters");
+    debug_assert_eq!(n, B64_LEN);
+    Token { bytes }
+}
+
+/// Identifies key material for the life of the process: a key id can be
+/// removed and re-added with other material, a uid never repeats. Families
+/// cache their current tag together with the uid that made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct KeyUid(u64);
+
+impl KeyUid {
+    /// No key: a cache stamped with this never matches.
+    pub(crate) const NONE: KeyUid = KeyUid(0);
+
+    fn next() -> KeyUid {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        KeyUid(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// The fields of a well-formed token. Nothing here is verified yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ParsedToken {
@@ -350,6 +385,13 @@ pub(crate) struct ParsedToken {
     pub(crate) family: FamilyId,
     pub(crate) generation: Generation,
     tag: [u8; TAG_LEN],
+}
+
+impl ParsedToken {
+    /// Constant-time comparison with a tag known to be right.
+    pub(crate) fn tag_is(&self, tag: &[u8; TAG_LEN]) -> bool {
+        bool::from(self.tag.ct_eq(tag))
+    }
 }
 
 /// Parse `s` as a token of `kind` without allocating. `None` means

@@ -917,3 +917,24 @@ fn stats_count_outcomes() {
     assert_eq!(s.events.get("reuse_detected"), 1);
     assert_eq!(s.events.get("family_revoked"), 1);
 }
+
+/// Regression guard for the tag cache: a key id removed and re-added with
+/// other material must not keep verifying tokens of the old material.
+#[test]
+fn re_added_key_id_with_new_material_kills_old_tokens() {
+    use refresh_guard::{KeyId, KeySecret};
+    let h = Harness::new(PolicyOverrides::new());
+    let t = h.issue();
+    let mut ring = (*h.engine.key_ring()).clone();
+    let old = ring.active();
+    ring.add(KeyId(200), &KeySecret::from_bytes([1; 32]))
+        .unwrap();
+    ring.set_active(KeyId(200)).unwrap();
+    ring.remove(old).unwrap();
+    ring.add(old, &KeySecret::from_bytes([2; 32])).unwrap();
+    h.engine.set_key_ring(ring);
+    assert_eq!(
+        h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).deny_reason(),
+        Some(DenyReason::InvalidToken)
+    );
+}
