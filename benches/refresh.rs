@@ -54,7 +54,7 @@ fn rotate_many(engine: &Engine, tokens: &mut [Token], iters: u64, seed: u64) {
     let n = tokens.len() as u64;
     for _ in 0..iters {
         let i = (next(&mut s) % n) as usize;
-        match engine.redeem(&tokens[i], CLIENT, ip) {
+        match engine.redeem(&tokens[i], CLIENT, ip).unwrap() {
             refresh_guard::Decision::Accept(a) => tokens[i] = a.token,
             refresh_guard::Decision::Deny(d) => panic!("bench token denied: {}", d.reason),
         }

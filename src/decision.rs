@@ -411,6 +411,7 @@ mod tests {
             rotation_ip: Some("10.0.0.1".parse().unwrap()),
             status: Status::Active,
             code: None,
+            lsn: 0,
         }
     }
 

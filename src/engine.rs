@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::event::{Dispatcher, Event, EventCounts, EventKind, EventSink, NoopSink};
 use crate::family::{Family, RevokeReason, Status};
 use crate::policy::{ClientPolicy, OnReuse, PolicySet, PolicyVersion};
+use crate::store::{Durability, RecordRef, Store};
 use crate::table::{Interner, OUTCOMES, SubjectIndex, Table};
 use crate::token::{self, FamilyId, FamilySecret, Generation, KeyRing, KeyUid, Token, TokenKind};
 
@@ -197,6 +198,50 @@ fn outcome_slot(v: Verdict) -> usize {
 
 const _: () = assert!(ACCEPT_KINDS.len() + DenyReason::ALL.len() <= OUTCOMES);
 
+/// A decision whose state change is on its way to durable storage; await
+/// it (or call [`Durable::wait`]) before handing the token out.
+pub struct Durable<'a> {
+    engine: &'a Engine,
+    decision: Option<Decision>,
+    lsn: u64,
+}
+
+impl Durable<'_> {
+    /// Block until durable.
+    pub fn wait(mut self) -> Result<Decision, Error> {
+        self.engine.settle(self.lsn)?;
+        self.decision.take().ok_or(Error::InvalidArgument {
+            name: "durable decision",
+            expected: "a decision not yet taken",
+        })
+    }
+}
+
+impl std::future::Future for Durable<'_> {
+    type Output = Result<Decision, Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        if self.lsn != 0
+            && self.engine.sync
+            && let Some(store) = &self.engine.store
+        {
+            match store.poll_durable(self.lsn, cx.waker()) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+        }
+        Poll::Ready(self.decision.take().ok_or(Error::InvalidArgument {
+            name: "durable decision",
+            expected: "a future polled once after completion",
+        }))
+    }
+}
+
 /// Configures an [`Engine`].
 pub struct EngineBuilder {
     keys: Option<KeyRing>,
@@ -205,6 +250,7 @@ pub struct EngineBuilder {
     sink: Box<dyn EventSink>,
     shards: usize,
     revoked_retention: Duration,
+    store: Option<Box<dyn Store>>,
 }
 
 impl Default for EngineBuilder {
@@ -219,6 +265,7 @@ impl Default for EngineBuilder {
             // on one lock; each costs a few hundred bytes.
             shards: (cores * 64).max(256),
             revoked_retention: Duration::from_secs(86_400),
+            store: None,
         }
     }
 }
@@ -263,13 +310,28 @@ impl EngineBuilder {
         self
     }
 
-    /// Build the engine.
+    /// Persist family state in `store`; at build the table is recovered
+    /// from it. Without a store the engine is memory only.
+    pub fn store(mut self, store: impl Store) -> EngineBuilder {
+        self.store = Some(Box::new(store));
+        self
+    }
+
+    /// Build the engine, recovering the table from the store if there is one.
     pub fn build(self) -> Result<Engine, Error> {
         let keys = match self.keys {
             Some(k) => k,
             None => KeyRing::generate()?,
         };
-        Ok(Engine {
+        let recovered = match &self.store {
+            Some(store) => store.recover()?,
+            None => Vec::new(),
+        };
+        let sync = self
+            .store
+            .as_ref()
+            .is_some_and(|s| s.durability() == Durability::Sync);
+        let engine = Engine {
             keys: ArcSwap::from_pointee(keys),
             policies: ArcSwap::from_pointee(self.policies),
             table: Table::new(self.shards),
@@ -281,7 +343,13 @@ impl EngineBuilder {
             shadow: ArcSwapOption::empty(),
             shadow_epoch: AtomicU64::new(0),
             unsharded_outcomes: Default::default(),
-        })
+            store: self.store,
+            sync,
+        };
+        for r in recovered {
+            engine.install(r.family);
+        }
+        Ok(engine)
     }
 }
 
@@ -298,6 +366,9 @@ pub struct Engine {
     revoked_retention: Duration,
     shadow: ArcSwapOption<Shadow>,
     shadow_epoch: AtomicU64,
+    store: Option<Box<dyn Store>>,
+    /// Whether answers wait for durability (`Durability::Sync`).
+    sync: bool,
     /// Outcomes decided before a shard is locked (malformed tokens).
     unsharded_outcomes: [AtomicU64; OUTCOMES],
 }
@@ -488,6 +559,7 @@ impl Engine {
         };
         let cap = policy.max_families_per_subject;
         let mut evicted = Vec::new();
+        let mut wait_lsn = 0;
         let (id, tag) = {
             let mut subjects = self.subjects.lock(req.subject);
             let subject = match subjects.get_key_value(req.subject) {
@@ -511,10 +583,11 @@ impl Engine {
                 rotation_ip: Some(req.ip),
                 status: Status::Active,
                 code,
+                lsn: 0,
             };
             let ids = subjects.entry(subject).or_default();
             if cap > 0 {
-                self.evict_over_cap(ids, &f.client, cap, now, &mut evicted);
+                wait_lsn = self.evict_over_cap(ids, &f.client, cap, now, &mut evicted)?;
             }
             // 128 random bits collide never in practice; loop all the same
             // rather than overwrite a family.
@@ -532,12 +605,16 @@ impl Engine {
                 }
                 let minted = (f.id, tag);
                 let mut shard = self.table.lock(&f.id);
+                if shard.get(&f.id).is_some() {
+                    continue;
+                }
+                wait_lsn = wait_lsn.max(self.persist(&mut f)?);
                 match shard.insert(f) {
                     Ok(()) => {
                         shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
                         break minted;
                     }
-                    Err(back) => f = back,
+                    Err(_) => unreachable!("the id was checked absent under the same lock"),
                 }
             };
             ids.push(minted.0);
@@ -561,6 +638,7 @@ impl Engine {
                 now,
             );
         }
+        self.settle(wait_lsn)?;
         let token = token::assemble(token_kind, keys.active(), &id, generation, &tag);
         Ok(Decision::Accept(Accepted {
             token,
@@ -616,18 +694,32 @@ impl Engine {
     /// Exchange an authorization code for the family's first refresh token
     /// (generation 1). A second exchange of the same code is `code_reused`
     /// and revokes the family born from it.
-    pub fn exchange(&self, req: &ExchangeRequest<'_>) -> Decision {
+    pub fn exchange(&self, req: &ExchangeRequest<'_>) -> Result<Decision, Error> {
         self.exchange_at(req, self.clock.now())
     }
 
     /// [`exchange`](Self::exchange) at a given time.
-    pub fn exchange_at(&self, req: &ExchangeRequest<'_>, now: Timestamp) -> Decision {
+    pub fn exchange_at(
+        &self,
+        req: &ExchangeRequest<'_>,
+        now: Timestamp,
+    ) -> Result<Decision, Error> {
+        let (decision, lsn) = self.exchange_inner(req, now)?;
+        self.settle(lsn)?;
+        Ok(decision)
+    }
+
+    fn exchange_inner(
+        &self,
+        req: &ExchangeRequest<'_>,
+        now: Timestamp,
+    ) -> Result<(Decision, u64), Error> {
         let policies = self.policies.load();
         let version = policies.version();
         let invalid = || {
             self.unsharded_outcomes[outcome_slot(Verdict::Deny(DenyReason::InvalidToken))]
                 .fetch_add(1, Ordering::Relaxed);
-            deny(DenyReason::InvalidToken, None, version)
+            Ok((deny(DenyReason::InvalidToken, None, version), 0))
         };
         let Some(parsed) = token::parse(req.code, TokenKind::Code) else {
             return invalid();
@@ -664,20 +756,25 @@ impl Engine {
                 f.tag_uid = KeyUid::NONE;
                 let token = mint_current(f, &keys).expect("the active key is always in the ring");
                 let id = f.id;
+                let lsn = self.persist(f)?;
                 shard.outcomes[outcome_slot(Verdict::Accept(AcceptKind::Exchanged))] += 1;
                 drop(shard);
-                Decision::Accept(Accepted {
-                    token,
-                    family: id,
-                    generation: Generation::FIRST,
-                    kind: AcceptKind::Exchanged,
-                    policy_version: version,
-                })
+                Ok((
+                    Decision::Accept(Accepted {
+                        token,
+                        family: id,
+                        generation: Generation::FIRST,
+                        kind: AcceptKind::Exchanged,
+                        policy_version: version,
+                    }),
+                    lsn,
+                ))
             }
             Err(reason) => {
                 let who = Who::of(f);
                 let revoked =
                     reason == DenyReason::CodeReused && f.revoke(RevokeReason::CodeReplay, now);
+                let lsn = if revoked { self.persist(f)? } else { 0 };
                 shard.outcomes[outcome_slot(Verdict::Deny(reason))] += 1;
                 drop(shard);
                 let ip = Some(req.ip);
@@ -702,7 +799,7 @@ impl Engine {
                     }
                     _ => {}
                 }
-                deny(reason, Some(who.family), version)
+                Ok((deny(reason, Some(who.family), version), lsn))
             }
         }
     }
@@ -716,7 +813,7 @@ impl Engine {
         cap: u32,
         now: Timestamp,
         evicted: &mut Vec<Who>,
-    ) {
+    ) -> Result<u64, Error> {
         let mut mine: Vec<(Timestamp, FamilyId)> = Vec::new();
         ids.retain(|id| {
             let shard = self.table.lock(id);
@@ -732,8 +829,9 @@ impl Engine {
             }
         });
         let cap = cap as usize;
+        let mut lsn = 0;
         if mine.len() < cap {
-            return;
+            return Ok(lsn);
         }
         mine.sort();
         let excess = mine.len() + 1 - cap;
@@ -742,30 +840,68 @@ impl Engine {
             if let Some(f) = shard.get_mut(&id)
                 && f.revoke(RevokeReason::CapEviction, now)
             {
+                lsn = lsn.max(self.persist(f)?);
                 evicted.push(Who::of(f));
             }
             drop(shard);
             ids.retain(|x| *x != id);
         }
+        Ok(lsn)
     }
 
     /// Redeem a refresh token presented by `client` from `ip`.
-    pub fn redeem(&self, token: &str, client: &str, ip: IpAddr) -> Decision {
+    ///
+    /// With a store in [`Durability::Sync`] this blocks until the change is
+    /// durable (group commit: typically one fsync shared with concurrent
+    /// callers). From an async runtime use [`redeem_async`](Self::redeem_async).
+    /// An `Err` is a store failure: the engine then refuses every change
+    /// until restarted (fail closed); nothing was acknowledged.
+    pub fn redeem(&self, token: &str, client: &str, ip: IpAddr) -> Result<Decision, Error> {
         self.redeem_at(token, client, ip, self.clock.now())
     }
 
     /// [`redeem`](Self::redeem) at a given time.
-    pub fn redeem_at(&self, token: &str, client: &str, ip: IpAddr, now: Timestamp) -> Decision {
+    pub fn redeem_at(
+        &self,
+        token: &str,
+        client: &str,
+        ip: IpAddr,
+        now: Timestamp,
+    ) -> Result<Decision, Error> {
+        let (decision, lsn) = self.redeem_inner(token, client, ip, now)?;
+        self.settle(lsn)?;
+        Ok(decision)
+    }
+
+    /// [`redeem`](Self::redeem) without blocking: the decision is made at
+    /// once, and the returned future completes when it is durable.
+    pub fn redeem_async(
+        &self,
+        token: &str,
+        client: &str,
+        ip: IpAddr,
+    ) -> Result<Durable<'_>, Error> {
+        let (decision, lsn) = self.redeem_inner(token, client, ip, self.clock.now())?;
+        Ok(Durable {
+            engine: self,
+            decision: Some(decision),
+            lsn,
+        })
+    }
+
+    fn redeem_inner(
+        &self,
+        token: &str,
+        client: &str,
+        ip: IpAddr,
+        now: Timestamp,
+    ) -> Result<(Decision, u64), Error> {
         let policies = self.policies.load();
         let version = policies.version();
         let invalid = || {
             self.unsharded_outcomes[outcome_slot(Verdict::Deny(DenyReason::InvalidToken))]
                 .fetch_add(1, Ordering::Relaxed);
-            Decision::Deny(Denied {
-                reason: DenyReason::InvalidToken,
-                family: None,
-                policy_version: version,
-            })
+            Ok((deny(DenyReason::InvalidToken, None, version), 0))
         };
         // 1. Parse; unknown key ids are malformed too.
         let Some(parsed) = token::parse(token, TokenKind::Refresh) else {
@@ -835,15 +971,23 @@ impl Engine {
                 decision::apply_accept(f, kind, &req, keys.active());
                 let token = mint_current(f, &keys);
                 let (family, generation) = (f.id, f.generation);
+                let lsn = self.persist(f)?;
                 drop(shard);
+                // A `reuse`-rotation acceptance only moves last use: losing
+                // it to a crash makes the family look idle sooner, which is
+                // the safe direction, so it is not waited for.
+                let wait = if kind == AcceptKind::Kept { 0 } else { lsn };
                 match token {
-                    Some(token) => Decision::Accept(Accepted {
-                        token,
-                        family,
-                        generation,
-                        kind,
-                        policy_version: version,
-                    }),
+                    Some(token) => Ok((
+                        Decision::Accept(Accepted {
+                            token,
+                            family,
+                            generation,
+                            kind,
+                            policy_version: version,
+                        }),
+                        wait,
+                    )),
                     // Checked just above, under the same ring snapshot.
                     None => invalid(),
                 }
@@ -856,13 +1000,12 @@ impl Engine {
                 if reason == DenyReason::ReuseDetected && on_reuse != OnReuse::ReportOnly {
                     revoked = f.revoke(RevokeReason::ReuseDetected, now);
                 }
+                let mut lsn = if revoked { self.persist(f)? } else { 0 };
                 drop(shard);
-                self.after_denial(reason, &req, &who, current, on_reuse, revoked, version);
-                Decision::Deny(Denied {
-                    reason,
-                    family: Some(who.family),
-                    policy_version: version,
-                })
+                lsn = lsn.max(
+                    self.after_denial(reason, &req, &who, current, on_reuse, revoked, version)?,
+                );
+                Ok((deny(reason, Some(who.family), version), lsn))
             }
         }
     }
@@ -932,8 +1075,9 @@ impl Engine {
         on_reuse: OnReuse,
         revoked: bool,
         version: PolicyVersion,
-    ) {
+    ) -> Result<u64, Error> {
         let (ip, now) = (Some(req.ip), req.now);
+        let mut lsn = 0;
         match reason {
             DenyReason::ReuseDetected => {
                 self.emit(
@@ -960,22 +1104,26 @@ impl Engine {
                 }
                 match on_reuse {
                     OnReuse::RevokeSubjectClient => {
-                        self.revoke_subject_with(
-                            &who.subject,
-                            Some(&who.client),
-                            RevokeReason::SubjectReuse,
-                            ip,
-                            now,
-                        );
+                        lsn = self
+                            .revoke_subject_with(
+                                &who.subject,
+                                Some(&who.client),
+                                RevokeReason::SubjectReuse,
+                                ip,
+                                now,
+                            )?
+                            .1;
                     }
                     OnReuse::RevokeSubject => {
-                        self.revoke_subject_with(
-                            &who.subject,
-                            None,
-                            RevokeReason::SubjectReuse,
-                            ip,
-                            now,
-                        );
+                        lsn = self
+                            .revoke_subject_with(
+                                &who.subject,
+                                None,
+                                RevokeReason::SubjectReuse,
+                                ip,
+                                now,
+                            )?
+                            .1;
                     }
                     OnReuse::RevokeFamily => self.subjects.remove(&who.subject, &who.family),
                     OnReuse::ReportOnly => {}
@@ -1005,55 +1153,65 @@ impl Engine {
             }
             _ => {}
         }
+        Ok(lsn)
     }
 
     /// Revoke the family of a refresh token. With `client`, a token of
     /// another client is left alone (RFC 7009 §2.1). Returns whether this
     /// call revoked it; an invalid or already-revoked token is `false`.
-    pub fn revoke_token(&self, token: &str, client: Option<&str>) -> bool {
+    pub fn revoke_token(&self, token: &str, client: Option<&str>) -> Result<bool, Error> {
         self.revoke_token_at(token, client, self.clock.now())
     }
 
     /// [`revoke_token`](Self::revoke_token) at a given time.
-    pub fn revoke_token_at(&self, token: &str, client: Option<&str>, now: Timestamp) -> bool {
+    pub fn revoke_token_at(
+        &self,
+        token: &str,
+        client: Option<&str>,
+        now: Timestamp,
+    ) -> Result<bool, Error> {
         let Some(parsed) = token::parse(token, TokenKind::Refresh) else {
-            return false;
+            return Ok(false);
         };
         let keys = self.keys.load();
         let mut shard = self.table.lock(&parsed.family);
         let Some(f) = shard.get_mut(&parsed.family) else {
-            return false;
+            return Ok(false);
         };
         if !keys.verify(&parsed, &f.secret)
             || client.is_some_and(|c| *f.client != *c)
             || !f.revoke(RevokeReason::Requested, now)
         {
-            return false;
+            return Ok(false);
         }
+        let lsn = self.persist(f)?;
         let who = Who::of(f);
         drop(shard);
         self.after_revoke(&who, RevokeReason::Requested, None, now);
-        true
+        self.settle(lsn)?;
+        Ok(true)
     }
 
     /// Revoke one family by id. Returns whether this call revoked it.
-    pub fn revoke_family(&self, id: FamilyId) -> bool {
+    pub fn revoke_family(&self, id: FamilyId) -> Result<bool, Error> {
         self.revoke_family_at(id, self.clock.now())
     }
 
     /// [`revoke_family`](Self::revoke_family) at a given time.
-    pub fn revoke_family_at(&self, id: FamilyId, now: Timestamp) -> bool {
+    pub fn revoke_family_at(&self, id: FamilyId, now: Timestamp) -> Result<bool, Error> {
         let mut shard = self.table.lock(&id);
         let Some(f) = shard.get_mut(&id) else {
-            return false;
+            return Ok(false);
         };
         if !f.revoke(RevokeReason::Requested, now) {
-            return false;
+            return Ok(false);
         }
+        let lsn = self.persist(f)?;
         let who = Who::of(f);
         drop(shard);
         self.after_revoke(&who, RevokeReason::Requested, None, now);
-        true
+        self.settle(lsn)?;
+        Ok(true)
     }
 
     fn after_revoke(&self, who: &Who, reason: RevokeReason, ip: Option<IpAddr>, now: Timestamp) {
@@ -1070,15 +1228,25 @@ impl Engine {
 
     /// Revoke every family of `subject`, or only those of `client`.
     /// Returns how many this call revoked.
-    pub fn revoke_subject(&self, subject: &str, client: Option<&str>) -> usize {
+    pub fn revoke_subject(&self, subject: &str, client: Option<&str>) -> Result<usize, Error> {
         self.revoke_subject_at(subject, client, self.clock.now())
     }
 
     /// [`revoke_subject`](Self::revoke_subject) at a given time.
-    pub fn revoke_subject_at(&self, subject: &str, client: Option<&str>, now: Timestamp) -> usize {
-        self.revoke_subject_with(subject, client, RevokeReason::SubjectRevoked, None, now)
+    pub fn revoke_subject_at(
+        &self,
+        subject: &str,
+        client: Option<&str>,
+        now: Timestamp,
+    ) -> Result<usize, Error> {
+        let (n, lsn) =
+            self.revoke_subject_with(subject, client, RevokeReason::SubjectRevoked, None, now)?;
+        self.settle(lsn)?;
+        Ok(n)
     }
 
+    /// Revoke and unindex the subject's families (of `client` only, if
+    /// given); returns how many, and the LSN to settle.
     fn revoke_subject_with(
         &self,
         subject: &str,
@@ -1086,22 +1254,28 @@ impl Engine {
         reason: RevokeReason,
         ip: Option<IpAddr>,
         now: Timestamp,
-    ) -> usize {
+    ) -> Result<(usize, u64), Error> {
         let version = self.policies.load().version();
         let mut revoked = Vec::new();
+        let mut lsn = 0;
+        let mut failure = None;
         {
             let mut subjects = self.subjects.lock(subject);
             let Some(ids) = subjects.get_mut(subject) else {
-                return 0;
+                return Ok((0, 0));
             };
             ids.retain(|id| {
                 let mut shard = self.table.lock(id);
                 match shard.get_mut(id) {
                     Some(f) if f.is_active() => {
-                        if client.is_some_and(|c| *f.client != *c) {
+                        if client.is_some_and(|c| *f.client != *c) || failure.is_some() {
                             return true;
                         }
                         f.revoke(reason, now);
+                        match self.persist(f) {
+                            Ok(l) => lsn = lsn.max(l),
+                            Err(e) => failure = Some(e),
+                        }
                         revoked.push(Who::of(f));
                         false
                     }
@@ -1121,22 +1295,27 @@ impl Engine {
                 now,
             );
         }
-        revoked.len()
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((revoked.len(), lsn)),
+        }
     }
 
     /// Revoke every family of `client`. This scans the whole table, one
     /// shard lock at a time: an administrative operation, not a hot path.
-    pub fn revoke_client(&self, client: &str) -> usize {
+    pub fn revoke_client(&self, client: &str) -> Result<usize, Error> {
         self.revoke_client_at(client, self.clock.now())
     }
 
     /// [`revoke_client`](Self::revoke_client) at a given time.
-    pub fn revoke_client_at(&self, client: &str, now: Timestamp) -> usize {
+    pub fn revoke_client_at(&self, client: &str, now: Timestamp) -> Result<usize, Error> {
         let mut revoked = Vec::new();
+        let mut lsn = 0;
         for i in 0..self.table.shard_count() {
             let mut shard = self.table.lock_shard(i);
             for f in shard.families_mut() {
                 if *f.client == *client && f.revoke(RevokeReason::ClientRevoked, now) {
+                    lsn = lsn.max(self.persist(f)?);
                     revoked.push(Who::of(f));
                 }
             }
@@ -1144,7 +1323,8 @@ impl Engine {
         for w in &revoked {
             self.after_revoke(w, RevokeReason::ClientRevoked, None, now);
         }
-        revoked.len()
+        self.settle(lsn)?;
+        Ok(revoked.len())
     }
 
     /// Describe a refresh token without changing anything. `None` for a
@@ -1184,12 +1364,12 @@ impl Engine {
     /// Remove expired families, and revoked ones past their retention,
     /// examining at most `budget` slots. Call it periodically; memory then
     /// stays bounded by the live families under churn.
-    pub fn sweep(&self, budget: usize) -> SweepReport {
+    pub fn sweep(&self, budget: usize) -> Result<SweepReport, Error> {
         self.sweep_at(budget, self.clock.now())
     }
 
     /// [`sweep`](Self::sweep) at a given time.
-    pub fn sweep_at(&self, budget: usize, now: Timestamp) -> SweepReport {
+    pub fn sweep_at(&self, budget: usize, now: Timestamp) -> Result<SweepReport, Error> {
         let policies = self.policies.load();
         let retention = self.revoked_retention;
         let (examined, removed) = self.table.sweep(budget, |f| match f.status {
@@ -1207,11 +1387,15 @@ impl Engine {
             if f.is_active() {
                 self.subjects.remove(&f.subject, &f.id);
             }
+            // Not waited for: a removal lost to a crash is swept again.
+            if let Some(store) = &self.store {
+                store.remove(f.id, f.lsn)?;
+            }
         }
-        SweepReport {
+        Ok(SweepReport {
             examined,
             removed: removed.len(),
-        }
+        })
     }
 
     /// A copy of one family's record, for stores and backups.
@@ -1223,31 +1407,97 @@ impl Engine {
         Some(FamilyRecord(f))
     }
 
-    /// Put a family record in place, replacing any record with its id (store
-    /// recovery). Restoring an older record is a rollback: tokens newer than
-    /// it are then denied `state_rollback`.
-    pub fn restore_family(&self, record: FamilyRecord) {
-        let mut f = record.0;
+    /// Put a family record in place, replacing any record with its id, and
+    /// persist it. Restoring an older record is a rollback: tokens newer
+    /// than it are then denied `state_rollback`.
+    pub fn restore_family(&self, record: FamilyRecord) -> Result<(), Error> {
+        let id = record.0.id;
+        self.install(record.0);
+        let lsn = {
+            let mut shard = self.table.lock(&id);
+            match shard.get_mut(&id) {
+                Some(f) => self.persist(f)?,
+                None => 0,
+            }
+        };
+        self.settle(lsn)
+    }
+
+    /// Put `f` in the table and, if active, the subject index.
+    fn install(&self, mut f: Family) {
         f.tag_uid = KeyUid::NONE;
         f.client = self.interner.intern(&f.client);
         f.scope = self.interner.intern(&f.scope);
-        let (id, subject, active) = (f.id, f.subject.clone(), f.is_active());
-        {
-            let mut subjects = self.subjects.lock(&subject);
-            let mut shard = self.table.lock(&id);
-            if let Some(slot) = shard.get_mut(&id) {
-                f.subject = slot.subject.clone();
-                *slot = f;
-            } else if let Err(f) = shard.insert(f) {
-                unreachable!("id {} is absent under the lock", f.id);
-            }
-            drop(shard);
-            let ids = subjects.entry(subject).or_default();
-            ids.retain(|x| *x != id);
-            if active {
-                ids.push(id);
+        let (id, active) = (f.id, f.is_active());
+        let mut subjects = self.subjects.lock(&f.subject);
+        if let Some((k, _)) = subjects.get_key_value(&*f.subject) {
+            f.subject = k.clone();
+        }
+        let subject = f.subject.clone();
+        let mut shard = self.table.lock(&id);
+        if let Some(slot) = shard.get_mut(&id) {
+            *slot = f;
+        } else if let Err(f) = shard.insert(f) {
+            unreachable!("id {} is absent under the lock", f.id);
+        }
+        drop(shard);
+        let ids = subjects.entry(subject).or_default();
+        ids.retain(|x| *x != id);
+        if active {
+            ids.push(id);
+        }
+    }
+
+    /// Append `f`'s new state to the store, under its lock. Returns the LSN
+    /// to settle (0 without a store).
+    fn persist(&self, f: &mut Family) -> Result<u64, Error> {
+        match &self.store {
+            None => Ok(0),
+            Some(store) => {
+                let lsn = store.put(RecordRef(f))?;
+                f.lsn = lsn;
+                Ok(lsn)
             }
         }
+    }
+
+    /// In `Sync` durability, wait until `lsn` is durable.
+    fn settle(&self, lsn: u64) -> Result<(), Error> {
+        match &self.store {
+            Some(store) if lsn != 0 && self.sync => store.wait_durable(lsn),
+            _ => Ok(()),
+        }
+    }
+
+    /// Make every change so far durable (call before shutdown).
+    pub fn flush(&self) -> Result<(), Error> {
+        match &self.store {
+            Some(store) => store.flush(),
+            None => Ok(()),
+        }
+    }
+
+    /// Rewrite the store's history as one snapshot of the table, so the log
+    /// stays proportional to the live families. Safe while redemptions run.
+    pub fn compact(&self) -> Result<(), Error> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        store.compact(&mut |emit| {
+            for i in 0..self.table.shard_count() {
+                let mut shard = self.table.lock_shard(i);
+                for f in shard.families_mut() {
+                    emit(RecordRef(f));
+                }
+            }
+        })
+    }
+
+    /// The store's durability, or `None` without a store.
+    pub fn durability(&self) -> Durability {
+        self.store
+            .as_ref()
+            .map_or(Durability::None, |s| s.durability())
     }
 
     /// Counters since start.

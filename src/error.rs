@@ -36,6 +36,21 @@ pub enum Error {
         /// One entry per problem found.
         errors: Vec<PolicyError>,
     },
+    /// The store failed to read or write; the engine refuses changes until
+    /// restarted (fail closed).
+    Store {
+        /// What failed, with the file.
+        detail: String,
+    },
+    /// A store file is corrupt in the middle (not a torn last write).
+    Corrupt {
+        /// The file.
+        file: std::path::PathBuf,
+        /// Byte offset of the bad record.
+        offset: u64,
+        /// What is wrong and what to do.
+        detail: String,
+    },
     /// An argument is empty or too long.
     InvalidArgument {
         /// Which argument.
@@ -68,6 +83,16 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
+            Error::Store { detail } => write!(f, "store failed: {detail}"),
+            Error::Corrupt {
+                file,
+                offset,
+                detail,
+            } => write!(
+                f,
+                "{}: corrupt at offset {offset}: {detail}",
+                file.display()
+            ),
             Error::InvalidArgument { name, expected } => {
                 write!(f, "invalid {name}: expected {expected}")
             }

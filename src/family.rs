@@ -92,6 +92,9 @@ pub(crate) struct Family {
     pub(crate) status: Status,
     /// Until the code is exchanged: what the exchange checks it against.
     pub(crate) code: Option<Box<crate::code::CodeState>>,
+    /// Log sequence number of the family's last write to the store (0 with
+    /// none): an answer about the family waits until this is durable.
+    pub(crate) lsn: u64,
 }
 
 impl Family {

@@ -25,11 +25,11 @@
 //! let t1 = first.accepted().expect("issued").token;
 //!
 //! // A refresh rotates: a new token comes back, the old one is spent.
-//! let t2 = engine.redeem(&t1, "mobile-app", ip).accepted().expect("rotated").token;
+//! let t2 = engine.redeem(&t1, "mobile-app", ip)?.accepted().expect("rotated").token;
 //!
 //! // Presenting the spent token again is reuse: the family is revoked.
-//! assert_eq!(engine.redeem(&t1, "mobile-app", ip).deny_reason(), Some(DenyReason::ReuseDetected));
-//! assert_eq!(engine.redeem(&t2, "mobile-app", ip).deny_reason(), Some(DenyReason::Revoked));
+//! assert_eq!(engine.redeem(&t1, "mobile-app", ip)?.deny_reason(), Some(DenyReason::ReuseDetected));
+//! assert_eq!(engine.redeem(&t2, "mobile-app", ip)?.deny_reason(), Some(DenyReason::Revoked));
 //! # Ok::<(), refresh_guard::Error>(())
 //! ```
 #![forbid(unsafe_code)]
@@ -39,7 +39,7 @@
 pub use crate::clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
 pub use crate::engine::{
-    AuthorizeRequest, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
+    AuthorizeRequest, Durable, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
     IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, ShadowReport, ShadowRow, Stats, SweepReport,
 };
 pub use crate::error::Error;
@@ -63,6 +63,9 @@ pub mod limits {
 }
 pub use crate::code::MAX_REDIRECT_URI_LEN;
 pub use crate::policy::IpRange;
+pub use crate::store::{Durability, RecordRef, Store, StoredRecord};
+#[cfg(feature = "durable")]
+pub use crate::store::{LogOptions, LogStore};
 
 mod clock;
 mod code;
@@ -73,6 +76,7 @@ mod event;
 mod family;
 mod policy;
 mod random;
+mod store;
 mod table;
 mod token;
 

@@ -20,7 +20,7 @@ fn allow(entries: &[&str]) -> Vec<refresh_guard::IpRange> {
 fn rotation_returns_the_next_generation() {
     let h = Harness::new(PolicyOverrides::new());
     let t1 = h.issue();
-    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1"));
+    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
     let a = d.accepted().unwrap();
     assert_eq!(a.kind, AcceptKind::Rotated);
     assert_eq!(a.generation, Generation::new(2));
@@ -28,6 +28,7 @@ fn rotation_returns_the_next_generation() {
     let a3 = *h
         .engine
         .redeem(&a.token, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap();
     assert_eq!(a3.generation, Generation::new(3));
@@ -45,12 +46,13 @@ fn malformed_token_is_invalid() {
         &t[..t.len() - 1],
         &format!("{}x", &*t),
     ] {
-        let d = h.engine.redeem(bad, CLIENT, ip("10.0.0.1"));
+        let d = h.engine.redeem(bad, CLIENT, ip("10.0.0.1")).unwrap();
         assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken), "{bad:?}");
     }
     assert!(
         h.engine
             .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );
@@ -62,7 +64,7 @@ fn code_prefix_is_not_a_refresh_token() {
     let h = Harness::new(PolicyOverrides::new());
     let t = h.issue();
     let as_code = format!("rgc_{}", &t[4..]);
-    let d = h.engine.redeem(&as_code, CLIENT, ip("10.0.0.1"));
+    let d = h.engine.redeem(&as_code, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
 }
 
@@ -76,6 +78,7 @@ fn forged_token_never_revokes_a_live_family() {
     let t2 = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
@@ -85,7 +88,7 @@ fn forged_token_never_revokes_a_live_family() {
     let c = if &forged[i..=i] == "A" { "B" } else { "A" };
     forged.replace_range(i..=i, c);
     for _ in 0..3 {
-        let d = h.engine.redeem(&forged, CLIENT, ip("192.0.2.99"));
+        let d = h.engine.redeem(&forged, CLIENT, ip("192.0.2.99")).unwrap();
         assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
         assert_eq!(d.accepted(), None);
     }
@@ -93,6 +96,7 @@ fn forged_token_never_revokes_a_live_family() {
     assert_eq!(
         h.engine
             .redeem(&t2, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .unwrap()
             .generation,
@@ -106,7 +110,7 @@ fn unknown_family_is_invalid() {
     let h = Harness::new(PolicyOverrides::new());
     let other = Harness::new(PolicyOverrides::new());
     let t = other.issue();
-    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1"));
+    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
 }
 
@@ -116,7 +120,7 @@ fn unknown_family_is_invalid() {
 fn client_mismatch_denies_and_reports() {
     let h = Harness::new(PolicyOverrides::new());
     let t = h.issue();
-    let d = h.engine.redeem(&t, "evil-client", ip("10.0.0.1"));
+    let d = h.engine.redeem(&t, "evil-client", ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ClientMismatch));
     let ev = h.sink.take();
     assert_eq!(ev.len(), 1);
@@ -130,6 +134,7 @@ fn client_mismatch_denies_and_reports() {
     assert!(
         h.engine
             .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );
@@ -141,8 +146,8 @@ fn client_mismatch_denies_and_reports() {
 fn client_binding_precedes_revocation() {
     let h = Harness::new(PolicyOverrides::new());
     let t = h.issue();
-    assert!(h.engine.revoke_token(&t, None));
-    let d = h.engine.redeem(&t, "evil-client", ip("10.0.0.1"));
+    assert!(h.engine.revoke_token(&t, None).unwrap());
+    let d = h.engine.redeem(&t, "evil-client", ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ClientMismatch));
 }
 
@@ -151,9 +156,12 @@ fn client_binding_precedes_revocation() {
 fn revoked_family_denies() {
     let h = Harness::new(PolicyOverrides::new());
     let t = h.issue();
-    assert!(h.engine.revoke_token(&t, Some(CLIENT)));
-    assert!(!h.engine.revoke_token(&t, Some(CLIENT)), "already revoked");
-    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1"));
+    assert!(h.engine.revoke_token(&t, Some(CLIENT)).unwrap());
+    assert!(
+        !h.engine.revoke_token(&t, Some(CLIENT)).unwrap(),
+        "already revoked"
+    );
+    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::Revoked));
 }
 
@@ -162,10 +170,11 @@ fn revoked_family_denies() {
 fn revoke_token_of_another_client_is_refused() {
     let h = Harness::new(PolicyOverrides::new());
     let t = h.issue();
-    assert!(!h.engine.revoke_token(&t, Some("other")));
+    assert!(!h.engine.revoke_token(&t, Some("other")).unwrap());
     assert!(
         h.engine
             .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );
@@ -185,12 +194,13 @@ fn absolute_lifetime_expires() {
         t = h
             .engine
             .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .unwrap()
             .token;
     }
     h.advance(10);
-    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1"));
+    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ExpiredAbsolute));
 }
 
@@ -203,11 +213,12 @@ fn idle_ttl_expires() {
     let t = h
         .engine
         .redeem(&t, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
     h.advance(60);
-    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1"));
+    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ExpiredIdle));
 }
 
@@ -220,11 +231,12 @@ fn expiry_precedes_reuse_detection() {
     let _t2 = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
     h.advance(61);
-    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1"));
+    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ExpiredIdle));
     assert!(h.sink.events().is_empty());
 }
@@ -246,7 +258,7 @@ fn policy_in_force_at_redemption_decides() {
             .build()
             .unwrap(),
     );
-    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1"));
+    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ExpiredIdle));
     assert_ne!(d.policy_version(), v_old);
     assert_eq!(d.policy_version(), h.engine.policies().version());
@@ -260,13 +272,17 @@ fn reuse_revokes_family() {
     let t2 = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
-    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.9"));
+    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.9")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
     assert_eq!(
-        h.engine.redeem(&t2, CLIENT, ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&t2, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::Revoked)
     );
     let ev = h.sink.take();
@@ -293,9 +309,10 @@ fn reuse_precedes_allow_list() {
     let _t2 = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap();
-    let d = h.engine.redeem(&t1, CLIENT, ip("198.51.100.7"));
+    let d = h.engine.redeem(&t1, CLIENT, ip("198.51.100.7")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
 }
 
@@ -305,7 +322,7 @@ fn ip_outside_allow_list_is_denied_without_revocation() {
     let h =
         Harness::new(PolicyOverrides::new().ip_allowlist(allow(&["10.0.0.0/8", "2001:db8::/32"])));
     let t = h.issue();
-    let d = h.engine.redeem(&t, CLIENT, ip("198.51.100.7"));
+    let d = h.engine.redeem(&t, CLIENT, ip("198.51.100.7")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::IpNotAllowed));
     let ev = h.sink.take();
     assert_eq!(ev.len(), 1);
@@ -315,6 +332,7 @@ fn ip_outside_allow_list_is_denied_without_revocation() {
     assert!(
         h.engine
             .redeem(&t, CLIENT, ip("2001:db8::5"))
+            .unwrap()
             .accepted()
             .is_some()
     );
@@ -344,6 +362,7 @@ fn allow_list_at_issuance_and_issuance_only_mode() {
     assert!(
         h.engine
             .redeem(&t, CLIENT, ip("198.51.100.7"))
+            .unwrap()
             .accepted()
             .is_some()
     );
@@ -360,11 +379,12 @@ fn newer_generation_is_state_rollback() {
     let t2 = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
-    h.engine.restore_family(backup);
-    let d = h.engine.redeem(&t2, CLIENT, ip("10.0.0.1"));
+    h.engine.restore_family(backup).unwrap();
+    let d = h.engine.redeem(&t2, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::StateRollback));
     let ev = h.sink.take();
     assert_eq!(ev.len(), 1);
@@ -379,6 +399,7 @@ fn newer_generation_is_state_rollback() {
     assert!(
         h.engine
             .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );
@@ -393,12 +414,14 @@ fn grace_replay_returns_the_same_successor() {
     let a = *h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap();
     h.advance(5);
     let b = *h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.2"))
+        .unwrap()
         .accepted()
         .unwrap();
     assert_eq!(b.kind, AcceptKind::GraceReplay);
@@ -407,6 +430,7 @@ fn grace_replay_returns_the_same_successor() {
     let c = h
         .engine
         .redeem(&a.token, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .generation;
@@ -424,19 +448,21 @@ fn grace_replays_beyond_max_are_reuse() {
     let t1 = h.issue();
     h.engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap();
     for _ in 0..2 {
         assert_eq!(
             h.engine
                 .redeem(&t1, CLIENT, ip("10.0.0.1"))
+                .unwrap()
                 .accepted()
                 .unwrap()
                 .kind,
             AcceptKind::GraceReplay
         );
     }
-    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1"));
+    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
 }
 
@@ -447,11 +473,15 @@ fn grace_period_ends() {
     let t1 = h.issue();
     h.engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap();
     h.advance(10);
     assert_eq!(
-        h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::ReuseDetected)
     );
 }
@@ -464,15 +494,20 @@ fn grace_covers_only_the_predecessor() {
     let t2 = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
     h.engine
         .redeem(&t2, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap();
     assert_eq!(
-        h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::ReuseDetected)
     );
 }
@@ -489,18 +524,23 @@ fn grace_same_ip_refuses_other_ip() {
     let t1 = h.issue();
     h.engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap();
     assert_eq!(
         h.engine
             .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .unwrap()
             .kind,
         AcceptKind::GraceReplay
     );
     assert_eq!(
-        h.engine.redeem(&t1, CLIENT, ip("10.0.0.2")).deny_reason(),
+        h.engine
+            .redeem(&t1, CLIENT, ip("10.0.0.2"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::ReuseDetected)
     );
 }
@@ -513,6 +553,7 @@ fn grace_replay_is_stable_across_key_rotation() {
     let a = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
@@ -527,6 +568,7 @@ fn grace_replay_is_stable_across_key_rotation() {
     let b = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
@@ -549,7 +591,10 @@ fn removed_key_tokens_are_invalid() {
     ring.remove(old).unwrap();
     h.engine.set_key_ring(ring);
     assert_eq!(
-        h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::InvalidToken)
     );
     assert!(h.sink.events().is_empty());
@@ -569,6 +614,7 @@ fn reuse_rotation_keeps_the_token() {
         let a = *h
             .engine
             .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .unwrap();
         assert_eq!(a.kind, AcceptKind::Kept);
@@ -607,23 +653,31 @@ fn on_reuse_subject_scopes() {
             .token;
         h.engine
             .redeem(&a1, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .unwrap();
         assert_eq!(
-            h.engine.redeem(&a1, CLIENT, ip("10.0.0.1")).deny_reason(),
+            h.engine
+                .redeem(&a1, CLIENT, ip("10.0.0.1"))
+                .unwrap()
+                .deny_reason(),
             Some(DenyReason::ReuseDetected)
         );
         assert_eq!(
-            h.engine.redeem(&a2, CLIENT, ip("10.0.0.1")).deny_reason(),
+            h.engine
+                .redeem(&a2, CLIENT, ip("10.0.0.1"))
+                .unwrap()
+                .deny_reason(),
             Some(DenyReason::Revoked)
         );
         assert!(
             h.engine
                 .redeem(&b1, CLIENT, ip("10.0.0.1"))
+                .unwrap()
                 .accepted()
                 .is_some()
         );
-        let o = h.engine.redeem(&other, "web", ip("10.0.0.1"));
+        let o = h.engine.redeem(&other, "web", ip("10.0.0.1")).unwrap();
         assert_eq!(
             o.accepted().is_some(),
             other_client_survives,
@@ -651,16 +705,21 @@ fn report_only_revokes_nothing() {
     let t2 = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
     assert_eq!(
-        h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::ReuseDetected)
     );
     assert!(
         h.engine
             .redeem(&t2, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );
@@ -678,18 +737,23 @@ fn cap_evicts_the_oldest_family() {
     h.advance(1);
     let f3 = h.issue();
     assert_eq!(
-        h.engine.redeem(&f1, CLIENT, ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&f1, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::Revoked)
     );
     assert!(
         h.engine
             .redeem(&f2, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );
     let f3 = h
         .engine
         .redeem(&f3, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
@@ -707,6 +771,7 @@ fn cap_evicts_the_oldest_family() {
     assert!(
         h.engine
             .redeem(&f3, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );
@@ -733,27 +798,35 @@ fn revoke_by_subject_and_client() {
     let a_w = issue("web", "alice");
     let b_m = issue(CLIENT, "bob");
     let b_w = issue("web", "bob");
-    assert_eq!(h.engine.revoke_subject("alice", Some("web")), 1);
+    assert_eq!(h.engine.revoke_subject("alice", Some("web")).unwrap(), 1);
     assert!(
         h.engine
             .redeem(&a_m, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );
     assert_eq!(
-        h.engine.redeem(&a_w, "web", ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&a_w, "web", ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::Revoked)
     );
-    assert_eq!(h.engine.revoke_subject("alice", None), 1);
-    assert_eq!(h.engine.revoke_subject("alice", None), 0);
-    assert_eq!(h.engine.revoke_client("web"), 1);
+    assert_eq!(h.engine.revoke_subject("alice", None).unwrap(), 1);
+    assert_eq!(h.engine.revoke_subject("alice", None).unwrap(), 0);
+    assert_eq!(h.engine.revoke_client("web").unwrap(), 1);
     assert_eq!(
-        h.engine.redeem(&b_w, "web", ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&b_w, "web", ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::Revoked)
     );
     assert!(
         h.engine
             .redeem(&b_m, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );
@@ -780,7 +853,10 @@ fn introspection_has_no_side_effects() {
     // Introspecting did not count as use.
     h.advance(50);
     assert_eq!(
-        h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::ExpiredIdle)
     );
     assert!(!h.engine.introspect(&t1).unwrap().active);
@@ -795,6 +871,7 @@ fn rotated_out_token_is_inactive() {
     let t2 = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
@@ -809,13 +886,14 @@ fn sweep_removes_expired_and_old_revoked_families() {
     let h = Harness::new(PolicyOverrides::new().idle_ttl(Some(Duration::from_secs(60))));
     let live: Vec<_> = (0..50).map(|i| h.issue_for(&format!("u{i}"))).collect();
     let revoked = h.issue_for("r");
-    h.engine.revoke_token(&revoked, None);
+    h.engine.revoke_token(&revoked, None).unwrap();
     h.advance(30);
     let keep: Vec<_> = live[..10]
         .iter()
         .map(|t| {
             h.engine
                 .redeem(t, CLIENT, ip("10.0.0.1"))
+                .unwrap()
                 .accepted()
                 .unwrap()
                 .token
@@ -825,7 +903,7 @@ fn sweep_removes_expired_and_old_revoked_families() {
     let mut removed = 0;
     let mut calls = 0;
     loop {
-        let r = h.engine.sweep(7);
+        let r = h.engine.sweep(7).unwrap();
         assert!(r.examined <= 7);
         removed += r.removed;
         calls += 1;
@@ -839,6 +917,7 @@ fn sweep_removes_expired_and_old_revoked_families() {
         assert!(
             h.engine
                 .redeem(t, CLIENT, ip("10.0.0.1"))
+                .unwrap()
                 .accepted()
                 .is_some()
         );
@@ -847,17 +926,19 @@ fn sweep_removes_expired_and_old_revoked_families() {
     assert_eq!(
         h.engine
             .redeem(&revoked, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .deny_reason(),
         Some(DenyReason::Revoked)
     );
     h.advance(86_400);
     for _ in 0..2000 {
-        h.engine.sweep(64);
+        h.engine.sweep(64).unwrap();
     }
     assert_eq!(h.engine.stats().families, 0, "idle after a day too");
     assert_eq!(
         h.engine
             .redeem(&revoked, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .deny_reason(),
         Some(DenyReason::InvalidToken)
     );
@@ -873,7 +954,7 @@ fn memory_stays_bounded_under_churn() {
             h.issue_for(&format!("s{round}-{i}"));
         }
         h.advance(11);
-        while h.engine.sweep(10_000).removed > 0 {}
+        while h.engine.sweep(10_000).unwrap().removed > 0 {}
         assert_eq!(h.engine.stats().families, 0, "round {round}");
     }
 }
@@ -906,9 +987,9 @@ fn issue_rejects_bad_arguments() {
 fn stats_count_outcomes() {
     let h = Harness::new(PolicyOverrides::new());
     let t1 = h.issue();
-    h.engine.redeem(&t1, CLIENT, ip("10.0.0.1"));
-    h.engine.redeem(&t1, CLIENT, ip("10.0.0.1"));
-    h.engine.redeem("junk", CLIENT, ip("10.0.0.1"));
+    h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
+    h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
+    h.engine.redeem("junk", CLIENT, ip("10.0.0.1")).unwrap();
     let s = h.engine.stats();
     assert_eq!(s.outcome("issued"), 1);
     assert_eq!(s.outcome("rotated"), 1);
@@ -934,7 +1015,10 @@ fn re_added_key_id_with_new_material_kills_old_tokens() {
     ring.add(old, &KeySecret::from_bytes([2; 32])).unwrap();
     h.engine.set_key_ring(ring);
     assert_eq!(
-        h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::InvalidToken)
     );
 }

@@ -78,19 +78,28 @@ fn redeem_of_existing_family_does_not_allocate() {
     );
     // Warm up: thread-local state of arc-swap and the first touch of a shard.
     for _ in 0..3 {
-        tok = engine.redeem(&tok, "app", ip).accepted().unwrap().token;
+        tok = engine
+            .redeem(&tok, "app", ip)
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .token;
     }
     let prev = tok;
-    let (n, d) = allocations(|| engine.redeem(&prev, "app", ip));
+    let (n, d) = allocations(|| engine.redeem(&prev, "app", ip).unwrap());
     let next = d.accepted().unwrap();
     assert_eq!(next.kind, AcceptKind::Rotated);
     assert_eq!(n, 0, "rotation allocated");
 
-    let (n, d) = allocations(|| engine.redeem(&prev, "app", ip));
+    let (n, d) = allocations(|| engine.redeem(&prev, "app", ip).unwrap());
     assert_eq!(d.accepted().unwrap().kind, AcceptKind::GraceReplay);
     assert_eq!(n, 0, "grace replay allocated");
 
-    let (n, d) = allocations(|| engine.redeem(&next.token, "app", "192.0.2.1".parse().unwrap()));
+    let (n, d) = allocations(|| {
+        engine
+            .redeem(&next.token, "app", "192.0.2.1".parse().unwrap())
+            .unwrap()
+    });
     assert_eq!(
         d.deny_reason(),
         Some(refresh_guard::DenyReason::IpNotAllowed)
@@ -99,13 +108,13 @@ fn redeem_of_existing_family_does_not_allocate() {
     // the decision itself must not. Denials with events are excluded here.
     let _ = n;
 
-    let (n, d) = allocations(|| engine.redeem("rgt_not-a-token", "app", ip));
+    let (n, d) = allocations(|| engine.redeem("rgt_not-a-token", "app", ip).unwrap());
     assert!(d.deny_reason().is_some());
     assert_eq!(n, 0, "malformed token allocated");
 
     let mut forged = next.token.as_str().to_owned();
     forged.replace_range(20..21, if &forged[20..21] == "A" { "B" } else { "A" });
-    let (n, d) = allocations(|| engine.redeem(&forged, "app", ip));
+    let (n, d) = allocations(|| engine.redeem(&forged, "app", ip).unwrap());
     assert_eq!(
         d.deny_reason(),
         Some(refresh_guard::DenyReason::InvalidToken)
@@ -113,8 +122,12 @@ fn redeem_of_existing_family_does_not_allocate() {
     assert_eq!(n, 0, "forged token allocated");
 
     let kept = issue("keeper");
-    engine.redeem(&kept, "keeper", ip).accepted().unwrap();
-    let (n, d) = allocations(|| engine.redeem(&kept, "keeper", ip));
+    engine
+        .redeem(&kept, "keeper", ip)
+        .unwrap()
+        .accepted()
+        .unwrap();
+    let (n, d) = allocations(|| engine.redeem(&kept, "keeper", ip).unwrap());
     assert_eq!(d.accepted().unwrap().kind, AcceptKind::Kept);
     assert_eq!(n, 0, "reuse rotation allocated");
 }

@@ -39,13 +39,15 @@ fn code(h: &Harness) -> Token {
 }
 
 fn exchange(h: &Harness, code: &str, verifier: Option<&str>) -> Decision {
-    h.engine.exchange(&ExchangeRequest {
-        code,
-        code_verifier: verifier,
-        client: CLIENT,
-        redirect_uri: REDIRECT,
-        ip: ip("10.0.0.1"),
-    })
+    h.engine
+        .exchange(&ExchangeRequest {
+            code,
+            code_verifier: verifier,
+            client: CLIENT,
+            redirect_uri: REDIRECT,
+            ip: ip("10.0.0.1"),
+        })
+        .unwrap()
 }
 
 fn reason(d: Decision) -> DenyReason {
@@ -63,7 +65,7 @@ fn rfc7636_appendix_b_exchange() {
     assert_eq!(a.kind, AcceptKind::Exchanged);
     assert_eq!(a.generation, Generation::FIRST);
     assert!(a.token.starts_with("rgt_"));
-    let r = h.engine.redeem(&a.token, CLIENT, ip("10.0.0.1"));
+    let r = h.engine.redeem(&a.token, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(r.accepted().unwrap().generation, Generation::new(2));
 }
 
@@ -121,13 +123,16 @@ fn malformed_and_forged_codes_are_invalid() {
 fn code_of_another_client_is_refused() {
     let h = Harness::new(PolicyOverrides::new());
     let c = code(&h);
-    let d = h.engine.exchange(&ExchangeRequest {
-        code: &c,
-        code_verifier: Some(VERIFIER),
-        client: "other",
-        redirect_uri: REDIRECT,
-        ip: ip("10.0.0.1"),
-    });
+    let d = h
+        .engine
+        .exchange(&ExchangeRequest {
+            code: &c,
+            code_verifier: Some(VERIFIER),
+            client: "other",
+            redirect_uri: REDIRECT,
+            ip: ip("10.0.0.1"),
+        })
+        .unwrap();
     assert_eq!(reason(d), DenyReason::ClientMismatch);
     assert!(exchange(&h, &c, Some(VERIFIER)).accepted().is_some());
 }
@@ -137,13 +142,16 @@ fn code_of_another_client_is_refused() {
 fn redirect_uri_must_match() {
     let h = Harness::new(PolicyOverrides::new());
     let c = code(&h);
-    let d = h.engine.exchange(&ExchangeRequest {
-        code: &c,
-        code_verifier: Some(VERIFIER),
-        client: CLIENT,
-        redirect_uri: "https://app.example/callback/",
-        ip: ip("10.0.0.1"),
-    });
+    let d = h
+        .engine
+        .exchange(&ExchangeRequest {
+            code: &c,
+            code_verifier: Some(VERIFIER),
+            client: CLIENT,
+            redirect_uri: "https://app.example/callback/",
+            ip: ip("10.0.0.1"),
+        })
+        .unwrap();
     assert_eq!(reason(d), DenyReason::RedirectUriMismatch);
 }
 
@@ -224,13 +232,16 @@ fn allow_list_applies_at_exchange_in_both_modes() {
             reason(exchange(&h, &c, Some(VERIFIER))),
             DenyReason::IpNotAllowed
         );
-        let d = h.engine.exchange(&ExchangeRequest {
-            code: &c,
-            code_verifier: Some(VERIFIER),
-            client: CLIENT,
-            redirect_uri: REDIRECT,
-            ip: ip("192.0.2.10"),
-        });
+        let d = h
+            .engine
+            .exchange(&ExchangeRequest {
+                code: &c,
+                code_verifier: Some(VERIFIER),
+                client: CLIENT,
+                redirect_uri: REDIRECT,
+                ip: ip("192.0.2.10"),
+            })
+            .unwrap();
         assert!(d.accepted().is_some(), "{mode:?}");
     }
 }
@@ -248,7 +259,10 @@ fn code_replay_revokes_the_family() {
         DenyReason::CodeReused
     );
     assert_eq!(
-        h.engine.redeem(&rt, CLIENT, ip("10.0.0.1")).deny_reason(),
+        h.engine
+            .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::Revoked)
     );
     let ev = h.sink.take();
@@ -309,6 +323,7 @@ fn racing_exchanges_create_one_family_then_revoke_it() {
         assert_eq!(
             h.engine
                 .redeem(&wins[0].token, CLIENT, ip("10.0.0.1"))
+                .unwrap()
                 .deny_reason(),
             Some(DenyReason::Revoked)
         );
@@ -324,10 +339,10 @@ fn unused_codes_are_swept() {
     }
     assert_eq!(h.engine.stats().families, 100);
     h.advance(59);
-    h.engine.sweep(100_000);
+    h.engine.sweep(100_000).unwrap();
     assert_eq!(h.engine.stats().families, 100);
     h.advance(1);
-    h.engine.sweep(100_000);
+    h.engine.sweep(100_000).unwrap();
     assert_eq!(h.engine.stats().families, 0);
 }
 
@@ -346,6 +361,7 @@ fn absolute_lifetime_starts_at_exchange() {
     assert!(
         h.engine
             .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );

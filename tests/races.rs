@@ -21,6 +21,7 @@ fn race(h: &Harness, token: &str) -> Vec<Decision> {
                     barrier.wait();
                     h.engine
                         .redeem(token, CLIENT, ip(&format!("10.0.0.{}", i + 1)))
+                        .unwrap()
                 })
             })
             .collect();
@@ -85,6 +86,7 @@ fn racing_redemptions_without_grace_have_one_winner() {
         assert_eq!(
             h.engine
                 .redeem(&winners[0].token, CLIENT, ip("10.0.0.1"))
+                .unwrap()
                 .deny_reason(),
             Some(DenyReason::Revoked),
             "family revoked per on_reuse"
@@ -109,6 +111,7 @@ fn racing_redemptions_report_only_keep_the_winner() {
         assert!(
             h.engine
                 .redeem(&winners[0].token, CLIENT, ip("10.0.0.1"))
+                .unwrap()
                 .accepted()
                 .is_some()
         );
@@ -131,7 +134,7 @@ fn redeem_revoke_and_sweep_race_without_forks() {
                 let mut accepted_after_revocation = 0;
                 let mut last_gen = Generation::FIRST;
                 for _ in 0..200 {
-                    match h.engine.redeem(&cur, CLIENT, ip("10.0.0.1")) {
+                    match h.engine.redeem(&cur, CLIENT, ip("10.0.0.1")).unwrap() {
                         Decision::Accept(a) => {
                             assert!(a.generation > last_gen, "generations only grow");
                             last_gen = a.generation;
@@ -140,7 +143,7 @@ fn redeem_revoke_and_sweep_race_without_forks() {
                         Decision::Deny(d) => {
                             assert_eq!(d.reason, DenyReason::Revoked);
                             // Once revoked, it stays revoked.
-                            let again = h.engine.redeem(&cur, CLIENT, ip("10.0.0.1"));
+                            let again = h.engine.redeem(&cur, CLIENT, ip("10.0.0.1")).unwrap();
                             if again.accepted().is_some() {
                                 accepted_after_revocation += 1;
                             }
@@ -153,13 +156,13 @@ fn redeem_revoke_and_sweep_race_without_forks() {
             s.spawn(|| {
                 barrier.wait();
                 for _ in 0..50 {
-                    h.engine.sweep(1024);
+                    h.engine.sweep(1024).unwrap();
                 }
             });
             s.spawn(|| {
                 barrier.wait();
                 std::thread::yield_now();
-                h.engine.revoke_subject("alice", None);
+                h.engine.revoke_subject("alice", None).unwrap();
             });
             assert_eq!(redeemer.join().unwrap(), 0);
         });

@@ -25,12 +25,14 @@ fn shadow_counts_a_tightened_allow_list() {
         inside = h
             .engine
             .redeem(&inside, CLIENT, ip("10.9.9.9"))
+            .unwrap()
             .accepted()
             .unwrap()
             .token;
         outside = h
             .engine
             .redeem(&outside, CLIENT, ip("198.51.100.1"))
+            .unwrap()
             .accepted()
             .expect("the shadow has no effect")
             .token;
@@ -48,6 +50,7 @@ fn shadow_counts_a_tightened_allow_list() {
     assert_eq!(
         h.engine
             .redeem(&outside, CLIENT, ip("198.51.100.1"))
+            .unwrap()
             .deny_reason(),
         Some(DenyReason::IpNotAllowed)
     );
@@ -66,11 +69,13 @@ fn shadow_counts_a_shortened_idle_ttl() {
     h.advance(1800);
     h.engine
         .redeem(&fresh, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap();
     h.advance(7200);
     h.engine
         .redeem(&stale, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap();
     let r = h.engine.shadow_report().unwrap();
@@ -92,12 +97,14 @@ fn shadow_has_no_effect_even_where_it_would_revoke() {
     let t2 = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
     let replay = h
         .engine
         .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
@@ -107,6 +114,7 @@ fn shadow_has_no_effect_even_where_it_would_revoke() {
     assert!(
         h.engine
             .redeem(&t2, CLIENT, ip("10.0.0.1"))
+            .unwrap()
             .accepted()
             .is_some()
     );
@@ -127,6 +135,7 @@ fn new_candidate_resets_counts() {
     let t = h
         .engine
         .redeem(&t, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap()
         .token;
@@ -136,6 +145,7 @@ fn new_candidate_resets_counts() {
     assert!(h.engine.shadow_report().unwrap().rows.is_empty());
     h.engine
         .redeem(&t, CLIENT, ip("10.0.0.1"))
+        .unwrap()
         .accepted()
         .unwrap();
     assert_eq!(

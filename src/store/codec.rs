@@ -1,0 +1,253 @@
+//! The binary form of a family record, shared by every store.
+//!
+//! Versioned, length-checked, no serde: a store must decode exactly what it
+//! wrote, and reject (not guess at) anything else. The tag cache is never
+//! written: a store holds no redeemable token.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use crate::clock::Timestamp;
+use crate::code::{Challenge, CodeState};
+use crate::family::{Family, RevokeReason, Status};
+use crate::token::{FamilyId, FamilySecret, Generation, KeyId, KeyUid};
+
+const FORMAT: u8 = 1;
+
+fn reason_code(r: RevokeReason) -> u8 {
+    match r {
+        RevokeReason::ReuseDetected => 1,
+        RevokeReason::SubjectReuse => 2,
+        RevokeReason::CodeReplay => 3,
+        RevokeReason::CapEviction => 4,
+        RevokeReason::Requested => 5,
+        RevokeReason::SubjectRevoked => 6,
+        RevokeReason::ClientRevoked => 7,
+    }
+}
+
+fn reason_from(c: u8) -> Option<RevokeReason> {
+    Some(match c {
+        1 => RevokeReason::ReuseDetected,
+        2 => RevokeReason::SubjectReuse,
+        3 => RevokeReason::CodeReplay,
+        4 => RevokeReason::CapEviction,
+        5 => RevokeReason::Requested,
+        6 => RevokeReason::SubjectRevoked,
+        7 => RevokeReason::ClientRevoked,
+        _ => return None,
+    })
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Lengths are bounded at issue (client 255, subject 1024, scope 4096,
+    // redirect URI 2048), so u16 always fits.
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Append the record of `f` to `out`.
+pub(crate) fn encode(f: &Family, out: &mut Vec<u8>) {
+    out.push(FORMAT);
+    out.extend_from_slice(f.id.as_bytes());
+    out.extend_from_slice(&f.secret.0);
+    for t in [f.created, f.last_used, f.rotated_at] {
+        out.extend_from_slice(&t.as_millis().to_le_bytes());
+    }
+    out.extend_from_slice(&f.generation.get().to_le_bytes());
+    out.push(f.key.0);
+    out.push(f.grace_used);
+    match f.rotation_ip {
+        None => out.push(0),
+        Some(IpAddr::V4(a)) => {
+            out.push(4);
+            out.extend_from_slice(&a.octets());
+        }
+        Some(IpAddr::V6(a)) => {
+            out.push(6);
+            out.extend_from_slice(&a.octets());
+        }
+    }
+    match f.status {
+        Status::Active => out.push(0),
+        Status::Revoked { reason, at } => {
+            out.push(reason_code(reason));
+            out.extend_from_slice(&at.as_millis().to_le_bytes());
+        }
+    }
+    match f.code.as_deref() {
+        None => out.push(0),
+        Some(c) => {
+            match &c.challenge {
+                None => out.push(1),
+                Some(Challenge::S256(h)) => {
+                    out.push(2);
+                    out.extend_from_slice(h);
+                }
+                Some(Challenge::Plain(p)) => {
+                    out.push(3);
+                    put_str(out, p);
+                }
+            }
+            put_str(out, &c.redirect_uri);
+        }
+    }
+    put_str(out, &f.client);
+    put_str(out, &f.subject);
+    put_str(out, &f.scope);
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.b.len() < n {
+            return None;
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Some(h)
+    }
+    fn arr<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.arr()?))
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let n = u16::from_le_bytes(self.arr()?) as usize;
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+}
+
+/// Decode one record; `None` if it is not exactly a well-formed record.
+pub(crate) fn decode(bytes: &[u8]) -> Option<Family> {
+    let mut r = Reader { b: bytes };
+    if r.u8()? != FORMAT {
+        return None;
+    }
+    let id = FamilyId::from_bytes(r.arr()?);
+    let secret = FamilySecret(r.arr()?);
+    let created = Timestamp::from_millis(r.u64()?);
+    let last_used = Timestamp::from_millis(r.u64()?);
+    let rotated_at = Timestamp::from_millis(r.u64()?);
+    let generation = Generation::new(u32::from_le_bytes(r.arr()?));
+    let key = KeyId(r.u8()?);
+    let grace_used = r.u8()?;
+    let rotation_ip = match r.u8()? {
+        0 => None,
+        4 => Some(IpAddr::V4(Ipv4Addr::from(r.arr::<4>()?))),
+        6 => Some(IpAddr::V6(Ipv6Addr::from(r.arr::<16>()?))),
+        _ => return None,
+    };
+    let status = match r.u8()? {
+        0 => Status::Active,
+        c => Status::Revoked {
+            reason: reason_from(c)?,
+            at: Timestamp::from_millis(r.u64()?),
+        },
+    };
+    let code = match r.u8()? {
+        0 => None,
+        c => {
+            let challenge = match c {
+                1 => None,
+                2 => Some(Challenge::S256(r.arr()?)),
+                3 => Some(Challenge::Plain(r.str()?.into())),
+                _ => return None,
+            };
+            let redirect_uri = r.str()?.into();
+            Some(Box::new(CodeState {
+                challenge,
+                redirect_uri,
+            }))
+        }
+    };
+    let client: Arc<str> = r.str()?.into();
+    let subject: Arc<str> = r.str()?.into();
+    let scope: Arc<str> = r.str()?.into();
+    if !r.b.is_empty() {
+        return None;
+    }
+    Some(Family {
+        id,
+        secret,
+        client,
+        subject,
+        scope,
+        created,
+        last_used,
+        rotated_at,
+        generation,
+        key,
+        tag: [0; 16],
+        tag_uid: KeyUid::NONE,
+        grace_used,
+        rotation_ip,
+        status,
+        code,
+        lsn: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Family {
+        Family {
+            id: FamilyId::from_bytes([3; 16]),
+            secret: FamilySecret([4; 16]),
+            client: "c".into(),
+            subject: "sübject".into(),
+            scope: "openid offline_access".into(),
+            created: Timestamp::from_millis(1),
+            last_used: Timestamp::from_millis(2),
+            rotated_at: Timestamp::from_millis(3),
+            generation: Generation::new(77),
+            key: KeyId(9),
+            tag: [5; 16],
+            tag_uid: KeyUid::NONE,
+            grace_used: 2,
+            rotation_ip: Some("2001:db8::1".parse().unwrap()),
+            status: Status::Revoked {
+                reason: RevokeReason::CapEviction,
+                at: Timestamp::from_millis(4),
+            },
+            code: Some(Box::new(CodeState {
+                challenge: Some(Challenge::Plain("x".repeat(43).into())),
+                redirect_uri: "https://a/cb".into(),
+            })),
+            lsn: 0,
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_everything_but_the_tag_cache() {
+        let f = sample();
+        let mut b = Vec::new();
+        encode(&f, &mut b);
+        let g = decode(&b).unwrap();
+        let mut b2 = Vec::new();
+        encode(&g, &mut b2);
+        assert_eq!(b, b2);
+        assert_eq!(g.tag, [0; 16], "the tag cache is not persisted");
+        assert!(!b.windows(16).any(|w| w == [5; 16]));
+    }
+
+    #[test]
+    fn truncated_or_padded_records_are_rejected() {
+        let mut b = Vec::new();
+        encode(&sample(), &mut b);
+        for n in 0..b.len() {
+            assert!(decode(&b[..n]).is_none(), "prefix {n}");
+        }
+        b.push(0);
+        assert!(decode(&b).is_none());
+    }
+}
