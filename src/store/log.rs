@@ -70,14 +70,27 @@ struct Shared {
     /// Signals the writer that there is work.
     work: Condvar,
     durable: AtomicU64,
-    done_lock: Mutex<()>,
-    /// Signals waiters that `durable` moved (or the store failed).
-    done: Condvar,
-    wakers: Mutex<Vec<(u64, Waker)>>,
+    /// Who waits for which LSN: woken one by one when it is durable, so a
+    /// batch wakes exactly the callers it completes.
+    waiters: Mutex<Vec<(u64, Waiter)>>,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
     /// The open segment; the writer and compaction take turns.
     file: Mutex<Segment>,
+}
+
+enum Waiter {
+    Thread(std::thread::Thread),
+    Task(Waker),
+}
+
+impl Waiter {
+    fn wake(self) {
+        match self {
+            Waiter::Thread(t) => t.unpark(),
+            Waiter::Task(w) => w.wake(),
+        }
+    }
 }
 
 struct Segment {
@@ -169,9 +182,7 @@ impl LogStore {
             }),
             work: Condvar::new(),
             durable: AtomicU64::new(max_lsn),
-            done_lock: Mutex::new(()),
-            done: Condvar::new(),
-            wakers: Mutex::new(Vec::new()),
+            waiters: Mutex::new(Vec::with_capacity(256)),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             file: Mutex::new(Segment {
@@ -233,9 +244,7 @@ impl Shared {
         tracing_error(&detail);
         *self.failure.lock() = Some(detail);
         self.failed.store(true, Ordering::Release);
-        let _g = self.done_lock.lock();
-        self.done.notify_all();
-        for (_, w) in self.wakers.lock().drain(..) {
+        for (_, w) in self.waiters.lock().drain(..) {
             w.wake();
         }
     }
@@ -243,19 +252,13 @@ impl Shared {
     fn publish(&self, lsn: u64) {
         // fetch_max: compaction may publish ahead of the writer.
         self.durable.fetch_max(lsn, Ordering::AcqRel);
-        {
-            let _g = self.done_lock.lock();
-            self.done.notify_all();
-        }
-        let mut wakers = self.wakers.lock();
-        if !wakers.is_empty() {
-            let mut i = 0;
-            while i < wakers.len() {
-                if wakers[i].0 <= lsn {
-                    wakers.swap_remove(i).1.wake();
-                } else {
-                    i += 1;
-                }
+        let mut waiters = self.waiters.lock();
+        let mut i = 0;
+        while i < waiters.len() {
+            if waiters[i].0 <= lsn {
+                waiters.swap_remove(i).1.wake();
+            } else {
+                i += 1;
             }
         }
     }
@@ -331,15 +334,18 @@ impl Store for LogStore {
         if s.durable.load(Ordering::Acquire) >= lsn {
             return Ok(());
         }
-        let mut g = s.done_lock.lock();
+        s.waiters
+            .lock()
+            .push((lsn, Waiter::Thread(std::thread::current())));
         loop {
+            // Registered before this check, so a publish after it unparks us.
             if s.durable.load(Ordering::Acquire) >= lsn {
                 return Ok(());
             }
             if s.failed.load(Ordering::Acquire) {
                 return Err(s.failure_error());
             }
-            s.done.wait(&mut g);
+            std::thread::park();
         }
     }
 
@@ -351,7 +357,7 @@ impl Store for LogStore {
         if s.failed.load(Ordering::Acquire) {
             return Poll::Ready(Err(s.failure_error()));
         }
-        s.wakers.lock().push((lsn, waker.clone()));
+        s.waiters.lock().push((lsn, Waiter::Task(waker.clone())));
         // Re-check: the writer may have published between the load and the push.
         if s.durable.load(Ordering::Acquire) >= lsn {
             return Poll::Ready(Ok(()));
