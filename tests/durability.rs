@@ -144,8 +144,11 @@ fn sweep_removals_are_persisted() {
         let t = issue(&e, "alice");
         e.revoke_token(&t, None).unwrap();
         issue(&e, "bob");
-        e.sweep_at(1_000_000, e.now().saturating_add(Duration::from_secs(2 * 86_400)))
-            .unwrap();
+        e.sweep_at(
+            1_000_000,
+            e.now().saturating_add(Duration::from_secs(2 * 86_400)),
+        )
+        .unwrap();
         assert_eq!(e.stats().families, 1, "the revoked one, past retention");
         e.flush().unwrap();
     }
@@ -170,7 +173,10 @@ fn torn_last_record_is_dropped() {
     drop(f);
     let len_before = std::fs::metadata(&seg).unwrap().len();
     let e = open(&dir);
-    assert!(std::fs::metadata(&seg).unwrap().len() < len_before, "truncated");
+    assert!(
+        std::fs::metadata(&seg).unwrap().len() < len_before,
+        "truncated"
+    );
     rotate(&e, &t2);
 }
 
@@ -194,7 +200,9 @@ fn corruption_in_the_middle_refuses_to_open() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
     std::fs::write(&seg, &bytes).unwrap();
-    let err = open_with(&dir, LogOptions::default()).err().expect("refused");
+    let err = open_with(&dir, LogOptions::default())
+        .err()
+        .expect("refused");
     match &err {
         Error::Corrupt { file, offset, .. } => {
             assert_eq!(file, &seg);
@@ -245,7 +253,11 @@ fn compaction_keeps_state_exact() {
     e.compact().unwrap();
     let more = rotate(&e, &finals[0]);
     drop(e);
-    assert!(segments(&dir).len() <= 2, "old segments removed: {:?}", segments(&dir));
+    assert!(
+        segments(&dir).len() <= 2,
+        "old segments removed: {:?}",
+        segments(&dir)
+    );
     let e = open(&dir);
     assert_eq!(e.stats().families, 200);
     rotate(&e, &more);
@@ -301,7 +313,10 @@ fn batched_mode_flushes() {
             },
         )
         .unwrap();
-        assert_eq!(e.durability(), Durability::Batched(Duration::from_millis(20)));
+        assert_eq!(
+            e.durability(),
+            Durability::Batched(Duration::from_millis(20))
+        );
         let t = issue(&e, "alice");
         let t = rotate(&e, &t);
         e.flush().unwrap();
@@ -394,7 +409,13 @@ fn acknowledged_rotations_survive_sigkill() {
     let mut total_checked_reuse = 0;
     for round in 0..20 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads", "1"])
+            .args([
+                "--exact",
+                "crash_child",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env("REFRESH_GUARD_CRASH_DIR", &*dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -436,9 +457,9 @@ fn acknowledged_rotations_survive_sigkill() {
             }
         }
         for (g, t) in last.values() {
-            let info = e.introspect(t).unwrap_or_else(|| {
-                panic!("round {round}: acknowledged generation {g} is missing")
-            });
+            let info = e
+                .introspect(t)
+                .unwrap_or_else(|| panic!("round {round}: acknowledged generation {g} is missing"));
             let cur = info.current_generation.get();
             // Acknowledged is durable; one more rotation may have become
             // durable without being acknowledged.
@@ -449,7 +470,10 @@ fn acknowledged_rotations_survive_sigkill() {
         }
         for t in &older {
             let info = e.introspect(t).unwrap();
-            assert!(!info.active, "round {round}: a rotated-out token is active again");
+            assert!(
+                !info.active,
+                "round {round}: a rotated-out token is active again"
+            );
         }
         if let Some(t) = older.last() {
             assert_eq!(
@@ -462,6 +486,9 @@ fn acknowledged_rotations_survive_sigkill() {
         drop(e);
     }
     eprintln!("{total_acks} acknowledged rotations, {total_checked_reuse} rounds replayed one");
-    assert!(total_acks > 100, "the child made too little progress to test anything");
+    assert!(
+        total_acks > 100,
+        "the child made too little progress to test anything"
+    );
     assert!(total_checked_reuse >= 10);
 }
