@@ -609,13 +609,9 @@ impl Engine {
                     continue;
                 }
                 wait_lsn = wait_lsn.max(self.persist(&mut f)?);
-                match shard.insert(f) {
-                    Ok(()) => {
-                        shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
-                        break minted;
-                    }
-                    Err(_) => unreachable!("the id was checked absent under the same lock"),
-                }
+                shard.insert(f);
+                shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
+                break minted;
             };
             ids.push(minted.0);
             minted
@@ -1437,8 +1433,8 @@ impl Engine {
         let mut shard = self.table.lock(&id);
         if let Some(slot) = shard.get_mut(&id) {
             *slot = f;
-        } else if let Err(f) = shard.insert(f) {
-            unreachable!("id {} is absent under the lock", f.id);
+        } else {
+            shard.insert(f);
         }
         drop(shard);
         let ids = subjects.entry(subject).or_default();

@@ -63,7 +63,7 @@ pub mod limits {
 }
 pub use crate::code::MAX_REDIRECT_URI_LEN;
 pub use crate::policy::IpRange;
-pub use crate::store::{Durability, RecordRef, Store, StoredRecord};
+pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 #[cfg(feature = "durable")]
 pub use crate::store::{LogOptions, LogStore};
 

@@ -111,18 +111,17 @@ impl ShardInner {
         self.slots.get_mut(slot as usize)?.as_mut()
     }
 
-    /// Insert a new family; gives it back if the id is taken.
-    pub(crate) fn insert(&mut self, f: Family) -> Result<(), Family> {
+    /// Insert a new family. Callers check the id is free under the same
+    /// lock first; a taken id here is a bug, and overwriting would lose a
+    /// family, so it panics instead.
+    pub(crate) fn insert(&mut self, f: Family) {
         let slot = match self.free.last() {
             Some(&s) => s,
-            None => match u32::try_from(self.slots.len()) {
-                Ok(s) => s,
-                // 4 billion families in one shard: refuse rather than alias.
-                Err(_) => return Err(f),
-            },
+            // 4 billion families in one shard: refuse rather than alias.
+            None => u32::try_from(self.slots.len()).expect("fewer than 2^32 families per shard"),
         };
         match self.index.entry(f.id) {
-            Entry::Occupied(_) => Err(f),
+            Entry::Occupied(_) => panic!("family id {} inserted twice", f.id),
             Entry::Vacant(v) => {
                 v.insert(slot);
                 if self.free.pop().is_none() {
@@ -130,7 +129,6 @@ impl ShardInner {
                 } else {
                     self.slots[slot as usize] = Some(f);
                 }
-                Ok(())
             }
         }
     }

@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{Durability, RecordRef, Store, StoredRecord};
+use super::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 use crate::error::Error;
 use crate::token::FamilyId;
 
@@ -369,10 +369,7 @@ impl Store for LogStore {
         self.shared.durability
     }
 
-    fn compact(
-        &self,
-        snapshot: &mut dyn FnMut(&mut dyn FnMut(RecordRef<'_>)),
-    ) -> Result<(), Error> {
+    fn compact(&self, snapshot: &mut Snapshot<'_>) -> Result<(), Error> {
         self.check()?;
         let s = &self.shared;
         // 1. Start a new segment at the next LSN; everything before it is in

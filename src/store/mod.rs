@@ -99,6 +99,10 @@ impl StoredRecord {
     }
 }
 
+/// Feeds every family to the callback it is given: the engine's side of a
+/// compaction.
+pub type Snapshot<'a> = dyn FnMut(&mut dyn FnMut(RecordRef<'_>)) + 'a;
+
 /// Where family state persists. Implementations must be cheap to call from
 /// inside the engine's per-family lock (append to a buffer; do I/O on
 /// another thread).
@@ -121,8 +125,7 @@ pub trait Store: Send + Sync + 'static {
     fn durability(&self) -> Durability;
     /// Replace the history with a snapshot of the families `snapshot` feeds
     /// to its callback, so the log does not grow forever.
-    fn compact(&self, snapshot: &mut dyn FnMut(&mut dyn FnMut(RecordRef<'_>)))
-    -> Result<(), Error>;
+    fn compact(&self, snapshot: &mut Snapshot<'_>) -> Result<(), Error>;
     /// Make everything appended so far durable (shutdown).
     fn flush(&self) -> Result<(), Error>;
 }
