@@ -705,6 +705,17 @@ impl Engine {
         Ok(decision)
     }
 
+    /// [`exchange`](Self::exchange) without blocking: the future completes
+    /// when the new family is durable.
+    pub fn exchange_async(&self, req: &ExchangeRequest<'_>) -> Result<Durable<'_>, Error> {
+        let (decision, lsn) = self.exchange_inner(req, self.clock.now())?;
+        Ok(Durable {
+            engine: self,
+            decision: Some(decision),
+            lsn,
+        })
+    }
+
     fn exchange_inner(
         &self,
         req: &ExchangeRequest<'_>,
