@@ -355,7 +355,10 @@ fn in_grace(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> bool {
         && req.generation >= Generation::FIRST
         && req.now < f.rotated_at.saturating_add(policy.grace_period)
         && f.grace_used < policy.grace_max_replays
-        && (!policy.grace_same_ip || f.rotation_ip == Some(req.ip))
+        // IPv4-mapped IPv6 is the same client as plain IPv4 (as in the
+        // allow-list): one proxy may log either spelling.
+        && (!policy.grace_same_ip
+            || f.rotation_ip.map(|a| a.to_canonical()) == Some(req.ip.to_canonical()))
 }
 
 /// Apply an accepting verdict's state change. `key` is the active key, which
@@ -372,7 +375,7 @@ pub(crate) fn apply_accept(
             // that ever changes rather than wrapping to 0.
             f.generation = f.generation.next().unwrap_or(f.generation);
             f.rotated_at = req.now;
-            f.rotation_ip = Some(req.ip);
+            f.rotation_ip = Some(req.ip.to_canonical());
             f.grace_used = 0;
             f.key = key;
             // The cached tag is the old generation's.
@@ -532,6 +535,28 @@ mod tests {
         assert_eq!(decide(&f, &r, &p), Verdict::Accept(AcceptKind::GraceReplay));
         r.ip = "10.0.0.2".parse().unwrap();
         assert_eq!(deny(decide(&f, &r, &p)), DenyReason::ReuseDetected);
+    }
+
+    /// Regression: `grace_same_ip` compared IP spellings, so a retry from
+    /// `::ffff:10.0.0.1` after a rotation from `10.0.0.1` was revoked as reuse
+    /// (found by the model test).
+    #[test]
+    fn grace_same_ip_treats_ipv4_mapped_as_the_same_ip() {
+        let p = ClientPolicy {
+            grace_period: Duration::from_secs(10),
+            grace_same_ip: true,
+            ..ClientPolicy::default()
+        };
+        let f = fam(3);
+        let mut r = req(2, 1001);
+        r.ip = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(decide(&f, &r, &p), Verdict::Accept(AcceptKind::GraceReplay));
+        let mut g = fam(3);
+        g.rotation_ip = Some("::ffff:10.0.0.1".parse().unwrap());
+        assert_eq!(
+            decide(&g, &req(2, 1001), &p),
+            Verdict::Accept(AcceptKind::GraceReplay)
+        );
     }
 
     #[test]

@@ -580,7 +580,7 @@ impl Engine {
                 tag: [0; 16],
                 tag_uid: KeyUid::NONE,
                 grace_used: 0,
-                rotation_ip: Some(req.ip),
+                rotation_ip: Some(req.ip.to_canonical()),
                 status: Status::Active,
                 code,
                 lsn: 0,
@@ -758,7 +758,7 @@ impl Engine {
                 f.created = now;
                 f.last_used = now;
                 f.rotated_at = now;
-                f.rotation_ip = Some(req.ip);
+                f.rotation_ip = Some(req.ip.to_canonical());
                 f.key = keys.active();
                 f.tag_uid = KeyUid::NONE;
                 let token = mint_current(f, &keys).expect("the active key is always in the ring");
