@@ -1,5 +1,5 @@
 //! Store records read back from disk: decoding arbitrary bytes must never
-//! panic, and whatever decodes must re-encode to the same bytes.
+//! panic (it returns `None` for anything that is not exactly one record).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
