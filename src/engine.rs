@@ -16,7 +16,7 @@ use crate::event::{Dispatcher, Event, EventCounts, EventKind, EventSink, NoopSin
 use crate::family::{Family, RevokeReason, Status};
 use crate::policy::{ClientPolicy, OnReuse, PolicySet, PolicyVersion};
 use crate::store::{Durability, RecordRef, Store};
-use crate::table::{Interner, OUTCOMES, SubjectIndex, Table};
+use crate::table::{FamilyIds, Interner, OUTCOMES, SubjectIndex, Table};
 use crate::token::{self, FamilyId, FamilySecret, Generation, KeyRing, KeyUid, Token, TokenKind};
 
 /// Longest subject accepted at issuance.
@@ -815,7 +815,7 @@ impl Engine {
     /// under `cap`. Called with the subject's index shard locked.
     fn evict_over_cap(
         &self,
-        ids: &mut Vec<FamilyId>,
+        ids: &mut FamilyIds,
         client: &Arc<str>,
         cap: u32,
         now: Timestamp,

@@ -124,3 +124,13 @@ impl fmt::Debug for Family {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The record is the bulk of per-family memory (README "Memory"):
+    /// growing it must be a decision, not an accident.
+    #[test]
+    fn record_stays_within_its_budget() {
+        assert!(std::mem::size_of::<Option<super::Family>>() <= 184);
+    }
+}

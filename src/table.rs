@@ -270,7 +270,50 @@ pub(crate) struct SubjectIndex {
     hasher: Hasher,
 }
 
-pub(crate) type SubjectShard = HashMap<Arc<str>, Vec<FamilyId>, Hasher>;
+pub(crate) type SubjectShard = HashMap<Arc<str>, FamilyIds, Hasher>;
+
+/// One subject's families. Almost every subject has one per client, so one
+/// id is held inline: a `Vec` would cost a 64-byte allocation per subject.
+#[derive(Default)]
+pub(crate) enum FamilyIds {
+    #[default]
+    Empty,
+    One(FamilyId),
+    Many(Vec<FamilyId>),
+}
+
+impl FamilyIds {
+    pub(crate) fn push(&mut self, id: FamilyId) {
+        *self = match std::mem::take(self) {
+            FamilyIds::Empty => FamilyIds::One(id),
+            FamilyIds::One(a) => FamilyIds::Many(vec![a, id]),
+            FamilyIds::Many(mut v) => {
+                v.push(id);
+                FamilyIds::Many(v)
+            }
+        };
+    }
+
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&FamilyId) -> bool) {
+        *self = match std::mem::take(self) {
+            FamilyIds::Empty => FamilyIds::Empty,
+            FamilyIds::One(a) if keep(&a) => FamilyIds::One(a),
+            FamilyIds::One(_) => FamilyIds::Empty,
+            FamilyIds::Many(mut v) => {
+                v.retain(|id| keep(id));
+                match v.len() {
+                    0 => FamilyIds::Empty,
+                    1 => FamilyIds::One(v[0]),
+                    _ => FamilyIds::Many(v),
+                }
+            }
+        };
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        matches!(self, FamilyIds::Empty)
+    }
+}
 
 impl SubjectIndex {
     pub(crate) fn new(shards: usize) -> SubjectIndex {
@@ -324,5 +367,26 @@ impl Interner {
         let a: Arc<str> = Arc::from(s);
         w.insert(a.clone());
         a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn family_ids_stay_inline_for_one_and_shrink_back() {
+        let a = FamilyId::from_bytes([1; 16]);
+        let b = FamilyId::from_bytes([2; 16]);
+        let mut ids = FamilyIds::default();
+        assert!(ids.is_empty());
+        ids.push(a);
+        assert!(matches!(ids, FamilyIds::One(x) if x == a));
+        ids.push(b);
+        assert!(matches!(&ids, FamilyIds::Many(v) if v == &[a, b]));
+        ids.retain(|x| *x != a);
+        assert!(matches!(ids, FamilyIds::One(x) if x == b));
+        ids.retain(|_| false);
+        assert!(ids.is_empty());
     }
 }
