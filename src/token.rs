@@ -12,8 +12,6 @@
 use std::fmt;
 use std::ops::Deref;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -354,11 +352,77 @@ pub(crate) fn assemble(
     raw[21..].copy_from_slice(tag);
     let mut bytes = [0u8; TOKEN_LEN];
     bytes[..PREFIX_LEN].copy_from_slice(kind.prefix());
-    let n = URL_SAFE_NO_PAD
-        .encode_slice(raw, &mut bytes[PREFIX_LEN..])
-        .expect("37 bytes always encode to exactly 50 characters");
-    debug_assert_eq!(n, B64_LEN);
+    b64::encode(&raw, &mut bytes[PREFIX_LEN..]);
     Token { bytes }
+}
+
+/// base64url without padding for exactly the token's 37 bytes. A fixed
+/// shape needs no general codec: this one is branch-free per character and
+/// rejects non-canonical spellings (non-zero trailing bits).
+mod b64 {
+    use super::{B64_LEN, RAW_LEN};
+
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+    /// Character → 6-bit value, 0xFF for characters outside the alphabet.
+    const DECODE: [u8; 256] = {
+        let mut t = [0xFFu8; 256];
+        let mut i = 0;
+        while i < 64 {
+            t[ALPHABET[i] as usize] = i as u8;
+            i += 1;
+        }
+        t
+    };
+
+    pub(super) fn encode(raw: &[u8; RAW_LEN], out: &mut [u8]) {
+        debug_assert_eq!(out.len(), B64_LEN);
+        for (chunk, o) in raw.chunks_exact(3).zip(out.chunks_exact_mut(4)) {
+            let n = u32::from(chunk[0]) << 16 | u32::from(chunk[1]) << 8 | u32::from(chunk[2]);
+            o[0] = ALPHABET[(n >> 18) as usize & 63];
+            o[1] = ALPHABET[(n >> 12) as usize & 63];
+            o[2] = ALPHABET[(n >> 6) as usize & 63];
+            o[3] = ALPHABET[n as usize & 63];
+        }
+        // 37 = 12 * 3 + 1: the last byte is two characters, 4 zero bits.
+        let last = raw[RAW_LEN - 1];
+        out[B64_LEN - 2] = ALPHABET[(last >> 2) as usize];
+        out[B64_LEN - 1] = ALPHABET[((last & 3) << 4) as usize];
+    }
+
+    pub(super) fn decode(s: &[u8]) -> Option<[u8; RAW_LEN]> {
+        if s.len() != B64_LEN {
+            return None;
+        }
+        let mut raw = [0u8; RAW_LEN];
+        let mut bad = 0u8;
+        for (o, c) in raw.chunks_exact_mut(3).zip(s.chunks_exact(4)) {
+            let v = [
+                DECODE[c[0] as usize],
+                DECODE[c[1] as usize],
+                DECODE[c[2] as usize],
+                DECODE[c[3] as usize],
+            ];
+            bad |= v[0] | v[1] | v[2] | v[3];
+            let n = u32::from(v[0]) << 18
+                | u32::from(v[1]) << 12
+                | u32::from(v[2]) << 6
+                | u32::from(v[3]);
+            o[0] = (n >> 16) as u8;
+            o[1] = (n >> 8) as u8;
+            o[2] = n as u8;
+        }
+        let a = DECODE[s[B64_LEN - 2] as usize];
+        let b = DECODE[s[B64_LEN - 1] as usize];
+        bad |= a | b;
+        // Valid values are < 64, so bit 7 is set only by an invalid
+        // character; the low 4 bits of the final character must be zero.
+        if bad & 0x80 != 0 || b & 0x0F != 0 {
+            return None;
+        }
+        raw[RAW_LEN - 1] = a << 2 | b >> 4;
+        Some(raw)
+    }
 }
 
 /// Identifies key material for the life of the process: a key id can be
@@ -401,16 +465,9 @@ pub(crate) fn parse(s: &str, kind: TokenKind) -> Option<ParsedToken> {
     if b.len() != TOKEN_LEN || &b[..PREFIX_LEN] != kind.prefix() {
         return None;
     }
-    // decode_slice wants room for its estimate (3 bytes per 4 characters).
-    let mut raw = [0u8; RAW_LEN + 2];
-    // The engine rejects trailing bits that are not zero, so every token has
-    // exactly one spelling.
-    let n = URL_SAFE_NO_PAD
-        .decode_slice(&b[PREFIX_LEN..], &mut raw)
-        .ok()?;
-    if n != RAW_LEN {
-        return None;
-    }
+    // Non-zero trailing bits are refused, so every token has exactly one
+    // spelling.
+    let raw = b64::decode(&b[PREFIX_LEN..])?;
     let mut family = [0u8; 16];
     family.copy_from_slice(&raw[1..17]);
     let mut generation = [0u8; 4];
@@ -563,6 +620,28 @@ mod tests {
         s.pop();
         s.push(tweaked);
         assert!(parse(&s, TokenKind::Refresh).is_none());
+    }
+
+    /// The hand-written codec agrees with the base64 crate on every shape.
+    #[test]
+    fn b64_matches_the_base64_crate() {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut raw = [0u8; RAW_LEN];
+        for seed in 0..2000u32 {
+            for (i, b) in raw.iter_mut().enumerate() {
+                *b = (seed.wrapping_mul(2_654_435_761).rotate_left(i as u32 % 32) >> 8) as u8
+                    ^ i as u8;
+            }
+            let mut out = [0u8; B64_LEN];
+            b64::encode(&raw, &mut out);
+            assert_eq!(out.as_slice(), URL_SAFE_NO_PAD.encode(raw).as_bytes());
+            assert_eq!(b64::decode(&out), Some(raw));
+        }
+        assert_eq!(b64::decode(&[b'A'; B64_LEN - 1]), None);
+        let mut bad = [b'A'; B64_LEN];
+        bad[7] = b'=';
+        assert_eq!(b64::decode(&bad), None);
     }
 
     #[test]
