@@ -39,7 +39,12 @@ fn panicking_sink_is_contained() {
     let sink = Arc::new(Panicking(AtomicUsize::new(0)));
     let e = Engine::builder().events(sink.clone()).build().unwrap();
     let t1 = issue(&e, "alice");
-    let t2 = e.redeem(&t1, "app", ip("10.0.0.1")).unwrap().accepted().unwrap().token;
+    let t2 = e
+        .redeem(&t1, "app", ip("10.0.0.1"))
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .token;
     let d = e.redeem(&t1, "app", ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
     assert_eq!(
@@ -48,9 +53,17 @@ fn panicking_sink_is_contained() {
         "the revocation happened despite the sink"
     );
     let other = issue(&e, "bob");
-    assert!(e.redeem(&other, "app", ip("10.0.0.1")).unwrap().accepted().is_some());
+    assert!(
+        e.redeem(&other, "app", ip("10.0.0.1"))
+            .unwrap()
+            .accepted()
+            .is_some()
+    );
     let stats = e.stats();
-    assert_eq!(stats.events.sink_panics, sink.0.load(Ordering::SeqCst) as u64);
+    assert_eq!(
+        stats.events.sink_panics,
+        sink.0.load(Ordering::SeqCst) as u64
+    );
     assert!(stats.events.sink_panics >= 2);
     assert_eq!(stats.events.get("reuse_detected"), 1);
 }
@@ -82,7 +95,12 @@ fn slow_sink_does_not_hold_locks() {
         std::thread::sleep(Duration::from_millis(30));
         let start = Instant::now();
         for t in others.iter_mut() {
-            *t = e.redeem(t, "app", ip("10.0.0.1")).unwrap().accepted().unwrap().token;
+            *t = e
+                .redeem(t, "app", ip("10.0.0.1"))
+                .unwrap()
+                .accepted()
+                .unwrap()
+                .token;
         }
         assert!(
             start.elapsed() < Duration::from_millis(200),
