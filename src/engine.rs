@@ -39,7 +39,7 @@ pub struct IssueRequest<'a> {
 
 /// An authorization request the embedding server has authenticated and
 /// the user has consented to.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct AuthorizeRequest<'a> {
     /// The OAuth client.
     pub client: &'a str,
@@ -56,6 +56,20 @@ pub struct AuthorizeRequest<'a> {
     /// The user agent's IP address (recorded; the allow-list applies at the
     /// exchange).
     pub ip: IpAddr,
+}
+
+impl std::fmt::Debug for AuthorizeRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A `plain` challenge is the verifier itself: not printed.
+        f.debug_struct("AuthorizeRequest")
+            .field("client", &self.client)
+            .field("subject", &self.subject)
+            .field("scope", &self.scope)
+            .field("redirect_uri", &self.redirect_uri)
+            .field("code_challenge_method", &self.code_challenge_method)
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A token request with `grant_type=authorization_code`.

@@ -366,3 +366,28 @@ fn absolute_lifetime_starts_at_exchange() {
             .is_some()
     );
 }
+
+/// Neither a plain challenge (it is the verifier) nor a verifier nor a code
+/// appears in `Debug` output.
+#[test]
+fn requests_debug_without_secrets() {
+    let a = AuthorizeRequest {
+        client: CLIENT,
+        subject: "alice",
+        scope: "openid",
+        redirect_uri: REDIRECT,
+        code_challenge: Some(VERIFIER),
+        code_challenge_method: Some("plain"),
+        ip: ip("10.0.0.1"),
+    };
+    let x = ExchangeRequest {
+        code: "rgc_secretcode",
+        code_verifier: Some(VERIFIER),
+        client: CLIENT,
+        redirect_uri: REDIRECT,
+        ip: ip("10.0.0.1"),
+    };
+    let d = format!("{a:?} {x:?}");
+    assert!(!d.contains(VERIFIER), "{d}");
+    assert!(!d.contains("secretcode"), "{d}");
+}
