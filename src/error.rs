@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::policy::PolicyError;
+use crate::policy::{LoadError, PolicyError};
 use crate::token::KeyId;
 
 /// What went wrong outside the decision itself.
@@ -35,6 +35,12 @@ pub enum Error {
     Policy {
         /// One entry per problem found.
         errors: Vec<PolicyError>,
+    },
+    /// A policy directory was refused; every problem is listed with its
+    /// file, line, column and key.
+    PolicyFiles {
+        /// One entry per problem found.
+        errors: Vec<LoadError>,
     },
     /// The store failed to read or write; the engine refuses changes until
     /// restarted (fail closed).
@@ -74,6 +80,17 @@ impl fmt::Display for Error {
             Error::Random { detail } => write!(f, "os random number generator failed: {detail}"),
             Error::Policy { errors } => {
                 write!(f, "policy set refused ({} problem", errors.len())?;
+                if errors.len() != 1 {
+                    f.write_str("s")?;
+                }
+                f.write_str(")")?;
+                for e in errors {
+                    write!(f, "\n  {e}")?;
+                }
+                Ok(())
+            }
+            Error::PolicyFiles { errors } => {
+                write!(f, "policy files refused ({} problem", errors.len())?;
                 if errors.len() != 1 {
                     f.write_str("s")?;
                 }

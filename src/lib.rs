@@ -63,6 +63,7 @@ pub mod limits {
 }
 pub use crate::code::MAX_REDIRECT_URI_LEN;
 pub use crate::policy::IpRange;
+pub use crate::policy::{LoadError, LoadErrors, Position};
 pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 #[cfg(feature = "durable")]
 pub use crate::store::{LogOptions, LogStore};

@@ -6,6 +6,7 @@
 //! reads it.
 
 mod allowlist;
+mod loader;
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -15,6 +16,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 pub use allowlist::{AllowList, AllowListError, IpRange};
+pub use loader::{LoadError, LoadErrors, Position};
 
 use crate::error::Error;
 
