@@ -64,6 +64,8 @@ pub mod limits {
 pub use crate::code::MAX_REDIRECT_URI_LEN;
 pub use crate::policy::IpRange;
 pub use crate::policy::{LoadError, LoadErrors, Position};
+#[cfg(feature = "watch")]
+pub use crate::reload::{PolicyReloader, ReloadTrigger};
 pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 #[cfg(feature = "durable")]
 pub use crate::store::{LogOptions, LogStore};
@@ -77,6 +79,8 @@ mod event;
 mod family;
 mod policy;
 mod random;
+#[cfg(feature = "watch")]
+mod reload;
 mod store;
 mod table;
 mod token;

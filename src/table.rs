@@ -59,17 +59,15 @@ impl ShadowCounts {
             self.epoch = epoch;
         }
         // Outcome slots are < OUTCOMES (32), so they fit a u8.
-        let pair = (active as u8, candidate as u8);
-        if !self.by_client.contains_key(&**client) {
-            self.by_client.insert(client.clone(), Vec::new());
-        }
-        let Some(pairs) = self.by_client.get_mut(&**client) else {
+        let (a, c) = (active as u8, candidate as u8);
+        if let Some(pairs) = self.by_client.get_mut(&**client) {
+            match pairs.iter_mut().find(|p| p.0 == a && p.1 == c) {
+                Some(p) => p.2 += 1,
+                None => pairs.push((a, c, 1)),
+            }
             return;
-        };
-        match pairs.iter_mut().find(|(a, c, _)| (*a, *c) == pair) {
-            Some(p) => p.2 += 1,
-            None => pairs.push((pair.0, pair.1, 1)),
         }
+        self.by_client.insert(client.clone(), vec![(a, c, 1)]);
     }
 }
 
