@@ -4,6 +4,14 @@
 //! by the family's client). Every decision, revocation count, sweep result,
 //! event and introspection must agree with the model.
 //!
+//! Families are born two ways: issued directly (generation 1), or as an
+//! authorization code (generation 0) that an exchange turns into generation
+//! 1 (issue 4). The model holds the PKCE rules of RFC 7636 as the crate
+//! documents them (challenge checked at authorize, then at the exchange in
+//! the order client, revoked, already exchanged, redirect URI, code TTL,
+//! PKCE, allow-list), code replay (RFC 6749 §4.1.2: the family born from
+//! the code is revoked), and the sweeping of unused codes.
+//!
 //! The file has five sections: fixtures, the reference model, the strategy,
 //! the check loop, and the tests.
 
@@ -21,10 +29,12 @@ use proptest::test_runner::{
     Config, FileFailurePersistence, TestCaseError, TestCaseResult, TestError, TestRunner,
 };
 use refresh_guard::{
-    AcceptKind, Decision, DenyReason, Engine, EventKind, FamilyId, Introspection, IpCheck, IpRange,
-    IssueRequest, ManualClock, MemorySink, OnReuse, PolicyOverrides, PolicySet, PolicyVersion,
-    RevokeReason, Rotation, Status, TOKEN_LEN, Timestamp,
+    AcceptKind, AuthorizeRequest, Decision, DenyReason, Engine, EventKind, ExchangeRequest,
+    FamilyId, Generation, Introspection, IpCheck, IpRange, IssueRequest, ManualClock, MemorySink,
+    OnReuse, Pkce, PolicyOverrides, PolicySet, PolicyVersion, RevokeReason, Rotation, Status,
+    TOKEN_LEN, Timestamp,
 };
+use sha2::{Digest, Sha256};
 
 // ---------------------------------------------------------------------------
 // Fixtures
@@ -64,6 +74,21 @@ const SHARDS: usize = 4;
 /// (at most one slot per family ever issued, plus one per empty shard).
 const FULL_SWEEP: usize = 4096;
 const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+/// RFC 7636 §4.1: the characters of a code verifier.
+const VERIFIER_CHARS: &[u8; 66] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~";
+/// RFC 7636 Appendix B.
+const RFC7636_VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+const RFC7636_CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+/// Redirect URIs a code can be bound to. The last differs from the first
+/// only by a trailing slash: RFC 6749 §4.1.3 wants the identical string.
+const REDIRECTS: [&str; 3] = [
+    "https://app.example/cb",
+    "com.example.app:/oauth2redirect",
+    "https://app.example/cb/",
+];
+/// Code TTLs the policies pick from besides random ones (≤ 10 min).
+const CODE_TTLS: [u64; 5] = [1_000, 5_000, 10_000, 60_000, 600_000];
 
 fn ip_addr(ip: usize) -> IpAddr {
     IPS[ip].0.parse().expect("test IPs parse")
@@ -95,6 +120,9 @@ struct PolicySpec {
     /// [`ALLOWLIST`], else any address.
     restricted: bool,
     every_refresh: bool,
+    pkce: Pkce,
+    /// `code_ttl`, 1 ms ..= 10 min.
+    code_ttl_ms: u64,
 }
 
 impl PolicySpec {
@@ -141,6 +169,8 @@ impl PolicySpec {
             } else {
                 IpCheck::IssuanceOnly
             })
+            .pkce(self.pkce)
+            .code_ttl(Duration::from_millis(self.code_ttl_ms))
     }
 }
 
@@ -171,6 +201,94 @@ impl SetSpec {
 // Reference model (DESIGN §3 and §4, in plain data)
 // ---------------------------------------------------------------------------
 
+/// RFC 7636 §4.1: 43 to 128 characters of `[A-Za-z0-9-._~]`.
+fn is_verifier(v: &str) -> bool {
+    (43..=128).contains(&v.len()) && v.bytes().all(|b| VERIFIER_CHARS.contains(&b))
+}
+
+/// An S256 challenge is BASE64URL (no padding) of 32 bytes: 43 characters
+/// of the alphabet, the last one carrying 4 bits and two zero bits (the
+/// canonical encoding; anything else does not decode to 32 bytes).
+fn is_s256_challenge(c: &str) -> bool {
+    let b = c.as_bytes();
+    b.len() == 43
+        && b.iter().all(|x| BASE64URL.contains(x))
+        && BASE64URL
+            .iter()
+            .position(|x| *x == b[42])
+            .is_some_and(|i| i % 4 == 0)
+}
+
+/// BASE64URL(SHA-256(verifier)), RFC 7636 §4.2.
+fn s256_of(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+/// The challenge a code was issued with, as text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum MChallenge {
+    S256(String),
+    Plain(String),
+}
+
+/// What an unexchanged code is checked against.
+#[derive(Clone, Debug)]
+struct MCode {
+    challenge: Option<MChallenge>,
+    redirect: usize,
+}
+
+/// The authorize-time PKCE rules: `s256` refuses a missing challenge and
+/// `plain`; an absent method means `plain` (RFC 7636 §4.3); a method without
+/// a challenge, or a challenge of the wrong shape, is malformed.
+fn authorize_pkce(
+    pkce: Pkce,
+    challenge: Option<&str>,
+    method: Option<&str>,
+) -> Result<Option<MChallenge>, DenyReason> {
+    let Some(c) = challenge else {
+        if method.is_some() {
+            return Err(DenyReason::PkceChallengeInvalid);
+        }
+        return match pkce {
+            Pkce::Optional => Ok(None),
+            Pkce::S256 | Pkce::S256OrPlain => Err(DenyReason::PkceRequired),
+        };
+    };
+    match method.unwrap_or("plain") {
+        "S256" if is_s256_challenge(c) => Ok(Some(MChallenge::S256(c.to_owned()))),
+        "S256" => Err(DenyReason::PkceChallengeInvalid),
+        "plain" if pkce == Pkce::S256 => Err(DenyReason::PkceMethodNotAllowed),
+        "plain" if is_verifier(c) => Ok(Some(MChallenge::Plain(c.to_owned()))),
+        "plain" => Err(DenyReason::PkceChallengeInvalid),
+        _ => Err(DenyReason::PkceMethodNotAllowed),
+    }
+}
+
+/// The exchange-time PKCE rules under the policy in force then: a code
+/// issued with a challenge always needs a well-formed, matching verifier; a
+/// code without one passes only under `optional`, and never with a verifier
+/// (a downgrade, RFC 9700 §2.1.1); a `plain` code no longer passes once the
+/// policy is `s256`.
+fn exchange_pkce(
+    challenge: Option<&MChallenge>,
+    verifier: Option<&str>,
+    pkce: Pkce,
+) -> Result<(), DenyReason> {
+    match (challenge, verifier) {
+        (None, None) if pkce == Pkce::Optional => Ok(()),
+        (None, None) | (Some(_), None) => Err(DenyReason::PkceRequired),
+        (None, Some(_)) => Err(DenyReason::PkceVerifierUnexpected),
+        (Some(_), Some(v)) if !is_verifier(v) => Err(DenyReason::PkceVerifierInvalid),
+        (Some(MChallenge::S256(c)), Some(v)) if s256_of(v) == *c => Ok(()),
+        (Some(MChallenge::Plain(_)), Some(_)) if pkce == Pkce::S256 => {
+            Err(DenyReason::PkceMethodNotAllowed)
+        }
+        (Some(MChallenge::Plain(c)), Some(v)) if c == v => Ok(()),
+        (Some(_), Some(_)) => Err(DenyReason::PkceMismatch),
+    }
+}
+
 /// One family as the model sees it.
 #[derive(Clone, Debug)]
 struct MFamily {
@@ -188,6 +306,9 @@ struct MFamily {
     revoked: Option<(RevokeReason, u64)>,
     /// Removed by a sweep: its tokens name an unknown family.
     swept: bool,
+    /// An authorization code not yet exchanged: the family is at generation
+    /// 0 and has no refresh token.
+    code: Option<MCode>,
 }
 
 impl MFamily {
@@ -263,11 +384,113 @@ impl Model {
             grace_used: 0,
             revoked: None,
             swept: false,
+            code: None,
         });
         Expect::Accept {
             kind: AcceptKind::Issued,
             generation: 1,
         }
+    }
+
+    /// Start a family at generation 0: an authorization code bound to the
+    /// challenge and redirect URI. The address is only recorded.
+    fn authorize(
+        &mut self,
+        client: usize,
+        subject: usize,
+        challenge: Option<&str>,
+        method: Option<&str>,
+        redirect: usize,
+        ip: usize,
+    ) -> Expect {
+        let pkce = self.set.policy(client).pkce;
+        let challenge = match authorize_pkce(pkce, challenge, method) {
+            Ok(c) => c,
+            Err(reason) => return Expect::Deny(reason),
+        };
+        self.families.push(MFamily {
+            client,
+            subject,
+            created: self.now,
+            last_used: self.now,
+            rotated_at: self.now,
+            rotation_ip: ip,
+            current: 0,
+            grace_used: 0,
+            revoked: None,
+            swept: false,
+            code: Some(MCode {
+                challenge,
+                redirect,
+            }),
+        });
+        Expect::Accept {
+            kind: AcceptKind::CodeIssued,
+            generation: 0,
+        }
+    }
+
+    /// Whether a pending code's lifetime is over under the policy in force.
+    fn code_expired(&self, fam: usize) -> bool {
+        let f = &self.families[fam];
+        self.now >= f.created + self.policy_of(fam).code_ttl_ms
+    }
+
+    /// Exchange the genuine code of `fam`. Returns the outcome and whether
+    /// it revoked the family (a replay of an exchanged code).
+    fn exchange(
+        &mut self,
+        fam: usize,
+        client: &str,
+        redirect: usize,
+        verifier: Option<&str>,
+        ip: usize,
+    ) -> (Expect, bool) {
+        let now = self.now;
+        let expired = self.code_expired(fam);
+        let p = *self.policy_of(fam);
+        let f = &mut self.families[fam];
+        if f.swept {
+            return (Expect::Deny(DenyReason::InvalidToken), false);
+        }
+        if CLIENTS[f.client] != client {
+            return (Expect::Deny(DenyReason::ClientMismatch), false);
+        }
+        if f.revoked.is_some() {
+            return (Expect::Deny(DenyReason::Revoked), false);
+        }
+        let Some(code) = &f.code else {
+            // Exchanged before (RFC 6749 §4.1.2): the family born from the
+            // code is revoked, whatever its state otherwise.
+            f.revoked = Some((RevokeReason::CodeReplay, now));
+            return (Expect::Deny(DenyReason::CodeReused), true);
+        };
+        if code.redirect != redirect {
+            return (Expect::Deny(DenyReason::RedirectUriMismatch), false);
+        }
+        if expired {
+            return (Expect::Deny(DenyReason::CodeExpired), false);
+        }
+        if let Err(reason) = exchange_pkce(code.challenge.as_ref(), verifier, p.pkce) {
+            return (Expect::Deny(reason), false);
+        }
+        // The exchange is where the family is issued: the allow-list applies
+        // in both `ip_check` modes.
+        if !p.allows(ip) {
+            return (Expect::Deny(DenyReason::IpNotAllowed), false);
+        }
+        f.code = None;
+        f.current = 1;
+        f.created = now;
+        f.last_used = now;
+        f.rotated_at = now;
+        f.rotation_ip = ip;
+        f.grace_used = 0;
+        let expect = Expect::Accept {
+            kind: AcceptKind::Exchanged,
+            generation: 1,
+        };
+        (expect, false)
     }
 
     /// Redeem a genuine token of `fam` at `generation`, presented by
@@ -405,12 +628,14 @@ impl Model {
     }
 
     /// Whether a sweep now may remove `fam`: active and expired under the
-    /// policy in force, or revoked longer than the retention ago.
+    /// policy in force (an unused code after `code_ttl`), or revoked longer
+    /// than the retention ago.
     fn sweepable(&self, fam: usize) -> bool {
         let f = &self.families[fam];
         match f.revoked {
             _ if f.swept => false,
             Some((_, at)) => self.now >= at + RETENTION_MS,
+            None if f.code.is_some() => self.code_expired(fam),
             None => self.expiry(fam).is_some(),
         }
     }
@@ -463,7 +688,9 @@ enum Forgery {
         generation: Index,
         ch: Index,
     },
-    /// A real token's body under the authorization-code prefix.
+    /// A real token's body under the other kind's prefix: a refresh
+    /// token's as a code, or (forging from a code) a code's as a refresh
+    /// token.
     CodePrefix {
         fam: Index,
         generation: Index,
@@ -483,6 +710,58 @@ enum Forgery {
     Garbage(String),
 }
 
+/// The `code_challenge` of an authorize request.
+#[derive(Clone, Debug)]
+enum ChallengeText {
+    None,
+    /// BASE64URL(SHA-256(verifier)); the client keeps the verifier.
+    S256Of(String),
+    /// The verifier itself; the client keeps it.
+    Verbatim(String),
+    /// Anything else; the client keeps no verifier.
+    Raw(String),
+}
+
+/// The PKCE parameters of an authorize request.
+#[derive(Clone, Debug)]
+struct PkceSpec {
+    challenge: ChallengeText,
+    method: Option<&'static str>,
+}
+
+impl PkceSpec {
+    /// The `code_challenge` sent, and the verifier the client holds.
+    fn challenge_and_verifier(&self) -> (Option<String>, Option<String>) {
+        match &self.challenge {
+            ChallengeText::None => (None, None),
+            ChallengeText::S256Of(v) => (Some(s256_of(v)), Some(v.clone())),
+            ChallengeText::Verbatim(v) => (Some(v.clone()), Some(v.clone())),
+            ChallengeText::Raw(c) => (Some(c.clone()), None),
+        }
+    }
+}
+
+/// The `code_verifier` of an exchange.
+#[derive(Clone, Debug)]
+enum VerifierPick {
+    /// The one the client kept at authorize (none if it sent no challenge).
+    Held,
+    Missing,
+    /// Another well-formed verifier.
+    Other(String),
+    /// Not 43–128 characters of `[A-Za-z0-9-._~]`.
+    Malformed(String),
+}
+
+/// A genuine token presented as the other kind.
+#[derive(Clone, Debug)]
+enum Cross {
+    /// A code redeemed (or revoked, RFC 7009) as a refresh token.
+    CodeAsRefresh { fam: Index, via_revoke: bool },
+    /// A refresh token exchanged as a code.
+    RefreshAsCode { fam: Index, generation: Index },
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Issue {
@@ -490,6 +769,25 @@ enum Op {
         subject: usize,
         ip: usize,
     },
+    Authorize {
+        client: usize,
+        subject: usize,
+        pkce: PkceSpec,
+        redirect: usize,
+        ip: usize,
+    },
+    /// Exchange a code: one never exchanged successfully, or (`replay`) one
+    /// that was.
+    Exchange {
+        fam: Index,
+        replay: bool,
+        who: Who,
+        /// `None`: the redirect URI of the authorize request; else another.
+        redirect: Option<Index>,
+        verifier: VerifierPick,
+        ip: usize,
+    },
+    Cross(Cross),
     /// Redeem the current token of a family.
     Redeem {
         fam: Index,
@@ -503,8 +801,10 @@ enum Op {
         who: Who,
         ip: usize,
     },
+    /// A forged refresh token, or (`code`) a forged authorization code.
     Forge {
         forgery: Forgery,
+        code: bool,
         client: usize,
         ip: usize,
         via_revoke: bool,
@@ -535,11 +835,12 @@ enum Op {
 }
 
 /// One generated case: the initial policy set, one to three families
-/// issued up front (from an address every policy admits), then the ops.
+/// started up front (from an address every policy admits: issued, or
+/// (`true`) authorized with S256 and exchanged at once), then the ops.
 #[derive(Clone, Debug)]
 struct Case {
     initial: SetSpec,
-    prelude: Vec<(usize, usize)>,
+    prelude: Vec<(usize, usize, bool)>,
     ops: Vec<Op>,
 }
 
@@ -564,11 +865,16 @@ fn policy_spec() -> impl Strategy<Value = PolicySpec> {
             prop::bool::weighted(0.4),
             prop::bool::weighted(0.7),
         ),
+        (
+            prop::sample::select(vec![Pkce::S256, Pkce::S256OrPlain, Pkce::Optional]),
+            prop_oneof![3 => prop::sample::select(CODE_TTLS.to_vec()), 1 => 1u64..=600_000],
+        ),
     )
         .prop_map(
             |(
                 (rotate, grace, grace_max_replays, grace_same_ip, on_reuse),
                 (idle, absolute, restricted, every_refresh),
+                (pkce, code_ttl_ms),
             )| PolicySpec {
                 rotate,
                 grace,
@@ -579,6 +885,8 @@ fn policy_spec() -> impl Strategy<Value = PolicySpec> {
                 absolute,
                 restricted,
                 every_refresh,
+                pkce,
+                code_ttl_ms,
             },
         )
 }
@@ -615,7 +923,136 @@ fn advance() -> impl Strategy<Value = u64> {
             RETENTION_MS,
             ABSOLUTE_MS,
         ]),
+        1 => prop::sample::select(vec![59_999, 60_000, 599_999, 600_000]),
         2 => 1_800_000u64..=100_000_000,
+    ]
+}
+
+/// A string of `len` characters drawn from `chars`.
+fn string_of(
+    chars: &'static [u8],
+    len: impl Strategy<Value = usize> + 'static,
+) -> BoxedStrategy<String> {
+    len.prop_flat_map(move |n| prop::collection::vec(prop::sample::select(chars), n))
+        .prop_map(|b| String::from_utf8(b).expect("ascii"))
+        .boxed()
+}
+
+/// A well-formed verifier: the RFC 7636 example, or random, often at the
+/// length bounds.
+fn verifier() -> impl Strategy<Value = String> {
+    let len = prop_oneof![Just(43usize), Just(128usize), 44..128usize];
+    prop_oneof![1 => Just(RFC7636_VERIFIER.to_owned()), 5 => string_of(VERIFIER_CHARS, len)]
+}
+
+/// Not a verifier: one character too short or too long, a character
+/// outside the set, or empty.
+fn malformed_verifier() -> impl Strategy<Value = String> {
+    prop_oneof![
+        string_of(VERIFIER_CHARS, Just(42usize)),
+        string_of(VERIFIER_CHARS, Just(129usize)),
+        (
+            verifier(),
+            any::<Index>(),
+            prop::sample::select(b"+/= %!".to_vec())
+        )
+            .prop_map(|(v, at, bad)| {
+                let mut b = v.into_bytes();
+                let i = at.index(b.len());
+                b[i] = bad;
+                String::from_utf8(b).expect("ascii")
+            }),
+        Just(String::new()),
+    ]
+}
+
+/// Not an S256 challenge: a character short or over, padded, with a
+/// character outside base64url, or with non-zero trailing bits.
+fn malformed_challenge() -> impl Strategy<Value = String> {
+    prop_oneof![
+        verifier().prop_map(|v| s256_of(&v)[..42].to_owned()),
+        verifier().prop_map(|v| format!("{}=", s256_of(&v))),
+        verifier().prop_map(|v| format!("{}A", s256_of(&v))),
+        (
+            verifier(),
+            any::<Index>(),
+            prop::sample::select(b"+/.~=".to_vec())
+        )
+            .prop_map(|(v, at, bad)| {
+                let mut b = s256_of(&v).into_bytes();
+                let i = at.index(b.len());
+                b[i] = bad;
+                String::from_utf8(b).expect("ascii")
+            }),
+        (verifier(), 1..4usize).prop_map(|(v, bits)| {
+            let mut b = s256_of(&v).into_bytes();
+            let i = BASE64URL
+                .iter()
+                .position(|x| *x == b[42])
+                .expect("base64url");
+            b[42] = BASE64URL[(i & !3) | bits];
+            String::from_utf8(b).expect("ascii")
+        }),
+    ]
+}
+
+fn pkce_spec() -> impl Strategy<Value = PkceSpec> {
+    use ChallengeText as C;
+    let spec = |challenge, method| PkceSpec { challenge, method };
+    let bad_method = || prop::sample::select(vec![Some("s256"), Some("S512"), Some("")]);
+    prop_oneof![
+        6 => verifier().prop_map(move |v| spec(C::S256Of(v), Some("S256"))),
+        2 => verifier().prop_map(move |v| spec(C::Verbatim(v), Some("plain"))),
+        1 => verifier().prop_map(move |v| spec(C::Verbatim(v), None)),
+        3 => Just(spec(C::None, None)),
+        1 => prop::sample::select(vec![Some("S256"), Some("plain")])
+            .prop_map(move |m| spec(C::None, m)),
+        1 => malformed_challenge().prop_map(move |c| spec(C::Raw(c), Some("S256"))),
+        1 => (malformed_verifier(), prop::sample::select(vec![Some("plain"), None]))
+            .prop_map(move |(c, m)| spec(C::Raw(c), m)),
+        1 => (verifier(), any::<bool>(), bad_method()).prop_map(move |(v, s, m)| {
+            spec(if s { C::S256Of(v) } else { C::Verbatim(v) }, m)
+        }),
+        // A challenge sent under the other method.
+        1 => verifier().prop_map(move |v| spec(C::S256Of(v), Some("plain"))),
+        1 => string_of(BASE64URL, Just(43usize))
+            .prop_map(move |v| spec(C::Verbatim(v), Some("S256"))),
+    ]
+}
+
+fn verifier_pick() -> impl Strategy<Value = VerifierPick> {
+    prop_oneof![
+        10 => Just(VerifierPick::Held),
+        1 => Just(VerifierPick::Missing),
+        1 => verifier().prop_map(VerifierPick::Other),
+        1 => malformed_verifier().prop_map(VerifierPick::Malformed),
+    ]
+}
+
+fn exchange(replay: bool) -> impl Strategy<Value = Op> {
+    (
+        any::<Index>(),
+        who(),
+        prop::option::weighted(0.1, any::<Index>()),
+        verifier_pick(),
+        ip(),
+    )
+        .prop_map(move |(fam, who, redirect, verifier, ip)| Op::Exchange {
+            fam,
+            replay,
+            who,
+            redirect,
+            verifier,
+            ip,
+        })
+}
+
+fn cross() -> impl Strategy<Value = Cross> {
+    prop_oneof![
+        (any::<Index>(), any::<bool>())
+            .prop_map(|(fam, via_revoke)| Cross::CodeAsRefresh { fam, via_revoke }),
+        (any::<Index>(), any::<Index>())
+            .prop_map(|(fam, generation)| Cross::RefreshAsCode { fam, generation }),
     ]
 }
 
@@ -666,12 +1103,28 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..3usize, 0..3usize, ip())
             .prop_map(|(client, subject, ip)| Op::Issue { client, subject, ip }),
+        4 => (0..3usize, 0..3usize, pkce_spec(), prop_oneof![3 => Just(0usize), 1 => 1..3usize], ip())
+            .prop_map(|(client, subject, pkce, redirect, ip)| Op::Authorize {
+                client,
+                subject,
+                pkce,
+                redirect,
+                ip
+            }),
+        5 => exchange(false),
+        2 => exchange(true),
+        1 => cross().prop_map(Op::Cross),
         9 => (any::<Index>(), who(), ip()).prop_map(|(fam, who, ip)| Op::Redeem { fam, who, ip }),
         5 => (any::<Index>(), prop::option::weighted(0.25, any::<Index>()), who(), ip())
             .prop_map(|(fam, older, who, ip)| Op::Replay { fam, older, who, ip }),
-        3 => (forgery(), 0..3usize, ip(), prop::bool::weighted(0.2)).prop_map(
-            |(forgery, client, ip, via_revoke)| Op::Forge { forgery, client, ip, via_revoke }
-        ),
+        4 => (forgery(), prop::bool::weighted(0.35), 0..3usize, ip(), prop::bool::weighted(0.2))
+            .prop_map(|(forgery, code, client, ip, via_revoke)| Op::Forge {
+                forgery,
+                code,
+                client,
+                ip,
+                via_revoke
+            }),
         1 => (any::<Index>(), any::<Index>(), prop::option::of(who())).prop_map(
             |(fam, generation, client)| Op::RevokeToken { fam, generation, client }
         ),
@@ -688,7 +1141,7 @@ fn op() -> impl Strategy<Value = Op> {
 fn case() -> impl Strategy<Value = Case> {
     (
         set_spec(),
-        prop::collection::vec((0..3usize, 0..3usize), 1..=3),
+        prop::collection::vec((0..3usize, 0..3usize, prop::bool::weighted(0.3)), 1..=3),
         prop::collection::vec(op(), 1..40),
     )
         .prop_map(|(initial, prelude, ops)| Case {
@@ -708,11 +1161,27 @@ type Coverage = BTreeMap<String, u64>;
 /// What the test holds of one real family, parallel to the model's.
 struct Real {
     id: FamilyId,
-    /// Every refresh token handed out, by generation − 1.
+    /// Every refresh token handed out, by generation − 1 (none before the
+    /// code is exchanged).
     tokens: Vec<String>,
     /// The highest generation ever accepted.
     max_generation: u32,
+    /// The authorization code the family was born from, if any.
+    code: Option<String>,
+    /// What the client kept at authorize: the verifier and redirect URI.
+    verifier: Option<String>,
+    redirect: usize,
+    /// Successful exchanges of the code.
+    exchanges: u32,
 }
+
+/// What a forgery may not change: every family's current token as
+/// introspected, every record's generation and status, the records held.
+type Snapshot = (
+    Vec<Option<Introspection>>,
+    Vec<Option<(Generation, Status)>>,
+    usize,
+);
 
 /// (label, family index) of one event; `family_revoked` labels carry the
 /// reason.
@@ -771,8 +1240,19 @@ impl<'a> Run<'a> {
     }
 
     fn run(&mut self, case: &Case) -> TestCaseResult {
-        for &(client, subject) in &case.prelude {
-            self.issue(client, subject, 0)?;
+        for &(client, subject, via_code) in &case.prelude {
+            if via_code {
+                let pkce = PkceSpec {
+                    challenge: ChallengeText::S256Of(RFC7636_VERIFIER.to_owned()),
+                    method: Some("S256"),
+                };
+                self.authorize(client, subject, &pkce, 0, 0)?;
+                let fam = self.fams.len() - 1;
+                self.exchange(fam, &Who::Own, 0, Some(RFC7636_VERIFIER), 0)?;
+                prop_assert_eq!(self.model.families[fam].current, 1);
+            } else {
+                self.issue(client, subject, 0)?;
+            }
             self.check_table()?;
         }
         for op in &case.ops {
@@ -790,8 +1270,47 @@ impl<'a> Run<'a> {
                 subject,
                 ip,
             } => self.issue(*client, *subject, *ip),
+            Op::Authorize {
+                client,
+                subject,
+                pkce,
+                redirect,
+                ip,
+            } => self.authorize(*client, *subject, pkce, *redirect, *ip),
+            Op::Exchange {
+                fam,
+                replay,
+                who,
+                redirect,
+                verifier,
+                ip,
+            } => {
+                let Some(fam) =
+                    self.pick(fam, |r| r.code.is_some() && (r.exchanges > 0) == *replay)
+                else {
+                    return Ok(());
+                };
+                let own = self.fams[fam].redirect;
+                let redirect = match redirect {
+                    None => own,
+                    Some(ix) => {
+                        let others: Vec<usize> =
+                            (0..REDIRECTS.len()).filter(|&r| r != own).collect();
+                        *ix.get(&others)
+                    }
+                };
+                let verifier = match verifier {
+                    VerifierPick::Held => self.fams[fam].verifier.clone(),
+                    VerifierPick::Missing => None,
+                    VerifierPick::Other(v) | VerifierPick::Malformed(v) => Some(v.clone()),
+                };
+                self.exchange(fam, who, redirect, verifier.as_deref(), *ip)
+            }
+            Op::Cross(cross) => self.cross(cross),
             Op::Redeem { fam, who, ip } => {
-                let fam = fam.index(self.fams.len());
+                let Some(fam) = self.pick(fam, |r| !r.tokens.is_empty()) else {
+                    return Ok(());
+                };
                 let generation = self.model.families[fam].current;
                 self.redeem(fam, generation, who, *ip)
             }
@@ -816,16 +1335,19 @@ impl<'a> Run<'a> {
             }
             Op::Forge {
                 forgery,
+                code,
                 client,
                 ip,
                 via_revoke,
-            } => self.forge(forgery, *client, *ip, *via_revoke),
+            } => self.forge(forgery, *code, *client, *ip, *via_revoke),
             Op::RevokeToken {
                 fam,
                 generation,
                 client,
             } => {
-                let fam = fam.index(self.fams.len());
+                let Some(fam) = self.pick(fam, |r| !r.tokens.is_empty()) else {
+                    return Ok(());
+                };
                 let token = generation.get(&self.fams[fam].tokens).clone();
                 let client = client.as_ref().map(|w| self.client_name(fam, w));
                 let expected = self.model.revoke_token(fam, client);
@@ -844,6 +1366,9 @@ impl<'a> Run<'a> {
                 let expected = self.model.revoke_family(fam);
                 let got = self.engine.revoke_family(self.fams[fam].id).map_err(fail)?;
                 prop_assert_eq!(got, expected, "revoke_family of family {}", fam);
+                if got {
+                    self.count_pending_revoked(&[fam]);
+                }
                 let events = if got {
                     vec![(revoked_label(RevokeReason::Requested), Some(fam))]
                 } else {
@@ -859,6 +1384,7 @@ impl<'a> Run<'a> {
                     .map_err(fail)?;
                 prop_assert_eq!(got, expected.len(), "revoke_subject revoked {:?}", expected);
                 self.count(format!("revoke_subject:{}", got.min(2)));
+                self.count_pending_revoked(&expected);
                 let reason = RevokeReason::SubjectRevoked;
                 self.check_events(revoked_events(reason, &expected))
             }
@@ -867,6 +1393,7 @@ impl<'a> Run<'a> {
                 let got = self.engine.revoke_client(CLIENTS[*client]).map_err(fail)?;
                 prop_assert_eq!(got, expected.len(), "revoke_client revoked {:?}", expected);
                 self.count(format!("revoke_client:{}", got.min(2)));
+                self.count_pending_revoked(&expected);
                 let reason = RevokeReason::ClientRevoked;
                 self.check_events(revoked_events(reason, &expected))
             }
@@ -915,6 +1442,10 @@ impl<'a> Run<'a> {
                     id: a.family,
                     tokens: vec![token],
                     max_generation: 1,
+                    code: None,
+                    verifier: None,
+                    redirect: 0,
+                    exchanges: 0,
                 });
                 self.check_events(vec![])
             }
@@ -928,6 +1459,291 @@ impl<'a> Run<'a> {
                 CLIENTS[client], IPS[ip].0
             ))),
         }
+    }
+
+    /// One of the families `keep` selects, by `ix`; `None` if there is none.
+    fn pick(&self, ix: &Index, keep: impl Fn(&Real) -> bool) -> Option<usize> {
+        let chosen: Vec<usize> = (0..self.fams.len())
+            .filter(|&i| keep(&self.fams[i]))
+            .collect();
+        (!chosen.is_empty()).then(|| *ix.get(&chosen))
+    }
+
+    /// Coverage: a revocation reached a code not yet exchanged.
+    fn count_pending_revoked(&self, revoked: &[usize]) {
+        if revoked
+            .iter()
+            .any(|&i| self.model.families[i].code.is_some())
+        {
+            self.count("revoke:pending_code");
+        }
+    }
+
+    fn authorize(
+        &mut self,
+        client: usize,
+        subject: usize,
+        pkce: &PkceSpec,
+        redirect: usize,
+        ip: usize,
+    ) -> TestCaseResult {
+        let (challenge, verifier) = pkce.challenge_and_verifier();
+        let expect = self.model.authorize(
+            client,
+            subject,
+            challenge.as_deref(),
+            pkce.method,
+            redirect,
+            ip,
+        );
+        let d = self
+            .engine
+            .authorize(&AuthorizeRequest {
+                client: CLIENTS[client],
+                subject: SUBJECTS[subject],
+                scope: SCOPE,
+                redirect_uri: REDIRECTS[redirect],
+                code_challenge: challenge.as_deref(),
+                code_challenge_method: pkce.method,
+                ip: ip_addr(ip),
+            })
+            .map_err(fail)?;
+        self.count(format!("authorize:{}", d.outcome()));
+        prop_assert_eq!(d.policy_version(), self.version);
+        match (expect, d) {
+            (Expect::Accept { .. }, Decision::Accept(a)) => {
+                prop_assert_eq!(a.kind, AcceptKind::CodeIssued);
+                prop_assert_eq!(a.generation, Generation::CODE);
+                let code = a.token.as_str().to_owned();
+                prop_assert!(code.starts_with("rgc_") && code.len() == TOKEN_LEN);
+                prop_assert!(self.seen.insert(code.clone()), "issued code repeats");
+                prop_assert!(
+                    self.by_id.insert(a.family, self.fams.len()).is_none(),
+                    "family id repeats"
+                );
+                self.fams.push(Real {
+                    id: a.family,
+                    tokens: Vec::new(),
+                    max_generation: 0,
+                    code: Some(code),
+                    verifier,
+                    redirect,
+                    exchanges: 0,
+                });
+                self.check_events(vec![])
+            }
+            (Expect::Deny(reason), Decision::Deny(d)) => {
+                prop_assert_eq!(d.reason, reason, "authorize {:?}", pkce);
+                prop_assert_eq!(d.family, None);
+                self.check_events(vec![])
+            }
+            (expect, got) => Err(fail(format!(
+                "authorize for {} with {pkce:?} (challenge {challenge:?}) under {:?}: \
+                 expected {expect:?}, engine said {got:?}",
+                CLIENTS[client],
+                self.model.set.policy(client)
+            ))),
+        }
+    }
+
+    /// Exchange the genuine code of `fam` (pending or already exchanged)
+    /// and compare with the model; then check the code invariants: at most
+    /// one successful exchange per code, and a replay by the code's client
+    /// leaves the family revoked with every refresh token of it dead.
+    fn exchange(
+        &mut self,
+        fam: usize,
+        who: &Who,
+        redirect: usize,
+        verifier: Option<&str>,
+        ip: usize,
+    ) -> TestCaseResult {
+        let client = self.client_name(fam, who);
+        let code = self.fams[fam]
+            .code
+            .clone()
+            .expect("a family born from a code");
+        let before = self.model.families[fam].clone();
+        let replay = self.fams[fam].exchanges > 0;
+        let (expect, revoked) = self.model.exchange(fam, client, redirect, verifier, ip);
+        let d = self
+            .engine
+            .exchange(&ExchangeRequest {
+                code: &code,
+                code_verifier: verifier,
+                client,
+                redirect_uri: REDIRECTS[redirect],
+                ip: ip_addr(ip),
+            })
+            .map_err(fail)?;
+        self.count(format!("exchange:{}", d.outcome()));
+        let context = || {
+            format!(
+                "exchange of family {fam}'s code by {client} to {} with verifier {verifier:?} \
+                 from {} (model before: {before:?}, policy {:?})",
+                REDIRECTS[redirect],
+                IPS[ip].0,
+                self.model.policy_of(fam)
+            )
+        };
+        prop_assert_eq!(d.policy_version(), self.version, "{}", context());
+        let mut events: Vec<EventKey> = Vec::new();
+        match (expect, d) {
+            (Expect::Accept { .. }, Decision::Accept(a)) => {
+                prop_assert_eq!(a.kind, AcceptKind::Exchanged, "{}", context());
+                prop_assert_eq!(a.generation, Generation::FIRST, "{}", context());
+                prop_assert_eq!(a.family, self.fams[fam].id);
+                let token = a.token.as_str().to_owned();
+                prop_assert!(token.starts_with("rgt_") && token.len() == TOKEN_LEN);
+                prop_assert!(
+                    self.seen.insert(token.clone()),
+                    "exchange returned a token handed out before: {}",
+                    context()
+                );
+                let method = match before.code.as_ref().and_then(|c| c.challenge.as_ref()) {
+                    Some(MChallenge::S256(_)) => "S256",
+                    Some(MChallenge::Plain(_)) => "plain",
+                    None => "none",
+                };
+                self.count(format!("exchanged:{method}"));
+                let real = &mut self.fams[fam];
+                real.exchanges += 1;
+                prop_assert_eq!(real.exchanges, 1, "a code exchanged twice: {}", context());
+                prop_assert!(real.tokens.is_empty());
+                real.tokens.push(token);
+                real.max_generation = 1;
+            }
+            (Expect::Deny(reason), Decision::Deny(d)) => {
+                prop_assert_eq!(d.reason, reason, "{}", context());
+                let family = (reason != DenyReason::InvalidToken).then_some(self.fams[fam].id);
+                prop_assert_eq!(d.family, family, "{}", context());
+                match reason {
+                    DenyReason::ClientMismatch => {
+                        events.push(("client_mismatch".to_owned(), Some(fam)));
+                    }
+                    DenyReason::IpNotAllowed => {
+                        events.push(("ip_not_allowed".to_owned(), Some(fam)));
+                        let mode = if self.model.policy_of(fam).every_refresh {
+                            "every_refresh"
+                        } else {
+                            "issuance_only"
+                        };
+                        self.count(format!("exchange:ip_not_allowed:{mode}"));
+                    }
+                    DenyReason::CodeReused => {
+                        prop_assert!(revoked);
+                        events.push(("code_replay".to_owned(), Some(fam)));
+                        events.push((revoked_label(RevokeReason::CodeReplay), Some(fam)));
+                    }
+                    _ => {}
+                }
+            }
+            (expect, got) => {
+                return Err(fail(format!(
+                    "{}: expected {expect:?}, engine said {got:?}",
+                    context()
+                )));
+            }
+        }
+        if revoked {
+            // The replay event comes first, then the revocation it caused.
+            let order: Vec<&'static str> =
+                self.sink.events().iter().map(|e| e.kind.as_str()).collect();
+            prop_assert_eq!(order, vec!["code_replay", "family_revoked"]);
+        }
+        self.check_events(events)?;
+        if replay && client == CLIENTS[before.client] {
+            // A replayed code always leaves its family revoked (by this
+            // replay, or before it), unless the family is gone already.
+            let status = self
+                .engine
+                .family_record(self.fams[fam].id)
+                .map(|r| r.status());
+            prop_assert!(
+                matches!(status, None | Some(Status::Revoked { .. })),
+                "replayed code left family {} {:?} (model before: {:?})",
+                fam,
+                status,
+                before
+            );
+        }
+        if revoked {
+            // Every refresh token of the family is dead, and the current
+            // one is now refused as revoked.
+            for t in &self.fams[fam].tokens {
+                let got = self.engine.introspect(t);
+                prop_assert!(
+                    got.as_ref().is_some_and(|i| !i.active
+                        && i.status
+                            == Status::Revoked {
+                                reason: RevokeReason::CodeReplay,
+                                at: ts(self.model.now)
+                            }),
+                    "after a code replay: {:?}",
+                    got
+                );
+            }
+            let current = self.model.families[fam].current;
+            self.redeem(fam, current, &Who::Own, 0)?;
+        }
+        Ok(())
+    }
+
+    /// A genuine token of one kind presented as the other: refused as
+    /// invalid, changing nothing.
+    fn cross(&mut self, cross: &Cross) -> TestCaseResult {
+        let before = self.snapshot();
+        match cross {
+            Cross::CodeAsRefresh { fam, via_revoke } => {
+                let Some(fam) = self.pick(fam, |r| r.code.is_some()) else {
+                    return Ok(());
+                };
+                let code = self.fams[fam].code.clone().expect("picked");
+                let client = CLIENTS[self.model.families[fam].client];
+                if *via_revoke {
+                    let revoked = self
+                        .engine
+                        .revoke_token(&code, Some(client))
+                        .map_err(fail)?;
+                    prop_assert!(!revoked, "a code revoked its family as a refresh token");
+                } else {
+                    let d = self
+                        .engine
+                        .redeem(&code, client, ip_addr(0))
+                        .map_err(fail)?;
+                    prop_assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
+                    if let Decision::Deny(d) = d {
+                        prop_assert_eq!(d.family, None);
+                    }
+                }
+                prop_assert!(self.engine.introspect(&code).is_none());
+                self.count("cross:code_as_refresh");
+            }
+            Cross::RefreshAsCode { fam, generation } => {
+                let Some(fam) = self.pick(fam, |r| !r.tokens.is_empty()) else {
+                    return Ok(());
+                };
+                let real = &self.fams[fam];
+                let token = generation.get(&real.tokens);
+                let d = self
+                    .engine
+                    .exchange(&ExchangeRequest {
+                        code: token,
+                        code_verifier: real.verifier.as_deref(),
+                        client: CLIENTS[self.model.families[fam].client],
+                        redirect_uri: REDIRECTS[real.redirect],
+                        ip: ip_addr(0),
+                    })
+                    .map_err(fail)?;
+                prop_assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
+                if let Decision::Deny(d) = d {
+                    prop_assert_eq!(d.family, None);
+                }
+                self.count("cross:refresh_as_code");
+            }
+        }
+        prop_assert_eq!(self.snapshot(), before, "{:?} changed state", cross);
+        self.check_events(vec![])
     }
 
     fn client_name(&self, fam: usize, who: &Who) -> &'static str {
@@ -1080,22 +1896,32 @@ impl<'a> Run<'a> {
             if f.subject != subject || f.swept {
                 continue;
             }
-            let current = self.fams[i].tokens.last().expect("one token at least");
-            let got = self.engine.introspect(current).map(|x| x.status);
+            let got = self
+                .engine
+                .family_record(self.fams[i].id)
+                .map(|r| r.status());
             prop_assert_eq!(got, Some(model_status(f)), "status of family {}", i);
         }
         Ok(())
     }
 
     /// The token a forgery describes, or `None` if it needs a real token
-    /// and there is none.
-    fn forged_token(&self, forgery: &Forgery) -> Option<String> {
+    /// and there is none. With `code`, the forgery starts from a real
+    /// authorization code instead of a refresh token (and `CodePrefix` puts
+    /// the code's body under the refresh-token prefix).
+    fn forged_token(&self, forgery: &Forgery, code: bool) -> Option<String> {
         let real = |fam: &Index, generation: &Index| -> Option<(usize, &str)> {
-            if self.fams.is_empty() {
-                return None;
+            if code {
+                let fam = self.pick(fam, |r| r.code.is_some())?;
+                return Some((fam, self.fams[fam].code.as_deref().expect("picked")));
             }
-            let fam = fam.index(self.fams.len());
+            let fam = self.pick(fam, |r| !r.tokens.is_empty())?;
             Some((fam, generation.get(&self.fams[fam].tokens).as_str()))
+        };
+        let (prefix, other) = if code {
+            ("rgc_", "rgt_")
+        } else {
+            ("rgt_", "rgc_")
         };
         Some(match forgery {
             Forgery::Flip {
@@ -1139,7 +1965,7 @@ impl<'a> Run<'a> {
                 format!("{t}{}", *ch.get(BASE64URL) as char)
             }
             Forgery::CodePrefix { fam, generation } => {
-                format!("rgc_{}", &real(fam, generation)?.1[4..])
+                format!("{other}{}", &real(fam, generation)?.1[4..])
             }
             Forgery::Reforged {
                 fam,
@@ -1159,39 +1985,57 @@ impl<'a> Run<'a> {
                 if let Some(tag) = new_tag {
                     raw[21..].copy_from_slice(tag);
                 }
-                format!("rgt_{}", URL_SAFE_NO_PAD.encode(&raw))
+                format!("{prefix}{}", URL_SAFE_NO_PAD.encode(&raw))
             }
             Forgery::UnknownFamily { real_key, raw } => {
                 let mut raw = raw.clone();
-                if *real_key && let Some(f) = self.fams.first() {
-                    let real = URL_SAFE_NO_PAD.decode(&f.tokens[0][4..]).expect("decodes");
+                let first = self.fams.iter().find_map(|r| match code {
+                    true => r.code.as_deref(),
+                    false => r.tokens.first().map(String::as_str),
+                });
+                if *real_key && let Some(t) = first {
+                    let real = URL_SAFE_NO_PAD.decode(&t[4..]).expect("decodes");
                     raw[0] = real[0];
                 }
-                format!("rgt_{}", URL_SAFE_NO_PAD.encode(&raw))
+                format!("{prefix}{}", URL_SAFE_NO_PAD.encode(&raw))
             }
-            Forgery::Garbage(s) => s.clone(),
+            Forgery::Garbage(s) => match s.strip_prefix("rgt_") {
+                Some(rest) if code => format!("rgc_{rest}"),
+                _ => s.clone(),
+            },
         })
     }
 
-    /// What a forgery may not change: every family's current token as
-    /// introspected, and the number of records.
-    fn snapshot(&self) -> (Vec<Option<Introspection>>, usize) {
+    fn snapshot(&self) -> Snapshot {
         let views = self
             .fams
             .iter()
-            .map(|r| self.engine.introspect(r.tokens.last().expect("one token")))
+            .map(|r| r.tokens.last().and_then(|t| self.engine.introspect(t)))
             .collect();
-        (views, self.engine.stats().families)
+        let records = self
+            .fams
+            .iter()
+            .map(|r| {
+                self.engine
+                    .family_record(r.id)
+                    .map(|f| (f.generation(), f.status()))
+            })
+            .collect();
+        (views, records, self.engine.stats().families)
     }
 
+    /// Present a forged token (or code) to redeem or RFC 7009 revocation,
+    /// and to the code exchange: refused as invalid everywhere, changing
+    /// nothing.
     fn forge(
         &mut self,
         forgery: &Forgery,
+        code: bool,
         client: usize,
         ip: usize,
         via_revoke: bool,
     ) -> TestCaseResult {
-        let Some(token) = self.forged_token(forgery) else {
+        let Some(token) = self.forged_token(forgery, code) else {
             return Ok(());
         };
         if self.seen.contains(&token) {
@@ -1200,8 +2044,36 @@ impl<'a> Run<'a> {
         }
         let label = format!("{forgery:?}");
         let kind = label.split([' ', '(']).next().unwrap_or("?");
-        self.count(format!("forge:{kind}"));
+        self.count(format!(
+            "{}:{kind}",
+            if code { "forge_code" } else { "forge" }
+        ));
         let before = self.snapshot();
+        // What the source family's client would send along with its code.
+        let source = self.fams.iter().find(|r| r.code.is_some());
+        let (verifier, redirect) = source.map_or((None, 0), |r| (r.verifier.clone(), r.redirect));
+        let d = self
+            .engine
+            .exchange(&ExchangeRequest {
+                code: &token,
+                code_verifier: verifier.as_deref(),
+                client: CLIENTS[client],
+                redirect_uri: REDIRECTS[redirect],
+                ip: ip_addr(ip),
+            })
+            .map_err(fail)?;
+        prop_assert_eq!(
+            d.deny_reason(),
+            Some(DenyReason::InvalidToken),
+            "forged code {:?} from {:?}: {:?}",
+            token,
+            forgery,
+            d
+        );
+        prop_assert_eq!(d.policy_version(), self.version);
+        if let Decision::Deny(d) = d {
+            prop_assert_eq!(d.family, None);
+        }
         if via_revoke {
             let revoked = self
                 .engine
@@ -1253,7 +2125,7 @@ impl<'a> Run<'a> {
                 let removed: Vec<usize> = (0..self.fams.len())
                     .filter(|&i| {
                         !self.model.families[i].swept
-                            && self.engine.introspect(&self.fams[i].tokens[0]).is_none()
+                            && self.engine.family_record(self.fams[i].id).is_none()
                     })
                     .collect();
                 for r in &removed {
@@ -1278,6 +2150,10 @@ impl<'a> Run<'a> {
             self.count(format!("sweep:{partial}"));
         }
         for r in removed {
+            let f = &self.model.families[r];
+            if f.code.is_some() && f.revoked.is_none() {
+                self.count("sweep:expired_code");
+            }
             self.model.families[r].swept = true;
         }
         self.check_events(vec![])
@@ -1319,10 +2195,25 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Every token ever handed out introspects as the model says, and at
-    /// most one generation per family is active (redeemable).
+    /// Every record holds the generation and status the model says (a
+    /// code not yet exchanged is generation 0), every token ever handed out
+    /// introspects as the model says, at most one generation per family is
+    /// active (redeemable), and no code introspects as a refresh token.
     fn check_introspection(&self) -> TestCaseResult {
         for (i, (m, r)) in self.model.families.iter().zip(&self.fams).enumerate() {
+            let record = self
+                .engine
+                .family_record(r.id)
+                .map(|f| (f.generation().get(), f.status()));
+            let want = (!m.swept).then(|| (m.current, model_status(m)));
+            prop_assert_eq!(record, want, "record of family {}: {:?}", i, m);
+            if let Some(code) = &r.code {
+                prop_assert!(
+                    self.engine.introspect(code).is_none(),
+                    "the code of family {} introspects as a refresh token",
+                    i
+                );
+            }
             let p = self.model.set.policy(m.client);
             let mut active = 0;
             for (g0, t) in r.tokens.iter().enumerate() {
@@ -1416,6 +2307,40 @@ const MUST_COVER: &[&str] = &[
     "forge:Reforged",
     "forge:UnknownFamily",
     "forge:Garbage",
+    // Authorization codes (issue 4).
+    "authorize:code_issued",
+    "authorize:pkce_required",
+    "authorize:pkce_method_not_allowed",
+    "authorize:pkce_challenge_invalid",
+    "exchange:exchanged",
+    "exchanged:S256",
+    "exchanged:plain",
+    "exchanged:none",
+    "exchange:invalid_token",
+    "exchange:client_mismatch",
+    "exchange:revoked",
+    "exchange:code_reused",
+    "exchange:redirect_uri_mismatch",
+    "exchange:code_expired",
+    "exchange:pkce_required",
+    "exchange:pkce_method_not_allowed",
+    "exchange:pkce_verifier_invalid",
+    "exchange:pkce_verifier_unexpected",
+    "exchange:pkce_mismatch",
+    "exchange:ip_not_allowed",
+    "exchange:ip_not_allowed:every_refresh",
+    "exchange:ip_not_allowed:issuance_only",
+    "revoke:pending_code",
+    "sweep:expired_code",
+    "cross:code_as_refresh",
+    "cross:refresh_as_code",
+    "forge_code:Flip",
+    "forge_code:Truncate",
+    "forge_code:Extend",
+    "forge_code:CodePrefix",
+    "forge_code:Reforged",
+    "forge_code:UnknownFamily",
+    "forge_code:Garbage",
 ];
 
 fn cases() -> u32 {
@@ -1457,6 +2382,25 @@ fn engine_matches_reference_model() {
             "never reached {missing:?}; got {coverage:#?}"
         );
     }
+}
+
+/// The model's own PKCE helpers agree with RFC 7636 Appendix B, so a
+/// disagreement with the engine is never the model's S256 being wrong.
+#[test]
+fn model_pkce_helpers_match_rfc7636_appendix_b() {
+    assert_eq!(s256_of(RFC7636_VERIFIER), RFC7636_CHALLENGE);
+    assert!(is_verifier(RFC7636_VERIFIER));
+    assert!(is_s256_challenge(RFC7636_CHALLENGE));
+    let challenge = authorize_pkce(Pkce::S256, Some(RFC7636_CHALLENGE), Some("S256"));
+    assert_eq!(
+        challenge,
+        Ok(Some(MChallenge::S256(RFC7636_CHALLENGE.to_owned())))
+    );
+    let c = challenge.expect("valid").expect("a challenge");
+    assert_eq!(
+        exchange_pkce(Some(&c), Some(RFC7636_VERIFIER), Pkce::S256),
+        Ok(())
+    );
 }
 
 /// `grace_same_ip`: a retry from the IPv4-mapped spelling (`::ffff:a.b.c.d`)
