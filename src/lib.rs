@@ -81,6 +81,8 @@ mod policy;
 mod random;
 #[cfg(feature = "watch")]
 mod reload;
+#[cfg(feature = "server")]
+pub mod server;
 mod store;
 mod table;
 mod token;

@@ -1,0 +1,325 @@
+//! The admin listener: every request carries `Authorization: Bearer <admin
+//! token>`, compared in constant time, or is answered 401.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Extension, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use super::net::Peer;
+use super::oauth::{OAuthError, json, read_body};
+use super::{App, form, policies};
+use crate::decision::Decision;
+use crate::engine::AuthorizeRequest;
+use crate::error::Error;
+
+pub(crate) fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/admin/v1/authorizations", post(authorize))
+        .route("/admin/v1/subjects/{subject}/revoke", post(revoke_subject))
+        .route("/admin/v1/policies/reload", post(reload))
+        .route(
+            "/admin/v1/policies/shadow",
+            post(shadow_set).get(shadow_report).delete(shadow_drop),
+        )
+        .route("/admin/v1/policies/promote", post(promote))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(super::oauth::healthz))
+        .fallback(super::oauth::not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), require_admin))
+        .with_state(app)
+}
+
+async fn require_admin(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .is_some_and(|(scheme, token)| {
+            scheme.eq_ignore_ascii_case("bearer") && app.admin.matches(token.trim())
+        });
+    if ok {
+        return next.run(req).await;
+    }
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "the admin API needs Authorization: Bearer <admin token>",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"refresh-guard-admin\""),
+    );
+    r
+}
+
+fn error(status: StatusCode, error: &str, description: &str) -> Response {
+    let body = serde_json::json!({"error": error, "error_description": description});
+    json(status, body.to_string(), true)
+}
+
+fn engine_error(app: &App, what: &str, e: &Error) -> Response {
+    match e {
+        Error::InvalidArgument { .. } => {
+            error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string())
+        }
+        _ => {
+            app.engine_failed(what, e);
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the server could not complete the request",
+            )
+        }
+    }
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, Response> {
+    let bytes = read_body(app, headers, body).await.map_err(|e| {
+        let OAuthError {
+            status,
+            error: code,
+            description,
+            ..
+        } = e;
+        error(status, code, &description)
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()))
+}
+
+/// `POST /admin/v1/authorizations`: the embedding server's login and
+/// consent happened; mint the code.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeBody {
+    client_id: String,
+    subject: String,
+    #[serde(default)]
+    scope: String,
+    redirect_uri: String,
+    code_challenge: Option<String>,
+    code_challenge_method: Option<String>,
+    /// The user agent's address, if the caller knows it; else the caller's.
+    ip: Option<IpAddr>,
+}
+
+async fn authorize(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let b: AuthorizeBody = match read_json(&app, &headers, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let ip = b.ip.unwrap_or_else(|| app.client_ip(peer.0, &headers));
+    let engine = app.engine.clone();
+    let client = b.client_id.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let decision = engine.authorize(&AuthorizeRequest {
+            client: &b.client_id,
+            subject: &b.subject,
+            scope: &b.scope,
+            redirect_uri: &b.redirect_uri,
+            code_challenge: b.code_challenge.as_deref(),
+            code_challenge_method: b.code_challenge_method.as_deref(),
+            ip,
+        })?;
+        let ttl = engine.policies().policy(&b.client_id).code_ttl();
+        Ok::<_, Error>((decision, ttl))
+    })
+    .await;
+    match result {
+        Ok(Ok((decision, ttl))) => {
+            app.metrics.decision(&client, &decision);
+            match decision {
+                Decision::Accept(a) => {
+                    let body = serde_json::json!({
+                        "code": a.token.as_str(),
+                        "expires_in": ttl.as_secs().max(1),
+                    });
+                    json(StatusCode::CREATED, body.to_string(), true)
+                }
+                Decision::Deny(d) => error(
+                    StatusCode::BAD_REQUEST,
+                    d.reason.oauth_error().as_str(),
+                    d.reason.description(),
+                ),
+            }
+        }
+        Ok(Err(e)) => engine_error(&app, "authorization", &e),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "task failed",
+        ),
+    }
+}
+
+async fn revoke_subject(
+    State(app): State<Arc<App>>,
+    Path(subject): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let query = query.unwrap_or_default();
+    let client = match form::parse(query.as_bytes()) {
+        Ok(f) => f.get("client_id").map(str::to_owned),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+    };
+    let engine = app.engine.clone();
+    let result =
+        tokio::task::spawn_blocking(move || engine.revoke_subject(&subject, client.as_deref()))
+            .await;
+    match result {
+        Ok(Ok(n)) => json(
+            StatusCode::OK,
+            serde_json::json!({ "revoked": n }).to_string(),
+            true,
+        ),
+        Ok(Err(e)) => engine_error(&app, "subject revocation", &e),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "task failed",
+        ),
+    }
+}
+
+fn policy_errors(errors: Vec<String>) -> Response {
+    json(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        serde_json::json!({ "errors": errors }).to_string(),
+        true,
+    )
+}
+
+fn version(v: crate::policy::PolicyVersion) -> Response {
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "version": v.to_string() }).to_string(),
+        true,
+    )
+}
+
+async fn reload(State(app): State<Arc<App>>) -> Response {
+    let a = app.clone();
+    match tokio::task::spawn_blocking(move || a.reload_policies()).await {
+        Ok(Ok(v)) => version(v),
+        Ok(Err(errors)) => policy_errors(errors),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "task failed",
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowBody {
+    dir: PathBuf,
+}
+
+async fn shadow_set(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let b: ShadowBody = match read_json(&app, &headers, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let dir = b.dir;
+    match tokio::task::spawn_blocking(move || policies::load_dir(&dir)).await {
+        Ok(Ok(set)) => {
+            let v = app.engine.set_shadow(set);
+            tracing::info!(candidate = %v, "shadow evaluation started");
+            version(v)
+        }
+        Ok(Err(errors)) => policy_errors(errors),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "task failed",
+        ),
+    }
+}
+
+fn no_shadow() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no_shadow",
+        "no candidate policy set is under shadow evaluation",
+    )
+}
+
+async fn shadow_report(State(app): State<Arc<App>>) -> Response {
+    let Some(report) = app.engine.shadow_report() else {
+        return no_shadow();
+    };
+    let mut clients = serde_json::Map::new();
+    let mut changed = 0u64;
+    for row in &report.rows {
+        if row.active != row.candidate {
+            changed += row.count;
+        }
+        let entry = clients
+            .entry(row.client.to_string())
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let serde_json::Value::Array(v) = entry {
+            v.push(serde_json::json!({
+                "active": row.active,
+                "candidate": row.candidate,
+                "count": row.count,
+            }));
+        }
+    }
+    let body = serde_json::json!({
+        "active": report.active.to_string(),
+        "candidate": report.candidate.to_string(),
+        "since_ms": report.since.as_millis(),
+        "changed": changed,
+        "clients": clients,
+    });
+    json(StatusCode::OK, body.to_string(), true)
+}
+
+async fn promote(State(app): State<Arc<App>>) -> Response {
+    match app.engine.promote_shadow() {
+        Some(v) => {
+            tracing::info!(version = %v, "shadow candidate promoted");
+            version(v)
+        }
+        None => no_shadow(),
+    }
+}
+
+async fn shadow_drop(State(app): State<Arc<App>>) -> Response {
+    if app.engine.drop_shadow() {
+        tracing::info!("shadow candidate dropped");
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        no_shadow()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let text = app.metrics.render(&app.engine);
+    let mut r = (StatusCode::OK, text).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}

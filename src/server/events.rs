@@ -1,0 +1,63 @@
+//! The server's event sink: every engine event becomes one structured log
+//! record (JSON when logs are), and revocations are counted for `/metrics`.
+
+use std::sync::Arc;
+
+use super::metrics::Metrics;
+use crate::event::{Event, EventKind, EventSink};
+
+/// Logs each event through `tracing` (target `refresh_guard::event`) and
+/// counts revocations by reason. Events carry ids, never token material.
+pub(crate) struct LogSink {
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl EventSink for LogSink {
+    fn emit(&self, e: &Event) {
+        if let EventKind::FamilyRevoked { reason } = &e.kind {
+            self.metrics.revocation(reason.as_str());
+        }
+        let detail = match &e.kind {
+            EventKind::ReuseDetected {
+                presented,
+                current,
+                response,
+            } => format!("presented generation {presented}, current {current}; {response}"),
+            EventKind::FamilyRevoked { reason } => format!("reason {reason}"),
+            EventKind::ClientMismatch { presented_client } => {
+                format!("presented by client {presented_client}")
+            }
+            EventKind::StateRollback { presented, current } => {
+                format!("presented generation {presented}, current {current}")
+            }
+            EventKind::CapEviction { cap } => format!("cap {cap}"),
+            EventKind::PolicySwapped { from } => format!("replaced {from}"),
+            EventKind::PolicyReloadFailed { errors } => errors.join("; "),
+            EventKind::IpNotAllowed | EventKind::CodeReplay => String::new(),
+        };
+        let family = e.family.map(|f| f.to_string()).unwrap_or_default();
+        let client = e.client.as_deref().unwrap_or("");
+        let subject = e.subject.as_deref().unwrap_or("");
+        let ip = e.ip.map(|ip| ip.to_string()).unwrap_or_default();
+        macro_rules! log {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "refresh_guard::event",
+                    event = e.kind.as_str(),
+                    family,
+                    client,
+                    subject,
+                    ip,
+                    policy_version = %e.policy_version,
+                    at_ms = e.at.as_millis(),
+                    detail,
+                    "security event"
+                )
+            };
+        }
+        match e.kind {
+            EventKind::PolicySwapped { .. } => log!(info),
+            _ => log!(warn),
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! `refresh-guard serve`: a standards-conformant OAuth 2.0 token service on
+//! the engine (DESIGN §7), for stacks that use the engine as a sidecar and
+//! for standard client libraries, unmodified.
+//!
+//! What it serves, on two listeners:
+//!
+//! - public: `POST /oauth2/token` (RFC 6749 `authorization_code` with PKCE
+//!   and `refresh_token`), `POST /oauth2/revoke` (RFC 7009),
+//!   `POST /oauth2/introspect` (RFC 7662),
+//!   `GET /.well-known/oauth-authorization-server` (RFC 8414),
+//!   `GET /.well-known/jwks.json`, `GET /healthz`;
+//! - admin (every request needs `Authorization: Bearer <admin token>`):
+//!   `POST /admin/v1/authorizations` (mint a code after the embedding
+//!   server's login and consent), `POST /admin/v1/subjects/{subject}/revoke`,
+//!   policy reload, shadow, promote and drop, `GET /metrics`, `GET /healthz`.
+//!
+//! What it does not do: log users in, render consent, or host an
+//! authorization endpoint. The embedding login calls the admin API for a
+//! code and redirects the user agent with it.
+//!
+//! Access tokens are RFC 9068 JWTs signed with Ed25519; refresh tokens are
+//! the engine's. Every refresh is decided by the engine under the policy
+//! set in force, and a rotation is answered only once it is durable in
+//! `sync` mode (the handler awaits [`Engine::redeem_async`], never blocking
+//! a worker thread on fsync).
+//!
+//! ```no_run
+//! use refresh_guard::server::{Config, ServerHandle};
+//!
+//! let server = ServerHandle::start(Config {
+//!     listen: "127.0.0.1:0".parse().unwrap(),
+//!     admin_listen: "127.0.0.1:0".parse().unwrap(),
+//!     ..Config::default()
+//! })?;
+//! println!("token endpoint: http://{}/oauth2/token", server.addr());
+//! server.shutdown()?;
+//! # Ok::<(), refresh_guard::server::ServerError>(())
+//! ```
+
+mod admin;
+mod cli;
+mod datadir;
+mod events;
+pub mod form;
+mod jwt;
+mod metrics;
+mod net;
+mod oauth;
+mod policies;
+
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot, watch};
+
+pub use self::cli::serve_main;
+pub use self::datadir::{AdminToken, AdminTokenSource};
+pub use self::jwt::{AccessClaims, AccessTokenSigner};
+
+use self::metrics::Metrics;
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::policy::{AllowList, IpRange, PolicySet, PolicyVersion};
+use crate::reload::PolicyReloader;
+use crate::store::{Durability, LogOptions, LogStore};
+
+/// Most bytes of a request body; larger bodies are answered 413.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// Concurrent connections the admin listener accepts.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// How the server runs. [`Config::default`] is what `refresh-guard serve`
+/// does with no flags.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Public listener (`--listen`).
+    pub listen: SocketAddr,
+    /// Admin listener (`--admin-listen`).
+    pub admin_listen: SocketAddr,
+    /// Policy directory (`--policies`), loaded at start and on reload.
+    pub policies: PathBuf,
+    /// Start with this set instead of loading `policies` (embedders and
+    /// tests); reloads still read `policies`.
+    pub policy_set: Option<PolicySet>,
+    /// Data directory (`--data`): keys, admin token, store.
+    pub data: PathBuf,
+    /// Store durability (`--durability`); `None` keeps state in memory only.
+    pub durability: Durability,
+    /// Peers whose `X-Forwarded-For` is believed (`--trusted-proxies`).
+    pub trusted_proxies: Vec<IpRange>,
+    /// The admin API's bearer token.
+    pub admin_token: AdminTokenSource,
+    /// Issuer identifier (`--issuer`); default `http://<listen>`.
+    pub issuer: Option<String>,
+    /// Most concurrent connections on the public listener
+    /// (`--max-connections`); further clients wait in the accept backlog.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers; also the idle
+    /// timeout of a keep-alive connection.
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body once its headers are in.
+    pub body_timeout: Duration,
+    /// How often the sweeper runs.
+    pub sweep_interval: Duration,
+    /// Slots the sweeper examines per run.
+    pub sweep_budget: usize,
+    /// How often the store is compacted.
+    pub compact_interval: Duration,
+    /// How long shutdown waits for open requests before closing anyway.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            policies: PathBuf::from("./policies"),
+            policy_set: None,
+            data: PathBuf::from("./data"),
+            durability: Durability::Sync,
+            trusted_proxies: Vec::new(),
+            admin_token: AdminTokenSource::Generate,
+            issuer: None,
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(1),
+            sweep_budget: 10_000,
+            compact_interval: Duration::from_secs(600),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A file or directory could not be read or written.
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        detail: String,
+    },
+    /// A data-directory file is malformed.
+    DataFile {
+        /// The file.
+        path: PathBuf,
+        /// Its line (1-based; 0 = the file as a whole).
+        line: usize,
+        /// What is wrong (never the secret itself).
+        detail: String,
+    },
+    /// A listener could not be bound.
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        detail: String,
+    },
+    /// The policy directory failed to load.
+    Policy {
+        /// The directory.
+        dir: PathBuf,
+        /// Every problem, each naming file, line, column and key.
+        errors: Vec<String>,
+    },
+    /// The engine or its store failed.
+    Engine(Error),
+    /// A configuration value is out of range, or the command line is wrong.
+    Config(String),
+    /// The async runtime failed.
+    Runtime(String),
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::Io { path, detail } => write!(f, "{}: {detail}", path.display()),
+            ServerError::DataFile { path, line, detail } => {
+                write!(f, "{}:{line}: {detail}", path.display())
+            }
+            ServerError::Bind { addr, detail } => write!(f, "cannot listen on {addr}: {detail}"),
+            ServerError::Policy { dir, errors } => {
+                write!(f, "policies in {} refused", dir.display())?;
+                for e in errors {
+                    write!(f, "\n  {e}")?;
+                }
+                Ok(())
+            }
+            ServerError::Engine(e) => write!(f, "engine: {e}"),
+            ServerError::Config(s) => f.write_str(s),
+            ServerError::Runtime(s) => write!(f, "runtime: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// State shared by every handler.
+pub(crate) struct App {
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) signer: AccessTokenSigner,
+    pub(crate) issuer: String,
+    pub(crate) admin: AdminToken,
+    /// `None` when no proxy is trusted. (An empty `AllowList` means "any".)
+    trusted: Option<AllowList>,
+    reloader: PolicyReloader,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) body_timeout: Duration,
+    /// Cleared when the store fails: the engine then refuses every change.
+    healthy: AtomicBool,
+    pub(crate) metadata: String,
+    pub(crate) jwks: String,
+}
+
+impl App {
+    /// The client's address: the TCP peer, or, when the peer is a trusted
+    /// proxy, the nearest untrusted hop of `X-Forwarded-For` (read from the
+    /// right, since each proxy appends; the left is client-controlled).
+    pub(crate) fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+        let mut ip = peer.ip().to_canonical();
+        let Some(trusted) = &self.trusted else {
+            return ip;
+        };
+        if !trusted.contains(ip) {
+            return ip;
+        }
+        let values: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+            let hop = hop.trim();
+            let parsed = hop
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()));
+            let Some(next) = parsed else {
+                break;
+            };
+            ip = next.to_canonical();
+            if !trusted.contains(ip) {
+                break;
+            }
+        }
+        ip
+    }
+
+    /// Note an engine failure; a store failure makes `/healthz` fail.
+    pub(crate) fn engine_failed(&self, what: &str, e: &Error) {
+        if matches!(e, Error::Store { .. } | Error::Corrupt { .. }) {
+            self.healthy.store(false, Ordering::Relaxed);
+        }
+        tracing::error!(error = %e, "{what} failed");
+    }
+
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Reload the policy directory (see [`PolicyReloader::reload`]): the
+    /// version in force afterwards, or every problem. Blocking.
+    pub(crate) fn reload_policies(&self) -> Result<PolicyVersion, Vec<String>> {
+        self.reloader.reload().map_err(|e| e.to_strings())
+    }
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    app: Arc<App>,
+    public: TcpListener,
+    admin: TcpListener,
+    config: Config,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.public.local_addr().ok())
+            .field("admin_addr", &self.admin.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+fn issuer_for(config: &Config, addr: SocketAddr) -> String {
+    match &config.issuer {
+        Some(i) => i.trim_end_matches('/').to_owned(),
+        None => format!("http://{addr}"),
+    }
+}
+
+impl Server {
+    /// Prepare the data directory, build the engine (recovering the store),
+    /// load the policies and bind both listeners.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        if config.max_connections == 0 || config.max_connections > 1_000_000 {
+            return Err(ServerError::Config(
+                "max connections must be 1 to 1000000".into(),
+            ));
+        }
+        let public = bind(config.listen).await?;
+        let admin = bind(config.admin_listen).await?;
+        let addr = public.local_addr().map_err(|e| ServerError::Bind {
+            addr: config.listen,
+            detail: e.to_string(),
+        })?;
+        let cfg = config.clone();
+        let app = tokio::task::spawn_blocking(move || build_app(cfg, addr))
+            .await
+            .map_err(|e| ServerError::Runtime(e.to_string()))??;
+        Ok(Server {
+            app: Arc::new(app),
+            public,
+            admin,
+            config,
+        })
+    }
+
+    /// The public listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.public.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.config.admin_listen)
+    }
+
+    /// The engine behind the server.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.app.engine.clone()
+    }
+
+    /// Reloads the policy directory into this server's engine (what
+    /// `POST /admin/v1/policies/reload` does; the CLI also hooks it to
+    /// SIGHUP).
+    pub fn reloader(&self) -> PolicyReloader {
+        self.app.reloader.clone()
+    }
+
+    /// Serve until `shutdown` completes, then stop accepting, let open
+    /// requests finish (up to `shutdown_timeout`), and flush the store.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        let Server {
+            app,
+            public,
+            admin,
+            config,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let public_limit = Arc::new(Semaphore::new(config.max_connections));
+        let admin_limit = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+        let conn = net::ConnOptions {
+            header_timeout: config.header_timeout,
+        };
+        tracing::info!(
+            addr = %public.local_addr().unwrap_or(config.listen),
+            admin_addr = %admin.local_addr().unwrap_or(config.admin_listen),
+            issuer = %app.issuer,
+            durability = %app.engine.durability(),
+            policy_version = %app.engine.policies().version(),
+            "listening"
+        );
+        let public_task = tokio::spawn(net::serve(
+            public,
+            oauth::router(app.clone()),
+            public_limit.clone(),
+            conn.clone(),
+            stop_rx.clone(),
+            Some(app.metrics.clone()),
+        ));
+        let admin_task = tokio::spawn(net::serve(
+            admin,
+            admin::router(app.clone()),
+            admin_limit.clone(),
+            conn,
+            stop_rx.clone(),
+            None,
+        ));
+        let background = tokio::spawn(background(app.clone(), config.clone(), stop_rx));
+
+        shutdown.await;
+        tracing::info!("shutting down: finishing open requests");
+        let _ = stop_tx.send(true);
+        let _ = public_task.await;
+        let _ = admin_task.await;
+        let drained = tokio::time::timeout(config.shutdown_timeout, async {
+            let _ = public_limit
+                .acquire_many(permits(config.max_connections))
+                .await;
+            let _ = admin_limit
+                .acquire_many(permits(ADMIN_MAX_CONNECTIONS))
+                .await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                timeout_ms = config.shutdown_timeout.as_millis() as u64,
+                "requests still open at the shutdown timeout; closing"
+            );
+        }
+        let _ = background.await;
+        let engine = app.engine.clone();
+        tokio::task::spawn_blocking(move || engine.flush())
+            .await
+            .map_err(|e| ServerError::Runtime(e.to_string()))?
+            .map_err(ServerError::Engine)?;
+        tracing::info!("stopped; store flushed");
+        Ok(())
+    }
+}
+
+fn permits(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| ServerError::Bind {
+            addr,
+            detail: e.to_string(),
+        })
+}
+
+/// Everything blocking at start: data directory, keys, policies, store.
+fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
+    let data = &config.data;
+    datadir::ensure_dir(data)?;
+    let keys = datadir::key_ring(data)?;
+    let seed = datadir::signing_key(data)?;
+    let admin = datadir::admin_token(&config.admin_token, data)?;
+    let set = match config.policy_set.clone() {
+        Some(set) => set,
+        None => policies::load_dir(&config.policies).map_err(|errors| ServerError::Policy {
+            dir: config.policies.clone(),
+            errors,
+        })?,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let mut builder = Engine::builder()
+        .keys(keys)
+        .policies(set)
+        .events(events::LogSink {
+            metrics: metrics.clone(),
+        });
+    if config.durability != Durability::None {
+        let dir = data.join(datadir::LOG_DIR);
+        let store = LogStore::open(
+            &dir,
+            LogOptions {
+                durability: config.durability,
+                repair: false,
+            },
+        )
+        .map_err(ServerError::Engine)?;
+        builder = builder.store(store);
+    }
+    let engine = builder.build().map_err(ServerError::Engine)?;
+    tracing::info!(
+        data = %data.display(),
+        families = engine.stats().families,
+        durability = %engine.durability(),
+        "engine ready"
+    );
+    let issuer = issuer_for(&config, addr);
+    let signer = AccessTokenSigner::new(&seed);
+    let jwks = signer.jwks().to_string();
+    let metadata = oauth::metadata(&issuer).to_string();
+    let trusted =
+        (!config.trusted_proxies.is_empty()).then(|| AllowList::new(&config.trusted_proxies));
+    let engine = Arc::new(engine);
+    Ok(App {
+        reloader: PolicyReloader::new(engine.clone(), config.policies),
+        engine,
+        signer,
+        issuer,
+        admin,
+        trusted,
+        metrics,
+        body_timeout: config.body_timeout,
+        healthy: AtomicBool::new(true),
+        metadata,
+        jwks,
+    })
+}
+
+/// The sweeper and the compactor, until stopped.
+async fn background(app: Arc<App>, config: Config, mut stop: watch::Receiver<bool>) {
+    use tokio::time::{MissedTickBehavior, interval};
+    let mut sweep = interval(config.sweep_interval);
+    sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut compact = interval(config.compact_interval);
+    compact.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    compact.tick().await; // the first tick is immediate: skip it
+    let budget = config.sweep_budget;
+    loop {
+        tokio::select! {
+            _ = net::stopped(&mut stop) => return,
+            _ = sweep.tick() => {
+                let engine = app.engine.clone();
+                match tokio::task::spawn_blocking(move || engine.sweep(budget)).await {
+                    Ok(Ok(r)) if r.removed > 0 => {
+                        tracing::debug!(examined = r.examined, removed = r.removed, "swept");
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => app.engine_failed("sweep", &e),
+                    Err(e) => tracing::error!(error = %e, "sweep task failed"),
+                }
+            }
+            _ = compact.tick() => {
+                let engine = app.engine.clone();
+                let started = std::time::Instant::now();
+                match tokio::task::spawn_blocking(move || engine.compact()).await {
+                    Ok(Ok(())) => tracing::info!(
+                        ms = started.elapsed().as_millis() as u64,
+                        "store compacted"
+                    ),
+                    Ok(Err(e)) => app.engine_failed("compaction", &e),
+                    Err(e) => tracing::error!(error = %e, "compaction task failed"),
+                }
+            }
+        }
+    }
+}
+
+/// A server running on its own runtime and thread: for tests and embedders
+/// that are not async. Dropping it shuts the server down.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    engine: Arc<Engine>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), ServerError>>>,
+}
+
+impl fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("addr", &self.addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A multi-threaded runtime with the given number of workers (0 = one per
+/// core).
+pub fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ServerError> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all()
+        .thread_name("refresh-guard")
+        .build()
+        .map_err(|e| ServerError::Runtime(e.to_string()))
+}
+
+impl ServerHandle {
+    /// Bind and start serving on a new runtime (one worker per core).
+    pub fn start(config: Config) -> Result<ServerHandle, ServerError> {
+        ServerHandle::start_with_workers(config, 0)
+    }
+
+    /// [`start`](Self::start) with `workers` runtime threads (0 = per core).
+    pub fn start_with_workers(config: Config, workers: usize) -> Result<ServerHandle, ServerError> {
+        let rt = runtime(workers)?;
+        let server = rt.block_on(Server::bind(config))?;
+        let (addr, admin_addr, engine) = (server.addr(), server.admin_addr(), server.engine());
+        let (tx, rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("refresh-guard-server".into())
+            .spawn(move || {
+                rt.block_on(server.run(async {
+                    let _ = rx.await;
+                }))
+            })
+            .map_err(|e| ServerError::Runtime(e.to_string()))?;
+        Ok(ServerHandle {
+            addr,
+            admin_addr,
+            engine,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The public listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The engine behind the server.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Shut down gracefully and wait for it (open requests finish, the
+    /// store is flushed).
+    pub fn shutdown(mut self) -> Result<(), ServerError> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<(), ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| ServerError::Runtime("server thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}

@@ -1,0 +1,709 @@
+//! The public listener: token, revocation and introspection endpoints,
+//! metadata, JWKS, health. Errors follow RFC 6749 §5.2 exactly; nothing a
+//! client sends (codes, tokens, secrets) is ever echoed or logged.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use http_body_util::BodyExt as _;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::form::{self, Form};
+use super::jwt::AccessClaims;
+use super::net::Peer;
+use super::{App, MAX_BODY};
+use crate::decision::Decision;
+use crate::engine::ExchangeRequest;
+
+pub(crate) fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/oauth2/token", post(token))
+        .route("/oauth2/revoke", post(revoke))
+        .route("/oauth2/introspect", post(introspect))
+        .route("/.well-known/oauth-authorization-server", get(metadata_doc))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+/// The RFC 8414 metadata document for `issuer`.
+pub(crate) fn metadata(issuer: &str) -> serde_json::Value {
+    serde_json::json!({
+        "issuer": issuer,
+        "token_endpoint": format!("{issuer}/oauth2/token"),
+        "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
+        "introspection_endpoint": format!("{issuer}/oauth2/introspect"),
+        "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
+        "grant_types_supported": ["authorization_code", "refresh_token"],
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
+        "token_endpoint_auth_signing_alg_values_supported": [],
+        "service_documentation": "https://www.rfc-editor.org/rfc/rfc6749",
+    })
+}
+
+/// A JSON response.
+pub(crate) fn json(status: StatusCode, body: String, no_store: bool) -> Response {
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if no_store {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    }
+    r
+}
+
+/// An OAuth error response (RFC 6749 §5.2).
+pub(crate) struct OAuthError {
+    pub(crate) status: StatusCode,
+    pub(crate) error: &'static str,
+    pub(crate) description: Cow<'static, str>,
+    /// Answer with `WWW-Authenticate: Basic` (RFC 6749 §5.2: the client
+    /// tried HTTP Basic).
+    pub(crate) basic: bool,
+}
+
+impl OAuthError {
+    pub(crate) fn new(
+        status: StatusCode,
+        error: &'static str,
+        description: impl Into<Cow<'static, str>>,
+    ) -> OAuthError {
+        OAuthError {
+            status,
+            error,
+            description: description.into(),
+            basic: false,
+        }
+    }
+
+    pub(crate) fn request(description: impl Into<Cow<'static, str>>) -> OAuthError {
+        OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", description)
+    }
+
+    fn client(description: &'static str, basic: bool) -> OAuthError {
+        OAuthError {
+            basic,
+            ..OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", description)
+        }
+    }
+
+    pub(crate) fn server() -> OAuthError {
+        OAuthError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "the server could not complete the request",
+        )
+    }
+
+    fn missing(name: &'static str) -> OAuthError {
+        OAuthError::request(format!("missing parameter: {name}"))
+    }
+
+    pub(crate) fn respond(self, app: &App, endpoint: &'static str) -> Response {
+        app.metrics.error(endpoint, self.error);
+        let body = serde_json::json!({
+            "error": self.error,
+            "error_description": self.description,
+        });
+        let mut r = json(self.status, body.to_string(), true);
+        if self.basic {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"refresh-guard\", charset=\"UTF-8\""),
+            );
+        }
+        r
+    }
+}
+
+/// Read a request body of at most [`MAX_BODY`] bytes within the body
+/// timeout: 413 if longer, 408 if too slow.
+pub(crate) async fn read_body(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, OAuthError> {
+    let too_large = || {
+        OAuthError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            "request body is larger than 16 KiB",
+        )
+    };
+    if let Some(len) = headers.get(header::CONTENT_LENGTH)
+        && len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_none_or(|n| n > MAX_BODY as u64)
+    {
+        return Err(too_large());
+    }
+    let read = async {
+        let mut body = body;
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| OAuthError::request("the request body could not be read"))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > MAX_BODY {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(Bytes::from(buf))
+    };
+    match tokio::time::timeout(app.body_timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err(OAuthError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request",
+            "the request body was not received in time",
+        )),
+    }
+}
+
+/// Read and parse a form body, requiring the form content type.
+async fn read_form(app: &App, headers: &HeaderMap, body: Body) -> Result<Bytes, OAuthError> {
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !is_form {
+        return Err(OAuthError::request(
+            "Content-Type must be application/x-www-form-urlencoded",
+        ));
+    }
+    read_body(app, headers, body).await
+}
+
+fn parse_form(bytes: &Bytes) -> Result<Form<'_>, OAuthError> {
+    form::parse(bytes).map_err(|e| OAuthError::request(e.to_string()))
+}
+
+/// An authenticated (or, for a public client, identified) client.
+pub(crate) struct Client {
+    pub(crate) id: String,
+    /// Authenticated with a secret.
+    pub(crate) confidential: bool,
+}
+
+/// A parsed `Authorization: Basic` credential (RFC 6749 §2.3.1: both parts
+/// form-urlencoded before base64).
+fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
+    let v = value.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = STANDARD.decode(rest.trim()).ok()?;
+    let text = std::str::from_utf8(&decoded).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((
+        form::decode_component(id).ok()?,
+        form::decode_component(secret).ok()?,
+    ))
+}
+
+fn is_scheme(value: &HeaderValue, scheme: &str) -> bool {
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .is_some_and(|(s, _)| s.eq_ignore_ascii_case(scheme))
+}
+
+/// Authenticate the client per its policy: `client_secret_sha256` set means
+/// confidential (Basic or post, one method only), unset means public
+/// (identified by `client_id`, no secret).
+pub(crate) fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    form: &Form<'_>,
+) -> Result<Client, OAuthError> {
+    let basic = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(v) if is_scheme(v, "basic") => match basic_credentials(v) {
+            Some(c) => Some(c),
+            None => {
+                return Err(OAuthError::client(
+                    "malformed HTTP Basic client credentials",
+                    true,
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(OAuthError::client(
+                "unsupported client authentication method",
+                false,
+            ));
+        }
+    };
+    let via_basic = basic.is_some();
+    let (id, secret) = match basic {
+        Some((id, secret)) => {
+            if form.get("client_secret").is_some() {
+                return Err(OAuthError::request(
+                    "use one client authentication method, not both Basic and client_secret",
+                ));
+            }
+            if form.get("client_id").is_some_and(|c| c != id) {
+                return Err(OAuthError::request(
+                    "client_id does not match the Authorization header",
+                ));
+            }
+            (id, (!secret.is_empty()).then_some(secret))
+        }
+        None => match form.get("client_id") {
+            Some(id) => (id.to_owned(), form.get("client_secret").map(str::to_owned)),
+            None => return Err(OAuthError::missing("client_id")),
+        },
+    };
+    if id.is_empty() || id.len() > crate::policy::MAX_CLIENT_ID_LEN {
+        return Err(OAuthError::client("unknown client", via_basic));
+    }
+    let policies = app.engine.policies();
+    let expected = policies.policy(&id).client_secret_sha256().copied();
+    match (expected, secret) {
+        (Some(hash), Some(secret)) => {
+            let presented: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+            if bool::from(presented.ct_eq(&hash)) {
+                Ok(Client {
+                    id,
+                    confidential: true,
+                })
+            } else {
+                Err(OAuthError::client(
+                    "client authentication failed",
+                    via_basic,
+                ))
+            }
+        }
+        (Some(_), None) => Err(OAuthError::client(
+            "client authentication required",
+            via_basic,
+        )),
+        (None, None) => Ok(Client {
+            id,
+            confidential: false,
+        }),
+        (None, Some(_)) => Err(OAuthError::client(
+            "client authentication failed",
+            via_basic,
+        )),
+    }
+}
+
+fn required<'f>(form: &'f Form<'_>, name: &'static str) -> Result<&'f str, OAuthError> {
+    form.get(name).ok_or_else(|| OAuthError::missing(name))
+}
+
+/// `requested` as a list of distinct scope tokens, if every one is in
+/// `granted` (RFC 6749 §6: a refresh may narrow, never widen).
+fn narrow_scope(requested: &str, granted: &str) -> Option<String> {
+    let granted: Vec<&str> = granted.split_ascii_whitespace().collect();
+    let mut out: Vec<&str> = Vec::new();
+    for s in requested.split_ascii_whitespace() {
+        if !granted.contains(&s) {
+            return None;
+        }
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Some(out.join(" "))
+}
+
+async fn token(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match token_inner(&app, peer, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.respond(&app, "token"),
+    }
+}
+
+async fn token_inner(
+    app: &Arc<App>,
+    peer: Peer,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, OAuthError> {
+    let bytes = read_form(app, headers, body).await?;
+    let form = parse_form(&bytes)?;
+    let grant = required(&form, "grant_type")?;
+    let client = authenticate(app, headers, &form)?;
+    let ip = app.client_ip(peer.0, headers);
+    match grant {
+        "authorization_code" => code_grant(app, &client, &form, ip).await,
+        "refresh_token" => refresh_grant(app, &client, &form, ip).await,
+        _ => Err(OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "grant_type must be authorization_code or refresh_token",
+        )),
+    }
+}
+
+fn denied(d: &Decision) -> Option<OAuthError> {
+    match d {
+        Decision::Accept(_) => None,
+        Decision::Deny(d) => Some(OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            d.reason.oauth_error().as_str(),
+            d.reason.description(),
+        )),
+    }
+}
+
+async fn code_grant(
+    app: &Arc<App>,
+    client: &Client,
+    form: &Form<'_>,
+    ip: IpAddr,
+) -> Result<Response, OAuthError> {
+    let code = required(form, "code")?;
+    let redirect_uri = required(form, "redirect_uri")?;
+    let req = ExchangeRequest {
+        code,
+        code_verifier: form.get("code_verifier"),
+        client: &client.id,
+        redirect_uri,
+        ip,
+    };
+    let decision = match app.engine.exchange_async(&req) {
+        Ok(pending) => pending.await,
+        Err(e) => Err(e),
+    };
+    let decision = decision.map_err(|e| {
+        app.engine_failed("code exchange", &e);
+        OAuthError::server()
+    })?;
+    app.metrics.decision(&client.id, &decision);
+    if let Some(e) = denied(&decision) {
+        return Err(e);
+    }
+    let Decision::Accept(a) = decision else {
+        return Err(OAuthError::server());
+    };
+    issue(app, client, &a.token, None)
+}
+
+async fn refresh_grant(
+    app: &Arc<App>,
+    client: &Client,
+    form: &Form<'_>,
+    ip: IpAddr,
+) -> Result<Response, OAuthError> {
+    let token = required(form, "refresh_token")?;
+    // A narrower scope is checked before the redemption, so that an
+    // invalid_scope answer leaves the token unspent. Another client's token
+    // is left for the engine to deny (client binding comes first).
+    let narrowed = match form.get("scope") {
+        None => None,
+        Some(requested) => match app.engine.introspect(token) {
+            Some(info) if *info.client == *client.id => {
+                match narrow_scope(requested, &info.scope) {
+                    Some(s) => Some(s),
+                    None => {
+                        return Err(OAuthError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_scope",
+                            "the requested scope exceeds the scope originally granted",
+                        ));
+                    }
+                }
+            }
+            _ => Some(requested.to_owned()),
+        },
+    };
+    let started = Instant::now();
+    let decision = match app.engine.redeem_async(token, &client.id, ip) {
+        Ok(pending) => pending.await,
+        Err(e) => Err(e),
+    };
+    app.metrics.redeem_latency.observe(started.elapsed());
+    let decision = decision.map_err(|e| {
+        app.engine_failed("refresh", &e);
+        OAuthError::server()
+    })?;
+    app.metrics.decision(&client.id, &decision);
+    if let Some(e) = denied(&decision) {
+        return Err(e);
+    }
+    let Decision::Accept(a) = decision else {
+        return Err(OAuthError::server());
+    };
+    issue(app, client, &a.token, narrowed.as_deref())
+}
+
+fn random_id() -> Result<String, OAuthError> {
+    let mut b = [0u8; 16];
+    crate::random::fill(&mut b).map_err(|e| {
+        tracing::error!(error = %e, "random number generator failed");
+        OAuthError::server()
+    })?;
+    Ok(URL_SAFE_NO_PAD.encode(b))
+}
+
+/// The token response for a refresh token the engine just handed out.
+fn issue(
+    app: &App,
+    client: &Client,
+    refresh_token: &str,
+    scope: Option<&str>,
+) -> Result<Response, OAuthError> {
+    // The family's subject and scope; it was accepted a moment ago, so only
+    // a concurrent revocation and sweep could make it vanish.
+    let info = app.engine.introspect(refresh_token).ok_or_else(|| {
+        OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            crate::decision::DenyReason::Revoked.description(),
+        )
+    })?;
+    let scope = match scope {
+        // Checked against the family before the redemption; intersect all
+        // the same so that nothing wider can ever be signed.
+        Some(s) => narrow_scope(s, &info.scope).unwrap_or_else(|| info.scope.to_string()),
+        None => info.scope.to_string(),
+    };
+    let ttl = app
+        .engine
+        .policies()
+        .policy(&client.id)
+        .access_token_ttl()
+        .as_secs()
+        .max(1);
+    let now = app.engine.now().as_secs();
+    let claims = AccessClaims {
+        iss: app.issuer.clone(),
+        sub: info.subject.to_string(),
+        aud: client.id.clone(),
+        exp: now + ttl,
+        iat: now,
+        jti: random_id()?,
+        client_id: client.id.clone(),
+        scope,
+    };
+    let access_token = app.signer.sign(&claims);
+    let body = serde_json::json!({
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "expires_in": ttl,
+        "refresh_token": refresh_token,
+        "scope": claims.scope,
+    });
+    Ok(json(StatusCode::OK, body.to_string(), true))
+}
+
+async fn revoke(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    match revoke_inner(&app, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.respond(&app, "revoke"),
+    }
+}
+
+async fn revoke_inner(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, OAuthError> {
+    let bytes = read_form(app, headers, body).await?;
+    let form = parse_form(&bytes)?;
+    let client = authenticate(app, headers, &form)?;
+    let token = required(&form, "token")?.to_owned();
+    // `token_type_hint` is optional and only a hint (RFC 7009 §2.1): access
+    // tokens are self-contained JWTs and expire on their own, so every
+    // token is tried as a refresh token.
+    let engine = app.engine.clone();
+    let id = client.id.clone();
+    let result = tokio::task::spawn_blocking(move || engine.revoke_token(&token, Some(&id)))
+        .await
+        .map_err(|_| OAuthError::server())?;
+    match result {
+        // 200 also for unknown, already revoked, or another client's
+        // tokens (RFC 7009 §2.2).
+        Ok(_) => Ok(json(StatusCode::OK, String::new(), true)),
+        Err(e) => {
+            app.engine_failed("revocation", &e);
+            Err(OAuthError::server())
+        }
+    }
+}
+
+async fn introspect(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    match introspect_inner(&app, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.respond(&app, "introspect"),
+    }
+}
+
+async fn introspect_inner(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, OAuthError> {
+    let bytes = read_form(app, headers, body).await?;
+    let form = parse_form(&bytes)?;
+    // The caller: the admin token as a bearer, or a confidential client.
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .filter(|v| is_scheme(v, "bearer"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .map(|(_, t)| t.trim());
+    let caller: Option<String> = match bearer {
+        Some(t) if app.admin.matches(t) => None,
+        Some(_) => {
+            return Err(OAuthError::client("invalid bearer token", false));
+        }
+        None => {
+            let client = authenticate(app, headers, &form)?;
+            if !client.confidential {
+                return Err(OAuthError::client(
+                    "introspection requires a confidential client or the admin token",
+                    false,
+                ));
+            }
+            Some(client.id)
+        }
+    };
+    let token = required(&form, "token")?;
+    let visible = |client: &str| caller.as_deref().is_none_or(|c| c == client);
+    let inactive = || json(StatusCode::OK, r#"{"active":false}"#.to_owned(), true);
+    if let Some(info) = app.engine.introspect(token) {
+        if !info.active || !visible(&info.client) {
+            return Ok(inactive());
+        }
+        let iat = if info.generation == crate::token::Generation::FIRST {
+            info.issued_at
+        } else {
+            // The current generation was minted by the last rotation.
+            info.last_used
+        };
+        let mut body = serde_json::json!({
+            "active": true,
+            "client_id": &*info.client,
+            "sub": &*info.subject,
+            "scope": &*info.scope,
+            "iat": iat.as_secs(),
+            "iss": app.issuer,
+            "token_type": "refresh_token",
+        });
+        if let Some(exp) = info.expires_at() {
+            body["exp"] = exp.as_secs().into();
+        }
+        return Ok(json(StatusCode::OK, body.to_string(), true));
+    }
+    if let Some(claims) = app.signer.verify(token, app.engine.now())
+        && visible(&claims.client_id)
+    {
+        let body = serde_json::json!({
+            "active": true,
+            "client_id": claims.client_id,
+            "sub": claims.sub,
+            "scope": claims.scope,
+            "aud": claims.aud,
+            "exp": claims.exp,
+            "iat": claims.iat,
+            "iss": claims.iss,
+            "jti": claims.jti,
+            "token_type": "Bearer",
+        });
+        return Ok(json(StatusCode::OK, body.to_string(), true));
+    }
+    Ok(inactive())
+}
+
+async fn metadata_doc(State(app): State<Arc<App>>) -> Response {
+    json(StatusCode::OK, app.metadata.clone(), false)
+}
+
+async fn jwks(State(app): State<Arc<App>>) -> Response {
+    json(StatusCode::OK, app.jwks.clone(), false)
+}
+
+pub(crate) async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let healthy = app.is_healthy();
+    let body = serde_json::json!({
+        "status": if healthy { "ok" } else { "failing" },
+        "policy_version": app.engine.policies().version().to_string(),
+        "durability": app.engine.durability().to_string(),
+    });
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, body.to_string(), true)
+}
+
+pub(crate) async fn not_found() -> Response {
+    json(
+        StatusCode::NOT_FOUND,
+        r#"{"error":"not_found"}"#.to_owned(),
+        false,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_narrowing() {
+        assert_eq!(narrow_scope("b a b", "a b c").as_deref(), Some("b a"));
+        assert_eq!(narrow_scope("a d", "a b c"), None);
+        assert_eq!(narrow_scope("", "a").as_deref(), Some(""));
+    }
+
+    #[test]
+    fn basic_credentials_are_form_decoded() {
+        let v = HeaderValue::from_str(&format!(
+            "Basic {}",
+            STANDARD.encode("my%3Aapp:p%40ss+word")
+        ))
+        .unwrap();
+        assert_eq!(
+            basic_credentials(&v),
+            Some(("my:app".into(), "p@ss word".into()))
+        );
+        assert_eq!(
+            basic_credentials(&HeaderValue::from_static("Basic !!")),
+            None
+        );
+        assert_eq!(
+            basic_credentials(&HeaderValue::from_static("Bearer abc")),
+            None
+        );
+    }
+}
