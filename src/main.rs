@@ -46,6 +46,13 @@ const COMMANDS: &[Command] = &[
         about: "print the effective knobs that change, client by client",
         run: policy_diff,
     },
+    Command {
+        words: &["serve"],
+        // Every option is in README "Server"; a wrong one prints them all.
+        args: "[--listen ADDR] [--policies DIR] [--data DIR] [...]",
+        about: "run the OAuth 2.0 token service on the engine",
+        run: serve,
+    },
 ];
 
 /// Bad usage, with what was wrong.
@@ -59,8 +66,9 @@ struct Io<'a> {
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let (stdout, stderr) = (io::stdout(), io::stderr());
-    let (mut out, mut err) = (stdout.lock(), stderr.lock());
+    // Unlocked handles (each write locks): `serve` logs to stdout from its
+    // worker threads, which a lock held here for the whole run would block.
+    let (mut out, mut err) = (io::stdout(), io::stderr());
     let mut io = Io {
         out: &mut out,
         err: &mut err,
@@ -151,6 +159,32 @@ fn positional<const N: usize>(args: &[OsString]) -> Result<[PathBuf; N], Usage> 
             if N == 1 { "" } else { "s" }
         ))
     })
+}
+
+/// `refresh-guard serve`: the server parses its own flags.
+fn serve(args: &[OsString], io: &mut Io<'_>) -> Result<u8, Usage> {
+    let args = args
+        .iter()
+        .map(|a| {
+            a.to_str()
+                .map(str::to_owned)
+                .ok_or_else(|| Usage(format!("argument `{}` is not UTF-8", a.to_string_lossy())))
+        })
+        .collect::<Result<Vec<String>, Usage>>()?;
+    #[cfg(feature = "server")]
+    {
+        let _ = io;
+        Ok(refresh_guard::server::serve_main(&args))
+    }
+    #[cfg(not(feature = "server"))]
+    {
+        let _ = args;
+        let _ = writeln!(
+            io.err,
+            "error: this build has no server; build with `--features server`"
+        );
+        Ok(FAILED)
+    }
 }
 
 /// Load a set, or list every error on stderr.
