@@ -874,3 +874,169 @@ fn graceful_shutdown_flushes_and_state_survives_restart() {
     let d = s.refresh("spa", &rt1).assert_error(400, "invalid_grant");
     assert_eq!(d, "refresh token reuse detected; token family revoked");
 }
+
+/// Reload, shadow, promote and drop through the admin API, from policy
+/// files; a broken file is 422 naming file:line:column and changes nothing.
+#[test]
+fn policy_files_reload_shadow_promote_drop() {
+    let policies = TempDir::new("policy-dir");
+    let file = policies.path().join("policies.toml");
+    std::fs::write(&file, "[defaults]\nidle_ttl = \"30d\"\n").unwrap();
+    let s = TestServer::with("policies", |c| {
+        c.policies = policies.path().to_owned();
+        c.policy_set = None;
+    });
+    let v0 = s.handle().engine().policies().version().to_string();
+
+    // A broken file: 422, every error located, the set in force unchanged.
+    std::fs::write(
+        &file,
+        "[defaults]\nidle_ttl = \"30d\"\ngrace_period = \"1h\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let r = s.admin("POST", "/admin/v1/policies/reload", None);
+    assert_eq!(r.status, 422, "{}", r.text());
+    let errors: Vec<String> = r.json()["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_owned())
+        .collect();
+    let at = |line: u32| format!("{}:{line}:", file.display());
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with(&at(3)) && e.contains("grace_period")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with(&at(4)) && e.contains("bogus")),
+        "{errors:?}"
+    );
+    assert_eq!(s.handle().engine().policies().version().to_string(), v0);
+    let m = s.admin("GET", "/metrics", None).text();
+    assert!(m.contains("refresh_guard_events_total{kind=\"policy_reload_failed\"} 1"));
+
+    // Fixed: 200 with the new version, in force.
+    std::fs::write(
+        &file,
+        "[defaults]\nidle_ttl = \"30d\"\n[clients.graceful]\ngrace_period = \"30s\"\n",
+    )
+    .unwrap();
+    let r = s.admin("POST", "/admin/v1/policies/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v1 = r.json()["version"].as_str().unwrap().to_owned();
+    assert_ne!(v1, v0);
+    assert_eq!(s.handle().engine().policies().version().to_string(), v1);
+
+    // Shadow: nothing yet.
+    assert_eq!(
+        s.admin("GET", "/admin/v1/policies/shadow", None).status,
+        404
+    );
+    assert_eq!(
+        s.admin("POST", "/admin/v1/policies/promote", None).status,
+        404
+    );
+    assert_eq!(
+        s.admin("DELETE", "/admin/v1/policies/shadow", None).status,
+        404
+    );
+    // A candidate that fails to load: 422.
+    let candidate = TempDir::new("policy-candidate");
+    let cfile = candidate.path().join("c.toml");
+    std::fs::write(&cfile, "[defaults]\nidle_ttl = 5\n").unwrap();
+    let body = serde_json::json!({ "dir": candidate.path() });
+    let r = s.admin("POST", "/admin/v1/policies/shadow", Some(body.clone()));
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(
+        r.json()["errors"][0]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:2:", cfile.display()))
+    );
+    // A candidate that takes the grace away from `graceful`.
+    std::fs::write(&cfile, "[defaults]\nidle_ttl = \"30d\"\n").unwrap();
+    let r = s.admin("POST", "/admin/v1/policies/shadow", Some(body.clone()));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let candidate_version = r.json()["version"].as_str().unwrap().to_owned();
+    let rt = s.family("graceful", "user-sh", "openid");
+    let next = s.refresh("graceful", &rt).json()["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(s.refresh("graceful", &rt).status, 200); // grace replay
+    let report = s.admin("GET", "/admin/v1/policies/shadow", None);
+    assert_eq!(report.status, 200, "{}", report.text());
+    let j = report.json();
+    assert_eq!(j["active"], v1);
+    assert_eq!(j["candidate"], candidate_version);
+    assert_eq!(j["changed"], 1, "{j}");
+    let rows = j["clients"]["graceful"].as_array().unwrap();
+    assert!(
+        rows.iter().any(|r| r["active"] == "grace_replay"
+            && r["candidate"] == "reuse_detected"
+            && r["count"] == 1),
+        "{j}"
+    );
+    // The shadow changed nothing: the family is alive.
+    assert_eq!(s.refresh("graceful", &next).status, 200);
+    let r = s.admin("POST", "/admin/v1/policies/promote", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["version"], candidate_version);
+    assert_eq!(
+        s.handle().engine().policies().version().to_string(),
+        candidate_version
+    );
+    assert_eq!(
+        s.admin("GET", "/admin/v1/policies/shadow", None).status,
+        404
+    );
+    // Drop: a candidate comes and goes without effect.
+    assert_eq!(
+        s.admin("POST", "/admin/v1/policies/shadow", Some(body))
+            .status,
+        200
+    );
+    assert_eq!(
+        s.admin("DELETE", "/admin/v1/policies/shadow", None).status,
+        204
+    );
+    assert_eq!(
+        s.admin("GET", "/admin/v1/policies/shadow", None).status,
+        404
+    );
+    assert_eq!(
+        s.handle().engine().policies().version().to_string(),
+        candidate_version
+    );
+    // Malformed body.
+    let r = s.admin(
+        "POST",
+        "/admin/v1/policies/shadow",
+        Some(serde_json::json!({"path": "x"})),
+    );
+    assert_eq!(r.status, 400);
+}
+
+/// The server refuses to start on a policy directory that does not load,
+/// naming every problem.
+#[test]
+fn start_fails_on_a_broken_policy_directory() {
+    let policies = TempDir::new("policy-broken");
+    std::fs::write(
+        policies.path().join("a.toml"),
+        "[defaults]\ngrace_period = \"1h\"\n",
+    )
+    .unwrap();
+    let data = TempDir::new("policy-broken-data");
+    let mut c = config(data.path());
+    c.policies = policies.path().to_owned();
+    c.policy_set = None;
+    let e = refresh_guard::server::ServerHandle::start(c).unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("a.toml:2:"), "{text}");
+    assert!(text.contains("grace_period"), "{text}");
+}
