@@ -521,6 +521,9 @@ async fn background(app: Arc<App>, config: Config, mut stop: watch::Receiver<boo
                 }
             }
             _ = compact.tick() => {
+                if app.engine.durability() == Durability::None {
+                    continue; // memory only: nothing to compact
+                }
                 let engine = app.engine.clone();
                 let started = std::time::Instant::now();
                 match tokio::task::spawn_blocking(move || engine.compact()).await {
