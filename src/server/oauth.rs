@@ -52,8 +52,6 @@ pub(crate) fn metadata(issuer: &str) -> serde_json::Value {
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
-        "token_endpoint_auth_signing_alg_values_supported": [],
-        "service_documentation": "https://www.rfc-editor.org/rfc/rfc6749",
     })
 }
 
