@@ -86,8 +86,8 @@ impl PolicyReloader {
                     tracing::debug!(%dir, %version, "policy set unchanged");
                     return Ok(version);
                 }
-                inner.engine.swap_policies(set);
-                tracing::info!(%dir, from = %in_force, to = %version, "policy set reloaded");
+                let old = inner.engine.swap_policies(set);
+                tracing::info!(%dir, from = %old.version(), to = %version, "policy set reloaded");
                 Ok(version)
             }
             Err(errors) => {

@@ -132,7 +132,9 @@ impl PolicySet {
     /// Files are read in name order (so errors and "defined twice" blame
     /// come out the same every time); names starting with `.` (editor lock
     /// files) and subdirectories are skipped. Either the whole set loads or
-    /// every problem is returned; nothing is partially applied.
+    /// every problem is returned: of a file with a syntax error, that error
+    /// (what follows it cannot be read with confidence); of the others,
+    /// every one.
     pub fn load_dir(dir: &Path) -> Result<PolicySet, LoadErrors> {
         let dir_error = |message: String| {
             LoadErrors(vec![LoadError {
@@ -280,20 +282,21 @@ impl<'f> Loader<'f> {
             file,
             offset: span.start,
         };
-        let (doc, syntax) = DeTable::parse_recoverable(text);
-        if !syntax.is_empty() {
-            // Recovery guesses after the first error; what it builds is not
-            // worth judging, and later syntax errors are often echoes.
-            for e in syntax.into_iter().take(1) {
+        // Only a file's first syntax error: what follows it cannot be read
+        // with confidence, and later ones are often its echoes. Other files
+        // are still judged in full.
+        let doc = match DeTable::parse(text) {
+            Ok(doc) => doc,
+            Err(e) => {
                 self.problems.push(Problem {
                     at: Some(at(e.span().unwrap_or(0..0))),
                     file,
                     key: None,
                     message: format!("syntax error: {}", e.message().trim_end()),
                 });
+                return;
             }
-            return;
-        }
+        };
         for (key, value) in doc.get_ref().iter() {
             let name: &str = key.get_ref();
             match name {
