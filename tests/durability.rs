@@ -155,6 +155,20 @@ fn sweep_removals_are_persisted() {
     assert_eq!(open(&dir).stats().families, 1);
 }
 
+/// Collects log output for assertions.
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A torn last record (a write cut short by a crash) is dropped with a log
 /// line; the store opens and everything before it is intact.
 #[test]
@@ -172,7 +186,20 @@ fn torn_last_record_is_dropped() {
     f.write_all(&[0xAB; 34]).unwrap();
     drop(f);
     let len_before = std::fs::metadata(&seg).unwrap().len();
-    let e = open(&dir);
+    let log = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let log = log.clone();
+            move || log.clone()
+        })
+        .with_ansi(false)
+        .finish();
+    let e = tracing::subscriber::with_default(subscriber, || open(&dir));
+    let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        log.contains("dropping a torn last record") && log.contains(&*seg.to_string_lossy()),
+        "log line naming the file: {log:?}"
+    );
     assert!(
         std::fs::metadata(&seg).unwrap().len() < len_before,
         "truncated"
@@ -323,6 +350,35 @@ fn batched_mode_flushes() {
         t
     };
     rotate(&open(&dir), &t);
+}
+
+/// A batched writer waits out its interval only while nobody asks: `flush`
+/// and shutdown (dropping the engine) make pending changes durable at once.
+#[test]
+fn batched_flush_and_shutdown_do_not_wait_out_the_interval() {
+    let dir = temp_dir("batched-long");
+    let long = LogOptions {
+        durability: Durability::Batched(Duration::from_secs(600)),
+        ..LogOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let (flushed, dropped) = {
+        let e = open_with(&dir, long.clone()).unwrap();
+        let t = issue(&e, "alice");
+        let flushed = rotate(&e, &t);
+        e.flush().unwrap();
+        // Acknowledged, not flushed: only shutdown can save it.
+        let dropped = rotate(&e, &issue(&e, "bob"));
+        (flushed, dropped)
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "flush or shutdown waited out the 600 s interval ({:?})",
+        started.elapsed()
+    );
+    let e = open(&dir);
+    rotate(&e, &flushed);
+    rotate(&e, &dropped);
 }
 
 /// The async form completes once durable, without blocking the poller.

@@ -11,8 +11,11 @@
 //!
 //! One writer thread owns the file: appenders copy their record into a
 //! shared buffer and return; the writer takes the whole buffer, writes it,
-//! fsyncs (in `Sync` mode) and publishes the durable LSN. Everyone who
-//! appended while the previous fsync ran shares the next one.
+//! fsyncs and publishes the durable LSN. Everyone who appended while the
+//! previous fsync ran shares the next one. In `Batched(interval)` mode the
+//! writer first lets records gather for up to `interval` from the first of
+//! them (appenders do not wait for durability there), so a crash loses at
+//! most the last interval's changes; `flush` and shutdown cut it short.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -22,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -61,6 +65,8 @@ struct Pending {
     spare: Vec<u8>,
     next_lsn: u64,
     shutdown: bool,
+    /// `flush` asks the batched writer not to wait out its interval.
+    flush: bool,
 }
 
 struct Shared {
@@ -69,6 +75,8 @@ struct Shared {
     pending: Mutex<Pending>,
     /// Signals the writer that there is work.
     work: Condvar,
+    /// Cuts a batched writer's interval short: `flush` and shutdown.
+    urgent: Condvar,
     durable: AtomicU64,
     /// Who waits for which LSN: woken one by one when it is durable, so a
     /// batch wakes exactly the callers it completes.
@@ -179,8 +187,10 @@ impl LogStore {
                 spare: Vec::with_capacity(1 << 16),
                 next_lsn,
                 shutdown: false,
+                flush: false,
             }),
             work: Condvar::new(),
+            urgent: Condvar::new(),
             durable: AtomicU64::new(max_lsn),
             waiters: Mutex::new(Vec::with_capacity(256)),
             failed: AtomicBool::new(false),
@@ -241,7 +251,7 @@ impl Shared {
     }
 
     fn fail(&self, detail: String) {
-        tracing_error(&detail);
+        tracing::error!(%detail, "store failed; refusing all changes until restart");
         *self.failure.lock() = Some(detail);
         self.failed.store(true, Ordering::Release);
         for (_, w) in self.waiters.lock().drain(..) {
@@ -264,10 +274,6 @@ impl Shared {
     }
 }
 
-fn tracing_error(detail: &str) {
-    eprintln!("refresh-guard: store failed, refusing all changes until restart: {detail}");
-}
-
 fn writer_loop(s: &Shared) {
     loop {
         let (mut batch, last) = {
@@ -275,6 +281,18 @@ fn writer_loop(s: &Shared) {
             while p.buf.is_empty() && !p.shutdown {
                 s.work.wait(&mut p);
             }
+            if let Durability::Batched(interval) = s.durability {
+                // Let changes accumulate for one interval from the first of
+                // them, so none waits longer than that to be durable; a
+                // flush or shutdown ends the wait early.
+                let deadline = Instant::now() + interval;
+                while !p.shutdown && !p.flush {
+                    if s.urgent.wait_until(&mut p, deadline).timed_out() {
+                        break;
+                    }
+                }
+            }
+            p.flush = false;
             if p.buf.is_empty() && p.shutdown {
                 return;
             }
@@ -287,10 +305,7 @@ fn writer_loop(s: &Shared) {
             let r = seg
                 .file
                 .write_all(&batch)
-                .and_then(|()| match s.durability {
-                    Durability::Sync => seg.file.sync_data(),
-                    _ => Ok(()),
-                });
+                .and_then(|()| seg.file.sync_data());
             seg.bytes += batch.len() as u64;
             r.map_err(|e| format!("{}: {e}", seg.path.display()))
         };
@@ -300,19 +315,7 @@ fn writer_loop(s: &Shared) {
         }
         batch.clear();
         s.pending.lock().spare = batch;
-        match s.durability {
-            Durability::Batched(interval) => {
-                // Let changes accumulate, then make them durable together.
-                std::thread::sleep(interval);
-                let r = s.file.lock().file.sync_data();
-                if let Err(e) = r {
-                    s.fail(e.to_string());
-                    return;
-                }
-                s.publish(last);
-            }
-            _ => s.publish(last),
-        }
+        s.publish(last);
     }
 }
 
@@ -441,8 +444,17 @@ impl Store for LogStore {
     }
 
     fn flush(&self) -> Result<(), Error> {
-        let last = self.shared.pending.lock().next_lsn - 1;
+        let last = {
+            let mut p = self.shared.pending.lock();
+            // Only if something waits to be written: otherwise the flag would
+            // cut the next batch's interval short for nothing.
+            if !p.buf.is_empty() {
+                p.flush = true;
+            }
+            p.next_lsn - 1
+        };
         self.shared.work.notify_one();
+        self.shared.urgent.notify_one();
         self.wait_durable(last)
     }
 }
@@ -451,6 +463,7 @@ impl Drop for LogStore {
     fn drop(&mut self) {
         self.shared.pending.lock().shutdown = true;
         self.shared.work.notify_all();
+        self.shared.urgent.notify_all();
         if let Some(w) = self.writer.lock().take() {
             let _ = w.join();
         }
@@ -532,14 +545,18 @@ fn read_file(
             Err(torn) => {
                 let dropped = bytes.len() - off;
                 if torn && last {
-                    eprintln!(
-                        "refresh-guard: {}: dropping a torn last record at offset {off} ({dropped} bytes): a write interrupted by a crash",
-                        path.display()
+                    tracing::warn!(
+                        file = %path.display(),
+                        offset = off,
+                        bytes = dropped,
+                        "dropping a torn last record: a write interrupted by a crash"
                     );
                 } else if repair {
-                    eprintln!(
-                        "refresh-guard: {}: repair: dropping {dropped} bytes from corrupt offset {off}",
-                        path.display()
+                    tracing::warn!(
+                        file = %path.display(),
+                        offset = off,
+                        bytes = dropped,
+                        "repair: dropping everything from a corrupt record"
                     );
                 } else {
                     return Err(Error::Corrupt {
