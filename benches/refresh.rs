@@ -1,43 +1,93 @@
-//! Redeem on the rotate path: 1K and 1M live families, 1 and 2 threads.
+//! The refresh-token lifecycle by live families (1K, 100K, 1M, 10M) and
+//! threads (1, 2), with its baselines in the same run.
 //!
-//! Each measured operation redeems the current token of a randomly chosen
-//! family (so the table is hit at random, as in production) and keeps the
-//! successor. With 2 threads each thread owns half the families, so no
-//! redemption is a reuse; the time is wall-clock for all operations, so
-//! ns/op is the inverse of aggregate throughput.
+//! Groups, with ids `<what>/<threads>/<families>` so that one size and
+//! thread count sit side by side:
+//!
+//! - `redeem`: `rotate` (the current token), `grace_replay` (the predecessor
+//!   inside the grace window: the same successor again), `reuse_revoke` (an
+//!   older token: the family is revoked), `ip_denied` (from outside the
+//!   client's allow-list), `forged` (valid shape, wrong tag); beside them
+//!   `floor`, `oxide_auth` and `naive` (see `refresh/baselines.rs`);
+//! - `issue`: `issue` (a family's first refresh token) and `authorize` (an
+//!   authorization code with an S256 challenge);
+//! - `exchange`: `exchange` (a code and its PKCE verifier for the first
+//!   refresh token).
+//!
+//! Each size's engine is built once, every path runs on it, and it is
+//! dropped before the baselines of that size are built. Families are picked
+//! at random (the table is hit at random, as in production). With 2 threads
+//! each thread owns half the families, so no redemption races another; the
+//! time is wall-clock for all operations, so ns/op is the inverse of
+//! aggregate throughput.
+//!
+//! Paths that consume state are fed outside the timed part: `grace_replay`
+//! and `reuse_revoke` rotate a queue of up to 2^18 distinct families first
+//! and then replay their predecessors in the same order, so each replayed
+//! record has left the cache as it would have in production; families
+//! revoked by `reuse_revoke` are replaced by fresh ones and swept out.
+//! `issue`, `authorize` and `exchange` revoke and sweep what they created, so
+//! the table stays within `families + 2^18` records.
+//!
+//! `RG_BENCH_MAX_FAMILIES=100000` skips the larger sizes (10M families take
+//! about 4 GiB and 15 s to set up).
 
 use std::hint::black_box;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use refresh_guard::{Engine, IssueRequest, PolicySet, Token};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
+use refresh_guard::{
+    AcceptKind, AuthorizeRequest, Decision, DenyReason, Engine, ExchangeRequest, FamilyId,
+    IssueRequest, PolicyOverrides, PolicySet, TOKEN_LEN, Token,
+};
+
+#[path = "refresh/baselines.rs"]
+mod baselines;
 
 const CLIENT: &str = "bench-client";
+const SCOPE: &str = "openid offline_access";
+const SIZES: [usize; 4] = [1_000, 100_000, 1_000_000, 10_000_000];
+/// The most families a consuming path prepares at once.
+const QUEUE: usize = 1 << 18;
+const REDIRECT_URI: &str = "https://app.example/cb";
+/// RFC 7636 appendix B.
+const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
 
-fn engine_with(n: usize) -> (Engine, Vec<Token>) {
-    let engine = Engine::builder()
-        .policies(PolicySet::default())
-        .build()
-        .expect("engine");
-    let ip: IpAddr = "10.0.0.1".parse().expect("ip");
-    let tokens = (0..n)
-        .map(|i| {
-            let subject = format!("user-{i}");
-            engine
-                .issue(&IssueRequest {
-                    client: CLIENT,
-                    subject: &subject,
-                    scope: "openid offline_access",
-                    ip,
-                })
-                .expect("issue")
-                .accepted()
-                .expect("issued")
-                .token
-        })
-        .collect();
-    (engine, tokens)
+fn inside() -> IpAddr {
+    IpAddr::from([10, 0, 0, 1])
+}
+
+fn outside() -> IpAddr {
+    IpAddr::from([192, 0, 2, 1])
+}
+
+/// The sizes to run, capped by `RG_BENCH_MAX_FAMILIES`.
+fn sizes() -> Vec<usize> {
+    let max = match std::env::var("RG_BENCH_MAX_FAMILIES") {
+        Ok(v) => v
+            .parse::<usize>()
+            .expect("RG_BENCH_MAX_FAMILIES is a number of families"),
+        Err(_) => usize::MAX,
+    };
+    SIZES.into_iter().filter(|&n| n <= max).collect()
+}
+
+/// Fewer, shorter samples for the large sizes, so a whole run stays within
+/// about 20 minutes on 2 cores.
+fn tune(g: &mut BenchmarkGroup<'_, WallTime>, n: usize) {
+    g.throughput(Throughput::Elements(1));
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(3));
+    g.sample_size(match n {
+        0..=100_000 => 20,
+        100_001..=1_000_000 => 15,
+        _ => 10,
+    });
 }
 
 /// xorshift64*: cheap, good enough to scatter table accesses.
@@ -48,93 +98,583 @@ fn next(state: &mut u64) -> u64 {
     state.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
 
-fn rotate_many(engine: &Engine, tokens: &mut [Token], iters: u64, seed: u64) {
-    let ip: IpAddr = "10.0.0.1".parse().expect("ip");
-    let mut s = seed | 1;
-    let n = tokens.len() as u64;
-    for _ in 0..iters {
-        let i = (next(&mut s) % n) as usize;
-        match engine.redeem(&tokens[i], CLIENT, ip).unwrap() {
-            refresh_guard::Decision::Accept(a) => tokens[i] = a.token,
-            refresh_guard::Decision::Deny(d) => panic!("bench token denied: {}", d.reason),
+/// Run `f` on every part, each on its own thread when there are several;
+/// wall time for all.
+fn run_parts<P: Send>(parts: &mut [P], f: impl Fn(&mut P) + Sync) -> Duration {
+    let start = Instant::now();
+    if let [only] = parts {
+        f(only);
+    } else {
+        std::thread::scope(|s| {
+            for p in parts.iter_mut() {
+                let f = &f;
+                s.spawn(move || f(p));
+            }
+        });
+    }
+    start.elapsed()
+}
+
+/// The policy sets the paths run under, all for [`CLIENT`]: the defaults
+/// (no grace, reuse revokes the family), a grace window, an allow-list.
+/// Codes live the longest allowed so a prepared queue never expires.
+fn policies(o: PolicyOverrides) -> PolicySet {
+    PolicySet::builder()
+        .client(CLIENT, o.code_ttl(Duration::from_secs(600)))
+        .build()
+        .expect("bench policy")
+}
+
+fn plain() -> PolicySet {
+    policies(PolicyOverrides::new())
+}
+
+fn grace() -> PolicySet {
+    // One replay per rotation is all the bench needs; the cap is high so
+    // it is never what is measured.
+    policies(
+        PolicyOverrides::new()
+            .grace_period(Duration::from_secs(300))
+            .grace_max_replays(255),
+    )
+}
+
+fn allowlist() -> PolicySet {
+    policies(PolicyOverrides::new().ip_allowlist(vec!["10.0.0.0/8".parse().expect("cidr")]))
+}
+
+fn subject(i: usize) -> String {
+    format!("user-{i}")
+}
+
+fn issue(e: &Engine, subject: &str) -> (Token, FamilyId) {
+    let d = e
+        .issue(&IssueRequest {
+            client: CLIENT,
+            subject,
+            scope: SCOPE,
+            ip: inside(),
+        })
+        .expect("no store");
+    match d {
+        Decision::Accept(a) => (a.token, a.family),
+        Decision::Deny(d) => panic!("issue denied: {}", d.reason),
+    }
+}
+
+fn authorize(e: &Engine, subject: &str) -> (Token, FamilyId) {
+    let d = e
+        .authorize(&AuthorizeRequest {
+            client: CLIENT,
+            subject,
+            scope: SCOPE,
+            redirect_uri: REDIRECT_URI,
+            code_challenge: Some(CHALLENGE),
+            code_challenge_method: Some("S256"),
+            ip: inside(),
+        })
+        .expect("no store");
+    match d {
+        Decision::Accept(a) => (a.token, a.family),
+        Decision::Deny(d) => panic!("authorize denied: {}", d.reason),
+    }
+}
+
+fn exchange(e: &Engine, code: &Token) -> FamilyId {
+    let d = e
+        .exchange(&ExchangeRequest {
+            code,
+            code_verifier: Some(VERIFIER),
+            client: CLIENT,
+            redirect_uri: REDIRECT_URI,
+            ip: inside(),
+        })
+        .expect("no store");
+    match d {
+        Decision::Accept(a) => a.family,
+        Decision::Deny(d) => panic!("exchange denied: {}", d.reason),
+    }
+}
+
+/// The token of an acceptance of `kind`; panics on anything else, so a
+/// bench never measures the wrong path.
+fn accepted(d: Decision, kind: AcceptKind) -> Token {
+    match d {
+        Decision::Accept(a) if a.kind == kind => a.token,
+        d => panic!("bench redemption: {} instead of {kind:?}", d.outcome()),
+    }
+}
+
+/// Panics unless `d` is a denial for `reason`.
+fn denied(d: Decision, reason: DenyReason) {
+    if d.deny_reason() != Some(reason) {
+        panic!("bench redemption: {} instead of {reason:?}", d.outcome());
+    }
+}
+
+/// Remove `want` revoked records with the engine's own sweeper (revoked
+/// records are kept for zero seconds here).
+fn sweep_out(e: &Engine, want: usize) {
+    let mut removed = 0;
+    let mut examined = 0;
+    let bound = 4 * (e.stats().families + (1 << 16));
+    while removed < want {
+        let r = e.sweep(1 << 16).expect("no store");
+        removed += r.removed;
+        examined += r.examined;
+        assert!(
+            examined <= bound,
+            "{want} revoked records not found by the sweeper"
+        );
+    }
+}
+
+/// Live families and their current tokens; family `i` is `user-i`'s.
+struct Fleet {
+    engine: Engine,
+    tokens: Vec<Token>,
+}
+
+impl Fleet {
+    fn new(n: usize) -> Fleet {
+        let engine = Engine::builder()
+            .policies(plain())
+            .revoked_retention(Duration::ZERO)
+            .build()
+            .expect("engine");
+        let start = Instant::now();
+        let tokens = (0..n).map(|i| issue(&engine, &subject(i)).0).collect();
+        eprintln!("setup: {n} families issued in {:.1?}", start.elapsed());
+        Fleet { engine, tokens }
+    }
+}
+
+/// The families split among `threads` parts.
+fn split(tokens: &mut [Token], threads: usize, seed: u64) -> Vec<Part<'_>> {
+    let chunk = tokens.len().div_ceil(threads);
+    let queue = QUEUE.min(tokens.len()) / threads;
+    tokens
+        .chunks_mut(chunk)
+        .enumerate()
+        .map(|(t, tokens)| Part::new(tokens, t * chunk, queue, seed + t as u64))
+        .collect()
+}
+
+/// One thread's share of the families, and what it prepared outside the
+/// timed part.
+struct Part<'a> {
+    tokens: &'a mut [Token],
+    /// Index of `tokens[0]` in the fleet, for subject names.
+    base: usize,
+    rng: u64,
+    walk: Walk,
+    /// Prepared work: (family index, token to present) or (_, code).
+    queue: Vec<(usize, Token)>,
+    /// The next unconsumed entry of `queue`.
+    head: usize,
+    queue_len: usize,
+    /// Families created in the timed part, to revoke after it.
+    created: Vec<FamilyId>,
+    /// Subject names for created families, made before the timed part.
+    names: Vec<String>,
+}
+
+impl<'a> Part<'a> {
+    fn new(tokens: &'a mut [Token], base: usize, queue_len: usize, seed: u64) -> Part<'a> {
+        let walk = Walk::new(tokens.len(), seed);
+        Part {
+            tokens,
+            base,
+            rng: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            walk,
+            queue: Vec::with_capacity(queue_len),
+            head: 0,
+            queue_len: queue_len.max(1),
+            created: Vec::with_capacity(queue_len),
+            names: (0..queue_len.max(1))
+                .map(|j| format!("bench-{base}-{j}"))
+                .collect(),
+        }
+    }
+
+    fn random(&mut self) -> usize {
+        (next(&mut self.rng) % self.tokens.len() as u64) as usize
+    }
+
+    fn available(&self) -> usize {
+        self.queue.len() - self.head
+    }
+}
+
+/// Distinct indices in scattered order: `i -> (a*i + b) mod len` with `a`
+/// coprime to `len` visits every index once per `len` steps.
+struct Walk {
+    len: u64,
+    a: u64,
+    b: u64,
+    step: u64,
+}
+
+impl Walk {
+    fn new(len: usize, seed: u64) -> Walk {
+        let len = len.max(1) as u64;
+        let mut s = seed | 1;
+        let mut a = next(&mut s) % len;
+        while gcd(a, len) != 1 {
+            a = (a + 1) % len;
+        }
+        Walk {
+            len,
+            a,
+            b: next(&mut s) % len,
+            step: 0,
+        }
+    }
+
+    fn next(&mut self) -> usize {
+        self.step += 1;
+        ((u128::from(self.a) * u128::from(self.step) + u128::from(self.b)) % u128::from(self.len))
+            as usize
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// What one `redeem` id measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Rotate,
+    GraceReplay,
+    ReuseRevoke,
+    IpDenied,
+    Forged,
+}
+
+impl Path {
+    const ALL: [Path; 5] = [
+        Path::Rotate,
+        Path::GraceReplay,
+        Path::ReuseRevoke,
+        Path::IpDenied,
+        Path::Forged,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::Rotate => "rotate",
+            Path::GraceReplay => "grace_replay",
+            Path::ReuseRevoke => "reuse_revoke",
+            Path::IpDenied => "ip_denied",
+            Path::Forged => "forged",
+        }
+    }
+
+    fn policies(self) -> PolicySet {
+        match self {
+            Path::GraceReplay => grace(),
+            Path::IpDenied => allowlist(),
+            _ => plain(),
         }
     }
 }
 
-fn redeem(c: &mut Criterion) {
-    let mut g = c.benchmark_group("redeem");
-    g.throughput(Throughput::Elements(1));
-    g.measurement_time(Duration::from_secs(5));
-    for n in [1_000usize, 1_000_000] {
-        let (engine, mut tokens) = engine_with(n);
-        g.bench_with_input(BenchmarkId::new("rotate/1_thread", n), &n, |b, _| {
-            b.iter_custom(|iters| {
-                let start = Instant::now();
-                rotate_many(&engine, &mut tokens, iters, 0x9E37_79B9_7F4A_7C15);
-                black_box(start.elapsed())
-            })
+/// `per` operations of a path that changes nothing but the family it
+/// redeems, on random families.
+fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
+    for _ in 0..per {
+        let i = p.random();
+        match path {
+            Path::Rotate => {
+                let d = e.redeem(&p.tokens[i], CLIENT, inside()).expect("no store");
+                p.tokens[i] = accepted(d, AcceptKind::Rotated);
+            }
+            Path::IpDenied => {
+                let d = e.redeem(&p.tokens[i], CLIENT, outside()).expect("no store");
+                denied(d, DenyReason::IpNotAllowed);
+            }
+            Path::Forged => {
+                // One base64url digit of the tag changed: the right shape,
+                // the right family, a wrong tag. A copy on the stack.
+                let mut forged = [0u8; TOKEN_LEN];
+                forged.copy_from_slice(p.tokens[i].as_bytes());
+                let at = TOKEN_LEN - 5;
+                forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+                let forged = std::str::from_utf8(&forged).expect("ASCII");
+                denied(
+                    e.redeem(forged, CLIENT, inside()).expect("no store"),
+                    DenyReason::InvalidToken,
+                );
+            }
+            Path::GraceReplay | Path::ReuseRevoke => unreachable!("queued paths"),
+        }
+    }
+}
+
+/// Replace the families `reuse_revoke` revoked with fresh ones, then rotate
+/// the next queue of distinct families, keeping each predecessor to replay.
+fn prepare_replays(e: &Engine, p: &mut Part<'_>, replace_consumed: bool) {
+    if replace_consumed {
+        for j in 0..p.head {
+            let i = p.queue[j].0;
+            p.tokens[i] = issue(e, &subject(p.base + i)).0;
+        }
+    }
+    p.queue.clear();
+    p.head = 0;
+    for _ in 0..p.queue_len {
+        let i = p.walk.next();
+        let old = p.tokens[i];
+        let d = e.redeem(&old, CLIENT, inside()).expect("no store");
+        p.tokens[i] = accepted(d, AcceptKind::Rotated);
+        p.queue.push((i, old));
+    }
+}
+
+/// Present the next `k` predecessors.
+fn replay(e: &Engine, p: &mut Part<'_>, path: Path, k: usize) {
+    for _ in 0..k {
+        let old = p.queue[p.head].1;
+        p.head += 1;
+        let d = e.redeem(&old, CLIENT, inside()).expect("no store");
+        match path {
+            Path::GraceReplay => {
+                black_box(accepted(d, AcceptKind::GraceReplay));
+            }
+            _ => denied(d, DenyReason::ReuseDetected),
+        }
+    }
+}
+
+/// `per` operations per part from prepared queues: `prepare` (untimed)
+/// refills every part when they run dry, after which `swept(part)` revoked
+/// records summed over parts are swept out (untimed); `run(part, k)` is
+/// timed.
+fn queued(
+    e: &Engine,
+    parts: &mut [Part<'_>],
+    per: usize,
+    swept: impl Fn(&Part<'_>) -> usize,
+    prepare: impl Fn(&mut Part<'_>) + Sync,
+    run: impl Fn(&mut Part<'_>, usize) + Sync,
+) -> Duration {
+    let mut done = 0;
+    let mut elapsed = Duration::ZERO;
+    while done < per {
+        if parts[0].available() == 0 {
+            let revoked: usize = parts.iter().map(&swept).sum();
+            run_parts(parts, &prepare);
+            sweep_out(e, revoked);
+        }
+        let k = (per - done).min(parts[0].available());
+        elapsed += run_parts(parts, |p| run(p, k));
+        done += k;
+    }
+    elapsed
+}
+
+fn redeem_path(e: &Engine, parts: &mut [Part<'_>], path: Path, iters: u64) -> Duration {
+    let per = iters.div_ceil(parts.len() as u64) as usize;
+    match path {
+        Path::Rotate | Path::IpDenied | Path::Forged => {
+            run_parts(parts, |p| stateless(e, p, path, per))
+        }
+        Path::GraceReplay => queued(
+            e,
+            parts,
+            per,
+            |_| 0,
+            |p| prepare_replays(e, p, false),
+            |p, k| replay(e, p, path, k),
+        ),
+        Path::ReuseRevoke => queued(
+            e,
+            parts,
+            per,
+            |p| p.head,
+            |p| prepare_replays(e, p, true),
+            |p, k| replay(e, p, path, k),
+        ),
+    }
+}
+
+/// After `reuse_revoke`: every family live again, the revoked swept out.
+fn restore_after_reuse(e: &Engine, parts: &mut [Part<'_>]) {
+    let revoked: usize = parts.iter().map(|p| p.head).sum();
+    run_parts(parts, |p| {
+        for j in 0..p.head {
+            let i = p.queue[j].0;
+            p.tokens[i] = issue(e, &subject(p.base + i)).0;
+        }
+        p.head = p.queue.len();
+    });
+    sweep_out(e, revoked);
+}
+
+/// `issue` or `authorize`, in rounds: create (timed), then revoke what was
+/// created and sweep it out (untimed).
+fn create_path(e: &Engine, parts: &mut [Part<'_>], code: bool, iters: u64) -> Duration {
+    let per = iters.div_ceil(parts.len() as u64) as usize;
+    let mut done = 0;
+    let mut elapsed = Duration::ZERO;
+    while done < per {
+        let k = (per - done).min(parts[0].names.len());
+        elapsed += run_parts(parts, |p| {
+            for name in &p.names[..k] {
+                let (_, id) = if code {
+                    authorize(e, name)
+                } else {
+                    issue(e, name)
+                };
+                p.created.push(id);
+            }
         });
-        g.bench_with_input(BenchmarkId::new("rotate/2_threads", n), &n, |b, _| {
-            b.iter_custom(|iters| {
-                let (left, right) = tokens.split_at_mut(n / 2);
-                let per = iters.div_ceil(2);
-                let engine = &engine;
-                let start = Instant::now();
-                std::thread::scope(|s| {
-                    s.spawn(|| rotate_many(engine, left, per, 1));
-                    s.spawn(|| rotate_many(engine, right, per, 2));
+        revoke_created(e, parts);
+        done += k;
+    }
+    elapsed
+}
+
+fn revoke_created(e: &Engine, parts: &mut [Part<'_>]) {
+    let revoked: usize = parts.iter().map(|p| p.created.len()).sum();
+    run_parts(parts, |p| {
+        for id in p.created.drain(..) {
+            assert!(e.revoke_family(id).expect("no store"));
+        }
+    });
+    sweep_out(e, revoked);
+}
+
+/// Authorize a queue of codes (untimed), after revoking the families the
+/// last queue's exchanges started.
+fn prepare_codes(e: &Engine, p: &mut Part<'_>) {
+    for id in p.created.drain(..) {
+        assert!(e.revoke_family(id).expect("no store"));
+    }
+    p.queue.clear();
+    p.head = 0;
+    for j in 0..p.queue_len {
+        let (code, _) = authorize(e, &p.names[j]);
+        p.queue.push((j, code));
+    }
+}
+
+fn exchange_path(e: &Engine, parts: &mut [Part<'_>], iters: u64) -> Duration {
+    let per = iters.div_ceil(parts.len() as u64) as usize;
+    queued(
+        e,
+        parts,
+        per,
+        |p| p.created.len(),
+        |p| prepare_codes(e, p),
+        |p, k| {
+            for _ in 0..k {
+                let code = p.queue[p.head].1;
+                p.head += 1;
+                p.created.push(exchange(e, &code));
+            }
+        },
+    )
+}
+
+/// After `exchange`: the codes left exchanged, every family it started
+/// revoked and swept out.
+fn restore_after_exchange(e: &Engine, parts: &mut [Part<'_>]) {
+    run_parts(parts, |p| {
+        while p.head < p.queue.len() {
+            let code = p.queue[p.head].1;
+            p.head += 1;
+            p.created.push(exchange(e, &code));
+        }
+    });
+    revoke_created(e, parts);
+}
+
+fn id(what: &str, threads: usize, n: usize) -> BenchmarkId {
+    BenchmarkId::new(format!("{what}/{threads}t"), n)
+}
+
+fn lifecycle(c: &mut Criterion) {
+    for n in sizes() {
+        let mut fleet = Fleet::new(n);
+        let Fleet { engine, tokens } = &mut fleet;
+        let engine = &*engine;
+
+        let mut g = c.benchmark_group("redeem");
+        tune(&mut g, n);
+        for path in Path::ALL {
+            engine.swap_policies(path.policies());
+            for threads in [1, 2] {
+                let mut parts = split(tokens, threads, 7 + threads as u64);
+                g.bench_function(id(path.name(), threads, n), |b| {
+                    b.iter_custom(|iters| redeem_path(engine, &mut parts, path, iters))
                 });
-                start.elapsed()
-            })
+                if path == Path::ReuseRevoke {
+                    restore_after_reuse(engine, &mut parts);
+                }
+            }
+        }
+        engine.swap_policies(plain());
+        g.finish();
+
+        let mut g = c.benchmark_group("issue");
+        tune(&mut g, n);
+        for (what, code) in [("issue", false), ("authorize", true)] {
+            for threads in [1, 2] {
+                let mut parts = split(tokens, threads, 11);
+                g.bench_function(id(what, threads, n), |b| {
+                    b.iter_custom(|iters| create_path(engine, &mut parts, code, iters))
+                });
+            }
+        }
+        g.finish();
+
+        let mut g = c.benchmark_group("exchange");
+        tune(&mut g, n);
+        for threads in [1, 2] {
+            let mut parts = split(tokens, threads, 13);
+            g.bench_function(id("exchange", threads, n), |b| {
+                b.iter_custom(|iters| exchange_path(engine, &mut parts, iters))
+            });
+            restore_after_exchange(engine, &mut parts);
+        }
+        g.finish();
+        drop(fleet);
+
+        baselines_at(c, n);
+    }
+}
+
+/// The baselines of one size, in the `redeem` group beside the engine's
+/// ids; each is built, measured and dropped in turn.
+fn baselines_at(c: &mut Criterion, n: usize) {
+    let mut g = c.benchmark_group("redeem");
+    tune(&mut g, n);
+    let mut floor = baselines::Floor::new(n);
+    g.bench_function(id("floor", 1, n), |b| {
+        b.iter_custom(|iters| floor.run(iters, 0x9E37_79B9_7F4A_7C15))
+    });
+    drop(floor);
+    let mut oxide = baselines::OxideAuth::new(n);
+    for threads in [1, 2] {
+        g.bench_function(id("oxide_auth", threads, n), |b| {
+            b.iter_custom(|iters| oxide.run(iters, threads, 17))
         });
     }
-    g.finish();
-}
-
-/// The floor no design can beat here: one random lookup-and-update in a
-/// hash table of the same size, plus one HMAC-SHA-256 of a token's bytes.
-fn floor(c: &mut Criterion) {
-    use hmac::{Hmac, Mac};
-    use std::collections::HashMap;
-    let mut g = c.benchmark_group("floor");
-    g.throughput(Throughput::Elements(1));
-    g.measurement_time(Duration::from_secs(5));
-    for n in [1_000usize, 1_000_000] {
-        let mut s = 0x1234_5678_9abc_def1u64;
-        let mut table: HashMap<[u8; 16], [u64; 8], ahash::RandomState> = HashMap::default();
-        let keys: Vec<[u8; 16]> = (0..n)
-            .map(|_| {
-                let mut k = [0u8; 16];
-                k[..8].copy_from_slice(&next(&mut s).to_le_bytes());
-                k[8..].copy_from_slice(&next(&mut s).to_le_bytes());
-                table.insert(k, [0; 8]);
-                k
-            })
-            .collect();
-        let mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&[7; 32]).expect("any key length");
-        let token = [b'a'; 54];
-        g.bench_with_input(
-            BenchmarkId::new("lookup_update_hmac/1_thread", n),
-            &n,
-            |b, _| {
-                b.iter_custom(|iters| {
-                    let mut s = 0x9E37_79B9_7F4A_7C15u64;
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        let k = &keys[(next(&mut s) % n as u64) as usize];
-                        let mut m = mac.clone();
-                        m.update(&token);
-                        let tag = m.finalize().into_bytes();
-                        let rec = table.get_mut(k).expect("present");
-                        rec[0] = rec[0].wrapping_add(u64::from(tag[0]));
-                    }
-                    start.elapsed()
-                })
-            },
-        );
+    drop(oxide);
+    let mut naive = baselines::Naive::new(n);
+    for threads in [1, 2] {
+        g.bench_function(id("naive", threads, n), |b| {
+            b.iter_custom(|iters| naive.run(iters, threads, 19))
+        });
     }
+    drop(naive);
     g.finish();
 }
 
-criterion_group!(benches, redeem, floor);
+criterion_group!(benches, lifecycle);
 criterion_main!(benches);
