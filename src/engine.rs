@@ -337,10 +337,13 @@ impl EngineBuilder {
             Some(k) => k,
             None => KeyRing::generate()?,
         };
-        let recovered = match &self.store {
+        let mut recovered = match &self.store {
             Some(store) => store.recover()?,
             None => Vec::new(),
         };
+        // In slot order, each family lands in the slot its id names (see
+        // `table`), however large the shards.
+        recovered.sort_unstable_by_key(|r| r.family.id.slot());
         let sync = self
             .store
             .as_ref()
@@ -603,14 +606,16 @@ impl Engine {
             if cap > 0 {
                 wait_lsn = self.evict_over_cap(ids, &f.client, cap, now, &mut evicted)?;
             }
-            // 128 random bits collide never in practice; loop all the same
-            // rather than overwrite a family.
-            let minted = loop {
-                let mut rnd = [0u8; 32];
+            let minted = {
+                let mut rnd = [0u8; 28];
                 crate::random::fill(&mut rnd)?;
-                let (id, secret) = rnd.split_at(16);
-                f.id = FamilyId::from_bytes(id.try_into().expect("16 bytes"));
+                let (random, secret) = rnd.split_at(12);
+                let random: [u8; 12] = random.try_into().expect("12 bytes");
                 f.secret = FamilySecret(secret.try_into().expect("16 bytes"));
+                // The random part picks the shard; the id then names the
+                // free slot it takes there, so it cannot collide.
+                let mut shard = self.table.lock(&FamilyId::new(0, random));
+                f.id = FamilyId::new(shard.vacant_slot(), random);
                 let tag = keys
                     .tag(token_kind, f.key, &f.id, generation, &f.secret)
                     .expect("the active key is always in the ring");
@@ -618,14 +623,10 @@ impl Engine {
                     cache_tag(&mut f, &keys, tag);
                 }
                 let minted = (f.id, tag);
-                let mut shard = self.table.lock(&f.id);
-                if shard.get(&f.id).is_some() {
-                    continue;
-                }
                 wait_lsn = wait_lsn.max(self.persist(&mut f)?);
                 shard.insert(f);
                 shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
-                break minted;
+                minted
             };
             ids.push(minted.0);
             minted

@@ -1,17 +1,21 @@
 //! The in-process family table: lock-sharded, O(1) per operation.
 //!
-//! Each shard is a mutex around a slab of family records plus a hash index
-//! into it. One family lives in exactly one shard, so holding its shard's lock
-//! makes redemption, revocation and sweeping of that family atomic with
-//! respect to each other; no operation on one family takes a lock that spans
-//! the table. The slab gives the sweeper a stable cursor, so each sweep call
-//! does a bounded amount of work.
+//! Each shard is a mutex around a slab of family records. A family id names
+//! its own slot ([`FamilyId::slot`]): the engine mints a new family's id
+//! from the free slot it is about to fill, so a lookup is one indexed load
+//! and an id comparison, with no hash index (at a million families that
+//! index cost two cache misses per redemption). Records whose slot was
+//! taken when they were installed (restored from elsewhere) go to any free
+//! slot and a small overflow index. One family lives in exactly one shard,
+//! so holding its shard's lock makes redemption, revocation and sweeping of
+//! that family atomic with respect to each other; no operation on one
+//! family takes a lock that spans the table. The slab gives the sweeper a
+//! stable cursor, so each sweep call does a bounded amount of work.
 //!
 //! Lock order: a subject-index shard may be held while taking a family shard,
 //! never the reverse.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -31,9 +35,14 @@ pub(crate) const OUTCOMES: usize = 32;
 struct Shard(Mutex<ShardInner>);
 
 pub(crate) struct ShardInner {
-    index: HashMap<FamilyId, u32, Hasher>,
     slots: Vec<Option<Family>>,
+    /// Free slots, newest last. May hold stale entries (a slot filled by a
+    /// restore, or cut off the end): `vacant_slot` skips them.
     free: Vec<u32>,
+    /// Families not in the slot their id names: restored records whose slot
+    /// was taken or out of reach. Empty in normal operation.
+    overflow: HashMap<FamilyId, u32, Hasher>,
+    live: usize,
     pub(crate) outcomes: [u64; OUTCOMES],
     shadow: ShadowCounts,
 }
@@ -78,20 +87,41 @@ pub(crate) struct FamilySlot<'a> {
     pub(crate) shadow: &'a mut ShadowCounts,
 }
 
+/// How far past the end of a shard's slab a restored record may name its
+/// slot and still be put there (the gap becomes free slots); beyond it, the
+/// record goes to a free slot and the overflow index. Bounds the memory a
+/// record from elsewhere can make a shard allocate.
+const MAX_SLOT_GAP: usize = 1 << 16;
+
 impl ShardInner {
     fn new() -> ShardInner {
         ShardInner {
-            index: HashMap::default(),
             slots: Vec::new(),
             free: Vec::new(),
+            overflow: HashMap::default(),
+            live: 0,
             outcomes: [0; OUTCOMES],
             shadow: ShadowCounts::default(),
         }
     }
 
+    /// The slot holding family `id`, if it is here.
+    fn find(&self, id: &FamilyId) -> Option<usize> {
+        let natural = id.slot() as usize;
+        if let Some(Some(f)) = self.slots.get(natural)
+            && f.id == *id
+        {
+            return Some(natural);
+        }
+        if self.overflow.is_empty() {
+            return None;
+        }
+        self.overflow.get(id).map(|&s| s as usize)
+    }
+
     pub(crate) fn slot_mut(&mut self, id: &FamilyId) -> Option<FamilySlot<'_>> {
-        let i = *self.index.get(id)? as usize;
-        let family = self.slots.get_mut(i)?.as_mut()?;
+        let i = self.find(id)?;
+        let family = self.slots[i].as_mut()?;
         Some(FamilySlot {
             family,
             outcomes: &mut self.outcomes,
@@ -100,47 +130,100 @@ impl ShardInner {
     }
 
     pub(crate) fn get(&self, id: &FamilyId) -> Option<&Family> {
-        let slot = *self.index.get(id)?;
-        self.slots.get(slot as usize)?.as_ref()
+        self.slots[self.find(id)?].as_ref()
     }
 
     pub(crate) fn get_mut(&mut self, id: &FamilyId) -> Option<&mut Family> {
-        let slot = *self.index.get(id)?;
-        self.slots.get_mut(slot as usize)?.as_mut()
+        let i = self.find(id)?;
+        self.slots[i].as_mut()
     }
 
-    /// Insert a new family. Callers check the id is free under the same
-    /// lock first; a taken id here is a bug, and overwriting would lose a
-    /// family, so it panics instead.
-    pub(crate) fn insert(&mut self, f: Family) {
-        let slot = match self.free.last() {
-            Some(&s) => s,
-            // 4 billion families in one shard: refuse rather than alias.
-            None => u32::try_from(self.slots.len()).expect("fewer than 2^32 families per shard"),
-        };
-        match self.index.entry(f.id) {
-            Entry::Occupied(_) => panic!("family id {} inserted twice", f.id),
-            Entry::Vacant(v) => {
-                v.insert(slot);
-                if self.free.pop().is_none() {
-                    self.slots.push(Some(f));
-                } else {
-                    self.slots[slot as usize] = Some(f);
-                }
+    /// The slot the next new family should name in its id: a free one, or
+    /// the end of the slab.
+    pub(crate) fn vacant_slot(&mut self) -> u32 {
+        while let Some(&s) = self.free.last() {
+            if self.slots.get(s as usize).is_some_and(Option::is_none) {
+                return s;
             }
+            self.free.pop();
         }
+        // 4 billion slots in one shard: refuse rather than alias.
+        u32::try_from(self.slots.len()).expect("fewer than 2^32 families per shard")
+    }
+
+    /// Insert a family whose id is not in this shard. Callers check that
+    /// under the same lock first (or minted the id from `vacant_slot`); a
+    /// taken id here is a bug, and overwriting would lose a family, so it
+    /// panics instead.
+    pub(crate) fn insert(&mut self, f: Family) {
+        assert!(
+            self.find(&f.id).is_none(),
+            "family id {} inserted twice",
+            f.id
+        );
+        let natural = f.id.slot() as usize;
+        let slot = if natural < self.slots.len() {
+            if self.slots[natural].is_none() {
+                natural
+            } else {
+                self.place_elsewhere(f.id)
+            }
+        } else if natural - self.slots.len() <= MAX_SLOT_GAP {
+            // The gap in between becomes free slots.
+            let gap = self.slots.len()..natural;
+            self.free.extend(gap.clone().rev().map(|s| s as u32));
+            self.slots.resize_with(natural + 1, || None);
+            natural
+        } else {
+            self.place_elsewhere(f.id)
+        };
+        if self.free.last() == Some(&(slot as u32)) {
+            self.free.pop();
+        }
+        if slot == self.slots.len() {
+            self.slots.push(Some(f));
+        } else {
+            self.slots[slot] = Some(f);
+        }
+        self.live += 1;
+    }
+
+    /// A slot for a family whose own is taken, found by the overflow index.
+    fn place_elsewhere(&mut self, id: FamilyId) -> usize {
+        let slot = self.vacant_slot();
+        self.overflow.insert(id, slot);
+        slot as usize
     }
 
     fn remove_slot(&mut self, slot: usize) -> Option<Family> {
         let f = self.slots.get_mut(slot)?.take()?;
-        self.index.remove(&f.id);
-        // Slot numbers fit u32: insert refuses beyond that.
+        if f.id.slot() as usize != slot {
+            self.overflow.remove(&f.id);
+        }
+        // Slot numbers fit u32: vacant_slot refuses beyond that.
         self.free.push(slot as u32);
+        self.live -= 1;
         Some(f)
     }
 
+    /// Give back the free slots at the end of the slab, and memory a burst
+    /// of churn left behind.
+    fn trim(&mut self) {
+        while matches!(self.slots.last(), Some(None)) {
+            self.slots.pop();
+        }
+        if self.slots.capacity() > 64 && self.slots.len() < self.slots.capacity() / 4 {
+            self.slots.shrink_to_fit();
+            self.free.retain(|&s| (s as usize) < self.slots.len());
+            self.free.shrink_to_fit();
+        }
+        if self.overflow.capacity() > 64 && self.overflow.len() < self.overflow.capacity() / 4 {
+            self.overflow.shrink_to_fit();
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
-        self.index.len()
+        self.live
     }
 
     /// Every family in the shard, for administrative scans.
@@ -245,9 +328,7 @@ impl Table {
             }
             if end >= g.slots.len() {
                 // Shard done: give back memory a burst of churn left behind.
-                if g.index.capacity() > 64 && g.index.len() < g.index.capacity() / 4 {
-                    g.index.shrink_to_fit();
-                }
+                g.trim();
                 drop(g);
                 shard = (shard + 1) % self.shards.len();
                 slot = 0;
@@ -371,6 +452,122 @@ impl Interner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Timestamp;
+    use crate::family::Status;
+    use crate::token::{FamilySecret, Generation, KeyId, KeyUid};
+
+    fn fam(id: FamilyId) -> Family {
+        Family {
+            id,
+            secret: FamilySecret([2; 16]),
+            client: Arc::from("c"),
+            subject: Arc::from("s"),
+            scope: Arc::from("openid"),
+            created: Timestamp::from_secs(1000),
+            last_used: Timestamp::from_secs(1000),
+            rotated_at: Timestamp::from_secs(1000),
+            generation: Generation::new(1),
+            key: KeyId(0),
+            tag: [0; 16],
+            tag_uid: KeyUid::NONE,
+            grace_used: 0,
+            rotation_ip: None,
+            status: Status::Active,
+            code: None,
+            lsn: 0,
+        }
+    }
+
+    fn id(slot: u32, r: u8) -> FamilyId {
+        FamilyId::new(slot, [r; 12])
+    }
+
+    /// New families take the slot their id names, reuse freed slots, and a
+    /// stale id for a reused slot finds nothing.
+    #[test]
+    fn ids_name_their_slots() {
+        let mut s = ShardInner::new();
+        for r in 0..3u8 {
+            let slot = s.vacant_slot();
+            assert_eq!(slot, u32::from(r));
+            s.insert(fam(id(slot, r)));
+        }
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.get(&id(1, 1)).unwrap().id, id(1, 1));
+        assert!(s.get(&id(1, 9)).is_none(), "same slot, other id");
+        assert!(s.get(&id(7, 1)).is_none(), "slot past the end");
+        assert!(s.remove_slot(1).is_some());
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.vacant_slot(), 1);
+        s.insert(fam(id(1, 42)));
+        assert!(s.get(&id(1, 1)).is_none(), "the old family's id is dead");
+        assert!(s.get(&id(1, 42)).is_some());
+        assert!(s.overflow.is_empty());
+    }
+
+    /// A record whose slot is taken, or far out of reach, is still found,
+    /// through the overflow index, and leaves it when removed.
+    #[test]
+    fn records_from_elsewhere_overflow() {
+        let mut s = ShardInner::new();
+        s.insert(fam(id(0, 1)));
+        s.insert(fam(id(0, 2)));
+        let far = id(u32::MAX - 1, 3);
+        s.insert(fam(far));
+        assert_eq!(s.overflow.len(), 2);
+        assert_eq!(s.slots.len(), 3, "no slab grown for the far id");
+        for i in [id(0, 1), id(0, 2), far] {
+            assert_eq!(s.get_mut(&i).unwrap().id, i);
+        }
+        let slot = s.find(&id(0, 2)).unwrap();
+        assert_eq!(s.remove_slot(slot).unwrap().id, id(0, 2));
+        assert!(s.get(&id(0, 2)).is_none());
+        assert_eq!(s.overflow.len(), 1);
+        // Its slot is free again, and a new family naming it lands there.
+        let v = s.vacant_slot();
+        s.insert(fam(id(v, 4)));
+        assert_eq!(s.overflow.len(), 1);
+        assert_eq!(s.len(), 3);
+    }
+
+    /// A restored record naming a slot past the end grows the slab, the
+    /// gap becomes free slots, and filling one by restore leaves no stale
+    /// free entry behind.
+    #[test]
+    fn gaps_become_free_slots() {
+        let mut s = ShardInner::new();
+        s.insert(fam(id(4, 1)));
+        assert_eq!(s.slots.len(), 5);
+        s.insert(fam(id(2, 2)));
+        assert!(s.overflow.is_empty());
+        let mut seen = Vec::new();
+        for r in 10..13u8 {
+            let v = s.vacant_slot();
+            seen.push(v);
+            s.insert(fam(id(v, r)));
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, [0, 1, 3]);
+        assert_eq!(s.vacant_slot(), 5);
+        assert!(s.overflow.is_empty());
+    }
+
+    /// Sweeping to the end of a shard gives back trailing free slots.
+    #[test]
+    fn trim_drops_trailing_free_slots() {
+        let mut s = ShardInner::new();
+        for r in 0..100u8 {
+            let v = s.vacant_slot();
+            s.insert(fam(id(v, r)));
+        }
+        for slot in 10..100 {
+            s.remove_slot(slot);
+        }
+        s.trim();
+        assert_eq!(s.slots.len(), 10);
+        assert_eq!(s.vacant_slot(), 10);
+        assert_eq!(s.len(), 10);
+    }
 
     #[test]
     fn family_ids_stay_inline_for_one_and_shrink_back() {

@@ -59,7 +59,11 @@ impl TokenKind {
 
 /// Identifies one token family (one lineage born from one authorization).
 ///
-/// Random, 128 bits, not a secret: it appears in events and logs.
+/// Not a secret: it appears in events and logs. Bytes 0..4 are the slot
+/// the family occupies in its table shard (little-endian), so a lookup
+/// needs no hash index; bytes 4..16 are random (96 bits) and choose the
+/// shard. Any 16 bytes are a valid id: a record whose slot is taken is
+/// still found, by a slower path.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FamilyId([u8; 16]);
 
@@ -74,10 +78,25 @@ impl FamilyId {
         &self.0
     }
 
-    /// A well-mixed 64-bit value for shard selection: the id is random.
+    /// The id of a new family: `random` for the shard, `slot` in it.
+    pub(crate) fn new(slot: u32, random: [u8; 12]) -> FamilyId {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&slot.to_le_bytes());
+        b[4..].copy_from_slice(&random);
+        FamilyId(b)
+    }
+
+    /// The table slot this id names in its shard.
+    pub(crate) fn slot(&self) -> u32 {
+        u32::from_le_bytes([self.0[0], self.0[1], self.0[2], self.0[3]])
+    }
+
+    /// A well-mixed 64-bit value for shard selection, from the random part.
+    /// The slot does not take part, so a new family's shard is known
+    /// before its slot is.
     pub(crate) fn shard_bits(&self) -> u64 {
         let mut b = [0u8; 8];
-        b.copy_from_slice(&self.0[..8]);
+        b.copy_from_slice(&self.0[4..12]);
         u64::from_le_bytes(b)
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::{CLIENT, Harness, ip};
 use refresh_guard::{
-    AcceptKind, DenyReason, EventKind, Generation, IpCheck, IssueRequest, OnReuse, PolicyOverrides,
-    PolicySet, RevokeReason, Rotation, Status,
+    AcceptKind, DenyReason, Engine, EventKind, Generation, IpCheck, IssueRequest, OnReuse,
+    PolicyOverrides, PolicySet, RevokeReason, Rotation, Status, Token,
 };
 
 fn allow(entries: &[&str]) -> Vec<refresh_guard::IpRange> {
@@ -366,6 +366,71 @@ fn allow_list_at_issuance_and_issuance_only_mode() {
             .accepted()
             .is_some()
     );
+}
+
+/// A family moved to another engine (same keys) keeps working there even
+/// when the table slot its id names is taken by a family of that engine, and
+/// sweeping removes it cleanly; the engine's own families are untouched.
+#[test]
+fn family_restored_into_a_busy_engine_works_there() {
+    use refresh_guard::{KeyId, KeyRing, KeySecret};
+    let keys = KeyRing::new(KeyId(1), &KeySecret::from_bytes([9; 32]));
+    let engine = |shards| {
+        Engine::builder()
+            .keys(keys.clone())
+            .shards(shards)
+            .revoked_retention(Duration::ZERO)
+            .build()
+            .unwrap()
+    };
+    let issue = |e: &Engine, subject: &str| {
+        e.issue(&IssueRequest {
+            client: CLIENT,
+            subject,
+            scope: "openid",
+            ip: ip("10.0.0.1"),
+        })
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .token
+    };
+    // One shard each: every family of `a` names a slot `b` already fills.
+    let (a, b) = (engine(1), engine(1));
+    let moved: Vec<Token> = (0..20).map(|i| issue(&a, &format!("m{i}"))).collect();
+    let own: Vec<Token> = (0..50).map(|i| issue(&b, &format!("o{i}"))).collect();
+    for t in &moved {
+        let id = a.introspect(t).unwrap().family;
+        b.restore_family(a.family_record(id).unwrap()).unwrap();
+    }
+    assert_eq!(b.stats().families, 70);
+    let rotate = |e: &Engine, t: &Token| {
+        e.redeem(t, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .accepted()
+            .expect("accepted")
+            .token
+    };
+    let moved: Vec<Token> = moved.iter().map(|t| rotate(&b, t)).collect();
+    let own: Vec<Token> = own.iter().map(|t| rotate(&b, t)).collect();
+    // New families in `b` still get fresh slots and ids.
+    let fresh = issue(&b, "fresh");
+    rotate(&b, &fresh);
+    for t in &moved {
+        assert!(b.revoke_token(t, None).unwrap());
+    }
+    b.sweep(1_000).unwrap();
+    assert_eq!(b.stats().families, 51);
+    for t in &moved {
+        assert_eq!(
+            b.redeem(t, CLIENT, ip("10.0.0.1")).unwrap().deny_reason(),
+            Some(DenyReason::InvalidToken),
+            "swept"
+        );
+    }
+    for t in &own {
+        rotate(&b, t);
+    }
 }
 
 /// A generation newer than the state is a rollback (a restored backup): deny
