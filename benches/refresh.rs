@@ -23,14 +23,16 @@
 //!
 //! Paths that consume state are fed outside the timed part: `grace_replay`
 //! and `reuse_revoke` rotate a queue of up to 2^18 distinct families first
-//! and then replay their predecessors in the same order, so each replayed
-//! record has left the cache as it would have in production; families
+//! and then replay their predecessors in the same order, so that at the
+//! large sizes each replayed record has left the cache, as a random one
+//! would have; families
 //! revoked by `reuse_revoke` are replaced by fresh ones and swept out.
 //! `issue`, `authorize` and `exchange` revoke and sweep what they created, so
 //! the table stays within `families + 2^18` records.
 //!
-//! `RG_BENCH_MAX_FAMILIES=100000` skips the larger sizes (10M families take
-//! about 4 GiB and 15 s to set up).
+//! `RG_BENCH_MAX_FAMILIES=100000` skips the larger sizes: 10M families take
+//! about 4 GiB and 25 s to set up, oxide-auth's 10M grants 8 GiB and 50 s.
+//! A whole run takes about 12 minutes on 2 cores.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -261,7 +263,8 @@ fn split(tokens: &mut [Token], threads: usize, seed: u64) -> Vec<Part<'_>> {
 }
 
 /// One thread's share of the families, and what it prepared outside the
-/// timed part.
+/// timed part. Aligned so two threads' parts never share a cache line.
+#[repr(align(128))]
 struct Part<'a> {
     tokens: &'a mut [Token],
     /// Index of `tokens[0]` in the fleet, for subject names.
@@ -295,10 +298,6 @@ impl<'a> Part<'a> {
                 .map(|j| format!("bench-{base}-{j}"))
                 .collect(),
         }
-    }
-
-    fn random(&mut self) -> usize {
-        (next(&mut self.rng) % self.tokens.len() as u64) as usize
     }
 
     fn available(&self) -> usize {
@@ -386,8 +385,12 @@ impl Path {
 /// `per` operations of a path that changes nothing but the family it
 /// redeems, on random families.
 fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
+    // Locals, not fields of `p`: nothing the loop writes shares a cache
+    // line with another thread's part.
+    let mut rng = p.rng;
+    let n = p.tokens.len() as u64;
     for _ in 0..per {
-        let i = p.random();
+        let i = (next(&mut rng) % n) as usize;
         match path {
             Path::Rotate => {
                 let d = e.redeem(&p.tokens[i], CLIENT, inside()).expect("no store");
@@ -413,6 +416,7 @@ fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
             Path::GraceReplay | Path::ReuseRevoke => unreachable!("queued paths"),
         }
     }
+    p.rng = rng;
 }
 
 /// Replace the families `reuse_revoke` revoked with fresh ones, then rotate
@@ -437,9 +441,9 @@ fn prepare_replays(e: &Engine, p: &mut Part<'_>, replace_consumed: bool) {
 
 /// Present the next `k` predecessors.
 fn replay(e: &Engine, p: &mut Part<'_>, path: Path, k: usize) {
-    for _ in 0..k {
-        let old = p.queue[p.head].1;
-        p.head += 1;
+    let start = p.head;
+    p.head += k;
+    for &(_, old) in &p.queue[start..start + k] {
         let d = e.redeem(&old, CLIENT, inside()).expect("no store");
         match path {
             Path::GraceReplay => {
@@ -572,10 +576,10 @@ fn exchange_path(e: &Engine, parts: &mut [Part<'_>], iters: u64) -> Duration {
         |p| p.created.len(),
         |p| prepare_codes(e, p),
         |p, k| {
-            for _ in 0..k {
-                let code = p.queue[p.head].1;
-                p.head += 1;
-                p.created.push(exchange(e, &code));
+            let start = p.head;
+            p.head += k;
+            for (_, code) in &p.queue[start..start + k] {
+                p.created.push(exchange(e, code));
             }
         },
     )
@@ -676,5 +680,22 @@ fn baselines_at(c: &mut Criterion, n: usize) {
     g.finish();
 }
 
-criterion_group!(benches, lifecycle);
+/// Criterion's per-benchmark plots cost about 5 s each on 2 cores, a third
+/// of a run of this harness's 80-odd benchmarks; `scripts/plot.py` draws
+/// the figure that matters from the estimates. `RG_BENCH_PLOTS=1` turns them
+/// back on.
+fn config() -> Criterion {
+    let c = Criterion::default();
+    if std::env::var_os("RG_BENCH_PLOTS").is_some() {
+        c
+    } else {
+        c.without_plots()
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = lifecycle
+}
 criterion_main!(benches);
