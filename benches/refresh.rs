@@ -37,6 +37,7 @@
 
 use std::hint::black_box;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
@@ -455,31 +456,129 @@ fn replay(e: &Engine, p: &mut Part<'_>, path: Path, k: usize) {
     }
 }
 
-/// `per` operations per part from prepared queues: `prepare` (untimed)
-/// refills every part when they run dry, after which `swept(part)` revoked
-/// records summed over parts are swept out (untimed); `run(part, k)` is
-/// timed.
-fn queued(
+/// One round of a path that needs untimed preparation.
+struct Round {
+    /// Whether every part prepares before this round.
+    prepare: bool,
+    /// Operations per part in it.
+    k: usize,
+}
+
+/// Rounds for `per` operations per part, when `available` are prepared
+/// now and each preparation makes `capacity`.
+fn plan(per: usize, mut available: usize, capacity: usize) -> Vec<Round> {
+    let mut rounds = Vec::new();
+    let mut done = 0;
+    while done < per {
+        let prepare = available == 0;
+        if prepare {
+            available = capacity;
+        }
+        let k = (per - done).min(available);
+        rounds.push(Round { prepare, k });
+        available -= k;
+        done += k;
+    }
+    rounds
+}
+
+/// A barrier that spins. A thread blocked in `std::sync::Barrier` leaves
+/// its vCPU idle, and waking it takes tens of microseconds on this VM: more
+/// than a whole round lasts at 1K families.
+struct SpinBarrier {
+    n: usize,
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+}
+
+impl SpinBarrier {
+    fn new(n: usize) -> SpinBarrier {
+        SpinBarrier {
+            n,
+            arrived: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+        }
+    }
+
+    fn wait(&self) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release);
+        } else {
+            while self.generation.load(Ordering::Acquire) == generation {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// Run `rounds` on every part: before a round that says so, each part
+/// runs `prepare` (untimed) after counting `swept(part)` records it leaves
+/// revoked, and one thread sweeps them all out (untimed); then every part
+/// runs `run(part, k)`, timed. With several parts the threads live across
+/// rounds and meet at spinning barriers, so neither thread start-up nor
+/// wake-ups are timed; a round's time is its slowest part's.
+fn rounds(
     e: &Engine,
     parts: &mut [Part<'_>],
-    per: usize,
-    swept: impl Fn(&Part<'_>) -> usize,
+    rounds: &[Round],
+    swept: impl Fn(&Part<'_>) -> usize + Sync,
     prepare: impl Fn(&mut Part<'_>) + Sync,
     run: impl Fn(&mut Part<'_>, usize) + Sync,
 ) -> Duration {
-    let mut done = 0;
-    let mut elapsed = Duration::ZERO;
-    while done < per {
-        if parts[0].available() == 0 {
-            let revoked: usize = parts.iter().map(&swept).sum();
-            run_parts(parts, &prepare);
-            sweep_out(e, revoked);
+    if let [p] = parts {
+        let mut elapsed = Duration::ZERO;
+        for r in rounds {
+            if r.prepare {
+                let revoked = swept(p);
+                prepare(p);
+                sweep_out(e, revoked);
+            }
+            let start = Instant::now();
+            run(p, r.k);
+            elapsed += start.elapsed();
         }
-        let k = (per - done).min(parts[0].available());
-        elapsed += run_parts(parts, |p| run(p, k));
-        done += k;
+        return elapsed;
     }
-    elapsed
+    let barrier = SpinBarrier::new(parts.len());
+    let pending = AtomicUsize::new(0);
+    let times: Vec<Vec<Duration>> = std::thread::scope(|s| {
+        let threads: Vec<_> = parts
+            .iter_mut()
+            .enumerate()
+            .map(|(t, p)| {
+                let (barrier, pending) = (&barrier, &pending);
+                let (swept, prepare, run) = (&swept, &prepare, &run);
+                s.spawn(move || {
+                    let mut times = Vec::with_capacity(rounds.len());
+                    for r in rounds {
+                        if r.prepare {
+                            pending.fetch_add(swept(p), Ordering::Relaxed);
+                            prepare(p);
+                            barrier.wait();
+                            if t == 0 {
+                                sweep_out(e, pending.swap(0, Ordering::Relaxed));
+                            }
+                        }
+                        barrier.wait();
+                        let start = Instant::now();
+                        run(p, r.k);
+                        times.push(start.elapsed());
+                        barrier.wait();
+                    }
+                    times
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("bench thread"))
+            .collect()
+    });
+    (0..rounds.len())
+        .map(|r| times.iter().map(|t| t[r]).max().unwrap_or_default())
+        .sum()
 }
 
 fn redeem_path(e: &Engine, parts: &mut [Part<'_>], path: Path, iters: u64) -> Duration {
@@ -488,18 +587,18 @@ fn redeem_path(e: &Engine, parts: &mut [Part<'_>], path: Path, iters: u64) -> Du
         Path::Rotate | Path::IpDenied | Path::Forged => {
             run_parts(parts, |p| stateless(e, p, path, per))
         }
-        Path::GraceReplay => queued(
+        Path::GraceReplay => rounds(
             e,
             parts,
-            per,
+            &plan(per, parts[0].available(), parts[0].queue_len),
             |_| 0,
             |p| prepare_replays(e, p, false),
             |p, k| replay(e, p, path, k),
         ),
-        Path::ReuseRevoke => queued(
+        Path::ReuseRevoke => rounds(
             e,
             parts,
-            per,
+            &plan(per, parts[0].available(), parts[0].queue_len),
             |p| p.head,
             |p| prepare_replays(e, p, true),
             |p, k| replay(e, p, path, k),
@@ -521,15 +620,24 @@ fn restore_after_reuse(e: &Engine, parts: &mut [Part<'_>]) {
 }
 
 /// `issue` or `authorize`, in rounds: create (timed), then revoke what was
-/// created and sweep it out (untimed).
+/// created and sweep it out (untimed, before the next round or after the
+/// last).
 fn create_path(e: &Engine, parts: &mut [Part<'_>], code: bool, iters: u64) -> Duration {
     let per = iters.div_ceil(parts.len() as u64) as usize;
-    let mut done = 0;
-    let mut elapsed = Duration::ZERO;
-    while done < per {
-        let k = (per - done).min(parts[0].names.len());
-        elapsed += run_parts(parts, |p| {
-            for name in &p.names[..k] {
+    let capacity = parts[0].names.len();
+    let elapsed = rounds(
+        e,
+        parts,
+        &plan(per, capacity, capacity),
+        |p| p.created.len(),
+        |p| {
+            for id in p.created.drain(..) {
+                assert!(e.revoke_family(id).expect("no store"));
+            }
+        },
+        |p, k| {
+            for j in 0..k {
+                let name = &p.names[j];
                 let (_, id) = if code {
                     authorize(e, name)
                 } else {
@@ -537,10 +645,9 @@ fn create_path(e: &Engine, parts: &mut [Part<'_>], code: bool, iters: u64) -> Du
                 };
                 p.created.push(id);
             }
-        });
-        revoke_created(e, parts);
-        done += k;
-    }
+        },
+    );
+    revoke_created(e, parts);
     elapsed
 }
 
@@ -570,10 +677,10 @@ fn prepare_codes(e: &Engine, p: &mut Part<'_>) {
 
 fn exchange_path(e: &Engine, parts: &mut [Part<'_>], iters: u64) -> Duration {
     let per = iters.div_ceil(parts.len() as u64) as usize;
-    queued(
+    rounds(
         e,
         parts,
-        per,
+        &plan(per, parts[0].available(), parts[0].queue_len),
         |p| p.created.len(),
         |p| prepare_codes(e, p),
         |p, k| {
