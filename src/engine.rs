@@ -16,6 +16,7 @@ use crate::event::{Dispatcher, Event, EventCounts, EventKind, EventSink, NoopSin
 use crate::family::{Family, RevokeReason, Status};
 use crate::policy::{ClientPolicy, OnReuse, PolicySet, PolicyVersion};
 use crate::store::{Durability, RecordRef, Store};
+use crate::striped::Striped;
 use crate::table::{FamilyIds, Interner, OUTCOMES, SubjectIndex, Table};
 use crate::token::{self, FamilyId, FamilySecret, Generation, KeyRing, KeyUid, Token, TokenKind};
 
@@ -262,6 +263,8 @@ pub struct EngineBuilder {
     policies: PolicySet,
     clock: Box<dyn Clock>,
     sink: Box<dyn EventSink>,
+    /// Whether `sink` was set (the default only counts).
+    delivers: bool,
     shards: usize,
     revoked_retention: Duration,
     store: Option<Box<dyn Store>>,
@@ -275,6 +278,7 @@ impl Default for EngineBuilder {
             policies: PolicySet::default(),
             clock: Box::new(SystemClock),
             sink: Box::new(NoopSink),
+            delivers: false,
             // Many more shards than cores keeps two redemptions from meeting
             // on one lock; each costs a few hundred bytes.
             shards: (cores * 64).max(256),
@@ -307,6 +311,7 @@ impl EngineBuilder {
     /// Where events go. Default: [`NoopSink`] (events are still counted).
     pub fn events(mut self, sink: impl EventSink) -> EngineBuilder {
         self.sink = Box::new(sink);
+        self.delivers = true;
         self
     }
 
@@ -355,11 +360,11 @@ impl EngineBuilder {
             subjects: SubjectIndex::new(self.shards),
             interner: Interner::new(),
             clock: self.clock,
-            events: Dispatcher::new(self.sink),
+            events: Dispatcher::new(self.sink, self.delivers),
             revoked_retention: self.revoked_retention,
             shadow: ArcSwapOption::empty(),
             shadow_epoch: AtomicU64::new(0),
-            unsharded_outcomes: Default::default(),
+            unsharded_outcomes: Striped::default(),
             store: self.store,
             sync,
         };
@@ -387,7 +392,7 @@ pub struct Engine {
     /// Whether answers wait for durability (`Durability::Sync`).
     sync: bool,
     /// Outcomes decided before a shard is locked (malformed tokens).
-    unsharded_outcomes: [AtomicU64; OUTCOMES],
+    unsharded_outcomes: Striped<OUTCOMES>,
 }
 
 /// A candidate policy set under evaluation.
@@ -520,6 +525,10 @@ impl Engine {
         version: PolicyVersion,
         at: Timestamp,
     ) {
+        if !self.events.delivers() {
+            self.events.count(&kind);
+            return;
+        }
         self.events.emit(&Event {
             kind,
             family: who.map(|w| w.family),
@@ -739,8 +748,8 @@ impl Engine {
         let policies = self.policies.load();
         let version = policies.version();
         let invalid = || {
-            self.unsharded_outcomes[outcome_slot(Verdict::Deny(DenyReason::InvalidToken))]
-                .fetch_add(1, Ordering::Relaxed);
+            self.unsharded_outcomes
+                .add(outcome_slot(Verdict::Deny(DenyReason::InvalidToken)));
             Ok((deny(DenyReason::InvalidToken, None, version), 0))
         };
         let Some(parsed) = token::parse(req.code, TokenKind::Code) else {
@@ -921,8 +930,8 @@ impl Engine {
         let policies = self.policies.load();
         let version = policies.version();
         let invalid = || {
-            self.unsharded_outcomes[outcome_slot(Verdict::Deny(DenyReason::InvalidToken))]
-                .fetch_add(1, Ordering::Relaxed);
+            self.unsharded_outcomes
+                .add(outcome_slot(Verdict::Deny(DenyReason::InvalidToken)));
             Ok((deny(DenyReason::InvalidToken, None, version), 0))
         };
         // 1. Parse; unknown key ids are malformed too.
@@ -1015,8 +1024,12 @@ impl Engine {
                 }
             }
             Verdict::Deny(reason) => {
-                let current = f.generation;
-                let who = Who::of(f);
+                let (current, family) = (f.generation, f.id);
+                // Copying the client and subject bumps counts shared by all
+                // of a client's families: only for a sink, or for reuse,
+                // whose response needs the subject.
+                let who = (reason == DenyReason::ReuseDetected || self.events.delivers())
+                    .then(|| Who::of(f));
                 let mut revoked = false;
                 let on_reuse = policy.on_reuse;
                 if reason == DenyReason::ReuseDetected && on_reuse != OnReuse::ReportOnly {
@@ -1024,10 +1037,17 @@ impl Engine {
                 }
                 let mut lsn = if revoked { self.persist(f)? } else { 0 };
                 drop(shard);
-                lsn = lsn.max(
-                    self.after_denial(reason, &req, &who, current, on_reuse, revoked, version)?,
-                );
-                Ok((deny(reason, Some(who.family), version), lsn))
+                lsn = lsn.max(self.after_denial(
+                    reason,
+                    &req,
+                    family,
+                    who.as_ref(),
+                    current,
+                    on_reuse,
+                    revoked,
+                    version,
+                )?);
+                Ok((deny(reason, Some(family), version), lsn))
             }
         }
     }
@@ -1092,7 +1112,8 @@ impl Engine {
         &self,
         reason: DenyReason,
         req: &Request<'_>,
-        who: &Who,
+        family: FamilyId,
+        who: Option<&Who>,
         current: Generation,
         on_reuse: OnReuse,
         revoked: bool,
@@ -1108,7 +1129,7 @@ impl Engine {
                         current,
                         response: on_reuse,
                     },
-                    Some(who),
+                    who,
                     ip,
                     version,
                     now,
@@ -1118,12 +1139,16 @@ impl Engine {
                         EventKind::FamilyRevoked {
                             reason: RevokeReason::ReuseDetected,
                         },
-                        Some(who),
+                        who,
                         ip,
                         version,
                         now,
                     );
                 }
+                // The caller copies client and subject for every reuse.
+                let Some(who) = who else {
+                    return Ok(lsn);
+                };
                 match on_reuse {
                     OnReuse::RevokeSubjectClient => {
                         lsn = self
@@ -1147,7 +1172,7 @@ impl Engine {
                             )?
                             .1;
                     }
-                    OnReuse::RevokeFamily => self.subjects.remove(&who.subject, &who.family),
+                    OnReuse::RevokeFamily => self.subjects.remove(&who.subject, &family),
                     OnReuse::ReportOnly => {}
                 }
             }
@@ -1155,7 +1180,7 @@ impl Engine {
                 EventKind::ClientMismatch {
                     presented_client: req.client.into(),
                 },
-                Some(who),
+                who,
                 ip,
                 version,
                 now,
@@ -1165,14 +1190,12 @@ impl Engine {
                     presented: req.generation,
                     current,
                 },
-                Some(who),
+                who,
                 ip,
                 version,
                 now,
             ),
-            DenyReason::IpNotAllowed => {
-                self.emit(EventKind::IpNotAllowed, Some(who), ip, version, now)
-            }
+            DenyReason::IpNotAllowed => self.emit(EventKind::IpNotAllowed, who, ip, version, now),
             _ => {}
         }
         Ok(lsn)
@@ -1525,8 +1548,8 @@ impl Engine {
     /// Counters since start.
     pub fn stats(&self) -> Stats {
         let mut counts = self.table.outcomes();
-        for (c, u) in counts.iter_mut().zip(self.unsharded_outcomes.iter()) {
-            *c += u.load(Ordering::Relaxed);
+        for (i, c) in counts.iter_mut().enumerate() {
+            *c += self.unsharded_outcomes.get(i);
         }
         let slots = ACCEPT_KINDS.len() + DenyReason::ALL.len();
         let outcomes = (0..slots).map(|i| (slot_name(i), counts[i])).collect();

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use crate::clock::Timestamp;
 use crate::family::RevokeReason;
 use crate::policy::{OnReuse, PolicyVersion};
+use crate::striped::Striped;
 use crate::token::{FamilyId, Generation};
 
 /// What happened.
@@ -204,21 +205,35 @@ impl EventCounts {
 /// panics contained.
 pub(crate) struct Dispatcher {
     sink: Box<dyn EventSink>,
-    counts: [AtomicU64; N_KINDS],
+    /// False for the default [`NoopSink`]: events are then only counted, and
+    /// the engine need not gather what an event carries.
+    delivers: bool,
+    counts: Striped<N_KINDS>,
     panics: AtomicU64,
 }
 
 impl Dispatcher {
-    pub(crate) fn new(sink: Box<dyn EventSink>) -> Dispatcher {
+    pub(crate) fn new(sink: Box<dyn EventSink>, delivers: bool) -> Dispatcher {
         Dispatcher {
             sink,
-            counts: Default::default(),
+            delivers,
+            counts: Striped::default(),
             panics: AtomicU64::new(0),
         }
     }
 
+    /// Whether events reach a sink (else they are only counted).
+    pub(crate) fn delivers(&self) -> bool {
+        self.delivers
+    }
+
+    /// Count an event that is not delivered.
+    pub(crate) fn count(&self, kind: &EventKind) {
+        self.counts.add(kind.index());
+    }
+
     pub(crate) fn emit(&self, event: &Event) {
-        self.counts[event.kind.index()].fetch_add(1, Ordering::Relaxed);
+        self.counts.add(event.kind.index());
         // The engine holds no lock here and has finished its state change, so
         // a panicking sink cannot leave the table half-updated; containing it
         // keeps one bad sink from failing the redemption that triggered it.
@@ -229,8 +244,8 @@ impl Dispatcher {
 
     pub(crate) fn counts(&self) -> EventCounts {
         let mut c = EventCounts::default();
-        for (i, n) in self.counts.iter().enumerate() {
-            c.by_kind[i] = n.load(Ordering::Relaxed);
+        for (i, n) in c.by_kind.iter_mut().enumerate() {
+            *n = self.counts.get(i);
         }
         c.sink_panics = self.panics.load(Ordering::Relaxed);
         c

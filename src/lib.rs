@@ -84,6 +84,7 @@ mod reload;
 #[cfg(feature = "server")]
 pub mod server;
 mod store;
+mod striped;
 mod table;
 mod token;
 

@@ -109,3 +109,61 @@ fn slow_sink_does_not_hold_locks() {
         );
     });
 }
+
+/// Without a sink events are only counted, and the engine skips gathering
+/// what they would carry; the responses they accompany still happen in
+/// full, counted the same, from any number of threads.
+#[test]
+fn without_a_sink_events_are_counted_and_responses_applied() {
+    use refresh_guard::{IpRange, OnReuse, PolicyOverrides, PolicySet};
+    let allow: Vec<IpRange> = vec!["10.0.0.0/8".parse().unwrap()];
+    let set = PolicySet::builder()
+        .defaults(
+            PolicyOverrides::new()
+                .on_reuse(OnReuse::RevokeSubject)
+                .ip_allowlist(allow),
+        )
+        .build()
+        .unwrap();
+    let e = Engine::builder().policies(set).build().unwrap();
+    let rotate = |t: &Token| {
+        e.redeem(t, "app", ip("10.0.0.1"))
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .token
+    };
+    const THREADS: usize = 4;
+    std::thread::scope(|s| {
+        for n in 0..THREADS {
+            let (e, rotate) = (&e, &rotate);
+            s.spawn(move || {
+                let subject = format!("user-{n}");
+                let (stolen, sibling) = (issue(e, &subject), issue(e, &subject));
+                let outside = e.redeem(&sibling, "app", ip("192.0.2.1")).unwrap();
+                assert_eq!(outside.deny_reason(), Some(DenyReason::IpNotAllowed));
+                let mismatch = e.redeem(&sibling, "other", ip("10.0.0.1")).unwrap();
+                assert_eq!(mismatch.deny_reason(), Some(DenyReason::ClientMismatch));
+                rotate(&stolen);
+                let reuse = e.redeem(&stolen, "app", ip("10.0.0.1")).unwrap();
+                assert_eq!(reuse.deny_reason(), Some(DenyReason::ReuseDetected));
+                // The subject-wide response reached the sibling family.
+                let after = e.redeem(&sibling, "app", ip("10.0.0.1")).unwrap();
+                assert_eq!(after.deny_reason(), Some(DenyReason::Revoked));
+            });
+        }
+    });
+    let n = THREADS as u64;
+    let events = e.stats().events;
+    for (kind, want) in [
+        ("ip_not_allowed", n),
+        ("client_mismatch", n),
+        ("reuse_detected", n),
+        // The reused family, then its sibling by the subject response.
+        ("family_revoked", 2 * n),
+    ] {
+        assert_eq!(events.get(kind), want, "{kind}");
+    }
+    // Nothing of the subjects is left to revoke.
+    assert_eq!(e.revoke_subject("user-0", None).unwrap(), 0);
+}
