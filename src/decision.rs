@@ -392,29 +392,14 @@ mod tests {
     use super::*;
     use crate::family::RevokeReason;
     use crate::policy::{AllowList, IpRange};
-    use crate::token::{FamilySecret, KeyId};
-    use std::sync::Arc;
+    use crate::token::KeyId;
     use std::time::Duration;
 
     fn fam(gen_: u32) -> Family {
         Family {
-            id: FamilyId::from_bytes([1; 16]),
-            secret: FamilySecret([2; 16]),
-            client: Arc::from("c"),
-            subject: Arc::from("s"),
-            scope: Arc::from("openid"),
-            created: Timestamp::from_secs(1000),
-            last_used: Timestamp::from_secs(1000),
-            rotated_at: Timestamp::from_secs(1000),
             generation: Generation::new(gen_),
-            key: KeyId(0),
-            tag: [0; 16],
-            tag_uid: crate::token::KeyUid::NONE,
-            grace_used: 0,
             rotation_ip: Some("10.0.0.1".parse().unwrap()),
-            status: Status::Active,
-            code: None,
-            lsn: 0,
+            ..Family::for_test(FamilyId::from_bytes([1; 16]))
         }
     }
 

@@ -97,6 +97,33 @@ pub(crate) struct Family {
     pub(crate) lsn: u64,
 }
 
+#[cfg(test)]
+impl Family {
+    /// An active generation-1 family of client `c` and subject `s`, for unit
+    /// tests to adjust.
+    pub(crate) fn for_test(id: FamilyId) -> Family {
+        Family {
+            id,
+            secret: FamilySecret([2; 16]),
+            client: Arc::from("c"),
+            subject: Arc::from("s"),
+            scope: Arc::from("openid"),
+            created: Timestamp::from_secs(1000),
+            last_used: Timestamp::from_secs(1000),
+            rotated_at: Timestamp::from_secs(1000),
+            generation: Generation::new(1),
+            key: KeyId(0),
+            tag: [0; 16],
+            tag_uid: KeyUid::NONE,
+            grace_used: 0,
+            rotation_ip: None,
+            status: Status::Active,
+            code: None,
+            lsn: 0,
+        }
+    }
+}
+
 impl Family {
     pub(crate) fn is_active(&self) -> bool {
         self.status == Status::Active

@@ -452,30 +452,9 @@ impl Interner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::Timestamp;
-    use crate::family::Status;
-    use crate::token::{FamilySecret, Generation, KeyId, KeyUid};
 
     fn fam(id: FamilyId) -> Family {
-        Family {
-            id,
-            secret: FamilySecret([2; 16]),
-            client: Arc::from("c"),
-            subject: Arc::from("s"),
-            scope: Arc::from("openid"),
-            created: Timestamp::from_secs(1000),
-            last_used: Timestamp::from_secs(1000),
-            rotated_at: Timestamp::from_secs(1000),
-            generation: Generation::new(1),
-            key: KeyId(0),
-            tag: [0; 16],
-            tag_uid: KeyUid::NONE,
-            grace_used: 0,
-            rotation_ip: None,
-            status: Status::Active,
-            code: None,
-            lsn: 0,
-        }
+        Family::for_test(id)
     }
 
     fn id(slot: u32, r: u8) -> FamilyId {
