@@ -87,11 +87,11 @@ pub(crate) struct FamilySlot<'a> {
     pub(crate) shadow: &'a mut ShadowCounts,
 }
 
-/// How far past the end of a shard's slab a restored record may name its
-/// slot and still be put there (the gap becomes free slots); beyond it, the
-/// record goes to a free slot and the overflow index. Bounds the memory a
-/// record from elsewhere can make a shard allocate.
-const MAX_SLOT_GAP: usize = 1 << 16;
+/// Slack over twice the live families up to which a restored record may
+/// name its slot and still be put there (the gap becomes free slots);
+/// beyond it, the record goes to a free slot and the overflow index. Keeps
+/// the slab within about twice the live families whatever records name.
+const SLOT_SLACK: usize = 1 << 10;
 
 impl ShardInner {
     fn new() -> ShardInner {
@@ -138,6 +138,21 @@ impl ShardInner {
         self.slots[i].as_mut()
     }
 
+    /// The slab length a record may make the shard grow to.
+    fn reach(&self) -> usize {
+        self.slots.len().max(2 * self.live) + SLOT_SLACK
+    }
+
+    /// Whether a record with this id would be put in the slot it names: the
+    /// slot is free and within reach.
+    pub(crate) fn own_slot_free(&self, id: &FamilyId) -> bool {
+        let natural = id.slot() as usize;
+        match self.slots.get(natural) {
+            Some(slot) => slot.is_none(),
+            None => natural < self.reach(),
+        }
+    }
+
     /// The slot the next new family should name in its id: a free one, or
     /// the end of the slab.
     pub(crate) fn vacant_slot(&mut self) -> u32 {
@@ -168,7 +183,7 @@ impl ShardInner {
             } else {
                 self.place_elsewhere(f.id)
             }
-        } else if natural - self.slots.len() <= MAX_SLOT_GAP {
+        } else if natural < self.reach() {
             // The gap in between becomes free slots.
             let gap = self.slots.len()..natural;
             self.free.extend(gap.clone().rev().map(|s| s as u32));
@@ -220,10 +235,28 @@ impl ShardInner {
         if self.overflow.capacity() > 64 && self.overflow.len() < self.overflow.capacity() / 4 {
             self.overflow.shrink_to_fit();
         }
+        // Restores fill free slots without taking them off the list: rebuild
+        // it when mostly stale (low slots on top, taken first).
+        let free_slots = self.slots.len() - self.live;
+        if self.free.len() > free_slots + 64 {
+            self.free.clear();
+            self.free.extend(
+                (0..self.slots.len())
+                    .rev()
+                    .filter(|&s| self.slots[s].is_none())
+                    .map(|s| s as u32),
+            );
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
         self.live
+    }
+
+    /// Families not in their own slot.
+    #[cfg(test)]
+    pub(crate) fn overflow_len(&self) -> usize {
+        self.overflow.len()
     }
 
     /// Every family in the shard, for administrative scans.
@@ -529,6 +562,46 @@ mod tests {
         assert_eq!(seen, [0, 1, 3]);
         assert_eq!(s.vacant_slot(), 5);
         assert!(s.overflow.is_empty());
+    }
+
+    /// Records naming far slots cannot grow the slab beyond about twice
+    /// the live families.
+    #[test]
+    fn far_slots_do_not_grow_the_slab() {
+        let mut s = ShardInner::new();
+        for k in 1..=16u32 {
+            s.insert(fam(id(k << 16, k as u8)));
+        }
+        assert_eq!(s.len(), 16);
+        assert!(s.slots.len() < 2 * SLOT_SLACK, "{} slots", s.slots.len());
+        for k in 1..=16u32 {
+            assert!(s.get(&id(k << 16, k as u8)).is_some());
+        }
+    }
+
+    /// Filling freed slots by restore leaves stale free-list entries; a
+    /// trim drops them.
+    #[test]
+    fn trim_rebuilds_a_stale_free_list() {
+        let mut s = ShardInner::new();
+        for r in 0..8u8 {
+            let v = s.vacant_slot();
+            s.insert(fam(id(v, r)));
+        }
+        for _ in 0..1_000 {
+            let a = s.remove_slot(5).unwrap();
+            let b = s.remove_slot(6).unwrap();
+            s.insert(a);
+            s.insert(b);
+        }
+        assert!(s.free.len() >= 1_000);
+        s.trim();
+        assert!(s.free.is_empty());
+        assert_eq!(s.vacant_slot(), 8);
+        s.remove_slot(3);
+        s.remove_slot(1);
+        s.trim();
+        assert_eq!(s.vacant_slot(), 1, "low slots first");
     }
 
     /// Sweeping to the end of a shard gives back trailing free slots.
