@@ -1053,7 +1053,6 @@ impl Engine {
                 lsn = lsn.max(self.after_denial(
                     reason,
                     &req,
-                    family,
                     who.as_ref(),
                     current,
                     on_reuse,
@@ -1125,7 +1124,6 @@ impl Engine {
         &self,
         reason: DenyReason,
         req: &Request<'_>,
-        family: FamilyId,
         who: Option<&Who>,
         current: Generation,
         on_reuse: OnReuse,
@@ -1185,7 +1183,7 @@ impl Engine {
                             )?
                             .1;
                     }
-                    OnReuse::RevokeFamily => self.subjects.remove(&who.subject, &family),
+                    OnReuse::RevokeFamily => self.subjects.remove(&who.subject, &who.family),
                     OnReuse::ReportOnly => {}
                 }
             }
