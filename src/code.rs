@@ -131,7 +131,7 @@ pub(crate) fn decide_exchange(
     req: &ExchangeCheck<'_>,
     policy: &ClientPolicy,
 ) -> Result<(), DenyReason> {
-    if *f.client != *req.client {
+    if **f.client() != *req.client {
         return Err(DenyReason::ClientMismatch);
     }
     if !f.is_active() {

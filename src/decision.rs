@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::clock::Timestamp;
-use crate::family::{Family, Status};
+use crate::family::Family;
 use crate::policy::{ClientPolicy, IpCheck, PolicyVersion, Rotation};
 use crate::token::{FamilyId, Generation, Token};
 
@@ -298,11 +298,11 @@ pub(crate) enum Verdict {
 /// family only reaches this function with a valid tag.
 pub(crate) fn decide(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> Verdict {
     // 4. Client binding.
-    if *f.client != *req.client {
+    if **f.client() != *req.client {
         return Verdict::Deny(DenyReason::ClientMismatch);
     }
     // 5. Revoked, then absolute, then idle lifetime.
-    if let Status::Revoked { .. } = f.status {
+    if !f.is_active() {
         return Verdict::Deny(DenyReason::Revoked);
     }
     if let Some(reason) = expiry(f, policy, req.now) {

@@ -13,11 +13,11 @@ use crate::code::{self, CodeState, ExchangeCheck, MAX_REDIRECT_URI_LEN};
 use crate::decision::{self, AcceptKind, Accepted, Decision, Denied, DenyReason, Request, Verdict};
 use crate::error::Error;
 use crate::event::{Dispatcher, Event, EventCounts, EventKind, EventSink, NoopSink};
-use crate::family::{Family, RevokeReason, Status};
+use crate::family::{Family, RevokeReason, Status, SubjectName};
 use crate::policy::{ClientPolicy, OnReuse, PolicySet, PolicyVersion};
 use crate::store::{Durability, RecordRef, Store};
 use crate::striped::Striped;
-use crate::table::{FamilyIds, Interner, OUTCOMES, SubjectIndex, Table};
+use crate::table::{Interner, OUTCOMES, SubjectEntries, SubjectIndex, Table};
 use crate::token::{self, FamilyId, FamilySecret, Generation, KeyRing, KeyUid, Token, TokenKind};
 
 /// Longest subject accepted at issuance.
@@ -154,7 +154,7 @@ impl FamilyRecord {
     }
     /// Active or revoked.
     pub fn status(&self) -> Status {
-        self.0.status
+        self.0.status()
     }
 }
 
@@ -468,8 +468,8 @@ impl Who {
     fn of(f: &Family) -> Who {
         Who {
             family: f.id,
-            client: f.client.clone(),
-            subject: f.subject.clone(),
+            client: f.client().clone(),
+            subject: Arc::from(f.subject.as_str()),
         }
     }
 }
@@ -601,16 +601,11 @@ impl Engine {
         let mut wait_lsn = 0;
         let (id, tag) = {
             let mut subjects = self.subjects.lock(req.subject);
-            let subject = match subjects.get_key_value(req.subject) {
-                Some((k, _)) => k.clone(),
-                None => Arc::from(req.subject),
-            };
             let mut f = Family {
                 id: FamilyId::from_bytes([0; 16]),
                 secret: FamilySecret([0; 16]),
-                client: self.interner.intern(req.client),
-                subject: subject.clone(),
-                scope: self.interner.intern(req.scope),
+                grant: self.interner.grant(req.client, req.scope),
+                subject: SubjectName::new(req.subject),
                 created: now,
                 last_used: now,
                 rotated_at: now,
@@ -620,13 +615,20 @@ impl Engine {
                 tag_uid: KeyUid::NONE,
                 grace_used: 0,
                 rotation_ip: Some(req.ip.to_canonical()),
-                status: Status::Active,
+                revoked: None,
+                revoked_at: Timestamp::EPOCH,
                 code,
                 lsn: 0,
             };
-            let ids = subjects.entry(subject).or_default();
             if cap > 0 {
-                wait_lsn = self.evict_over_cap(ids, &f.client, cap, now, &mut evicted)?;
+                wait_lsn = self.evict_over_cap(
+                    &mut subjects,
+                    req.subject,
+                    f.client(),
+                    cap,
+                    now,
+                    &mut evicted,
+                )?;
             }
             let minted = {
                 let mut rnd = [0u8; 28];
@@ -650,7 +652,7 @@ impl Engine {
                 shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
                 minted
             };
-            ids.push(minted.0);
+            subjects.push(minted.0);
             minted
         };
         for w in &evicted {
@@ -780,7 +782,7 @@ impl Engine {
             drop(shard);
             return invalid();
         }
-        let policy = policies.policy(&f.client);
+        let policy = policies.policy(f.client());
         let check = ExchangeCheck {
             client: req.client,
             redirect_uri: req.redirect_uri,
@@ -848,30 +850,34 @@ impl Engine {
         }
     }
 
-    /// Revoke the oldest families of `client` in `ids` until one more fits
-    /// under `cap`. Called with the subject's index shard locked.
+    /// Revoke the oldest families of `client` in `subject`'s `entries` until
+    /// one more fits under `cap`.
     fn evict_over_cap(
         &self,
-        ids: &mut FamilyIds,
+        entries: &mut SubjectEntries<'_>,
+        subject: &str,
         client: &Arc<str>,
         cap: u32,
         now: Timestamp,
         evicted: &mut Vec<Who>,
     ) -> Result<u64, Error> {
         let mut mine: Vec<(Timestamp, FamilyId)> = Vec::new();
-        ids.retain(|id| {
-            let shard = self.table.lock(id);
-            match shard.get(id) {
-                // Drop index entries of swept or revoked families on the way.
+        for id in entries.candidates() {
+            let shard = self.table.lock(&id);
+            match shard.get(&id) {
+                Some(f) if f.subject.as_str() != subject => {} // another subject's
                 Some(f) if f.is_active() => {
-                    if f.client == *client {
-                        mine.push((f.created, *id));
+                    if f.client() == client {
+                        mine.push((f.created, id));
                     }
-                    true
                 }
-                _ => false,
+                // Drop index entries of swept or revoked families on the way.
+                _ => {
+                    drop(shard);
+                    entries.remove(&id);
+                }
             }
-        });
+        }
         let cap = cap as usize;
         let mut lsn = 0;
         if mine.len() < cap {
@@ -888,7 +894,7 @@ impl Engine {
                 evicted.push(Who::of(f));
             }
             drop(shard);
-            ids.retain(|x| *x != id);
+            entries.remove(&id);
         }
         Ok(lsn)
     }
@@ -977,7 +983,7 @@ impl Engine {
             drop(shard);
             return invalid();
         }
-        let policy = policies.policy(&f.client);
+        let policy = policies.policy(f.client());
         let req = Request {
             generation: parsed.generation,
             client,
@@ -1002,10 +1008,10 @@ impl Engine {
         // Shadow: the same pure decision on the same state under the
         // candidate set, counted and otherwise discarded.
         if let Some(shadow) = &*self.shadow.load() {
-            let candidate = decision::decide(f, &req, shadow.set.policy(&f.client));
+            let candidate = decision::decide(f, &req, shadow.set.policy(f.client()));
             slot.shadow.record(
                 shadow.epoch,
-                &f.client,
+                f.client(),
                 outcome_slot(verdict),
                 outcome_slot(candidate),
             );
@@ -1235,7 +1241,7 @@ impl Engine {
             return Ok(false);
         };
         if !keys.verify(&parsed, &f.secret)
-            || client.is_some_and(|c| *f.client != *c)
+            || client.is_some_and(|c| **f.client() != *c)
             || !f.revoke(RevokeReason::Requested, now)
         {
             return Ok(false);
@@ -1316,30 +1322,30 @@ impl Engine {
         let mut lsn = 0;
         let mut failure = None;
         {
-            let mut subjects = self.subjects.lock(subject);
-            let Some(ids) = subjects.get_mut(subject) else {
-                return Ok((0, 0));
-            };
-            ids.retain(|id| {
-                let mut shard = self.table.lock(id);
-                match shard.get_mut(id) {
+            let mut entries = self.subjects.lock(subject);
+            for id in entries.candidates() {
+                let mut shard = self.table.lock(&id);
+                let keep = match shard.get_mut(&id) {
+                    Some(f) if f.subject.as_str() != subject => true, // another subject's
                     Some(f) if f.is_active() => {
-                        if client.is_some_and(|c| *f.client != *c) || failure.is_some() {
-                            return true;
+                        if client.is_some_and(|c| **f.client() != *c) || failure.is_some() {
+                            true
+                        } else {
+                            f.revoke(reason, now);
+                            match self.persist(f) {
+                                Ok(l) => lsn = lsn.max(l),
+                                Err(e) => failure = Some(e),
+                            }
+                            revoked.push(Who::of(f));
+                            false
                         }
-                        f.revoke(reason, now);
-                        match self.persist(f) {
-                            Ok(l) => lsn = lsn.max(l),
-                            Err(e) => failure = Some(e),
-                        }
-                        revoked.push(Who::of(f));
-                        false
                     }
                     _ => false,
+                };
+                drop(shard);
+                if !keep {
+                    entries.remove(&id);
                 }
-            });
-            if ids.is_empty() {
-                subjects.remove(subject);
             }
         }
         for w in &revoked {
@@ -1370,7 +1376,7 @@ impl Engine {
         for i in 0..self.table.shard_count() {
             let mut shard = self.table.lock_shard(i);
             for f in shard.families_mut() {
-                if *f.client == *client && f.revoke(RevokeReason::ClientRevoked, now) {
+                if **f.client() == *client && f.revoke(RevokeReason::ClientRevoked, now) {
                     lsn = lsn.max(self.persist(f)?);
                     revoked.push(Who::of(f));
                 }
@@ -1399,21 +1405,21 @@ impl Engine {
         if !keys.verify(&parsed, &f.secret) {
             return None;
         }
-        let policy = policies.policy(&f.client);
+        let policy = policies.policy(f.client());
         let expired = decision::expiry(f, policy, now).is_some();
         Some(Introspection {
             active: f.is_active() && !expired && parsed.generation == f.generation,
             family: f.id,
-            client: f.client.clone(),
-            subject: f.subject.clone(),
-            scope: f.scope.clone(),
+            client: f.client().clone(),
+            subject: Arc::from(f.subject.as_str()),
+            scope: f.scope().clone(),
             generation: parsed.generation,
             current_generation: f.generation,
             issued_at: f.created,
             last_used: f.last_used,
             idle_expires_at: policy.idle_ttl.map(|t| f.last_used.saturating_add(t)),
             absolute_expires_at: policy.absolute_ttl.map(|t| f.created.saturating_add(t)),
-            status: f.status,
+            status: f.status(),
         })
     }
 
@@ -1428,10 +1434,10 @@ impl Engine {
     pub fn sweep_at(&self, budget: usize, now: Timestamp) -> Result<SweepReport, Error> {
         let policies = self.policies.load();
         let retention = self.revoked_retention;
-        let (examined, removed) = self.table.sweep(budget, |f| match f.status {
+        let (examined, removed) = self.table.sweep(budget, |f| match f.status() {
             Status::Revoked { at, .. } => now >= at.saturating_add(retention),
             Status::Active => {
-                let policy = policies.policy(&f.client);
+                let policy = policies.policy(f.client());
                 match f.code {
                     // An unused code lives `code_ttl`, then its family goes.
                     Some(_) => now >= f.created.saturating_add(policy.code_ttl),
@@ -1441,7 +1447,7 @@ impl Engine {
         });
         for f in &removed {
             if f.is_active() {
-                self.subjects.remove(&f.subject, &f.id);
+                self.subjects.remove(f.subject.as_str(), &f.id);
             }
             // Not waited for: a removal lost to a crash is swept again.
             if let Some(store) = &self.store {
@@ -1482,25 +1488,27 @@ impl Engine {
     /// Put `f` in the table and, if active, the subject index.
     fn install(&self, mut f: Family) {
         f.tag_uid = KeyUid::NONE;
-        f.client = self.interner.intern(&f.client);
-        f.scope = self.interner.intern(&f.scope);
+        f.grant = self.interner.grant(f.client(), f.scope());
         let (id, active) = (f.id, f.is_active());
-        let mut subjects = self.subjects.lock(&f.subject);
-        if let Some((k, _)) = subjects.get_key_value(&*f.subject) {
-            f.subject = k.clone();
-        }
         let subject = f.subject.clone();
+        let mut entries = self.subjects.lock(subject.as_str());
         let mut shard = self.table.lock(&id);
-        if let Some(slot) = shard.get_mut(&id) {
-            *slot = f;
-        } else {
-            shard.insert(f);
-        }
+        let replaced = match shard.get_mut(&id) {
+            Some(slot) => Some(std::mem::replace(slot, f).subject),
+            None => {
+                shard.insert(f);
+                None
+            }
+        };
         drop(shard);
-        let ids = subjects.entry(subject).or_default();
-        ids.retain(|x| *x != id);
+        entries.remove(&id);
         if active {
-            ids.push(id);
+            entries.push(id);
+        }
+        drop(entries);
+        // A replaced record of another subject leaves that subject's index.
+        if let Some(old) = replaced.filter(|old| *old != subject) {
+            self.subjects.remove(old.as_str(), &id);
         }
     }
 
@@ -1641,6 +1649,50 @@ mod tests {
             assert_eq!(slot_name(outcome_slot(Verdict::Deny(r))), r.as_str());
         }
         assert!(ACCEPT_KINDS.len() + DenyReason::ALL.len() <= OUTCOMES);
+    }
+
+    /// Subjects whose index entries collide (same shard, same hash) stay
+    /// apart: the cap and subject-wide revocation of one leave the other's
+    /// families alone.
+    #[test]
+    fn colliding_subjects_stay_apart() {
+        use crate::policy::{PolicyOverrides, PolicySet};
+        let mut e = Engine::builder()
+            .policies(
+                PolicySet::builder()
+                    .defaults(PolicyOverrides::new().max_families_per_subject(1))
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        e.subjects = SubjectIndex::colliding(4);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let issue = |subject| {
+            e.issue(&IssueRequest {
+                client: "app",
+                subject,
+                scope: "openid",
+                ip,
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .family
+        };
+        let bob = issue("bob");
+        let alice1 = issue("alice");
+        let alice2 = issue("alice");
+        let active = |id| e.family_record(id).unwrap().status() == Status::Active;
+        assert!(!active(alice1), "alice's cap of 1 evicted her older family");
+        assert!(active(bob), "bob's family is not alice's to evict");
+        assert!(active(alice2));
+        assert_eq!(e.revoke_subject("alice", None).unwrap(), 1);
+        assert!(active(bob));
+        assert!(!active(alice2));
+        assert_eq!(e.subjects.lock("bob").candidates(), [bob]);
+        assert_eq!(e.revoke_subject("bob", None).unwrap(), 1);
+        assert!(e.subjects.lock("bob").candidates().is_empty());
     }
 
     /// Recovery into fewer shards than wrote the store (a smaller machine):

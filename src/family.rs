@@ -68,9 +68,9 @@ pub enum Status {
 pub(crate) struct Family {
     pub(crate) id: FamilyId,
     pub(crate) secret: FamilySecret,
-    pub(crate) client: Arc<str>,
-    pub(crate) subject: Arc<str>,
-    pub(crate) scope: Arc<str>,
+    /// Client and scope, shared by every family with the same pair.
+    pub(crate) grant: Arc<Grant>,
+    pub(crate) subject: SubjectName,
     pub(crate) created: Timestamp,
     pub(crate) last_used: Timestamp,
     /// When the current generation was minted by a rotation.
@@ -89,7 +89,11 @@ pub(crate) struct Family {
     pub(crate) grace_used: u8,
     /// Client IP of the last rotation (for `grace_same_ip`).
     pub(crate) rotation_ip: Option<IpAddr>,
-    pub(crate) status: Status,
+    /// Why it was revoked; `None` while active. Kept apart from
+    /// `revoked_at` (rather than one [`Status`]) so the record packs tighter.
+    pub(crate) revoked: Option<RevokeReason>,
+    /// When it was revoked; the epoch while active.
+    pub(crate) revoked_at: Timestamp,
     /// Until the code is exchanged: what the exchange checks it against.
     pub(crate) code: Option<Box<crate::code::CodeState>>,
     /// Log sequence number of the family's last write to the store (0 with
@@ -105,9 +109,8 @@ impl Family {
         Family {
             id,
             secret: FamilySecret([2; 16]),
-            client: Arc::from("c"),
-            subject: Arc::from("s"),
-            scope: Arc::from("openid"),
+            grant: Arc::new(Grant::new("c", "openid")),
+            subject: SubjectName::new("s"),
             created: Timestamp::from_secs(1000),
             last_used: Timestamp::from_secs(1000),
             rotated_at: Timestamp::from_secs(1000),
@@ -117,7 +120,8 @@ impl Family {
             tag_uid: KeyUid::NONE,
             grace_used: 0,
             rotation_ip: None,
-            status: Status::Active,
+            revoked: None,
+            revoked_at: Timestamp::EPOCH,
             code: None,
             lsn: 0,
         }
@@ -125,14 +129,41 @@ impl Family {
 }
 
 impl Family {
+    pub(crate) fn client(&self) -> &Arc<str> {
+        &self.grant.client
+    }
+
+    pub(crate) fn scope(&self) -> &Arc<str> {
+        &self.grant.scope
+    }
+
     pub(crate) fn is_active(&self) -> bool {
-        self.status == Status::Active
+        self.revoked.is_none()
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        match self.revoked {
+            None => Status::Active,
+            Some(reason) => Status::Revoked {
+                reason,
+                at: self.revoked_at,
+            },
+        }
+    }
+
+    /// Set the status as a whole (records read back from a store).
+    pub(crate) fn set_status(&mut self, status: Status) {
+        (self.revoked, self.revoked_at) = match status {
+            Status::Active => (None, Timestamp::EPOCH),
+            Status::Revoked { reason, at } => (Some(reason), at),
+        };
     }
 
     /// Mark revoked; `false` if it already was (the first reason stands).
     pub(crate) fn revoke(&mut self, reason: RevokeReason, now: Timestamp) -> bool {
         if self.is_active() {
-            self.status = Status::Revoked { reason, at: now };
+            self.revoked = Some(reason);
+            self.revoked_at = now;
             true
         } else {
             false
@@ -144,20 +175,107 @@ impl fmt::Debug for Family {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Family")
             .field("id", &self.id)
-            .field("client", &self.client)
-            .field("subject", &self.subject)
+            .field("client", self.client())
+            .field("subject", &self.subject.as_str())
             .field("generation", &self.generation)
-            .field("status", &self.status)
+            .field("status", &self.status())
             .finish_non_exhaustive()
+    }
+}
+
+/// A client and the scope it was granted: few distinct pairs, many
+/// families, so families hold one pointer to a shared pair.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Grant {
+    pub(crate) client: Arc<str>,
+    pub(crate) scope: Arc<str>,
+}
+
+impl Grant {
+    pub(crate) fn new(client: &str, scope: &str) -> Grant {
+        Grant {
+            client: Arc::from(client),
+            scope: Arc::from(scope),
+        }
+    }
+}
+
+/// Longest subject kept inside the record itself.
+const INLINE_SUBJECT: usize = 22;
+
+/// A family's subject: kept inline when short (most user ids), boxed
+/// otherwise. Subjects are nearly as many as families, so a separate
+/// allocation each would cost more than the rest of the subject's
+/// bookkeeping.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum SubjectName {
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_SUBJECT],
+    },
+    Boxed(Box<str>),
+}
+
+impl SubjectName {
+    pub(crate) fn new(s: &str) -> SubjectName {
+        if s.len() <= INLINE_SUBJECT {
+            let mut bytes = [0; INLINE_SUBJECT];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            // Fits: len <= 22.
+            SubjectName::Inline {
+                len: s.len() as u8,
+                bytes,
+            }
+        } else {
+            SubjectName::Boxed(s.into())
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            SubjectName::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)])
+                .expect("built from a str, cut at its length"),
+            SubjectName::Boxed(s) => s,
+        }
+    }
+}
+
+impl fmt::Debug for SubjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// The record is the bulk of per-family memory (README "Memory"):
     /// growing it must be a decision, not an accident.
     #[test]
     fn record_stays_within_its_budget() {
-        assert!(std::mem::size_of::<Option<super::Family>>() <= 184);
+        assert!(std::mem::size_of::<Option<Family>>() <= 160);
+        assert_eq!(std::mem::size_of::<SubjectName>(), 24);
+    }
+
+    #[test]
+    fn subjects_round_trip_inline_and_boxed() {
+        for s in [
+            "",
+            "s",
+            "user-00000001",
+            &"x".repeat(22),
+            &"y".repeat(23),
+            "ü-ß-€",
+        ] {
+            let n = SubjectName::new(s);
+            assert_eq!(n.as_str(), s);
+            assert_eq!(
+                matches!(n, SubjectName::Inline { .. }),
+                s.len() <= 22,
+                "{s}"
+            );
+        }
+        assert_ne!(SubjectName::new("ab"), SubjectName::new("abc"));
     }
 }

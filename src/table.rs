@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::family::Family;
+use hashbrown::HashTable;
+
+use crate::family::{Family, Grant};
 use crate::token::FamilyId;
 
 type Hasher = ahash::RandomState;
@@ -377,53 +379,81 @@ impl Table {
 /// Subject → ids of its families, for subject-wide revocation and the
 /// per-subject cap. Holds only families that are not known revoked; swept
 /// and revoked families are removed from it.
+///
+/// It keeps no subject strings: an entry is a family id and 32 bits of the
+/// subject's keyed hash (20 bytes), and a subject's entries are those
+/// under its hash. The family record says whose it is, so callers check
+/// each candidate's subject: another subject may share the hash.
 pub(crate) struct SubjectIndex {
     shards: Box<[Mutex<SubjectShard>]>,
     hasher: Hasher,
+    /// Every subject gets the same hash, so tests can check that callers
+    /// tell colliding subjects apart.
+    #[cfg(test)]
+    collide: bool,
 }
 
-pub(crate) type SubjectShard = HashMap<Arc<str>, FamilyIds, Hasher>;
-
-/// One subject's families. Almost every subject has one per client, so one
-/// id is held inline: a `Vec` would cost a 64-byte allocation per subject.
 #[derive(Default)]
-pub(crate) enum FamilyIds {
-    #[default]
-    Empty,
-    One(FamilyId),
-    Many(Vec<FamilyId>),
+pub(crate) struct SubjectShard {
+    entries: HashTable<SubjectEntry>,
 }
 
-impl FamilyIds {
+#[derive(Clone, Copy)]
+struct SubjectEntry {
+    tag: u32,
+    id: FamilyId,
+}
+
+/// The table hash of an entry, rebuilt from its 32 stored bits (the shard
+/// was picked by other bits of the same hash).
+fn entry_hash(tag: u32) -> u64 {
+    (u64::from(tag) << 32) | u64::from(tag)
+}
+
+/// One subject's entries, under its shard's lock.
+pub(crate) struct SubjectEntries<'a> {
+    shard: MutexGuard<'a, SubjectShard>,
+    tag: u32,
+}
+
+impl SubjectEntries<'_> {
+    /// Ids indexed under this subject's hash: its families, and possibly
+    /// some of another subject.
+    pub(crate) fn candidates(&self) -> Vec<FamilyId> {
+        let tag = self.tag;
+        self.shard
+            .entries
+            .iter_hash(entry_hash(tag))
+            .filter(|e| e.tag == tag)
+            .map(|e| e.id)
+            .collect()
+    }
+
+    /// Index `id` under this subject. The caller knows it is not already.
     pub(crate) fn push(&mut self, id: FamilyId) {
-        *self = match std::mem::take(self) {
-            FamilyIds::Empty => FamilyIds::One(id),
-            FamilyIds::One(a) => FamilyIds::Many(vec![a, id]),
-            FamilyIds::Many(mut v) => {
-                v.push(id);
-                FamilyIds::Many(v)
-            }
-        };
+        let tag = self.tag;
+        self.shard
+            .entries
+            .insert_unique(entry_hash(tag), SubjectEntry { tag, id }, |e| {
+                entry_hash(e.tag)
+            });
     }
 
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&FamilyId) -> bool) {
-        *self = match std::mem::take(self) {
-            FamilyIds::Empty => FamilyIds::Empty,
-            FamilyIds::One(a) if keep(&a) => FamilyIds::One(a),
-            FamilyIds::One(_) => FamilyIds::Empty,
-            FamilyIds::Many(mut v) => {
-                v.retain(|id| keep(id));
-                match v.len() {
-                    0 => FamilyIds::Empty,
-                    1 => FamilyIds::One(v[0]),
-                    _ => FamilyIds::Many(v),
+    /// Forget `id`; `false` if it was not indexed under this subject.
+    pub(crate) fn remove(&mut self, id: &FamilyId) -> bool {
+        let tag = self.tag;
+        let entries = &mut self.shard.entries;
+        match entries.find_entry(entry_hash(tag), |e| e.tag == tag && e.id == *id) {
+            Ok(e) => {
+                e.remove();
+                // Give back what a burst of revocations left behind.
+                if entries.capacity() > 64 && entries.len() < entries.capacity() / 4 {
+                    entries.shrink_to_fit(|e| entry_hash(e.tag));
                 }
+                true
             }
-        };
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        matches!(self, FamilyIds::Empty)
+            Err(_) => false,
+        }
     }
 }
 
@@ -431,54 +461,103 @@ impl SubjectIndex {
     pub(crate) fn new(shards: usize) -> SubjectIndex {
         let n = shards.clamp(1, 1 << 16).next_power_of_two();
         SubjectIndex {
-            shards: (0..n).map(|_| Mutex::new(HashMap::default())).collect(),
+            shards: (0..n).map(|_| Mutex::default()).collect(),
             hasher: Hasher::new(),
+            #[cfg(test)]
+            collide: false,
         }
     }
 
-    pub(crate) fn lock(&self, subject: &str) -> MutexGuard<'_, SubjectShard> {
-        let h = self.hasher.hash_one(subject);
-        self.shards[(h as usize) & (self.shards.len() - 1)].lock()
+    /// An index in which all subjects collide.
+    #[cfg(test)]
+    pub(crate) fn colliding(shards: usize) -> SubjectIndex {
+        SubjectIndex {
+            collide: true,
+            ..SubjectIndex::new(shards)
+        }
+    }
+
+    fn hash(&self, subject: &str) -> u64 {
+        #[cfg(test)]
+        if self.collide {
+            return 0;
+        }
+        self.hasher.hash_one(subject)
+    }
+
+    /// Lock the entries of `subject` (and of subjects sharing its shard).
+    pub(crate) fn lock(&self, subject: &str) -> SubjectEntries<'_> {
+        let h = self.hash(subject);
+        SubjectEntries {
+            shard: self.shards[(h as usize) & (self.shards.len() - 1)].lock(),
+            // The high half: the shard used the low bits.
+            tag: (h >> 32) as u32,
+        }
     }
 
     /// Forget one family of `subject`.
     pub(crate) fn remove(&self, subject: &str, id: &FamilyId) {
-        let mut g = self.lock(subject);
-        if let Some(v) = g.get_mut(subject) {
-            v.retain(|f| f != id);
-            if v.is_empty() {
-                g.remove(subject);
-            }
-        }
+        self.lock(subject).remove(id);
+    }
+
+    /// Entries in all shards.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().entries.len()).sum()
     }
 }
 
-/// Shares one allocation per distinct client id and scope string.
+/// Shares one allocation per distinct client id and scope string, and one
+/// [`Grant`] per distinct pair.
 ///
 /// Grows with the number of distinct values, which the embedder (not the
 /// token holder) controls: client ids and granted scopes.
 pub(crate) struct Interner {
-    set: parking_lot::RwLock<std::collections::HashSet<Arc<str>, Hasher>>,
+    strings: parking_lot::RwLock<std::collections::HashSet<Arc<str>, Hasher>>,
+    grants: parking_lot::RwLock<HashTable<Arc<Grant>>>,
+    hasher: Hasher,
 }
 
 impl Interner {
     pub(crate) fn new() -> Interner {
         Interner {
-            set: parking_lot::RwLock::new(Default::default()),
+            strings: Default::default(),
+            grants: Default::default(),
+            hasher: Hasher::new(),
         }
     }
 
     pub(crate) fn intern(&self, s: &str) -> Arc<str> {
-        if let Some(a) = self.set.read().get(s) {
+        if let Some(a) = self.strings.read().get(s) {
             return a.clone();
         }
-        let mut w = self.set.write();
+        let mut w = self.strings.write();
         if let Some(a) = w.get(s) {
             return a.clone();
         }
         let a: Arc<str> = Arc::from(s);
         w.insert(a.clone());
         a
+    }
+
+    /// The shared grant of `client` with `scope`.
+    pub(crate) fn grant(&self, client: &str, scope: &str) -> Arc<Grant> {
+        let hash = |c: &str, s: &str| self.hasher.hash_one((c, s));
+        let h = hash(client, scope);
+        let same = |g: &Arc<Grant>| *g.client == *client && *g.scope == *scope;
+        if let Some(g) = self.grants.read().find(h, same) {
+            return g.clone();
+        }
+        let g = Arc::new(Grant {
+            client: self.intern(client),
+            scope: self.intern(scope),
+        });
+        let mut w = self.grants.write();
+        if let Some(g) = w.find(h, same) {
+            return g.clone();
+        }
+        w.insert_unique(h, g.clone(), |g| hash(&g.client, &g.scope));
+        g
     }
 }
 
@@ -621,19 +700,70 @@ mod tests {
         assert_eq!(s.len(), 10);
     }
 
+    fn fid(b: u8) -> FamilyId {
+        FamilyId::from_bytes([b; 16])
+    }
+
+    /// A subject's entries are found under its hash, removed one by one,
+    /// and other subjects' entries stay.
     #[test]
-    fn family_ids_stay_inline_for_one_and_shrink_back() {
-        let a = FamilyId::from_bytes([1; 16]);
-        let b = FamilyId::from_bytes([2; 16]);
-        let mut ids = FamilyIds::default();
-        assert!(ids.is_empty());
-        ids.push(a);
-        assert!(matches!(ids, FamilyIds::One(x) if x == a));
-        ids.push(b);
-        assert!(matches!(&ids, FamilyIds::Many(v) if v == &[a, b]));
-        ids.retain(|x| *x != a);
-        assert!(matches!(ids, FamilyIds::One(x) if x == b));
-        ids.retain(|_| false);
-        assert!(ids.is_empty());
+    fn subject_index_is_a_multimap_by_subject() {
+        let index = SubjectIndex::new(4);
+        index.lock("alice").push(fid(1));
+        index.lock("alice").push(fid(2));
+        index.lock("bob").push(fid(3));
+        let mut alice = index.lock("alice").candidates();
+        alice.sort();
+        assert_eq!(alice, [fid(1), fid(2)]);
+        assert_eq!(index.lock("bob").candidates(), [fid(3)]);
+        assert!(index.lock("carol").candidates().is_empty());
+        assert!(!index.lock("bob").remove(&fid(1)), "not bob's");
+        index.remove("alice", &fid(1));
+        assert_eq!(index.lock("alice").candidates(), [fid(2)]);
+        assert_eq!(index.len(), 2);
+    }
+
+    /// Entries of subjects that share a shard and a hash tag are told apart
+    /// by the caller; the index returns both and removes only the one asked.
+    #[test]
+    fn subject_index_keeps_colliding_entries_apart() {
+        let index = SubjectIndex::colliding(4);
+        index.lock("x").push(fid(1));
+        index.lock("y").push(fid(2));
+        let mut both = index.lock("x").candidates();
+        both.sort();
+        assert_eq!(both, [fid(1), fid(2)]);
+        let mut e = index.lock("y");
+        assert!(e.remove(&fid(1)));
+        assert!(!e.remove(&fid(1)));
+        assert_eq!(e.candidates(), [fid(2)]);
+    }
+
+    /// Mass removal gives memory back.
+    #[test]
+    fn subject_index_shrinks_after_removals() {
+        let index = SubjectIndex::new(1);
+        let ids: Vec<FamilyId> = (0..10_000u32).map(|i| FamilyId::new(i, [7; 12])).collect();
+        for (i, id) in ids.iter().enumerate() {
+            index.lock(&format!("user-{i}")).push(*id);
+        }
+        let grown = index.shards[0].lock().entries.capacity();
+        for (i, id) in ids.iter().enumerate().skip(100) {
+            index.remove(&format!("user-{i}"), id);
+        }
+        assert_eq!(index.len(), 100);
+        assert!(index.shards[0].lock().entries.capacity() < grown / 8);
+    }
+
+    /// One grant per distinct pair, sharing the interned strings.
+    #[test]
+    fn grants_are_shared_per_pair() {
+        let i = Interner::new();
+        let a = i.grant("app", "openid");
+        assert!(Arc::ptr_eq(&a, &i.grant("app", "openid")));
+        let b = i.grant("app", "email");
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&a.client, &b.client));
+        assert_eq!((&*b.client, &*b.scope), ("app", "email"));
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::clock::Timestamp;
 use crate::code::{Challenge, CodeState};
-use crate::family::{Family, RevokeReason, Status};
+use crate::family::{Family, Grant, RevokeReason, Status, SubjectName};
 use crate::token::{FamilyId, FamilySecret, Generation, KeyId, KeyUid};
 
 const FORMAT: u8 = 1;
@@ -68,7 +68,7 @@ pub(crate) fn encode(f: &Family, out: &mut Vec<u8>) {
             out.extend_from_slice(&a.octets());
         }
     }
-    match f.status {
+    match f.status() {
         Status::Active => out.push(0),
         Status::Revoked { reason, at } => {
             out.push(reason_code(reason));
@@ -92,9 +92,9 @@ pub(crate) fn encode(f: &Family, out: &mut Vec<u8>) {
             put_str(out, &c.redirect_uri);
         }
     }
-    put_str(out, &f.client);
-    put_str(out, &f.subject);
-    put_str(out, &f.scope);
+    put_str(out, f.client());
+    put_str(out, f.subject.as_str());
+    put_str(out, f.scope());
 }
 
 struct Reader<'a> {
@@ -168,18 +168,17 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Family> {
             }))
         }
     };
-    let client: Arc<str> = r.str()?.into();
-    let subject: Arc<str> = r.str()?.into();
-    let scope: Arc<str> = r.str()?.into();
+    let client = r.str()?;
+    let subject = SubjectName::new(r.str()?);
+    let scope = r.str()?;
     if !r.b.is_empty() {
         return None;
     }
-    Some(Family {
+    let mut f = Family {
         id,
         secret,
-        client,
+        grant: Arc::new(Grant::new(client, scope)),
         subject,
-        scope,
         created,
         last_used,
         rotated_at,
@@ -189,10 +188,13 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Family> {
         tag_uid: KeyUid::NONE,
         grace_used,
         rotation_ip,
-        status,
+        revoked: None,
+        revoked_at: Timestamp::EPOCH,
         code,
         lsn: 0,
-    })
+    };
+    f.set_status(status);
+    Some(f)
 }
 
 #[cfg(test)]
@@ -203,9 +205,8 @@ mod tests {
         Family {
             id: FamilyId::from_bytes([3; 16]),
             secret: FamilySecret([4; 16]),
-            client: "c".into(),
-            subject: "sübject".into(),
-            scope: "openid offline_access".into(),
+            grant: Arc::new(Grant::new("c", "openid offline_access")),
+            subject: SubjectName::new("sübject"),
             created: Timestamp::from_millis(1),
             last_used: Timestamp::from_millis(2),
             rotated_at: Timestamp::from_millis(3),
@@ -215,10 +216,8 @@ mod tests {
             tag_uid: KeyUid::NONE,
             grace_used: 2,
             rotation_ip: Some("2001:db8::1".parse().unwrap()),
-            status: Status::Revoked {
-                reason: RevokeReason::CapEviction,
-                at: Timestamp::from_millis(4),
-            },
+            revoked: Some(RevokeReason::CapEviction),
+            revoked_at: Timestamp::from_millis(4),
             code: Some(Box::new(CodeState {
                 challenge: Some(Challenge::Plain("x".repeat(43).into())),
                 redirect_uri: "https://a/cb".into(),
