@@ -15,8 +15,12 @@
 //!   refresh token).
 //!
 //! Each size's engine is built once, every path runs on it, and it is
-//! dropped before the baselines of that size are built. Families are picked
-//! at random (the table is hit at random, as in production). With 2 threads
+//! dropped before the baselines of that size are built. Families are hit
+//! at random, as in production, but the presented tokens are read in
+//! sequence, as a server reads them from fresh network buffers: the fleet
+//! is issued in a shuffled order of its tokens' positions, so walking the
+//! tokens in order walks the table at random (each family once per pass).
+//! The baselines read their inputs the same way. With 2 threads
 //! each thread owns half the families, so no redemption races another; the
 //! time is wall-clock for all operations, so ns/op is the inverse of
 //! aggregate throughput.
@@ -247,7 +251,18 @@ impl Fleet {
             .build()
             .expect("engine");
         let start = Instant::now();
-        let tokens = (0..n).map(|i| issue(&engine, &subject(i)).0).collect();
+        // Issued in shuffled order: a family's slot follows issue order, so
+        // tokens[i], tokens[i + 1], ... name families at random slots.
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut s = 0x5DEE_CE66_D1CE_4E5Bu64;
+        for k in (1..n).rev() {
+            order.swap(k, (next(&mut s) % (k as u64 + 1)) as usize);
+        }
+        let mut tokens: Vec<Option<Token>> = vec![None; n];
+        for i in order {
+            tokens[i] = Some(issue(&engine, &subject(i)).0);
+        }
+        let tokens = tokens.into_iter().map(|t| t.expect("issued")).collect();
         eprintln!("setup: {n} families issued in {:.1?}", start.elapsed());
         Fleet { engine, tokens }
     }
@@ -271,7 +286,8 @@ struct Part<'a> {
     tokens: &'a mut [Token],
     /// Index of `tokens[0]` in the fleet, for subject names.
     base: usize,
-    rng: u64,
+    /// Where the stateless paths' walk over `tokens` stands.
+    cursor: usize,
     walk: Walk,
     /// Prepared work: (family index, token to present) or (_, code).
     queue: Vec<(usize, Token)>,
@@ -290,7 +306,7 @@ impl<'a> Part<'a> {
         Part {
             tokens,
             base,
-            rng: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            cursor: 0,
             walk,
             queue: Vec::with_capacity(queue_len),
             head: 0,
@@ -387,12 +403,12 @@ impl Path {
 /// `per` operations of a path that changes nothing but the family it
 /// redeems, on random families.
 fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
-    // Locals, not fields of `p`: nothing the loop writes shares a cache
+    // A local, not a field of `p`: nothing the loop writes shares a cache
     // line with another thread's part.
-    let mut rng = p.rng;
-    let n = p.tokens.len() as u64;
+    let mut i = p.cursor;
+    let n = p.tokens.len();
     for _ in 0..per {
-        let i = (next(&mut rng) % n) as usize;
+        i = if i + 1 < n { i + 1 } else { 0 };
         match path {
             Path::Rotate => {
                 let d = e.redeem(&p.tokens[i], CLIENT, inside()).expect("no store");
@@ -418,7 +434,7 @@ fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
             Path::GraceReplay | Path::ReuseRevoke => unreachable!("queued paths"),
         }
     }
-    p.rng = rng;
+    p.cursor = i;
 }
 
 /// Replace the families `reuse_revoke` revoked with fresh ones, then rotate

@@ -54,14 +54,16 @@ impl Floor {
         Floor { table, keys, mac }
     }
 
-    /// `iters` lookup-update-HMACs on random records, single-threaded.
+    /// `iters` lookup-update-HMACs on random records (the keys are read in
+    /// sequence: their hashes place the records at random), single-threaded.
     pub fn run(&mut self, iters: u64, seed: u64) -> Duration {
-        let n = self.keys.len() as u64;
+        let n = self.keys.len();
         let token = [b'a'; refresh_guard::TOKEN_LEN];
-        let mut s = seed | 1;
+        let mut i = seed as usize % n;
         let start = Instant::now();
         for _ in 0..iters {
-            let k = &self.keys[(next(&mut s) % n) as usize];
+            i = if i + 1 < n { i + 1 } else { 0 };
+            let k = &self.keys[i];
             let mut m = self.mac.clone();
             m.update(&token);
             let tag = m.finalize().into_bytes();
@@ -123,10 +125,11 @@ impl OxideAuth {
         let mut parts: Vec<(&mut [String], u64)> =
             self.refresh.chunks_mut(chunk).zip(seed..).collect();
         run_parts(&mut parts, |(tokens, seed)| {
-            let mut s = *seed | 1;
-            let n = tokens.len() as u64;
+            // In sequence: the map's hashes place the grants at random.
+            let n = tokens.len();
+            let mut i = *seed as usize % n;
             for _ in 0..per {
-                let i = (next(&mut s) % n) as usize;
+                i = if i + 1 < n { i + 1 } else { 0 };
                 tokens[i] = refresh_one(map, &tokens[i]);
             }
         })
@@ -235,10 +238,11 @@ impl Naive {
             .map(|(t, s)| (t, s, seeded_rng()))
             .collect();
         run_parts(&mut parts, |(tokens, seed, rng)| {
-            let mut s = *seed | 1;
-            let n = tokens.len() as u64;
+            // In sequence: the map's hashes place the records at random.
+            let n = tokens.len();
+            let mut i = *seed as usize % n;
             for _ in 0..per {
-                let i = (next(&mut s) % n) as usize;
+                i = if i + 1 < n { i + 1 } else { 0 };
                 tokens[i] = rotate_naive(map, &tokens[i], rng);
             }
         })
