@@ -39,6 +39,11 @@ fn main() -> Result<(), refresh_guard::Error> {
         })?;
     }
     let after = rss_bytes();
+    if let Ok(r) = std::fs::read_to_string("/proc/self/smaps_rollup")
+        && let Some(l) = r.lines().find(|l| l.starts_with("AnonHugePages:"))
+    {
+        println!("{l}");
+    }
     let per = (after - before) as f64 / n as f64;
     println!(
         "{n} families (one per subject, 13-byte subjects): resident set grew {:.1} MiB = {per:.0} bytes per family",

@@ -23,6 +23,7 @@ use parking_lot::{Mutex, MutexGuard};
 use hashbrown::HashTable;
 
 use crate::family::{Family, Grant};
+use crate::huge::Collapsed;
 use crate::token::FamilyId;
 
 type Hasher = ahash::RandomState;
@@ -45,6 +46,8 @@ pub(crate) struct ShardInner {
     /// was taken or out of reach. Empty in normal operation.
     overflow: HashMap<FamilyId, u32, Hasher>,
     live: usize,
+    /// How much of the slab is on huge pages (see `huge`).
+    huge: Collapsed,
     pub(crate) outcomes: [u64; OUTCOMES],
     shadow: ShadowCounts,
 }
@@ -102,6 +105,7 @@ impl ShardInner {
             free: Vec::new(),
             overflow: HashMap::default(),
             live: 0,
+            huge: Collapsed::default(),
             outcomes: [0; OUTCOMES],
             shadow: ShadowCounts::default(),
         }
@@ -203,6 +207,8 @@ impl ShardInner {
             self.slots[slot] = Some(f);
         }
         self.live += 1;
+        // One syscall per 2 MiB of slab filled (and per reallocation).
+        self.huge.update(&self.slots);
     }
 
     /// A slot for a family whose own is taken, found by the overflow index.
@@ -231,6 +237,7 @@ impl ShardInner {
         }
         if self.slots.capacity() > 64 && self.slots.len() < self.slots.capacity() / 4 {
             self.slots.shrink_to_fit();
+            self.huge.update(&self.slots);
             self.free.retain(|&s| (s as usize) < self.slots.len());
             self.free.shrink_to_fit();
         }
