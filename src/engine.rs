@@ -1044,9 +1044,10 @@ impl Engine {
             }
             Verdict::Deny(reason) => {
                 let (current, family) = (f.generation, f.id);
-                // Copying the client and subject bumps counts shared by all
-                // of a client's families: only for a sink, or for reuse,
-                // whose response needs the subject.
+                // Copying the client bumps a count shared by all of a
+                // client's families, and the subject is copied into a new
+                // allocation: only for a sink, or for reuse, whose response
+                // needs the subject.
                 let who = (reason == DenyReason::ReuseDetected || self.events.delivers())
                     .then(|| Who::of(f));
                 let mut revoked = false;
@@ -1506,8 +1507,11 @@ impl Engine {
             entries.push(id);
         }
         drop(entries);
-        // A replaced record of another subject leaves that subject's index.
-        if let Some(old) = replaced.filter(|old| *old != subject) {
+        // A replaced record of another subject leaves that subject's index
+        // (unless the two share entries: then the push above is its entry).
+        if let Some(old) = replaced.filter(|old| {
+            *old != subject && !self.subjects.same_entries(old.as_str(), subject.as_str())
+        }) {
             self.subjects.remove(old.as_str(), &id);
         }
     }
@@ -1693,6 +1697,43 @@ mod tests {
         assert_eq!(e.subjects.lock("bob").candidates(), [bob]);
         assert_eq!(e.revoke_subject("bob", None).unwrap(), 1);
         assert!(e.subjects.lock("bob").candidates().is_empty());
+    }
+
+    /// A restore that gives a family another subject moves its index entry,
+    /// also when the two subjects collide in the index.
+    #[test]
+    fn restore_under_another_subject_moves_the_index_entry() {
+        for colliding in [false, true] {
+            let mut e = Engine::builder().build().unwrap();
+            if colliding {
+                e.subjects = SubjectIndex::colliding(4);
+            }
+            let ip: IpAddr = "10.0.0.1".parse().unwrap();
+            let id = e
+                .issue(&IssueRequest {
+                    client: "app",
+                    subject: "x",
+                    scope: "openid",
+                    ip,
+                })
+                .unwrap()
+                .accepted()
+                .unwrap()
+                .family;
+            let mut record = e.family_record(id).unwrap();
+            record.0.subject = SubjectName::new("y");
+            e.restore_family(record).unwrap();
+            assert_eq!(
+                e.revoke_subject("x", None).unwrap(),
+                0,
+                "colliding: {colliding}"
+            );
+            assert_eq!(
+                e.revoke_subject("y", None).unwrap(),
+                1,
+                "colliding: {colliding}"
+            );
+        }
     }
 
     /// Recovery into fewer shards than wrote the store (a smaller machine):

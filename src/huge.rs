@@ -9,9 +9,12 @@
 //! The slab asks for them with `MADV_COLLAPSE` (Linux 6.1+) on each 2 MiB
 //! of slab it has filled, rather than `MADV_HUGEPAGE` on its whole buffer:
 //! the latter makes the kernel fault in a whole 2 MiB page at the slab's
-//! growing end, which measured 31 bytes more per family at 10M. Each
-//! collapse copies up to 2 MiB under the shard's lock, once per 2 MiB of
-//! slab filled (about 14,000 families) and again after the slab moves.
+//! growing end, which measured 31 bytes more per family at 10M. A collapse
+//! is synchronous and runs under the shard's lock: 2 MiB once per 2 MiB of
+//! slab filled (about 14,000 families), and the whole filled slab again
+//! after the slab is reallocated elsewhere (about 6 MB per shard at 10M
+//! families with the default 256 shards; far more with very few shards).
+//! The kernel may also reclaim or compact memory to find a huge page.
 //! Elsewhere,
 //! or when the kernel cannot collapse, the slab keeps 4 KiB pages: correct,
 //! only slower.

@@ -502,6 +502,14 @@ impl SubjectIndex {
         }
     }
 
+    /// Whether `a` and `b` share entries: the same shard and hash tag, so
+    /// an id's entry under one is its entry under the other.
+    pub(crate) fn same_entries(&self, a: &str, b: &str) -> bool {
+        let (ha, hb) = (self.hash(a), self.hash(b));
+        let mask = (self.shards.len() - 1) as u64;
+        ha >> 32 == hb >> 32 && ha & mask == hb & mask
+    }
+
     /// Forget one family of `subject`.
     pub(crate) fn remove(&self, subject: &str, id: &FamilyId) {
         self.lock(subject).remove(id);
