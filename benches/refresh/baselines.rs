@@ -96,7 +96,7 @@ impl OxideAuth {
             extensions: Extensions::new(),
         };
         let start = Instant::now();
-        let refresh = (0..n)
+        let mut refresh: Vec<String> = (0..n)
             .map(|i| {
                 let mut grant = template.clone();
                 grant.owner_id = format!("user-{i}");
@@ -106,6 +106,14 @@ impl OxideAuth {
                     .expect("refresh token")
             })
             .collect();
+        // Shuffled: the grants' heap data lies in issue order, so walking
+        // the tokens in issue order would walk oxide-auth's memory in
+        // sequence while the engine's is hit at random. A rotation reuses
+        // the chunks it frees, so the layout stays shuffled.
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        for k in (1..refresh.len()).rev() {
+            refresh.swap(k, (next(&mut s) % (k as u64 + 1)) as usize);
+        }
         eprintln!(
             "setup: {n} oxide-auth grants issued in {:.1?}",
             start.elapsed()
