@@ -599,27 +599,27 @@ impl Engine {
         let cap = policy.max_families_per_subject;
         let mut evicted = Vec::new();
         let mut wait_lsn = 0;
+        let mut f = Family {
+            id: FamilyId::from_bytes([0; 16]),
+            secret: FamilySecret([0; 16]),
+            grant: self.interner.grant(req.client, req.scope),
+            subject: SubjectName::new(req.subject),
+            created: now,
+            last_used: now,
+            rotated_at: now,
+            generation,
+            key: keys.active(),
+            tag: [0; 16],
+            tag_uid: KeyUid::NONE,
+            grace_used: 0,
+            rotation_ip: Some(req.ip.to_canonical()),
+            revoked: None,
+            revoked_at: Timestamp::EPOCH,
+            code,
+            lsn: 0,
+        };
         let (id, tag) = {
             let mut subjects = self.subjects.lock(req.subject);
-            let mut f = Family {
-                id: FamilyId::from_bytes([0; 16]),
-                secret: FamilySecret([0; 16]),
-                grant: self.interner.grant(req.client, req.scope),
-                subject: SubjectName::new(req.subject),
-                created: now,
-                last_used: now,
-                rotated_at: now,
-                generation,
-                key: keys.active(),
-                tag: [0; 16],
-                tag_uid: KeyUid::NONE,
-                grace_used: 0,
-                rotation_ip: Some(req.ip.to_canonical()),
-                revoked: None,
-                revoked_at: Timestamp::EPOCH,
-                code,
-                lsn: 0,
-            };
             if cap > 0 {
                 wait_lsn = self.evict_over_cap(
                     &mut subjects,
@@ -1491,28 +1491,22 @@ impl Engine {
         f.tag_uid = KeyUid::NONE;
         f.grant = self.interner.grant(f.client(), f.scope());
         let (id, active) = (f.id, f.is_active());
-        let subject = f.subject.clone();
-        let mut entries = self.subjects.lock(subject.as_str());
+        // A record it replaces under another subject leaves that subject's
+        // index first, so the entry indexed below is never the one removed.
+        let old = self.table.lock(&id).get(&id).map(|old| old.subject.clone());
+        if let Some(old) = old.filter(|old| *old != f.subject) {
+            self.subjects.remove(old.as_str(), &id);
+        }
+        let mut entries = self.subjects.lock(f.subject.as_str());
         let mut shard = self.table.lock(&id);
-        let replaced = match shard.get_mut(&id) {
-            Some(slot) => Some(std::mem::replace(slot, f).subject),
-            None => {
-                shard.insert(f);
-                None
-            }
-        };
+        match shard.get_mut(&id) {
+            Some(slot) => *slot = f,
+            None => shard.insert(f),
+        }
         drop(shard);
         entries.remove(&id);
         if active {
             entries.push(id);
-        }
-        drop(entries);
-        // A replaced record of another subject leaves that subject's index
-        // (unless the two share entries: then the push above is its entry).
-        if let Some(old) = replaced.filter(|old| {
-            *old != subject && !self.subjects.same_entries(old.as_str(), subject.as_str())
-        }) {
-            self.subjects.remove(old.as_str(), &id);
         }
     }
 
@@ -1723,6 +1717,7 @@ mod tests {
             let mut record = e.family_record(id).unwrap();
             record.0.subject = SubjectName::new("y");
             e.restore_family(record).unwrap();
+            assert_eq!(e.subjects.len(), 1, "one entry, colliding: {colliding}");
             assert_eq!(
                 e.revoke_subject("x", None).unwrap(),
                 0,

@@ -502,14 +502,6 @@ impl SubjectIndex {
         }
     }
 
-    /// Whether `a` and `b` share entries: the same shard and hash tag, so
-    /// an id's entry under one is its entry under the other.
-    pub(crate) fn same_entries(&self, a: &str, b: &str) -> bool {
-        let (ha, hb) = (self.hash(a), self.hash(b));
-        let mask = (self.shards.len() - 1) as u64;
-        ha >> 32 == hb >> 32 && ha & mask == hb & mask
-    }
-
     /// Forget one family of `subject`.
     pub(crate) fn remove(&self, subject: &str, id: &FamilyId) {
         self.lock(subject).remove(id);
@@ -586,6 +578,16 @@ mod tests {
 
     fn id(slot: u32, r: u8) -> FamilyId {
         FamilyId::new(slot, [r; 12])
+    }
+
+    /// A shard of `n` new families, in slots 0..n.
+    fn filled(n: u8) -> ShardInner {
+        let mut s = ShardInner::new();
+        for r in 0..n {
+            let v = s.vacant_slot();
+            s.insert(fam(id(v, r)));
+        }
+        s
     }
 
     /// New families take the slot their id names, reuse freed slots, and a
@@ -677,11 +679,7 @@ mod tests {
     /// trim drops them.
     #[test]
     fn trim_rebuilds_a_stale_free_list() {
-        let mut s = ShardInner::new();
-        for r in 0..8u8 {
-            let v = s.vacant_slot();
-            s.insert(fam(id(v, r)));
-        }
+        let mut s = filled(8);
         for _ in 0..1_000 {
             let a = s.remove_slot(5).unwrap();
             let b = s.remove_slot(6).unwrap();
@@ -701,11 +699,7 @@ mod tests {
     /// Sweeping to the end of a shard gives back trailing free slots.
     #[test]
     fn trim_drops_trailing_free_slots() {
-        let mut s = ShardInner::new();
-        for r in 0..100u8 {
-            let v = s.vacant_slot();
-            s.insert(fam(id(v, r)));
-        }
+        let mut s = filled(100);
         for slot in 10..100 {
             s.remove_slot(slot);
         }
