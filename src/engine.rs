@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::clock::{Clock, CoarseClock, Timestamp};
 use crate::code::{self, CodeState, ExchangeCheck, MAX_REDIRECT_URI_LEN};
 use crate::decision::{self, AcceptKind, Accepted, Decision, Denied, DenyReason, Request, Verdict};
 use crate::error::Error;
@@ -276,7 +276,7 @@ impl Default for EngineBuilder {
         EngineBuilder {
             keys: None,
             policies: PolicySet::default(),
-            clock: Box::new(SystemClock),
+            clock: Box::new(CoarseClock),
             sink: Box::new(NoopSink),
             delivers: false,
             // Many more shards than cores keeps two redemptions from meeting
@@ -302,7 +302,8 @@ impl EngineBuilder {
         self
     }
 
-    /// The clock. Default: [`SystemClock`].
+    /// The clock. Default: [`CoarseClock`](crate::CoarseClock) (the wall clock as of its last
+    /// tick); [`SystemClock`](crate::SystemClock) for the precise one.
     pub fn clock(mut self, clock: impl Clock) -> EngineBuilder {
         self.clock = Box::new(clock);
         self

@@ -32,12 +32,13 @@
 //! assert_eq!(engine.redeem(&t2, "mobile-app", ip)?.deny_reason(), Some(DenyReason::Revoked));
 //! # Ok::<(), refresh_guard::Error>(())
 //! ```
-// One measured exception, `huge` (a madvise call): see its module docs.
+// Two measured exceptions, each one system call with its SAFETY note:
+// `huge` (madvise) and `clock` (the coarse clock).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 // The public interface is:
-pub use crate::clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use crate::clock::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
 pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
 pub use crate::engine::{
     AuthorizeRequest, Durable, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
