@@ -17,7 +17,7 @@ use crate::family::{Family, RevokeReason, Status, SubjectName};
 use crate::policy::{ClientPolicy, OnReuse, PolicySet, PolicyVersion};
 use crate::store::{Durability, RecordRef, Store};
 use crate::striped::Striped;
-use crate::table::{Interner, OUTCOMES, SubjectEntries, SubjectIndex, Table};
+use crate::table::{Interner, Loc, OUTCOMES, SubjectEntries, SubjectIndex, Table};
 use crate::token::{self, FamilyId, FamilySecret, Generation, KeyRing, KeyUid, Token, TokenKind};
 
 /// Longest subject accepted at issuance.
@@ -463,14 +463,17 @@ struct Who {
     family: FamilyId,
     client: Arc<str>,
     subject: Arc<str>,
+    /// Where the record is, to drop its subject-index entry.
+    loc: Loc,
 }
 
 impl Who {
-    fn of(f: &Family) -> Who {
+    fn of(f: &Family, loc: Loc) -> Who {
         Who {
             family: f.id,
             client: f.client().clone(),
             subject: Arc::from(f.subject.as_str()),
+            loc,
         }
     }
 }
@@ -615,7 +618,6 @@ impl Engine {
             grace_used: 0,
             rotation_ip: Some(req.ip.to_canonical()),
             revoked: None,
-            revoked_at: Timestamp::EPOCH,
             code,
             lsn: 0,
         };
@@ -647,14 +649,14 @@ impl Engine {
                 if token_kind == TokenKind::Refresh {
                     cache_tag(&mut f, &keys, tag);
                 }
-                let minted = (f.id, tag);
+                let id = f.id;
                 wait_lsn = wait_lsn.max(self.persist(&mut f)?);
-                shard.insert(f);
+                let slot = shard.insert(f);
                 shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
-                minted
+                (id, tag, self.table.loc(&id, slot))
             };
-            subjects.push(minted.0);
-            minted
+            subjects.push(minted.2);
+            (minted.0, minted.1)
         };
         for w in &evicted {
             self.emit(
@@ -773,7 +775,7 @@ impl Engine {
         };
         let keys = self.keys.load();
         let mut shard = self.table.lock(&parsed.family);
-        let Some(f) = shard.get_mut(&parsed.family) else {
+        let Some((slot, f)) = shard.locate_mut(&parsed.family) else {
             drop(shard);
             return invalid();
         };
@@ -818,7 +820,7 @@ impl Engine {
                 ))
             }
             Err(reason) => {
-                let who = Who::of(f);
+                let who = Who::of(f, self.table.loc(&parsed.family, slot));
                 let revoked =
                     reason == DenyReason::CodeReused && f.revoke(RevokeReason::CodeReplay, now);
                 let lsn = if revoked { self.persist(f)? } else { 0 };
@@ -862,20 +864,27 @@ impl Engine {
         now: Timestamp,
         evicted: &mut Vec<Who>,
     ) -> Result<u64, Error> {
-        let mut mine: Vec<(Timestamp, FamilyId)> = Vec::new();
-        for id in entries.candidates() {
-            let shard = self.table.lock(&id);
-            match shard.get(&id) {
-                Some(f) if f.subject.as_str() != subject => {} // another subject's
+        let mut mine: Vec<(Timestamp, FamilyId, Loc)> = Vec::new();
+        for loc in entries.candidates() {
+            let (shard, slot) = self.table.lock_loc(loc);
+            match shard.at(slot) {
+                // Another subject's: its own entry if it shares this hash,
+                // else one left for a slot reused since (dropped).
+                Some(f) if f.subject.as_str() != subject => {
+                    if self.subjects.tag_of(f.subject.as_str()) != entries.tag() {
+                        drop(shard);
+                        entries.remove(loc);
+                    }
+                }
                 Some(f) if f.is_active() => {
                     if f.client() == client {
-                        mine.push((f.created, id));
+                        mine.push((f.created, f.id, loc));
                     }
                 }
                 // Drop index entries of swept or revoked families on the way.
                 _ => {
                     drop(shard);
-                    entries.remove(&id);
+                    entries.remove(loc);
                 }
             }
         }
@@ -886,16 +895,16 @@ impl Engine {
         }
         mine.sort();
         let excess = mine.len() + 1 - cap;
-        for (_, id) in mine.into_iter().take(excess) {
+        for (_, id, loc) in mine.into_iter().take(excess) {
             let mut shard = self.table.lock(&id);
             if let Some(f) = shard.get_mut(&id)
                 && f.revoke(RevokeReason::CapEviction, now)
             {
                 lsn = lsn.max(self.persist(f)?);
-                evicted.push(Who::of(f));
+                evicted.push(Who::of(f, loc));
             }
             drop(shard);
-            entries.remove(&id);
+            entries.remove(loc);
         }
         Ok(lsn)
     }
@@ -1050,7 +1059,7 @@ impl Engine {
                 // allocation: only for a sink, or for reuse, whose response
                 // needs the subject.
                 let who = (reason == DenyReason::ReuseDetected || self.events.delivers())
-                    .then(|| Who::of(f));
+                    .then(|| Who::of(f, self.table.loc(&parsed.family, slot.slot)));
                 let mut revoked = false;
                 let on_reuse = policy.on_reuse;
                 if reason == DenyReason::ReuseDetected && on_reuse != OnReuse::ReportOnly {
@@ -1191,7 +1200,7 @@ impl Engine {
                             )?
                             .1;
                     }
-                    OnReuse::RevokeFamily => self.subjects.remove(&who.subject, &who.family),
+                    OnReuse::RevokeFamily => self.subjects.remove(&who.subject, who.loc),
                     OnReuse::ReportOnly => {}
                 }
             }
@@ -1239,7 +1248,7 @@ impl Engine {
         };
         let keys = self.keys.load();
         let mut shard = self.table.lock(&parsed.family);
-        let Some(f) = shard.get_mut(&parsed.family) else {
+        let Some((slot, f)) = shard.locate_mut(&parsed.family) else {
             return Ok(false);
         };
         if !keys.verify(&parsed, &f.secret)
@@ -1249,7 +1258,7 @@ impl Engine {
             return Ok(false);
         }
         let lsn = self.persist(f)?;
-        let who = Who::of(f);
+        let who = Who::of(f, self.table.loc(&parsed.family, slot));
         drop(shard);
         self.after_revoke(&who, RevokeReason::Requested, None, now);
         self.settle(lsn)?;
@@ -1264,14 +1273,14 @@ impl Engine {
     /// [`revoke_family`](Self::revoke_family) at a given time.
     pub fn revoke_family_at(&self, id: FamilyId, now: Timestamp) -> Result<bool, Error> {
         let mut shard = self.table.lock(&id);
-        let Some(f) = shard.get_mut(&id) else {
+        let Some((slot, f)) = shard.locate_mut(&id) else {
             return Ok(false);
         };
         if !f.revoke(RevokeReason::Requested, now) {
             return Ok(false);
         }
         let lsn = self.persist(f)?;
-        let who = Who::of(f);
+        let who = Who::of(f, self.table.loc(&id, slot));
         drop(shard);
         self.after_revoke(&who, RevokeReason::Requested, None, now);
         self.settle(lsn)?;
@@ -1279,7 +1288,7 @@ impl Engine {
     }
 
     fn after_revoke(&self, who: &Who, reason: RevokeReason, ip: Option<IpAddr>, now: Timestamp) {
-        self.subjects.remove(&who.subject, &who.family);
+        self.subjects.remove(&who.subject, who.loc);
         let version = self.policies.load().version();
         self.emit(
             EventKind::FamilyRevoked { reason },
@@ -1325,10 +1334,14 @@ impl Engine {
         let mut failure = None;
         {
             let mut entries = self.subjects.lock(subject);
-            for id in entries.candidates() {
-                let mut shard = self.table.lock(&id);
-                let keep = match shard.get_mut(&id) {
-                    Some(f) if f.subject.as_str() != subject => true, // another subject's
+            for loc in entries.candidates() {
+                let (mut shard, slot) = self.table.lock_loc(loc);
+                let keep = match shard.at_mut(slot) {
+                    // Another subject's, kept if it shares this hash (else
+                    // left for a slot reused since, and dropped).
+                    Some(f) if f.subject.as_str() != subject => {
+                        self.subjects.tag_of(f.subject.as_str()) == entries.tag()
+                    }
                     Some(f) if f.is_active() => {
                         if client.is_some_and(|c| **f.client() != *c) || failure.is_some() {
                             true
@@ -1338,7 +1351,7 @@ impl Engine {
                                 Ok(l) => lsn = lsn.max(l),
                                 Err(e) => failure = Some(e),
                             }
-                            revoked.push(Who::of(f));
+                            revoked.push(Who::of(f, loc));
                             false
                         }
                     }
@@ -1346,7 +1359,7 @@ impl Engine {
                 };
                 drop(shard);
                 if !keep {
-                    entries.remove(&id);
+                    entries.remove(loc);
                 }
             }
         }
@@ -1377,10 +1390,10 @@ impl Engine {
         let mut lsn = 0;
         for i in 0..self.table.shard_count() {
             let mut shard = self.table.lock_shard(i);
-            for f in shard.families_mut() {
+            for (slot, f) in shard.families_mut() {
                 if **f.client() == *client && f.revoke(RevokeReason::ClientRevoked, now) {
                     lsn = lsn.max(self.persist(f)?);
-                    revoked.push(Who::of(f));
+                    revoked.push(Who::of(f, self.table.loc(&f.id, slot)));
                 }
             }
         }
@@ -1447,9 +1460,9 @@ impl Engine {
                 }
             }
         });
-        for f in &removed {
+        for (loc, f) in &removed {
             if f.is_active() {
-                self.subjects.remove(f.subject.as_str(), &f.id);
+                self.subjects.remove(f.subject.as_str(), *loc);
             }
             // Not waited for: a removal lost to a crash is swept again.
             if let Some(store) = &self.store {
@@ -1494,20 +1507,30 @@ impl Engine {
         let (id, active) = (f.id, f.is_active());
         // A record it replaces under another subject leaves that subject's
         // index first, so the entry indexed below is never the one removed.
-        let old = self.table.lock(&id).get(&id).map(|old| old.subject.clone());
-        if let Some(old) = old.filter(|old| *old != f.subject) {
-            self.subjects.remove(old.as_str(), &id);
+        let old = {
+            let shard = self.table.lock(&id);
+            shard
+                .find(&id)
+                .and_then(|slot| Some((slot, shard.at(slot)?.subject.clone())))
+        };
+        if let Some((slot, old)) = old.filter(|(_, old)| *old != f.subject) {
+            self.subjects
+                .remove(old.as_str(), self.table.loc(&id, slot));
         }
         let mut entries = self.subjects.lock(f.subject.as_str());
         let mut shard = self.table.lock(&id);
-        match shard.get_mut(&id) {
-            Some(slot) => *slot = f,
+        let slot = match shard.locate_mut(&id) {
+            Some((slot, record)) => {
+                *record = f;
+                slot
+            }
             None => shard.insert(f),
-        }
+        };
         drop(shard);
-        entries.remove(&id);
+        let loc = self.table.loc(&id, slot);
+        entries.remove(loc);
         if active {
-            entries.push(id);
+            entries.push(loc);
         }
     }
 
@@ -1549,7 +1572,7 @@ impl Engine {
         store.compact(&mut |emit| {
             for i in 0..self.table.shard_count() {
                 let mut shard = self.table.lock_shard(i);
-                for f in shard.families_mut() {
+                for (_, f) in shard.families_mut() {
                     emit(RecordRef(f));
                 }
             }
@@ -1689,9 +1712,67 @@ mod tests {
         assert_eq!(e.revoke_subject("alice", None).unwrap(), 1);
         assert!(active(bob));
         assert!(!active(alice2));
-        assert_eq!(e.subjects.lock("bob").candidates(), [bob]);
+        let indexed: Vec<FamilyId> = e
+            .subjects
+            .lock("bob")
+            .candidates()
+            .into_iter()
+            .map(|loc| {
+                let (shard, slot) = e.table.lock_loc(loc);
+                shard.at(slot).expect("an indexed family").id
+            })
+            .collect();
+        assert_eq!(indexed, [bob]);
         assert_eq!(e.revoke_subject("bob", None).unwrap(), 1);
         assert!(e.subjects.lock("bob").candidates().is_empty());
+    }
+
+    /// An entry left for a slot that another subject's family holds now
+    /// (its removal, made after the family's lock is dropped, lost a race
+    /// with a sweep and a new issue) is dropped when walked, by the cap
+    /// and by subject revocation, and that family is left alone.
+    #[test]
+    fn entries_left_for_reused_slots_are_dropped() {
+        use crate::policy::{PolicyOverrides, PolicySet};
+        let e = Engine::builder()
+            .policies(
+                PolicySet::builder()
+                    .defaults(PolicyOverrides::new().max_families_per_subject(5))
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let issue = |subject| {
+            e.issue(&IssueRequest {
+                client: "app",
+                subject,
+                scope: "openid",
+                ip,
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .family
+        };
+        let bob = issue("bob");
+        let bob_loc = {
+            let shard = e.table.lock(&bob);
+            e.table.loc(&bob, shard.find(&bob).unwrap())
+        };
+        // A stale entry of alice's at bob's slot: walked by the cap check
+        // of alice's next issue.
+        e.subjects.lock("alice").push(bob_loc);
+        let alice = issue("alice");
+        assert_eq!(e.subjects.len(), 2, "bob's and alice's own");
+        // Again, walked by revoking alice.
+        e.subjects.lock("alice").push(bob_loc);
+        assert_eq!(e.revoke_subject("alice", None).unwrap(), 1);
+        assert_eq!(e.subjects.len(), 1, "bob's");
+        let active = |id| e.family_record(id).unwrap().status() == Status::Active;
+        assert!(active(bob));
+        assert!(!active(alice));
     }
 
     /// A restore that gives a family another subject moves its index entry,

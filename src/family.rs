@@ -73,7 +73,9 @@ pub(crate) struct Family {
     pub(crate) subject: SubjectName,
     pub(crate) created: Timestamp,
     pub(crate) last_used: Timestamp,
-    /// When the current generation was minted by a rotation.
+    /// When the current generation was minted by a rotation; once revoked,
+    /// when it was revoked (a revoked family has no grace window left to
+    /// time, so the two share a field: see [`Family::status`]).
     pub(crate) rotated_at: Timestamp,
     pub(crate) generation: Generation,
     /// Key that minted the current generation, so a grace replay returns the
@@ -89,11 +91,10 @@ pub(crate) struct Family {
     pub(crate) grace_used: u8,
     /// Client IP of the last rotation (for `grace_same_ip`).
     pub(crate) rotation_ip: Option<IpAddr>,
-    /// Why it was revoked; `None` while active. Kept apart from
-    /// `revoked_at` (rather than one [`Status`]) so the record packs tighter.
+    /// Why it was revoked; `None` while active. A byte here and the time
+    /// in `rotated_at`, rather than one [`Status`], so the record packs
+    /// tighter.
     pub(crate) revoked: Option<RevokeReason>,
-    /// When it was revoked; the epoch while active.
-    pub(crate) revoked_at: Timestamp,
     /// Until the code is exchanged: what the exchange checks it against.
     pub(crate) code: Option<Box<crate::code::CodeState>>,
     /// Log sequence number of the family's last write to the store (0 with
@@ -121,7 +122,6 @@ impl Family {
             grace_used: 0,
             rotation_ip: None,
             revoked: None,
-            revoked_at: Timestamp::EPOCH,
             code: None,
             lsn: 0,
         }
@@ -146,24 +146,27 @@ impl Family {
             None => Status::Active,
             Some(reason) => Status::Revoked {
                 reason,
-                at: self.revoked_at,
+                at: self.rotated_at,
             },
         }
     }
 
     /// Set the status as a whole (records read back from a store).
     pub(crate) fn set_status(&mut self, status: Status) {
-        (self.revoked, self.revoked_at) = match status {
-            Status::Active => (None, Timestamp::EPOCH),
-            Status::Revoked { reason, at } => (Some(reason), at),
-        };
+        match status {
+            Status::Active => self.revoked = None,
+            Status::Revoked { reason, at } => {
+                self.revoked = Some(reason);
+                self.rotated_at = at;
+            }
+        }
     }
 
     /// Mark revoked; `false` if it already was (the first reason stands).
     pub(crate) fn revoke(&mut self, reason: RevokeReason, now: Timestamp) -> bool {
         if self.is_active() {
             self.revoked = Some(reason);
-            self.revoked_at = now;
+            self.rotated_at = now;
             true
         } else {
             false
@@ -254,7 +257,7 @@ mod tests {
     /// growing it must be a decision, not an accident.
     #[test]
     fn record_stays_within_its_budget() {
-        assert!(std::mem::size_of::<Option<Family>>() <= 160);
+        assert!(std::mem::size_of::<Option<Family>>() <= 152);
         assert_eq!(std::mem::size_of::<SubjectName>(), 24);
     }
 

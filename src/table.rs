@@ -39,6 +39,9 @@ struct Shard(Mutex<ShardInner>);
 
 pub(crate) struct ShardInner {
     slots: Vec<Option<Family>>,
+    /// Slots a shard may hold: a [`Loc`] keeps the shard index in the
+    /// high bits of 32 and the slot in the rest.
+    slot_limit: usize,
     /// Free slots, newest last. May hold stale entries (a slot filled by a
     /// restore, or cut off the end): `vacant_slot` skips them.
     free: Vec<u32>,
@@ -87,6 +90,8 @@ impl ShadowCounts {
 
 /// A family together with its shard's counters, borrowed at once.
 pub(crate) struct FamilySlot<'a> {
+    /// Where in the shard.
+    pub(crate) slot: usize,
     pub(crate) family: &'a mut Family,
     pub(crate) outcomes: &'a mut [u64; OUTCOMES],
     pub(crate) shadow: &'a mut ShadowCounts,
@@ -99,9 +104,10 @@ pub(crate) struct FamilySlot<'a> {
 const SLOT_SLACK: usize = 1 << 10;
 
 impl ShardInner {
-    fn new() -> ShardInner {
+    fn new(slot_limit: usize) -> ShardInner {
         ShardInner {
             slots: Vec::new(),
+            slot_limit,
             free: Vec::new(),
             overflow: HashMap::default(),
             live: 0,
@@ -112,7 +118,7 @@ impl ShardInner {
     }
 
     /// The slot holding family `id`, if it is here.
-    fn find(&self, id: &FamilyId) -> Option<usize> {
+    pub(crate) fn find(&self, id: &FamilyId) -> Option<usize> {
         let natural = id.slot() as usize;
         if let Some(Some(f)) = self.slots.get(natural)
             && f.id == *id
@@ -129,6 +135,7 @@ impl ShardInner {
         let i = self.find(id)?;
         let family = self.slots[i].as_mut()?;
         Some(FamilySlot {
+            slot: i,
             family,
             outcomes: &mut self.outcomes,
             shadow: &mut self.shadow,
@@ -144,9 +151,25 @@ impl ShardInner {
         self.slots[i].as_mut()
     }
 
+    /// Family `id` and its slot, to change.
+    pub(crate) fn locate_mut(&mut self, id: &FamilyId) -> Option<(usize, &mut Family)> {
+        let i = self.find(id)?;
+        Some((i, self.slots[i].as_mut()?))
+    }
+
+    /// The family in `slot`, whichever it is.
+    pub(crate) fn at(&self, slot: usize) -> Option<&Family> {
+        self.slots.get(slot)?.as_ref()
+    }
+
+    /// The family in `slot`, whichever it is, to change.
+    pub(crate) fn at_mut(&mut self, slot: usize) -> Option<&mut Family> {
+        self.slots.get_mut(slot)?.as_mut()
+    }
+
     /// The slab length a record may make the shard grow to.
     fn reach(&self) -> usize {
-        self.slots.len().max(2 * self.live) + SLOT_SLACK
+        (self.slots.len().max(2 * self.live) + SLOT_SLACK).min(self.slot_limit)
     }
 
     /// Whether a record with this id would be put in the slot it names: the
@@ -168,15 +191,20 @@ impl ShardInner {
             }
             self.free.pop();
         }
-        // 4 billion slots in one shard: refuse rather than alias.
-        u32::try_from(self.slots.len()).expect("fewer than 2^32 families per shard")
+        // 2^32 slots over all shards: refuse rather than alias.
+        assert!(
+            self.slots.len() < self.slot_limit,
+            "fewer than {} families per shard",
+            self.slot_limit
+        );
+        u32::try_from(self.slots.len()).expect("the slot limit is at most 2^32")
     }
 
     /// Insert a family whose id is not in this shard. Callers check that
     /// under the same lock first (or minted the id from `vacant_slot`); a
     /// taken id here is a bug, and overwriting would lose a family, so it
-    /// panics instead.
-    pub(crate) fn insert(&mut self, f: Family) {
+    /// panics instead. Returns the slot it took.
+    pub(crate) fn insert(&mut self, f: Family) -> usize {
         assert!(
             self.find(&f.id).is_none(),
             "family id {} inserted twice",
@@ -209,6 +237,7 @@ impl ShardInner {
         self.live += 1;
         // One syscall per 2 MiB of slab filled (and per reallocation).
         self.huge.update(&self.slots);
+        slot
     }
 
     /// A slot for a family whose own is taken, found by the overflow index.
@@ -268,16 +297,27 @@ impl ShardInner {
         self.overflow.len()
     }
 
-    /// Every family in the shard, for administrative scans.
-    pub(crate) fn families_mut(&mut self) -> impl Iterator<Item = &mut Family> {
-        self.slots.iter_mut().flatten()
+    /// Every family in the shard with its slot, for administrative scans.
+    pub(crate) fn families_mut(&mut self) -> impl Iterator<Item = (usize, &mut Family)> {
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, f)| Some((i, f.as_mut()?)))
     }
 }
+
+/// Where a record lies, in 32 bits: the shard index in the high
+/// `log2(shards)` bits, the slot in the rest. The subject index keeps
+/// these rather than 16-byte family ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Loc(u32);
 
 /// Families by id, in shards.
 pub(crate) struct Table {
     shards: Box<[Shard]>,
     mask: u64,
+    /// Bits of a [`Loc`] that hold the slot: 32 - log2(shards).
+    slot_bits: u32,
     cursor: Mutex<(usize, usize)>,
 }
 
@@ -285,21 +325,46 @@ impl Table {
     /// `shards` is rounded up to a power of two.
     pub(crate) fn new(shards: usize) -> Table {
         let n = shards.clamp(1, 1 << 16).next_power_of_two();
+        let slot_bits = 32 - n.trailing_zeros();
+        let slot_limit = usize::try_from(1u64 << slot_bits).unwrap_or(usize::MAX);
         Table {
             shards: (0..n)
-                .map(|_| Shard(Mutex::new(ShardInner::new())))
+                .map(|_| Shard(Mutex::new(ShardInner::new(slot_limit))))
                 .collect(),
             mask: (n - 1) as u64,
+            slot_bits,
             cursor: Mutex::new((0, 0)),
         }
     }
 
-    /// Lock the shard that holds (or would hold) family `id`.
-    pub(crate) fn lock(&self, id: &FamilyId) -> MutexGuard<'_, ShardInner> {
+    fn shard_of(&self, id: &FamilyId) -> usize {
         // Family ids are CSPRNG output, so their low bits spread evenly; an
         // attacker can choose ids only for lookups, which cannot skew shards.
-        let i = (id.shard_bits() & self.mask) as usize;
-        self.shards[i].0.lock()
+        (id.shard_bits() & self.mask) as usize
+    }
+
+    /// Lock the shard that holds (or would hold) family `id`.
+    pub(crate) fn lock(&self, id: &FamilyId) -> MutexGuard<'_, ShardInner> {
+        self.shards[self.shard_of(id)].0.lock()
+    }
+
+    /// The location of `slot` in the shard of family `id`.
+    pub(crate) fn loc(&self, id: &FamilyId, slot: usize) -> Loc {
+        self.loc_in(self.shard_of(id), slot)
+    }
+
+    fn loc_in(&self, shard: usize, slot: usize) -> Loc {
+        // Both fit: shards are at most 2^16 and slots below 2^slot_bits
+        // (`ShardInner::slot_limit`), so the sum is below 2^32.
+        Loc(((shard as u64) << self.slot_bits | slot as u64) as u32)
+    }
+
+    /// Lock the shard of `loc`; its slot there.
+    pub(crate) fn lock_loc(&self, loc: Loc) -> (MutexGuard<'_, ShardInner>, usize) {
+        let l = u64::from(loc.0);
+        let shard = (l >> self.slot_bits) as usize;
+        let slot = (l & ((1u64 << self.slot_bits) - 1)) as usize;
+        (self.shards[shard].0.lock(), slot)
     }
 
     pub(crate) fn shard_count(&self) -> usize {
@@ -347,12 +412,13 @@ impl Table {
 
     /// Examine at most `budget` slots (an empty shard costs one), resuming
     /// where the last call stopped, and remove the families `dead` picks.
-    /// Returns how many slots were examined and the removed families.
+    /// Returns how many slots were examined and the removed families, each
+    /// with where it was.
     pub(crate) fn sweep(
         &self,
         budget: usize,
         mut dead: impl FnMut(&Family) -> bool,
-    ) -> (usize, Vec<Family>) {
+    ) -> (usize, Vec<(Loc, Family)>) {
         let mut cursor = self.cursor.lock();
         let (mut shard, mut slot) = *cursor;
         let mut examined = 0;
@@ -365,7 +431,7 @@ impl Table {
                 if g.slots[i].as_ref().is_some_and(&mut dead)
                     && let Some(f) = g.remove_slot(i)
                 {
-                    removed.push(f);
+                    removed.push((self.loc_in(shard, i), f));
                 }
             }
             if end >= g.slots.len() {
@@ -383,14 +449,17 @@ impl Table {
     }
 }
 
-/// Subject → ids of its families, for subject-wide revocation and the
-/// per-subject cap. Holds only families that are not known revoked; swept
-/// and revoked families are removed from it.
+/// Subject → locations of its families, for subject-wide revocation and
+/// the per-subject cap. Holds only families that are not known revoked;
+/// swept and revoked families are removed from it.
 ///
-/// It keeps no subject strings: an entry is a family id and 32 bits of the
-/// subject's keyed hash (20 bytes), and a subject's entries are those
-/// under its hash. The family record says whose it is, so callers check
-/// each candidate's subject: another subject may share the hash.
+/// It keeps no subject strings and no ids: an entry is a family's [`Loc`]
+/// and 32 bits of the subject's keyed hash (8 bytes), and a subject's
+/// entries are those under its hash. The record at a location says whose
+/// it is, so callers check each candidate's subject: another subject may
+/// share the hash, and a location whose family left (its entry removed
+/// just after, outside the family's lock) may hold another family by the
+/// time it is read. Callers drop entries whose slot is empty or revoked.
 pub(crate) struct SubjectIndex {
     shards: Box<[Mutex<SubjectShard>]>,
     hasher: Hasher,
@@ -408,7 +477,7 @@ pub(crate) struct SubjectShard {
 #[derive(Clone, Copy)]
 struct SubjectEntry {
     tag: u32,
-    id: FamilyId,
+    loc: Loc,
 }
 
 /// The table hash of an entry, rebuilt from its 32 stored bits (the shard
@@ -424,33 +493,46 @@ pub(crate) struct SubjectEntries<'a> {
 }
 
 impl SubjectEntries<'_> {
-    /// Ids indexed under this subject's hash: its families, and possibly
-    /// some of another subject.
-    pub(crate) fn candidates(&self) -> Vec<FamilyId> {
+    /// The 32 hash bits these entries are filed under.
+    pub(crate) fn tag(&self) -> u32 {
+        self.tag
+    }
+
+    /// Locations indexed under this subject's hash, each once: its
+    /// families, and possibly some of another subject.
+    pub(crate) fn candidates(&self) -> Vec<Loc> {
         let tag = self.tag;
-        self.shard
+        let mut locs: Vec<Loc> = self
+            .shard
             .entries
             .iter_hash(entry_hash(tag))
             .filter(|e| e.tag == tag)
-            .map(|e| e.id)
-            .collect()
+            .map(|e| e.loc)
+            .collect();
+        // A location can be listed twice for a moment: a family's entry is
+        // removed after its lock is dropped, and its slot may be reused by
+        // then.
+        locs.sort_unstable();
+        locs.dedup();
+        locs
     }
 
-    /// Index `id` under this subject. The caller knows it is not already.
-    pub(crate) fn push(&mut self, id: FamilyId) {
+    /// Index the family at `loc` under this subject.
+    pub(crate) fn push(&mut self, loc: Loc) {
         let tag = self.tag;
         self.shard
             .entries
-            .insert_unique(entry_hash(tag), SubjectEntry { tag, id }, |e| {
+            .insert_unique(entry_hash(tag), SubjectEntry { tag, loc }, |e| {
                 entry_hash(e.tag)
             });
     }
 
-    /// Forget `id`; `false` if it was not indexed under this subject.
-    pub(crate) fn remove(&mut self, id: &FamilyId) -> bool {
+    /// Forget one entry for `loc`; `false` if there was none under this
+    /// subject's hash.
+    pub(crate) fn remove(&mut self, loc: Loc) -> bool {
         let tag = self.tag;
         let entries = &mut self.shard.entries;
-        match entries.find_entry(entry_hash(tag), |e| e.tag == tag && e.id == *id) {
+        match entries.find_entry(entry_hash(tag), |e| e.tag == tag && e.loc == loc) {
             Ok(e) => {
                 e.remove();
                 // Give back what a burst of revocations left behind.
@@ -492,6 +574,11 @@ impl SubjectIndex {
         self.hasher.hash_one(subject)
     }
 
+    /// The 32 hash bits `subject`'s entries are filed under.
+    pub(crate) fn tag_of(&self, subject: &str) -> u32 {
+        (self.hash(subject) >> 32) as u32
+    }
+
     /// Lock the entries of `subject` (and of subjects sharing its shard).
     pub(crate) fn lock(&self, subject: &str) -> SubjectEntries<'_> {
         let h = self.hash(subject);
@@ -502,9 +589,9 @@ impl SubjectIndex {
         }
     }
 
-    /// Forget one family of `subject`.
-    pub(crate) fn remove(&self, subject: &str, id: &FamilyId) {
-        self.lock(subject).remove(id);
+    /// Forget the family of `subject` at `loc`.
+    pub(crate) fn remove(&self, subject: &str, loc: Loc) {
+        self.lock(subject).remove(loc);
     }
 
     /// Entries in all shards.
@@ -582,7 +669,7 @@ mod tests {
 
     /// A shard of `n` new families, in slots 0..n.
     fn filled(n: u8) -> ShardInner {
-        let mut s = ShardInner::new();
+        let mut s = ShardInner::new(1 << 32);
         for r in 0..n {
             let v = s.vacant_slot();
             s.insert(fam(id(v, r)));
@@ -594,7 +681,7 @@ mod tests {
     /// stale id for a reused slot finds nothing.
     #[test]
     fn ids_name_their_slots() {
-        let mut s = ShardInner::new();
+        let mut s = ShardInner::new(1 << 32);
         for r in 0..3u8 {
             let slot = s.vacant_slot();
             assert_eq!(slot, u32::from(r));
@@ -617,7 +704,7 @@ mod tests {
     /// through the overflow index, and leaves it when removed.
     #[test]
     fn records_from_elsewhere_overflow() {
-        let mut s = ShardInner::new();
+        let mut s = ShardInner::new(1 << 32);
         s.insert(fam(id(0, 1)));
         s.insert(fam(id(0, 2)));
         let far = id(u32::MAX - 1, 3);
@@ -643,7 +730,7 @@ mod tests {
     /// free entry behind.
     #[test]
     fn gaps_become_free_slots() {
-        let mut s = ShardInner::new();
+        let mut s = ShardInner::new(1 << 32);
         s.insert(fam(id(4, 1)));
         assert_eq!(s.slots.len(), 5);
         s.insert(fam(id(2, 2)));
@@ -664,7 +751,7 @@ mod tests {
     /// the live families.
     #[test]
     fn far_slots_do_not_grow_the_slab() {
-        let mut s = ShardInner::new();
+        let mut s = ShardInner::new(1 << 32);
         for k in 1..=16u32 {
             s.insert(fam(id(k << 16, k as u8)));
         }
@@ -709,8 +796,8 @@ mod tests {
         assert_eq!(s.len(), 10);
     }
 
-    fn fid(b: u8) -> FamilyId {
-        FamilyId::from_bytes([b; 16])
+    fn loc(l: u32) -> Loc {
+        Loc(l)
     }
 
     /// A subject's entries are found under its hash, removed one by one,
@@ -718,18 +805,30 @@ mod tests {
     #[test]
     fn subject_index_is_a_multimap_by_subject() {
         let index = SubjectIndex::new(4);
-        index.lock("alice").push(fid(1));
-        index.lock("alice").push(fid(2));
-        index.lock("bob").push(fid(3));
-        let mut alice = index.lock("alice").candidates();
-        alice.sort();
-        assert_eq!(alice, [fid(1), fid(2)]);
-        assert_eq!(index.lock("bob").candidates(), [fid(3)]);
+        index.lock("alice").push(loc(2));
+        index.lock("alice").push(loc(1));
+        index.lock("bob").push(loc(3));
+        assert_eq!(index.lock("alice").candidates(), [loc(1), loc(2)]);
+        assert_eq!(index.lock("bob").candidates(), [loc(3)]);
         assert!(index.lock("carol").candidates().is_empty());
-        assert!(!index.lock("bob").remove(&fid(1)), "not bob's");
-        index.remove("alice", &fid(1));
-        assert_eq!(index.lock("alice").candidates(), [fid(2)]);
+        assert!(!index.lock("bob").remove(loc(1)), "not bob's");
+        index.remove("alice", loc(1));
+        assert_eq!(index.lock("alice").candidates(), [loc(2)]);
         assert_eq!(index.len(), 2);
+    }
+
+    /// A location entered twice (a slot reused before the old entry's
+    /// removal) is one candidate, and each removal takes one entry.
+    #[test]
+    fn subject_index_lists_a_location_once() {
+        let index = SubjectIndex::new(1);
+        index.lock("alice").push(loc(5));
+        index.lock("alice").push(loc(5));
+        assert_eq!(index.lock("alice").candidates(), [loc(5)]);
+        assert!(index.lock("alice").remove(loc(5)));
+        assert_eq!(index.lock("alice").candidates(), [loc(5)]);
+        assert!(index.lock("alice").remove(loc(5)));
+        assert!(index.lock("alice").candidates().is_empty());
     }
 
     /// Entries of subjects that share a shard and a hash tag are told apart
@@ -737,31 +836,63 @@ mod tests {
     #[test]
     fn subject_index_keeps_colliding_entries_apart() {
         let index = SubjectIndex::colliding(4);
-        index.lock("x").push(fid(1));
-        index.lock("y").push(fid(2));
-        let mut both = index.lock("x").candidates();
-        both.sort();
-        assert_eq!(both, [fid(1), fid(2)]);
+        index.lock("x").push(loc(1));
+        index.lock("y").push(loc(2));
+        assert_eq!(index.lock("x").candidates(), [loc(1), loc(2)]);
         let mut e = index.lock("y");
-        assert!(e.remove(&fid(1)));
-        assert!(!e.remove(&fid(1)));
-        assert_eq!(e.candidates(), [fid(2)]);
+        assert!(e.remove(loc(1)));
+        assert!(!e.remove(loc(1)));
+        assert_eq!(e.candidates(), [loc(2)]);
     }
 
     /// Mass removal gives memory back.
     #[test]
     fn subject_index_shrinks_after_removals() {
         let index = SubjectIndex::new(1);
-        let ids: Vec<FamilyId> = (0..10_000u32).map(|i| FamilyId::new(i, [7; 12])).collect();
-        for (i, id) in ids.iter().enumerate() {
-            index.lock(&format!("user-{i}")).push(*id);
+        for i in 0..10_000u32 {
+            index.lock(&format!("user-{i}")).push(loc(i));
         }
         let grown = index.shards[0].lock().entries.capacity();
-        for (i, id) in ids.iter().enumerate().skip(100) {
-            index.remove(&format!("user-{i}"), id);
+        for i in 100..10_000u32 {
+            index.remove(&format!("user-{i}"), loc(i));
         }
         assert_eq!(index.len(), 100);
         assert!(index.shards[0].lock().entries.capacity() < grown / 8);
+    }
+
+    /// A location packs the shard index above the slot, for any shard
+    /// count, and shards refuse slots a location cannot name.
+    #[test]
+    fn locations_name_shard_and_slot() {
+        for shards in [1, 2, 256, 1 << 16] {
+            let t = Table::new(shards);
+            for shard in [0, shards - 1] {
+                let limit = t.shards[shard].0.lock().slot_limit;
+                assert_eq!(limit as u64 * shards as u64, 1u64 << 32, "{shards}");
+                for slot in [0, 1, limit - 1] {
+                    let (g, s) = t.lock_loc(t.loc_in(shard, slot));
+                    assert_eq!(s, slot);
+                    assert!(std::ptr::eq(&*g, t.shards[shard].0.data_ptr()));
+                }
+            }
+        }
+    }
+
+    /// A record naming a slot beyond the shard's limit is placed in a free
+    /// one (found by the overflow index), and a full shard refuses more.
+    #[test]
+    fn slots_stay_below_the_limit() {
+        let mut s = ShardInner::new(4);
+        s.insert(fam(id(100, 1)));
+        assert_eq!(s.find(&id(100, 1)), Some(0));
+        assert_eq!(s.overflow_len(), 1);
+        for r in 2..5 {
+            let v = s.vacant_slot();
+            s.insert(fam(id(v, r)));
+        }
+        assert_eq!(s.len(), 4);
+        let full = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.vacant_slot()));
+        assert!(full.is_err(), "a fifth slot in a shard of four");
     }
 
     /// One grant per distinct pair, sharing the interned strings.

@@ -189,7 +189,6 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Family> {
         grace_used,
         rotation_ip,
         revoked: None,
-        revoked_at: Timestamp::EPOCH,
         code,
         lsn: 0,
     };
@@ -217,7 +216,6 @@ mod tests {
             grace_used: 2,
             rotation_ip: Some("2001:db8::1".parse().unwrap()),
             revoked: Some(RevokeReason::CapEviction),
-            revoked_at: Timestamp::from_millis(4),
             code: Some(Box::new(CodeState {
                 challenge: Some(Challenge::Plain("x".repeat(43).into())),
                 redirect_uri: "https://a/cb".into(),
