@@ -868,24 +868,15 @@ impl Engine {
         for loc in entries.candidates() {
             let (shard, slot) = self.table.lock_loc(loc);
             match shard.at(slot) {
-                // Another subject's: its own entry if it shares this hash,
-                // else one left for a slot reused since (dropped).
-                Some(f) if f.subject.as_str() != subject => {
-                    if self.subjects.tag_of(f.subject.as_str()) != entries.tag() {
-                        drop(shard);
-                        entries.remove(loc);
-                    }
+                Some(f)
+                    if f.is_active() && f.subject.as_str() == subject && f.client() == client =>
+                {
+                    mine.push((f.created, f.id, loc));
                 }
-                Some(f) if f.is_active() => {
-                    if f.client() == client {
-                        mine.push((f.created, f.id, loc));
-                    }
-                }
-                // Drop index entries of swept or revoked families on the way.
-                _ => {
-                    drop(shard);
-                    entries.remove(loc);
-                }
+                // Another client's or subject's, or an entry whose family
+                // left and whose removal is pending: not this walk's to
+                // remove.
+                _ => {}
             }
         }
         let cap = cap as usize;
@@ -902,9 +893,10 @@ impl Engine {
             {
                 lsn = lsn.max(self.persist(f)?);
                 evicted.push(Who::of(f, loc));
+                drop(shard);
+                // Revoked by this call, so its entry is this call's.
+                entries.remove(loc);
             }
-            drop(shard);
-            entries.remove(loc);
         }
         Ok(lsn)
     }
@@ -1177,6 +1169,11 @@ impl Engine {
                 let Some(who) = who else {
                     return Ok(lsn);
                 };
+                // This call revoked the family: its index entry is this
+                // call's to remove (see `SubjectIndex`).
+                if revoked {
+                    self.subjects.remove(&who.subject, who.loc);
+                }
                 match on_reuse {
                     OnReuse::RevokeSubjectClient => {
                         lsn = self
@@ -1200,8 +1197,7 @@ impl Engine {
                             )?
                             .1;
                     }
-                    OnReuse::RevokeFamily => self.subjects.remove(&who.subject, who.loc),
-                    OnReuse::ReportOnly => {}
+                    OnReuse::RevokeFamily | OnReuse::ReportOnly => {}
                 }
             }
             DenyReason::ClientMismatch => self.emit(
@@ -1336,29 +1332,28 @@ impl Engine {
             let mut entries = self.subjects.lock(subject);
             for loc in entries.candidates() {
                 let (mut shard, slot) = self.table.lock_loc(loc);
-                let keep = match shard.at_mut(slot) {
-                    // Another subject's, kept if it shares this hash (else
-                    // left for a slot reused since, and dropped).
-                    Some(f) if f.subject.as_str() != subject => {
-                        self.subjects.tag_of(f.subject.as_str()) == entries.tag()
-                    }
-                    Some(f) if f.is_active() => {
-                        if client.is_some_and(|c| **f.client() != *c) || failure.is_some() {
-                            true
-                        } else {
-                            f.revoke(reason, now);
-                            match self.persist(f) {
-                                Ok(l) => lsn = lsn.max(l),
-                                Err(e) => failure = Some(e),
-                            }
-                            revoked.push(Who::of(f, loc));
-                            false
+                let mine = match shard.at_mut(slot) {
+                    Some(f)
+                        if f.is_active()
+                            && f.subject.as_str() == subject
+                            && client.is_none_or(|c| **f.client() == *c)
+                            && failure.is_none() =>
+                    {
+                        f.revoke(reason, now);
+                        match self.persist(f) {
+                            Ok(l) => lsn = lsn.max(l),
+                            Err(e) => failure = Some(e),
                         }
+                        revoked.push(Who::of(f, loc));
+                        true
                     }
+                    // Another client's or subject's, or an entry whose
+                    // family left and whose removal is pending: not this
+                    // call's to remove.
                     _ => false,
                 };
                 drop(shard);
-                if !keep {
+                if mine {
                     entries.remove(loc);
                 }
             }
@@ -1460,12 +1455,16 @@ impl Engine {
                 }
             }
         });
+        // Active families leave the index here (revoked ones did when they
+        // were revoked), all of them before any store error can return.
         for (loc, f) in &removed {
             if f.is_active() {
                 self.subjects.remove(f.subject.as_str(), *loc);
             }
-            // Not waited for: a removal lost to a crash is swept again.
-            if let Some(store) = &self.store {
+        }
+        if let Some(store) = &self.store {
+            for (_, f) in &removed {
+                // Not waited for: a removal lost to a crash is swept again.
                 store.remove(f.id, f.lsn)?;
             }
         }
@@ -1505,32 +1504,25 @@ impl Engine {
         f.tag_uid = KeyUid::NONE;
         f.grant = self.interner.grant(f.client(), f.scope());
         let (id, active) = (f.id, f.is_active());
-        // A record it replaces under another subject leaves that subject's
-        // index first, so the entry indexed below is never the one removed.
-        let old = {
-            let shard = self.table.lock(&id);
-            shard
-                .find(&id)
-                .and_then(|slot| Some((slot, shard.at(slot)?.subject.clone())))
-        };
-        if let Some((slot, old)) = old.filter(|(_, old)| *old != f.subject) {
-            self.subjects
-                .remove(old.as_str(), self.table.loc(&id, slot));
-        }
         let mut entries = self.subjects.lock(f.subject.as_str());
         let mut shard = self.table.lock(&id);
-        let slot = match shard.locate_mut(&id) {
-            Some((slot, record)) => {
-                *record = f;
-                slot
-            }
-            None => shard.insert(f),
+        let (slot, replaced) = match shard.locate_mut(&id) {
+            Some((slot, record)) => (slot, Some(std::mem::replace(record, f))),
+            None => (shard.insert(f), None),
         };
         drop(shard);
         let loc = self.table.loc(&id, slot);
-        entries.remove(loc);
         if active {
             entries.push(loc);
+        }
+        drop(entries);
+        // The replaced record was indexed if it was active when replaced
+        // (under the lock, so no revoker took it out first): this call took
+        // it out of the table, so its entry is this call's to remove. Under
+        // the same subject, or one sharing its hash, that is one of two
+        // equal entries, and either serves the new record.
+        if let Some(old) = replaced.filter(Family::is_active) {
+            self.subjects.remove(old.subject.as_str(), loc);
         }
     }
 
@@ -1727,14 +1719,17 @@ mod tests {
         assert!(e.subjects.lock("bob").candidates().is_empty());
     }
 
-    /// An entry left for a slot that another subject's family holds now
-    /// (its removal, made after the family's lock is dropped, lost a race
-    /// with a sweep and a new issue) is dropped when walked, by the cap
-    /// and by subject revocation, and that family is left alone.
+    /// The sweeper removes an expired family's index entry after dropping
+    /// the shard lock. Walks that meet the entry in between (the cap of a
+    /// new issue, a subject revocation) must leave it: the slot can be
+    /// reused by a new family of the same subject at once, and the
+    /// sweeper's removal then takes one of two equal entries. Had a walk
+    /// removed the first, the new family would lose its own.
     #[test]
-    fn entries_left_for_reused_slots_are_dropped() {
+    fn a_pending_removal_never_takes_a_new_familys_entry() {
         use crate::policy::{PolicyOverrides, PolicySet};
         let e = Engine::builder()
+            .shards(1)
             .policies(
                 PolicySet::builder()
                     .defaults(PolicyOverrides::new().max_families_per_subject(5))
@@ -1756,23 +1751,68 @@ mod tests {
             .unwrap()
             .family
         };
-        let bob = issue("bob");
-        let bob_loc = {
-            let shard = e.table.lock(&bob);
-            e.table.loc(&bob, shard.find(&bob).unwrap())
+        let old = issue("alice");
+        // The sweeper's first half: the family leaves the table.
+        let (_, removed) = e.table.sweep(64, |f| f.id == old);
+        let [(loc, _)] = removed[..] else {
+            panic!("one family swept");
         };
-        // A stale entry of alice's at bob's slot: walked by the cap check
-        // of alice's next issue.
-        e.subjects.lock("alice").push(bob_loc);
-        let alice = issue("alice");
-        assert_eq!(e.subjects.len(), 2, "bob's and alice's own");
-        // Again, walked by revoking alice.
-        e.subjects.lock("alice").push(bob_loc);
-        assert_eq!(e.revoke_subject("alice", None).unwrap(), 1);
-        assert_eq!(e.subjects.len(), 1, "bob's");
-        let active = |id| e.family_record(id).unwrap().status() == Status::Active;
-        assert!(active(bob));
-        assert!(!active(alice));
+        // Walks meet the entry while its removal is pending.
+        assert_eq!(e.revoke_subject("alice", None).unwrap(), 0);
+        let new = issue("alice");
+        let reused = {
+            let shard = e.table.lock(&new);
+            e.table.loc(&new, shard.find(&new).unwrap())
+        };
+        assert_eq!(reused, loc, "the new family took the freed slot");
+        // The sweeper's second half.
+        e.subjects.remove("alice", loc);
+        assert_eq!(e.subjects.len(), 1);
+        assert_eq!(
+            e.revoke_subject("alice", None).unwrap(),
+            1,
+            "the new family is still indexed"
+        );
+        assert_eq!(e.subjects.len(), 0);
+    }
+
+    /// A family revoked for reuse leaves the subject index, whatever else
+    /// `on_reuse` revokes; reported-only reuse leaves it indexed.
+    #[test]
+    fn reuse_revocation_unindexes_the_family() {
+        use crate::policy::{OnReuse, PolicyOverrides, PolicySet};
+        for (on_reuse, indexed) in [
+            (OnReuse::RevokeFamily, 0),
+            (OnReuse::RevokeSubjectClient, 0),
+            (OnReuse::RevokeSubject, 0),
+            (OnReuse::ReportOnly, 1),
+        ] {
+            let e = Engine::builder()
+                .policies(
+                    PolicySet::builder()
+                        .defaults(PolicyOverrides::new().on_reuse(on_reuse))
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+                .unwrap();
+            let ip: IpAddr = "10.0.0.1".parse().unwrap();
+            let t1 = e
+                .issue(&IssueRequest {
+                    client: "app",
+                    subject: "alice",
+                    scope: "openid",
+                    ip,
+                })
+                .unwrap()
+                .accepted()
+                .unwrap()
+                .token;
+            e.redeem(&t1, "app", ip).unwrap().accepted().unwrap();
+            let d = e.redeem(&t1, "app", ip).unwrap();
+            assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
+            assert_eq!(e.subjects.len(), indexed, "{on_reuse:?}");
+        }
     }
 
     /// A restore that gives a family another subject moves its index entry,

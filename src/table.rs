@@ -457,9 +457,18 @@ impl Table {
 /// and 32 bits of the subject's keyed hash (8 bytes), and a subject's
 /// entries are those under its hash. The record at a location says whose
 /// it is, so callers check each candidate's subject: another subject may
-/// share the hash, and a location whose family left (its entry removed
-/// just after, outside the family's lock) may hold another family by the
-/// time it is read. Callers drop entries whose slot is empty or revoked.
+/// share the hash.
+///
+/// An entry is removed exactly once, by the call that took its family
+/// out: the one whose `revoke` succeeded, the sweep that removed it while
+/// active, or the restore that replaced it while active. That removal
+/// comes after the family's lock is dropped (the lock order), so for a
+/// moment the entry outlives its family, and the slot may already hold a
+/// new family, even of the same subject, with an equal entry of its own.
+/// Walks therefore skip what is not theirs (empty slots, revoked families,
+/// other subjects) and never remove it: a second removal of an equal entry
+/// would take the new family's. Entries are a multiset; `candidates` lists
+/// each location once.
 pub(crate) struct SubjectIndex {
     shards: Box<[Mutex<SubjectShard>]>,
     hasher: Hasher,
@@ -493,11 +502,6 @@ pub(crate) struct SubjectEntries<'a> {
 }
 
 impl SubjectEntries<'_> {
-    /// The 32 hash bits these entries are filed under.
-    pub(crate) fn tag(&self) -> u32 {
-        self.tag
-    }
-
     /// Locations indexed under this subject's hash, each once: its
     /// families, and possibly some of another subject.
     pub(crate) fn candidates(&self) -> Vec<Loc> {
@@ -572,11 +576,6 @@ impl SubjectIndex {
             return 0;
         }
         self.hasher.hash_one(subject)
-    }
-
-    /// The 32 hash bits `subject`'s entries are filed under.
-    pub(crate) fn tag_of(&self, subject: &str) -> u32 {
-        (self.hash(subject) >> 32) as u32
     }
 
     /// Lock the entries of `subject` (and of subjects sharing its shard).

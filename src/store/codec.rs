@@ -237,6 +237,34 @@ mod tests {
         assert!(!b.windows(16).any(|w| w == [5; 16]));
     }
 
+    /// A revoked record keeps its revocation time, also one written with a
+    /// different last-rotation time beside it (the record keeps one time
+    /// for both once revoked).
+    #[test]
+    fn revoked_records_keep_their_revocation_time() {
+        let mut f = sample();
+        f.rotated_at = Timestamp::from_millis(3);
+        let mut b = Vec::new();
+        encode(&f, &mut b);
+        // The status time is the record's last 8-byte field before the
+        // code state: rewrite it as an older writer with a separate
+        // revocation time would have.
+        let at = 3u64.to_le_bytes();
+        let pos = b
+            .windows(9)
+            .position(|w| w[0] == reason_code(RevokeReason::CapEviction) && w[1..] == at)
+            .expect("status with its time");
+        b[pos + 1..pos + 9].copy_from_slice(&4u64.to_le_bytes());
+        let g = decode(&b).unwrap();
+        assert_eq!(
+            g.status(),
+            Status::Revoked {
+                reason: RevokeReason::CapEviction,
+                at: Timestamp::from_millis(4)
+            }
+        );
+    }
+
     #[test]
     fn truncated_or_padded_records_are_rejected() {
         let mut b = Vec::new();
