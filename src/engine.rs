@@ -823,9 +823,11 @@ impl Engine {
                 let who = Who::of(f, self.table.loc(&parsed.family, slot));
                 let revoked =
                     reason == DenyReason::CodeReused && f.revoke(RevokeReason::CodeReplay, now);
-                let lsn = if revoked { self.persist(f)? } else { 0 };
+                let persisted = if revoked { self.persist(f) } else { Ok(0) };
                 shard.outcomes[outcome_slot(Verdict::Deny(reason))] += 1;
                 drop(shard);
+                // Revoked by this call: unindexed even if the store failed.
+                let lsn = persisted.inspect_err(|_| self.subjects.remove(&who.subject, who.loc))?;
                 let ip = Some(req.ip);
                 match reason {
                     DenyReason::CodeReused => {
@@ -887,15 +889,22 @@ impl Engine {
         mine.sort();
         let excess = mine.len() + 1 - cap;
         for (_, id, loc) in mine.into_iter().take(excess) {
-            let mut shard = self.table.lock(&id);
-            if let Some(f) = shard.get_mut(&id)
+            // The same family, still this subject's and client's: a restore
+            // may have replaced the record since it was listed.
+            let (mut shard, slot) = self.table.lock_loc(loc);
+            if let Some(f) = shard.at_mut(slot)
+                && f.id == id
+                && f.subject.as_str() == subject
+                && f.client() == client
                 && f.revoke(RevokeReason::CapEviction, now)
             {
-                lsn = lsn.max(self.persist(f)?);
+                let persisted = self.persist(f);
                 evicted.push(Who::of(f, loc));
                 drop(shard);
-                // Revoked by this call, so its entry is this call's.
+                // Revoked by this call, so its entry is this call's, even if
+                // the store failed.
                 entries.remove(loc);
+                lsn = lsn.max(persisted?);
             }
         }
         Ok(lsn)
@@ -1057,8 +1066,14 @@ impl Engine {
                 if reason == DenyReason::ReuseDetected && on_reuse != OnReuse::ReportOnly {
                     revoked = f.revoke(RevokeReason::ReuseDetected, now);
                 }
-                let mut lsn = if revoked { self.persist(f)? } else { 0 };
+                let persisted = if revoked { self.persist(f) } else { Ok(0) };
                 drop(shard);
+                let mut lsn = persisted.inspect_err(|_| {
+                    // Revoked by this call: unindexed even if the store failed.
+                    if let Some(who) = &who {
+                        self.subjects.remove(&who.subject, who.loc);
+                    }
+                })?;
                 lsn = lsn.max(self.after_denial(
                     reason,
                     &req,
@@ -1253,11 +1268,12 @@ impl Engine {
         {
             return Ok(false);
         }
-        let lsn = self.persist(f)?;
+        let persisted = self.persist(f);
         let who = Who::of(f, self.table.loc(&parsed.family, slot));
         drop(shard);
+        // Unindexed (and reported) even if the store failed: it is revoked.
         self.after_revoke(&who, RevokeReason::Requested, None, now);
-        self.settle(lsn)?;
+        self.settle(persisted?)?;
         Ok(true)
     }
 
@@ -1275,11 +1291,12 @@ impl Engine {
         if !f.revoke(RevokeReason::Requested, now) {
             return Ok(false);
         }
-        let lsn = self.persist(f)?;
+        let persisted = self.persist(f);
         let who = Who::of(f, self.table.loc(&id, slot));
         drop(shard);
+        // Unindexed (and reported) even if the store failed: it is revoked.
         self.after_revoke(&who, RevokeReason::Requested, None, now);
-        self.settle(lsn)?;
+        self.settle(persisted?)?;
         Ok(true)
     }
 
@@ -1383,17 +1400,29 @@ impl Engine {
     pub fn revoke_client_at(&self, client: &str, now: Timestamp) -> Result<usize, Error> {
         let mut revoked = Vec::new();
         let mut lsn = 0;
-        for i in 0..self.table.shard_count() {
+        let mut failure = None;
+        'shards: for i in 0..self.table.shard_count() {
             let mut shard = self.table.lock_shard(i);
             for (slot, f) in shard.families_mut() {
                 if **f.client() == *client && f.revoke(RevokeReason::ClientRevoked, now) {
-                    lsn = lsn.max(self.persist(f)?);
+                    let persisted = self.persist(f);
                     revoked.push(Who::of(f, self.table.loc(&f.id, slot)));
+                    match persisted {
+                        Ok(l) => lsn = lsn.max(l),
+                        Err(e) => {
+                            failure = Some(e);
+                            break 'shards;
+                        }
+                    }
                 }
             }
         }
+        // Everything revoked is unindexed, also when the store failed.
         for w in &revoked {
             self.after_revoke(w, RevokeReason::ClientRevoked, None, now);
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         self.settle(lsn)?;
         Ok(revoked.len())
@@ -1774,6 +1803,153 @@ mod tests {
             "the new family is still indexed"
         );
         assert_eq!(e.subjects.len(), 0);
+    }
+
+    /// The cap evicts only the family it listed: a restore that gives the
+    /// listed record another subject between the walk and the eviction
+    /// (the restore holds the other subject's index lock, not this one's)
+    /// must not get the other subject's family evicted. Raced with real
+    /// threads; the evictions are read back from the events.
+    #[test]
+    fn the_cap_never_evicts_a_family_restored_under_another_subject() {
+        use crate::event::{EventKind, MemorySink};
+        use crate::policy::{PolicyOverrides, PolicySet};
+        let sink = Arc::new(MemorySink::new());
+        // Many shards: alice's and bob's index shards differ (but for a
+        // 1/256 chance), so the restore can run while the cap walks.
+        let e = Engine::builder()
+            .events(sink.clone())
+            .revoked_retention(Duration::ZERO)
+            .policies(
+                PolicySet::builder()
+                    .defaults(PolicyOverrides::new().max_families_per_subject(1))
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let issue = |subject| {
+            e.issue(&IssueRequest {
+                client: "app",
+                subject,
+                scope: "openid",
+                ip,
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .family
+        };
+        let x = issue("bob");
+        let record = e.family_record(x).unwrap();
+        let as_subject = |s: &str| {
+            let mut r = record.0.clone();
+            r.subject = SubjectName::new(s);
+            FamilyRecord(r)
+        };
+        let (as_alice, as_bob) = (as_subject("alice"), as_subject("bob"));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for _ in 0..20_000 {
+                    e.restore_family(FamilyRecord(as_alice.0.clone())).unwrap();
+                    e.restore_family(FamilyRecord(as_bob.0.clone())).unwrap();
+                }
+            });
+            for _ in 0..20_000 {
+                issue("alice");
+                e.sweep(1024).unwrap();
+            }
+        });
+        for ev in sink.take() {
+            if let EventKind::CapEviction { .. } = ev.kind {
+                assert_eq!(ev.subject.as_deref(), Some("alice"), "{ev:?}");
+            }
+        }
+    }
+
+    /// A store whose writes fail once armed.
+    struct FailingStore {
+        armed: Arc<std::sync::atomic::AtomicBool>,
+        lsn: AtomicU64,
+    }
+
+    impl Store for FailingStore {
+        fn recover(&self) -> Result<Vec<crate::store::StoredRecord>, Error> {
+            Ok(Vec::new())
+        }
+        fn put(&self, _: RecordRef<'_>) -> Result<u64, Error> {
+            if self.armed.load(Ordering::SeqCst) {
+                return Err(Error::Store {
+                    detail: "test: disk full".into(),
+                });
+            }
+            Ok(self.lsn.fetch_add(1, Ordering::SeqCst) + 1)
+        }
+        fn remove(&self, _: FamilyId, _: u64) -> Result<u64, Error> {
+            Ok(self.lsn.fetch_add(1, Ordering::SeqCst) + 1)
+        }
+        fn wait_durable(&self, _: u64) -> Result<(), Error> {
+            Ok(())
+        }
+        fn poll_durable(&self, _: u64, _: &std::task::Waker) -> std::task::Poll<Result<(), Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn durability(&self) -> Durability {
+            Durability::Sync
+        }
+        fn compact(&self, _: &mut crate::store::Snapshot<'_>) -> Result<(), Error> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    /// A family revoked by a call whose store write then fails is still
+    /// revoked in memory (fail closed), so it leaves the subject index all
+    /// the same: by family, by reuse, and by client (which stops at the
+    /// first failure but unindexes what it revoked).
+    #[test]
+    fn revocations_unindex_even_when_the_store_fails() {
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let e = Engine::builder()
+            .store(FailingStore {
+                armed: armed.clone(),
+                lsn: AtomicU64::new(0),
+            })
+            .build()
+            .unwrap();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let issue = |subject| {
+            let d = e
+                .issue(&IssueRequest {
+                    client: "app",
+                    subject,
+                    scope: "openid",
+                    ip,
+                })
+                .unwrap();
+            let a = d.accepted().unwrap();
+            (a.token, a.family)
+        };
+        let a = issue("a");
+        let b = issue("b");
+        let c = issue("c");
+        e.redeem(&b.0, "app", ip).unwrap().accepted().unwrap();
+        assert_eq!(e.subjects.len(), 3);
+        armed.store(true, Ordering::SeqCst);
+        assert!(e.revoke_family(a.1).is_err());
+        assert_eq!(e.subjects.len(), 2, "a unindexed");
+        assert!(
+            e.redeem(&b.0, "app", ip).is_err(),
+            "reuse, then the write fails"
+        );
+        assert_eq!(e.subjects.len(), 1, "b unindexed");
+        assert!(e.revoke_client("app").is_err());
+        assert_eq!(e.subjects.len(), 0, "c unindexed");
+        let revoked = |id| e.family_record(id).unwrap().status() != Status::Active;
+        assert!(revoked(a.1) && revoked(b.1) && revoked(c.1));
     }
 
     /// A family revoked for reuse leaves the subject index, whatever else
