@@ -1821,8 +1821,6 @@ mod tests {
         use crate::event::{EventKind, MemorySink};
         use crate::policy::{PolicyOverrides, PolicySet};
         let sink = Arc::new(MemorySink::new());
-        // Many shards: alice's and bob's index shards differ (but for a
-        // 1/256 chance), so the restore can run while the cap walks.
         let e = Engine::builder()
             .events(sink.clone())
             .revoked_retention(Duration::ZERO)
@@ -1835,7 +1833,7 @@ mod tests {
             .build()
             .unwrap();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let issue = |subject| {
+        let issue = |subject: &str| {
             e.issue(&IssueRequest {
                 client: "app",
                 subject,
@@ -1847,14 +1845,20 @@ mod tests {
             .unwrap()
             .family
         };
-        let x = issue("bob");
+        // A name whose index shard is not alice's, so the restore (under
+        // its lock) can run while alice's cap walks (under hers).
+        let bob = (0..)
+            .map(|i| format!("bob{i}"))
+            .find(|b| e.subjects.shard_of(b) != e.subjects.shard_of("alice"))
+            .unwrap();
+        let x = issue(&bob);
         let record = e.family_record(x).unwrap();
         let as_subject = |s: &str| {
             let mut r = record.0.clone();
             r.subject = SubjectName::new(s);
             FamilyRecord(r)
         };
-        let (as_alice, as_bob) = (as_subject("alice"), as_subject("bob"));
+        let (as_alice, as_bob) = (as_subject("alice"), as_subject(&bob));
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 for _ in 0..20_000 {

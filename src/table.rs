@@ -593,6 +593,12 @@ impl SubjectIndex {
         self.lock(subject).remove(loc);
     }
 
+    /// The shard `subject`'s entries are in.
+    #[cfg(test)]
+    pub(crate) fn shard_of(&self, subject: &str) -> usize {
+        (self.hash(subject) as usize) & (self.shards.len() - 1)
+    }
+
     /// Entries in all shards.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
