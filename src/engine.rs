@@ -280,13 +280,8 @@ impl Default for EngineBuilder {
             sink: Box::new(NoopSink),
             delivers: false,
             // Many more shards than cores keeps two redemptions from meeting
-            // on one lock; each costs a few hundred bytes. Not too many:
-            // larger slabs reach whole 2 MiB huge pages sooner (`huge`).
-            // On 2 cores, 64 shards against 256 measured a rotation at 1M
-            // families 5-8% faster on one thread and ~5% on two, with no
-            // change at 1K (alternating A/B runs; 16 shards was slower on
-            // two threads).
-            shards: (cores * 32).max(64),
+            // on one lock; each costs a few hundred bytes.
+            shards: (cores * 64).max(256),
             revoked_retention: Duration::from_secs(86_400),
             store: None,
         }
@@ -321,8 +316,7 @@ impl EngineBuilder {
         self
     }
 
-    /// Number of table shards (rounded up to a power of two). Default: 32
-    /// per core, at least 64.
+    /// Number of table shards (rounded up to a power of two).
     pub fn shards(mut self, n: usize) -> EngineBuilder {
         self.shards = n;
         self

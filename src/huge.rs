@@ -12,9 +12,8 @@
 //! growing end, which measured 31 bytes more per family at 10M. A collapse
 //! is synchronous and runs under the shard's lock: 2 MiB once per 2 MiB of
 //! slab filled (about 14,000 families), and the whole filled slab again
-//! after the slab is reallocated elsewhere (about 24 MB per shard at 10M
-//! families with the 64 shards of the default on 2 cores; less with more
-//! cores, more with fewer shards).
+//! after the slab is reallocated elsewhere (about 6 MB per shard at 10M
+//! families with the default 256 shards; far more with very few shards).
 //! The kernel may also reclaim or compact memory to find a huge page.
 //! Elsewhere,
 //! or when the kernel cannot collapse, the slab keeps 4 KiB pages: correct,
