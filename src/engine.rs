@@ -1683,6 +1683,31 @@ fn check_len(name: &'static str, v: &str, max: usize) -> Result<(), Error> {
 mod tests {
     use super::*;
 
+    /// An engine builder whose policies cap each subject at `cap` families.
+    fn capped(cap: u32) -> EngineBuilder {
+        use crate::policy::{PolicyOverrides, PolicySet};
+        Engine::builder().policies(
+            PolicySet::builder()
+                .defaults(PolicyOverrides::new().max_families_per_subject(cap))
+                .build()
+                .unwrap(),
+        )
+    }
+
+    /// Issue a family of client `app` to `subject`; its token and id.
+    fn issue_to(e: &Engine, subject: &str) -> (Token, FamilyId) {
+        let d = e
+            .issue(&IssueRequest {
+                client: "app",
+                subject,
+                scope: "openid",
+                ip: "10.0.0.1".parse().unwrap(),
+            })
+            .unwrap();
+        let a = d.accepted().unwrap();
+        (a.token, a.family)
+    }
+
     #[test]
     fn outcome_slots_name_their_outcome() {
         for k in ACCEPT_KINDS {
@@ -1699,30 +1724,9 @@ mod tests {
     /// families alone.
     #[test]
     fn colliding_subjects_stay_apart() {
-        use crate::policy::{PolicyOverrides, PolicySet};
-        let mut e = Engine::builder()
-            .policies(
-                PolicySet::builder()
-                    .defaults(PolicyOverrides::new().max_families_per_subject(1))
-                    .build()
-                    .unwrap(),
-            )
-            .build()
-            .unwrap();
+        let mut e = capped(1).build().unwrap();
         e.subjects = SubjectIndex::colliding(4);
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let issue = |subject| {
-            e.issue(&IssueRequest {
-                client: "app",
-                subject,
-                scope: "openid",
-                ip,
-            })
-            .unwrap()
-            .accepted()
-            .unwrap()
-            .family
-        };
+        let issue = |subject: &str| issue_to(&e, subject).1;
         let bob = issue("bob");
         let alice1 = issue("alice");
         let alice2 = issue("alice");
@@ -1756,30 +1760,8 @@ mod tests {
     /// removed the first, the new family would lose its own.
     #[test]
     fn a_pending_removal_never_takes_a_new_familys_entry() {
-        use crate::policy::{PolicyOverrides, PolicySet};
-        let e = Engine::builder()
-            .shards(1)
-            .policies(
-                PolicySet::builder()
-                    .defaults(PolicyOverrides::new().max_families_per_subject(5))
-                    .build()
-                    .unwrap(),
-            )
-            .build()
-            .unwrap();
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let issue = |subject| {
-            e.issue(&IssueRequest {
-                client: "app",
-                subject,
-                scope: "openid",
-                ip,
-            })
-            .unwrap()
-            .accepted()
-            .unwrap()
-            .family
-        };
+        let e = capped(5).shards(1).build().unwrap();
+        let issue = |subject: &str| issue_to(&e, subject).1;
         let old = issue("alice");
         // The sweeper's first half: the family leaves the table.
         let (_, removed) = e.table.sweep(64, |f| f.id == old);
@@ -1813,32 +1795,13 @@ mod tests {
     #[test]
     fn the_cap_never_evicts_a_family_restored_under_another_subject() {
         use crate::event::{EventKind, MemorySink};
-        use crate::policy::{PolicyOverrides, PolicySet};
         let sink = Arc::new(MemorySink::new());
-        let e = Engine::builder()
+        let e = capped(1)
             .events(sink.clone())
             .revoked_retention(Duration::ZERO)
-            .policies(
-                PolicySet::builder()
-                    .defaults(PolicyOverrides::new().max_families_per_subject(1))
-                    .build()
-                    .unwrap(),
-            )
             .build()
             .unwrap();
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let issue = |subject: &str| {
-            e.issue(&IssueRequest {
-                client: "app",
-                subject,
-                scope: "openid",
-                ip,
-            })
-            .unwrap()
-            .accepted()
-            .unwrap()
-            .family
-        };
+        let issue = |subject: &str| issue_to(&e, subject).1;
         // A name whose index shard is not alice's, so the restore (under
         // its lock) can run while alice's cap walks (under hers).
         let bob = (0..)
@@ -1925,18 +1888,7 @@ mod tests {
             .build()
             .unwrap();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let issue = |subject| {
-            let d = e
-                .issue(&IssueRequest {
-                    client: "app",
-                    subject,
-                    scope: "openid",
-                    ip,
-                })
-                .unwrap();
-            let a = d.accepted().unwrap();
-            (a.token, a.family)
-        };
+        let issue = |subject: &str| issue_to(&e, subject);
         let a = issue("a");
         let b = issue("b");
         let c = issue("c");
@@ -1977,17 +1929,7 @@ mod tests {
                 .build()
                 .unwrap();
             let ip: IpAddr = "10.0.0.1".parse().unwrap();
-            let t1 = e
-                .issue(&IssueRequest {
-                    client: "app",
-                    subject: "alice",
-                    scope: "openid",
-                    ip,
-                })
-                .unwrap()
-                .accepted()
-                .unwrap()
-                .token;
+            let (t1, _) = issue_to(&e, "alice");
             e.redeem(&t1, "app", ip).unwrap().accepted().unwrap();
             let d = e.redeem(&t1, "app", ip).unwrap();
             assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
@@ -2004,18 +1946,7 @@ mod tests {
             if colliding {
                 e.subjects = SubjectIndex::colliding(4);
             }
-            let ip: IpAddr = "10.0.0.1".parse().unwrap();
-            let id = e
-                .issue(&IssueRequest {
-                    client: "app",
-                    subject: "x",
-                    scope: "openid",
-                    ip,
-                })
-                .unwrap()
-                .accepted()
-                .unwrap()
-                .family;
+            let (_, id) = issue_to(&e, "x");
             let mut record = e.family_record(id).unwrap();
             record.0.subject = SubjectName::new("y");
             e.restore_family(record).unwrap();
