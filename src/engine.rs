@@ -633,7 +633,7 @@ impl Engine {
                     &mut evicted,
                 )?;
             }
-            let minted = {
+            let (id, tag, loc) = {
                 let mut rnd = [0u8; 28];
                 crate::random::fill(&mut rnd)?;
                 let (random, secret) = rnd.split_at(12);
@@ -655,8 +655,8 @@ impl Engine {
                 shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
                 (id, tag, self.table.loc(&id, slot))
             };
-            subjects.push(minted.2);
-            (minted.0, minted.1)
+            subjects.push(loc);
+            (id, tag)
         };
         for w in &evicted {
             self.emit(
@@ -827,13 +827,16 @@ impl Engine {
                 shard.outcomes[outcome_slot(Verdict::Deny(reason))] += 1;
                 drop(shard);
                 // Revoked by this call: unindexed even if the store failed.
-                let lsn = persisted.inspect_err(|_| self.subjects.remove(&who.subject, who.loc))?;
+                if revoked {
+                    self.subjects.remove(&who.subject, who.loc);
+                }
+                let lsn = persisted?;
                 let ip = Some(req.ip);
                 match reason {
                     DenyReason::CodeReused => {
                         self.emit(EventKind::CodeReplay, Some(&who), ip, version, now);
                         if revoked {
-                            self.after_revoke(&who, RevokeReason::CodeReplay, ip, now);
+                            self.report_revoked(&who, RevokeReason::CodeReplay, ip, now);
                         }
                     }
                     DenyReason::ClientMismatch => self.emit(
@@ -1068,12 +1071,12 @@ impl Engine {
                 }
                 let persisted = if revoked { self.persist(f) } else { Ok(0) };
                 drop(shard);
-                let mut lsn = persisted.inspect_err(|_| {
-                    // Revoked by this call: unindexed even if the store failed.
-                    if let Some(who) = &who {
-                        self.subjects.remove(&who.subject, who.loc);
-                    }
-                })?;
+                // Revoked by this call, so its index entry is this call's to
+                // remove (see `SubjectIndex`), even if the store failed.
+                if revoked && let Some(who) = &who {
+                    self.subjects.remove(&who.subject, who.loc);
+                }
+                let mut lsn = persisted?;
                 lsn = lsn.max(self.after_denial(
                     reason,
                     &req,
@@ -1184,11 +1187,6 @@ impl Engine {
                 let Some(who) = who else {
                     return Ok(lsn);
                 };
-                // This call revoked the family: its index entry is this
-                // call's to remove (see `SubjectIndex`).
-                if revoked {
-                    self.subjects.remove(&who.subject, who.loc);
-                }
                 match on_reuse {
                     OnReuse::RevokeSubjectClient => {
                         lsn = self
@@ -1300,8 +1298,14 @@ impl Engine {
         Ok(true)
     }
 
+    /// What follows a revocation made by this call, outside the family's
+    /// lock: its index entry goes, and the event.
     fn after_revoke(&self, who: &Who, reason: RevokeReason, ip: Option<IpAddr>, now: Timestamp) {
         self.subjects.remove(&who.subject, who.loc);
+        self.report_revoked(who, reason, ip, now);
+    }
+
+    fn report_revoked(&self, who: &Who, reason: RevokeReason, ip: Option<IpAddr>, now: Timestamp) {
         let version = self.policies.load().version();
         self.emit(
             EventKind::FamilyRevoked { reason },

@@ -147,8 +147,7 @@ impl ShardInner {
     }
 
     pub(crate) fn get_mut(&mut self, id: &FamilyId) -> Option<&mut Family> {
-        let i = self.find(id)?;
-        self.slots[i].as_mut()
+        Some(self.locate_mut(id)?.1)
     }
 
     /// Family `id` and its slot, to change.
