@@ -375,6 +375,7 @@ fn compress(state: &mut [u32; 8], block: &[u8; 64]) {
 /// message length in bits.
 fn final_block(data: &[u8]) -> [u8; 64] {
     const { assert!(MAC_MSG_LEN <= 55) };
+    debug_assert!(data.len() <= 55, "one block holds at most 55 data bytes");
     let mut block = [0u8; 64];
     block[..data.len()].copy_from_slice(data);
     block[data.len()] = 0x80;
