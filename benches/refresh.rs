@@ -38,6 +38,8 @@
 //! about 4 GiB and 25 s to set up, oxide-auth's 10M grants 8 GiB and 50 s.
 //! A whole run takes about 13 minutes on 2 cores. A filtered run still sets
 //! up the engine of every size; the baselines only when they are measured.
+//! `RG_BENCH_SHARDS=n` builds the engines with `n` table shards instead of
+//! the default (for the shard-count comparisons in BENCHMARKS.md).
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -96,6 +98,12 @@ fn tune(g: &mut BenchmarkGroup<'_, WallTime>, n: usize) {
         100_001..=1_000_000 => 15,
         _ => 10,
     });
+}
+
+/// The shard count asked for by `RG_BENCH_SHARDS`, if any.
+fn shards() -> Option<usize> {
+    let v = std::env::var("RG_BENCH_SHARDS").ok()?;
+    Some(v.parse().expect("RG_BENCH_SHARDS is a number of shards"))
 }
 
 /// xorshift64*: cheap, good enough to scatter table accesses.
@@ -245,11 +253,13 @@ struct Fleet {
 
 impl Fleet {
     fn new(n: usize) -> Fleet {
-        let engine = Engine::builder()
+        let mut builder = Engine::builder()
             .policies(plain())
-            .revoked_retention(Duration::ZERO)
-            .build()
-            .expect("engine");
+            .revoked_retention(Duration::ZERO);
+        if let Some(shards) = shards() {
+            builder = builder.shards(shards);
+        }
+        let engine = builder.build().expect("engine");
         let start = Instant::now();
         // Issued in shuffled order: a family's slot follows issue order, so
         // tokens[i], tokens[i + 1], ... name families at random slots.

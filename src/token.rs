@@ -492,36 +492,50 @@ mod b64 {
         out[B64_LEN - 1] = ALPHABET[((last & 3) << 4) as usize];
     }
 
+    /// [`DECODE`] shifted to each character's place in a group of four, so
+    /// a group is four loads and three ORs; bit 31 marks a character
+    /// outside the alphabet.
+    const fn placed(shift: u32) -> [u32; 256] {
+        let mut t = [0u32; 256];
+        let mut c = 0;
+        while c < 256 {
+            t[c] = match DECODE[c] {
+                0xFF => 1 << 31,
+                v => (v as u32) << shift,
+            };
+            c += 1;
+        }
+        t
+    }
+
+    static PLACED: [[u32; 256]; 4] = [placed(18), placed(12), placed(6), placed(0)];
+
     pub(super) fn decode(s: &[u8]) -> Option<[u8; RAW_LEN]> {
-        if s.len() != B64_LEN {
+        let (groups, tail) = s
+            .split_first_chunk::<{ B64_LEN - 2 }>()
+            .filter(|(_, t)| t.len() == 2)?;
+        // Three bytes per group, each written as four (the fourth is
+        // overwritten by the next group or lies past the token).
+        let mut wide = [0u8; RAW_LEN + 3];
+        let mut bad = 0u32;
+        for (g, c) in groups.chunks_exact(4).enumerate() {
+            let n = PLACED[0][c[0] as usize]
+                | PLACED[1][c[1] as usize]
+                | PLACED[2][c[2] as usize]
+                | PLACED[3][c[3] as usize];
+            bad |= n;
+            wide[3 * g..3 * g + 4].copy_from_slice(&(n << 8).to_be_bytes());
+        }
+        let a = DECODE[tail[0] as usize];
+        let b = DECODE[tail[1] as usize];
+        // Valid values are < 64, so bit 7 of a value (bit 31 of a group) is
+        // set only by an invalid character; the low 4 bits of the final
+        // character must be zero.
+        if bad >> 31 != 0 || (a | b) & 0x80 != 0 || b & 0x0F != 0 {
             return None;
         }
         let mut raw = [0u8; RAW_LEN];
-        let mut bad = 0u8;
-        for (o, c) in raw.chunks_exact_mut(3).zip(s.chunks_exact(4)) {
-            let v = [
-                DECODE[c[0] as usize],
-                DECODE[c[1] as usize],
-                DECODE[c[2] as usize],
-                DECODE[c[3] as usize],
-            ];
-            bad |= v[0] | v[1] | v[2] | v[3];
-            let n = u32::from(v[0]) << 18
-                | u32::from(v[1]) << 12
-                | u32::from(v[2]) << 6
-                | u32::from(v[3]);
-            o[0] = (n >> 16) as u8;
-            o[1] = (n >> 8) as u8;
-            o[2] = n as u8;
-        }
-        let a = DECODE[s[B64_LEN - 2] as usize];
-        let b = DECODE[s[B64_LEN - 1] as usize];
-        bad |= a | b;
-        // Valid values are < 64, so bit 7 is set only by an invalid
-        // character; the low 4 bits of the final character must be zero.
-        if bad & 0x80 != 0 || b & 0x0F != 0 {
-            return None;
-        }
+        raw[..RAW_LEN - 1].copy_from_slice(&wide[..RAW_LEN - 1]);
         raw[RAW_LEN - 1] = a << 2 | b >> 4;
         Some(raw)
     }
@@ -778,9 +792,20 @@ mod tests {
             assert_eq!(b64::decode(&out), Some(raw));
         }
         assert_eq!(b64::decode(&[b'A'; B64_LEN - 1]), None);
-        let mut bad = [b'A'; B64_LEN];
-        bad[7] = b'=';
-        assert_eq!(b64::decode(&bad), None);
+        assert_eq!(b64::decode(&[b'A'; B64_LEN + 1]), None);
+        // Every byte outside the alphabet, at every position, is refused.
+        let mut good = [0u8; B64_LEN];
+        b64::encode(&raw, &mut good);
+        for at in 0..B64_LEN {
+            for c in 0..=255u8 {
+                if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' {
+                    continue;
+                }
+                let mut bad = good;
+                bad[at] = c;
+                assert_eq!(b64::decode(&bad), None, "{c:#04x} at {at}");
+            }
+        }
     }
 
     #[test]
