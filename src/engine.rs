@@ -1477,7 +1477,7 @@ impl Engine {
     pub fn sweep_at(&self, budget: usize, now: Timestamp) -> Result<SweepReport, Error> {
         let policies = self.policies.load();
         let retention = self.revoked_retention;
-        let (examined, removed) = self.table.sweep(budget, |f| match f.status() {
+        let swept = self.table.sweep(budget, |f| match f.status() {
             Status::Revoked { at, .. } => now >= at.saturating_add(retention),
             Status::Active => {
                 let policy = policies.policy(f.client());
@@ -1488,6 +1488,7 @@ impl Engine {
                 }
             }
         });
+        let removed = swept.removed;
         // Active families leave the index here (revoked ones did when they
         // were revoked), all of them before any store error can return.
         for (loc, f) in &removed {
@@ -1495,16 +1496,24 @@ impl Engine {
                 self.subjects.remove(f.subject.as_str(), *loc);
             }
         }
-        if let Some(store) = &self.store {
-            for (_, f) in &removed {
-                // Not waited for: a removal lost to a crash is swept again.
-                store.remove(f.id, f.lsn)?;
-            }
-        }
-        Ok(SweepReport {
-            examined,
+        let stored = match &self.store {
+            // Not waited for: a removal lost to a crash is swept again.
+            Some(store) => removed
+                .iter()
+                .try_for_each(|(_, f)| store.remove(f.id, f.lsn).map(drop)),
+            None => Ok(()),
+        };
+        let report = SweepReport {
+            examined: swept.examined,
             removed: removed.len(),
-        })
+        };
+        // The removed families' grants are released first, so that a pass
+        // forgets the pairs only they used.
+        drop(removed);
+        if swept.wrapped {
+            self.interner.prune();
+        }
+        stored.map(|()| report)
     }
 
     /// A copy of one family's record, for stores and backups.
@@ -1712,6 +1721,41 @@ mod tests {
         (a.token, a.family)
     }
 
+    /// Scopes come from authorization requests: once their families are
+    /// swept, a full pass forgets the pairs, so the interner does not grow
+    /// with every scope ever granted.
+    #[test]
+    fn a_sweep_pass_forgets_the_grants_of_swept_families() {
+        let e = Engine::builder()
+            .shards(4)
+            .revoked_retention(Duration::ZERO)
+            .build()
+            .unwrap();
+        let issue = |scope: &str| {
+            e.issue(&IssueRequest {
+                client: "app",
+                subject: "alice",
+                scope,
+                ip: "10.0.0.1".parse().unwrap(),
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .family
+        };
+        let kept = issue("openid");
+        for i in 0..100 {
+            let id = issue(&format!("read:doc:{i}"));
+            assert!(e.revoke_family(id).unwrap());
+        }
+        // "app", "openid", and 100 pairs with a scope each.
+        assert_eq!(e.interner.len(), (101, 102));
+        let report = e.sweep(1 << 20).unwrap();
+        assert_eq!(report.removed, 100);
+        assert_eq!(e.interner.len(), (1, 2), "only the live family's pair");
+        assert!(e.family_record(kept).is_some());
+    }
+
     #[test]
     fn outcome_slots_name_their_outcome() {
         for k in ACCEPT_KINDS {
@@ -1768,7 +1812,7 @@ mod tests {
         let issue = |subject: &str| issue_to(&e, subject).1;
         let old = issue("alice");
         // The sweeper's first half: the family leaves the table.
-        let (_, removed) = e.table.sweep(64, |f| f.id == old);
+        let removed = e.table.sweep(64, |f| f.id == old).removed;
         let [(loc, _)] = removed[..] else {
             panic!("one family swept");
         };

@@ -413,15 +413,12 @@ impl Table {
     /// where the last call stopped, and remove the families `dead` picks.
     /// Returns how many slots were examined and the removed families, each
     /// with where it was.
-    pub(crate) fn sweep(
-        &self,
-        budget: usize,
-        mut dead: impl FnMut(&Family) -> bool,
-    ) -> (usize, Vec<(Loc, Family)>) {
+    pub(crate) fn sweep(&self, budget: usize, mut dead: impl FnMut(&Family) -> bool) -> Swept {
         let mut cursor = self.cursor.lock();
         let (mut shard, mut slot) = *cursor;
         let mut examined = 0;
         let mut removed = Vec::new();
+        let mut wrapped = false;
         while examined < budget {
             let mut g = self.shards[shard].0.lock();
             let end = g.slots.len().min(slot + (budget - examined));
@@ -438,14 +435,29 @@ impl Table {
                 g.trim();
                 drop(g);
                 shard = (shard + 1) % self.shards.len();
+                wrapped |= shard == 0;
                 slot = 0;
             } else {
                 slot = end;
             }
         }
         *cursor = (shard, slot);
-        (examined, removed)
+        Swept {
+            examined,
+            removed,
+            wrapped,
+        }
     }
+}
+
+/// What one sweep call did.
+pub(crate) struct Swept {
+    /// Slots looked at.
+    pub(crate) examined: usize,
+    /// The families it took out, with where they were.
+    pub(crate) removed: Vec<(Loc, Family)>,
+    /// Whether it finished a pass over the whole table.
+    pub(crate) wrapped: bool,
 }
 
 /// Subject → locations of its families, for subject-wide revocation and
@@ -608,8 +620,11 @@ impl SubjectIndex {
 /// Shares one allocation per distinct client id and scope string, and one
 /// [`Grant`] per distinct pair.
 ///
-/// Grows with the number of distinct values, which the embedder (not the
-/// token holder) controls: client ids and granted scopes.
+/// Grows with the number of distinct values: client ids and granted
+/// scopes. Scopes come from authorization requests, so the sweeper calls
+/// [`prune`](Interner::prune) once per pass over the table: what no
+/// family (nor anything else) holds any more is forgotten, and the
+/// interner stays bounded by the live families' pairs.
 pub(crate) struct Interner {
     strings: parking_lot::RwLock<std::collections::HashSet<Arc<str>, Hasher>>,
     grants: parking_lot::RwLock<HashTable<Arc<Grant>>>,
@@ -636,6 +651,35 @@ impl Interner {
         let a: Arc<str> = Arc::from(s);
         w.insert(a.clone());
         a
+    }
+
+    /// Forget the pairs and strings that nothing but the interner holds.
+    /// Returns how many pairs went. Under the write lock nobody can take a
+    /// new reference, so a count of one (the interner's own) stays one
+    /// until the entry is gone; a pair dropped here releases its strings
+    /// before they are looked at.
+    pub(crate) fn prune(&self) -> usize {
+        let hash = |g: &Arc<Grant>| self.hasher.hash_one((&*g.client, &*g.scope));
+        let mut grants = self.grants.write();
+        let before = grants.len();
+        grants.retain(|g| Arc::strong_count(g) > 1);
+        let pruned = before - grants.len();
+        if grants.capacity() > 64 && grants.len() < grants.capacity() / 4 {
+            grants.shrink_to_fit(hash);
+        }
+        drop(grants);
+        let mut strings = self.strings.write();
+        strings.retain(|s| Arc::strong_count(s) > 1);
+        if strings.capacity() > 64 && strings.len() < strings.capacity() / 4 {
+            strings.shrink_to_fit();
+        }
+        pruned
+    }
+
+    /// Pairs and strings held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> (usize, usize) {
+        (self.grants.read().len(), self.strings.read().len())
     }
 
     /// The shared grant of `client` with `scope`.
@@ -909,5 +953,61 @@ mod tests {
         assert!(!Arc::ptr_eq(&a, &b));
         assert!(Arc::ptr_eq(&a.client, &b.client));
         assert_eq!((&*b.client, &*b.scope), ("app", "email"));
+    }
+
+    /// Pruning forgets exactly what nothing else holds: a pair in use keeps
+    /// its identity and its strings; a dropped one goes with the strings
+    /// only it used.
+    #[test]
+    fn pruning_keeps_what_is_held() {
+        let i = Interner::new();
+        let kept = i.grant("app", "openid");
+        let gone = i.grant("app", "email");
+        let event_client = i.intern("other");
+        assert_eq!(i.len(), (2, 4));
+        assert_eq!(i.prune(), 0, "all held");
+        drop(gone);
+        assert_eq!(i.prune(), 1);
+        assert_eq!(i.len(), (1, 3), "\"email\" went with its pair");
+        assert!(Arc::ptr_eq(&kept, &i.grant("app", "openid")));
+        drop((kept, event_client));
+        i.prune();
+        assert_eq!(i.len(), (0, 0));
+    }
+
+    /// Raced on real threads: a pair held by one thread is never forgotten
+    /// by another's prune (it would come back as a second, distinct pair),
+    /// while pairs nobody holds come and go.
+    #[test]
+    fn pruning_never_forgets_a_held_pair() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        let i = Interner::new();
+        let prunes = AtomicUsize::new(0);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let mut forgotten = None;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Relaxed) {
+                    i.prune();
+                    prunes.fetch_add(1, Relaxed);
+                }
+            });
+            let mut round = 0u64;
+            // Until the pruner has run many times during the rounds.
+            while round < 20_000 || prunes.load(Relaxed) < 20_000 {
+                let held = i.grant("app", "openid");
+                // A pair only this round uses, dropped at once.
+                drop(i.grant("app", if round % 2 == 0 { "a" } else { "b" }));
+                if !Arc::ptr_eq(&held, &i.grant("app", "openid")) {
+                    forgotten = Some(round);
+                    break;
+                }
+                round += 1;
+            }
+            stop.store(true, Relaxed);
+        });
+        assert_eq!(forgotten, None, "a held pair was forgotten in this round");
+        i.prune();
+        assert_eq!(i.len(), (0, 0));
     }
 }
