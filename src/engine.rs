@@ -621,7 +621,7 @@ impl Engine {
             code,
             lsn: 0,
         };
-        let (id, tag) = {
+        let (id, tag, collapse) = {
             let mut subjects = self.subjects.lock(req.subject);
             if cap > 0 {
                 wait_lsn = self.evict_over_cap(
@@ -633,7 +633,7 @@ impl Engine {
                     &mut evicted,
                 )?;
             }
-            let (id, tag, loc) = {
+            let (id, tag, loc, collapse) = {
                 let mut rnd = [0u8; 28];
                 crate::random::fill(&mut rnd)?;
                 let (random, secret) = rnd.split_at(12);
@@ -653,11 +653,15 @@ impl Engine {
                 wait_lsn = wait_lsn.max(self.persist(&mut f)?);
                 let slot = shard.insert(f);
                 shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
-                (id, tag, self.table.loc(&id, slot))
+                (id, tag, self.table.loc(&id, slot), shard.take_collapse())
             };
             subjects.push(loc);
-            (id, tag)
+            (id, tag, collapse)
         };
+        // Milliseconds of kernel work, so with no lock held (see `huge`).
+        if let Some(c) = collapse {
+            c.run();
+        }
         for w in &evicted {
             self.emit(
                 EventKind::CapEviction { cap },
@@ -1552,12 +1556,17 @@ impl Engine {
             Some((slot, record)) => (slot, Some(std::mem::replace(record, f))),
             None => (shard.insert(f), None),
         };
+        let collapse = shard.take_collapse();
         drop(shard);
         let loc = self.table.loc(&id, slot);
         if active {
             entries.push(loc);
         }
         drop(entries);
+        // Milliseconds of kernel work, so with no lock held (see `huge`).
+        if let Some(c) = collapse {
+            c.run();
+        }
         // The replaced record was indexed if it was active when replaced
         // (under the lock, so no revoker took it out first): this call took
         // it out of the table, so its entry is this call's to remove. Under
@@ -1719,6 +1728,21 @@ mod tests {
             .unwrap();
         let a = d.accepted().unwrap();
         (a.token, a.family)
+    }
+
+    /// Issue runs the huge-page collapse its insert noted (after its locks
+    /// are released), so no collapse is left pending in the shard.
+    #[test]
+    fn issue_runs_the_collapse_it_noted() {
+        use crate::huge::{HUGE, tests::RUN};
+        let e = Engine::builder().shards(1).build().unwrap();
+        let before = RUN.with(|n| n.get());
+        let n = 3 * HUGE / size_of::<Family>();
+        for i in 0..n {
+            issue_to(&e, &format!("user-{i}"));
+        }
+        assert!(RUN.with(|n| n.get()) > before, "a collapse ran");
+        assert!(e.table.lock_shard(0).take_collapse().is_none());
     }
 
     /// Scopes come from authorization requests: once their families are

@@ -10,14 +10,15 @@
 //! of slab it has filled, rather than `MADV_HUGEPAGE` on its whole buffer:
 //! the latter makes the kernel fault in a whole 2 MiB page at the slab's
 //! growing end, which measured 31 bytes more per family at 10M. A collapse
-//! is synchronous and runs under the shard's lock: 2 MiB once per 2 MiB of
-//! slab filled (about 14,000 families), and the whole filled slab again
-//! after the slab is reallocated elsewhere (about 6 MB per shard at 10M
-//! families with the default 256 shards; far more with very few shards).
-//! The kernel may also reclaim or compact memory to find a huge page.
-//! Elsewhere,
-//! or when the kernel cannot collapse, the slab keeps 4 KiB pages: correct,
-//! only slower.
+//! is synchronous and slow: 6 ms for 2 MiB at the median on the benchmark
+//! machine, 10 ms at the 99th percentile, 19 ms at most (`strace -T` of
+//! the memory example at 10M families), and the kernel may reclaim or
+//! compact memory to find a huge page. So the slab only notes what to
+//! collapse ([`Collapse`]), and the caller runs it after releasing the
+//! shard's lock: 2 MiB once per 2 MiB of slab filled (about 14,000
+//! families), and the whole filled slab again after the slab is
+//! reallocated elsewhere. Elsewhere, or when the kernel cannot collapse,
+//! the slab keeps 4 KiB pages: correct, only slower.
 
 /// Huge-page size on x86-64 (and most aarch64 kernels).
 pub(crate) const HUGE: usize = 2 << 20;
@@ -32,10 +33,10 @@ pub(crate) struct Collapsed {
 }
 
 impl Collapsed {
-    /// Collapse the whole 2 MiB pages of `v`'s initialised part not yet
-    /// collapsed (all of them after the buffer moved). Returns the bytes
-    /// asked for.
-    pub(crate) fn update<T>(&mut self, v: &[T]) -> usize {
+    /// The whole 2 MiB pages of `v`'s initialised part not yet asked for
+    /// (all of them after the buffer moved), marked asked for: the caller
+    /// runs the returned collapse once it has released its lock.
+    pub(crate) fn update<T>(&mut self, v: &[T]) -> Option<Collapse> {
         let start = v.as_ptr() as usize;
         if start != self.buffer {
             self.buffer = start;
@@ -44,23 +45,74 @@ impl Collapsed {
         let filled = start + size_of_val(v);
         let hi = filled / HUGE * HUGE;
         if hi <= self.done {
-            return 0;
+            return None;
         }
         let (lo, len) = (self.done, hi - self.done);
         self.done = hi;
-        madvise_collapse(lo, len);
-        len
+        Some(Collapse {
+            buffer: start,
+            lo,
+            len,
+        })
+    }
+}
+
+/// Whole 2 MiB pages of one slab buffer to move onto huge pages, noted
+/// under the shard's lock and run after it is released.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a collapse does nothing until it is run"]
+pub(crate) struct Collapse {
+    buffer: usize,
+    lo: usize,
+    len: usize,
+}
+
+impl Collapse {
+    /// Bytes it asks for.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `self` and a later collapse noted before either ran: both ranges
+    /// while they are of the same buffer, else only the later (the
+    /// earlier buffer was given back when the slab moved).
+    pub(crate) fn merge(earlier: Option<Collapse>, later: Option<Collapse>) -> Option<Collapse> {
+        match (earlier, later) {
+            (Some(a), Some(b)) if a.buffer == b.buffer => {
+                let lo = a.lo.min(b.lo);
+                let hi = (a.lo + a.len).max(b.lo + b.len);
+                Some(Collapse {
+                    buffer: b.buffer,
+                    lo,
+                    len: hi - lo,
+                })
+            }
+            (a, b) => b.or(a),
+        }
+    }
+
+    /// Ask the kernel now. Call it holding no lock: it can take
+    /// milliseconds.
+    pub(crate) fn run(self) {
+        #[cfg(test)]
+        tests::RUN.with(|n| n.set(n.get() + 1));
+        madvise_collapse(self.lo, self.len);
     }
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn madvise_collapse(addr: usize, len: usize) {
-    // SAFETY: `[addr, addr + len)` lies inside the initialised part of one
-    // live buffer (rounded inwards to 2 MiB boundaries), and MADV_COLLAPSE
-    // only changes which physical pages back it, never its contents. A
-    // failure (an old kernel, no free huge page) leaves 4 KiB pages, which
-    // is correct, only slower, so it is ignored.
+    // SAFETY: `[addr, addr + len)` lay inside the initialised part of one
+    // slab buffer (rounded inwards to 2 MiB boundaries) when the collapse
+    // was noted. Since the lock was released, the slab may have moved and
+    // the range been freed or reused; MADV_COLLAPSE only changes which
+    // physical pages back whatever is mapped there, never its contents,
+    // and fails on an unmapped range. No memory is read or written through
+    // the address. A failure (an old kernel, no free huge page, a range
+    // given back) leaves 4 KiB pages, which is correct, only slower, so it
+    // is ignored.
     unsafe {
         libc::madvise(addr as *mut libc::c_void, len, libc::MADV_COLLAPSE);
     }
@@ -70,8 +122,17 @@ fn madvise_collapse(addr: usize, len: usize) {
 fn madvise_collapse(_addr: usize, _len: usize) {}
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Collapses run on this thread.
+        pub(crate) static RUN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    fn asked(c: Option<Collapse>) -> usize {
+        c.map_or(0, |c| c.len())
+    }
 
     /// Only whole 2 MiB pages of the filled part are asked for, each once,
     /// and all again after the buffer moves.
@@ -80,19 +141,43 @@ mod tests {
         let mut c = Collapsed::default();
         let mut v: Vec<u8> = Vec::with_capacity(8 * HUGE);
         v.resize(HUGE / 2, 1);
-        assert_eq!(c.update(&v), 0, "no whole page filled");
+        assert_eq!(asked(c.update(&v)), 0, "no whole page filled");
         v.resize(5 * HUGE, 1);
-        let first = c.update(&v);
+        let first = asked(c.update(&v));
         assert!((3 * HUGE..=5 * HUGE).contains(&first), "{first}");
         assert_eq!(first % HUGE, 0);
-        assert_eq!(c.update(&v), 0, "nothing new");
+        assert_eq!(asked(c.update(&v)), 0, "nothing new");
         v.resize(6 * HUGE, 1);
-        assert_eq!(c.update(&v), HUGE);
+        assert_eq!(asked(c.update(&v)), HUGE);
         let moved = v.clone();
         assert!(
-            c.update(&moved) >= 5 * HUGE,
+            asked(c.update(&moved)) >= 5 * HUGE,
             "a new buffer is collapsed anew"
         );
+    }
+
+    /// Collapses noted one after the other before running cover both
+    /// ranges of one buffer, and only the newer buffer after a move.
+    #[test]
+    fn pending_collapses_merge_per_buffer() {
+        let mut c = Collapsed::default();
+        let mut v: Vec<u8> = Vec::with_capacity(8 * HUGE);
+        v.resize(3 * HUGE, 1);
+        let a = c.update(&v);
+        v.resize(5 * HUGE, 1);
+        let b = c.update(&v);
+        let (la, lb) = (asked_ref(&a), asked_ref(&b));
+        assert_eq!(asked(Collapse::merge(a, b)), la + lb);
+        let moved = v.clone();
+        let m = c.update(&moved);
+        let lm = asked_ref(&m);
+        let v2 = c.update(&v);
+        assert_eq!(asked(Collapse::merge(v2, m)), lm, "the newer buffer only");
+        assert_eq!(asked(Collapse::merge(None, None)), 0);
+    }
+
+    fn asked_ref(c: &Option<Collapse>) -> usize {
+        c.as_ref().map_or(0, Collapse::len)
     }
 
     /// The kernel does back a collapsed buffer with huge pages (where it
@@ -107,7 +192,9 @@ mod tests {
             return;
         }
         let v = vec![1u8; 16 * HUGE];
-        assert!(Collapsed::default().update(&v) >= 15 * HUGE);
+        let collapse = Collapsed::default().update(&v).expect("15 whole pages");
+        assert!(collapse.len() >= 15 * HUGE);
+        collapse.run();
         let (start, end) = (v.as_ptr() as usize, v.as_ptr() as usize + v.len());
         let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
         // Summed over the mappings the buffer spans.

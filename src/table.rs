@@ -23,7 +23,7 @@ use parking_lot::{Mutex, MutexGuard};
 use hashbrown::HashTable;
 
 use crate::family::{Family, Grant};
-use crate::huge::Collapsed;
+use crate::huge::{Collapse, Collapsed};
 use crate::token::FamilyId;
 
 type Hasher = ahash::RandomState;
@@ -51,6 +51,8 @@ pub(crate) struct ShardInner {
     live: usize,
     /// How much of the slab is on huge pages (see `huge`).
     huge: Collapsed,
+    /// Noted under the lock, for [`release`] to run after it.
+    collapse: Option<Collapse>,
     pub(crate) outcomes: [u64; OUTCOMES],
     shadow: ShadowCounts,
 }
@@ -112,6 +114,7 @@ impl ShardInner {
             overflow: HashMap::default(),
             live: 0,
             huge: Collapsed::default(),
+            collapse: None,
             outcomes: [0; OUTCOMES],
             shadow: ShadowCounts::default(),
         }
@@ -234,9 +237,21 @@ impl ShardInner {
             self.slots[slot] = Some(f);
         }
         self.live += 1;
-        // One syscall per 2 MiB of slab filled (and per reallocation).
-        self.huge.update(&self.slots);
+        // One syscall per 2 MiB of slab filled (and per reallocation),
+        // made by `release` once the lock is dropped.
+        self.note_collapse();
         slot
+    }
+
+    /// The huge-page collapse noted under this lock, to run once every
+    /// lock is released (see [`release`]).
+    pub(crate) fn take_collapse(&mut self) -> Option<Collapse> {
+        self.collapse.take()
+    }
+
+    fn note_collapse(&mut self) {
+        let new = self.huge.update(&self.slots);
+        self.collapse = Collapse::merge(self.collapse.take(), new);
     }
 
     /// A slot for a family whose own is taken, found by the overflow index.
@@ -265,7 +280,7 @@ impl ShardInner {
         }
         if self.slots.capacity() > 64 && self.slots.len() < self.slots.capacity() / 4 {
             self.slots.shrink_to_fit();
-            self.huge.update(&self.slots);
+            self.note_collapse();
             self.free.retain(|&s| (s as usize) < self.slots.len());
             self.free.shrink_to_fit();
         }
@@ -302,6 +317,18 @@ impl ShardInner {
             .iter_mut()
             .enumerate()
             .filter_map(|(i, f)| Some((i, f.as_mut()?)))
+    }
+}
+
+/// Unlock a shard, then move what its slab filled under the lock onto
+/// huge pages: a collapse takes milliseconds, and nothing waiting for the
+/// shard should wait for it (see `huge`). Use it to unlock after
+/// anything that may grow or move the slab (`insert`, a sweep's trim).
+pub(crate) fn release(mut shard: MutexGuard<'_, ShardInner>) {
+    let collapse = shard.take_collapse();
+    drop(shard);
+    if let Some(c) = collapse {
+        c.run();
     }
 }
 
@@ -433,7 +460,7 @@ impl Table {
             if end >= g.slots.len() {
                 // Shard done: give back memory a burst of churn left behind.
                 g.trim();
-                drop(g);
+                release(g);
                 shard = (shard + 1) % self.shards.len();
                 wrapped |= shard == 0;
                 slot = 0;
@@ -906,6 +933,26 @@ mod tests {
         }
         assert_eq!(index.len(), 100);
         assert!(index.shards[0].lock().entries.capacity() < grown / 8);
+    }
+
+    /// Filling whole 2 MiB pages of slab under the lock only notes the
+    /// collapse; `release` runs it, after unlocking.
+    #[test]
+    fn slabs_collapse_only_after_the_lock_is_released() {
+        use crate::huge::{HUGE, tests::RUN};
+        let table = Table::new(1);
+        let mut shard = table.lock_shard(0);
+        let before = RUN.with(|n| n.get());
+        // Enough records for two whole huge pages wherever the slab lies.
+        let n = (3 * HUGE / size_of::<Option<Family>>()) as u32;
+        for v in 0..n {
+            shard.insert(fam(id(v, 7)));
+        }
+        assert_eq!(RUN.with(|n| n.get()), before, "nothing ran under the lock");
+        assert!(shard.collapse.is_some(), "the collapse was noted");
+        release(shard);
+        assert_eq!(RUN.with(|n| n.get()), before + 1);
+        assert!(table.lock_shard(0).collapse.is_none());
     }
 
     /// A location packs the shard index above the slot, for any shard
