@@ -17,7 +17,9 @@
 //! collapse ([`Collapse`]), and the caller runs it after releasing the
 //! shard's lock: 2 MiB once per 2 MiB of slab filled (about 14,000
 //! families), and the whole filled slab again after the slab is
-//! reallocated elsewhere. Elsewhere, or when the kernel cannot collapse,
+//! reallocated elsewhere. If another insert moves the slab in between,
+//! the collapse lands on the old buffer (see the SAFETY note): rare, as a
+//! slab moves once per doubling, and never a change to live data. Elsewhere, or when the kernel cannot collapse,
 //! the slab keeps 4 KiB pages: correct, only slower.
 
 /// Huge-page size on x86-64 (and most aarch64 kernels).
@@ -106,13 +108,16 @@ impl Collapse {
 fn madvise_collapse(addr: usize, len: usize) {
     // SAFETY: `[addr, addr + len)` lay inside the initialised part of one
     // slab buffer (rounded inwards to 2 MiB boundaries) when the collapse
-    // was noted. Since the lock was released, the slab may have moved and
-    // the range been freed or reused; MADV_COLLAPSE only changes which
-    // physical pages back whatever is mapped there, never its contents,
-    // and fails on an unmapped range. No memory is read or written through
-    // the address. A failure (an old kernel, no free huge page, a range
-    // given back) leaves 4 KiB pages, which is correct, only slower, so it
-    // is ignored.
+    // was noted. Since the lock was released, another insert may have
+    // moved the slab and the range been freed or reused; MADV_COLLAPSE
+    // only changes which physical pages back whatever is mapped there,
+    // never its contents, and fails on an unmapped range. No memory is
+    // read or written through the address. (If the allocator kept the
+    // freed range mapped but gave its pages back, the collapse fills them
+    // in with zeroes: up to `len` bytes resident that the allocator will
+    // reuse, never a change to live data.) A failure (an old kernel, no
+    // free huge page, a range given back) leaves 4 KiB pages, which is
+    // correct, only slower, so it is ignored.
     unsafe {
         libc::madvise(addr as *mut libc::c_void, len, libc::MADV_COLLAPSE);
     }

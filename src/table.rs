@@ -51,7 +51,8 @@ pub(crate) struct ShardInner {
     live: usize,
     /// How much of the slab is on huge pages (see `huge`).
     huge: Collapsed,
-    /// Noted under the lock, for [`release`] to run after it.
+    /// Noted under the lock by `insert`, for its caller to take and run
+    /// once it holds no lock ([`take_collapse`](Self::take_collapse)).
     collapse: Option<Collapse>,
     pub(crate) outcomes: [u64; OUTCOMES],
     shadow: ShadowCounts,
@@ -238,13 +239,13 @@ impl ShardInner {
         }
         self.live += 1;
         // One syscall per 2 MiB of slab filled (and per reallocation),
-        // made by `release` once the lock is dropped.
+        // made by the caller once the lock is dropped.
         self.note_collapse();
         slot
     }
 
     /// The huge-page collapse noted under this lock, to run once every
-    /// lock is released (see [`release`]).
+    /// lock is released: it takes milliseconds (see `huge`).
     pub(crate) fn take_collapse(&mut self) -> Option<Collapse> {
         self.collapse.take()
     }
@@ -279,8 +280,11 @@ impl ShardInner {
             self.slots.pop();
         }
         if self.slots.capacity() > 64 && self.slots.len() < self.slots.capacity() / 4 {
+            // No collapse noted: with no spare capacity left, the next
+            // insert moves the slab again (and notes the new buffer), so a
+            // collapse run after unlocking would most likely hit memory
+            // already given back.
             self.slots.shrink_to_fit();
-            self.note_collapse();
             self.free.retain(|&s| (s as usize) < self.slots.len());
             self.free.shrink_to_fit();
         }
@@ -317,18 +321,6 @@ impl ShardInner {
             .iter_mut()
             .enumerate()
             .filter_map(|(i, f)| Some((i, f.as_mut()?)))
-    }
-}
-
-/// Unlock a shard, then move what its slab filled under the lock onto
-/// huge pages: a collapse takes milliseconds, and nothing waiting for the
-/// shard should wait for it (see `huge`). Use it to unlock after
-/// anything that may grow or move the slab (`insert`, a sweep's trim).
-pub(crate) fn release(mut shard: MutexGuard<'_, ShardInner>) {
-    let collapse = shard.take_collapse();
-    drop(shard);
-    if let Some(c) = collapse {
-        c.run();
     }
 }
 
@@ -460,7 +452,7 @@ impl Table {
             if end >= g.slots.len() {
                 // Shard done: give back memory a burst of churn left behind.
                 g.trim();
-                release(g);
+                drop(g);
                 shard = (shard + 1) % self.shards.len();
                 wrapped |= shard == 0;
                 slot = 0;
@@ -936,7 +928,7 @@ mod tests {
     }
 
     /// Filling whole 2 MiB pages of slab under the lock only notes the
-    /// collapse; `release` runs it, after unlocking.
+    /// collapse, for the caller to run after unlocking.
     #[test]
     fn slabs_collapse_only_after_the_lock_is_released() {
         use crate::huge::{HUGE, tests::RUN};
@@ -949,8 +941,9 @@ mod tests {
             shard.insert(fam(id(v, 7)));
         }
         assert_eq!(RUN.with(|n| n.get()), before, "nothing ran under the lock");
-        assert!(shard.collapse.is_some(), "the collapse was noted");
-        release(shard);
+        let collapse = shard.take_collapse().expect("the collapse was noted");
+        drop(shard);
+        collapse.run();
         assert_eq!(RUN.with(|n| n.get()), before + 1);
         assert!(table.lock_shard(0).collapse.is_none());
     }
@@ -1045,7 +1038,8 @@ mod tests {
                 let held = i.grant("app", "openid");
                 // A pair only this round uses, dropped at once.
                 drop(i.grant("app", if round % 2 == 0 { "a" } else { "b" }));
-                if !Arc::ptr_eq(&held, &i.grant("app", "openid")) {
+                let again = i.grant("app", "openid");
+                if !Arc::ptr_eq(&held, &again) || !Arc::ptr_eq(&held.scope, &i.intern("openid")) {
                     forgotten = Some(round);
                     break;
                 }
