@@ -13,14 +13,15 @@
 //! is synchronous and slow: 6 ms for 2 MiB at the median on the benchmark
 //! machine, 10 ms at the 99th percentile, 19 ms at most (`strace -T` of
 //! the memory example at 10M families), and the kernel may reclaim or
-//! compact memory to find a huge page. So the slab only notes what to
-//! collapse ([`Collapse`]), and the caller runs it after releasing the
-//! shard's lock: 2 MiB once per 2 MiB of slab filled (about 14,000
-//! families), and the whole filled slab again after the slab is
+//! compact memory to find a huge page. So an insert into the slab only
+//! returns what to collapse ([`Collapse`]), and its caller runs it after
+//! releasing the shard's lock: 2 MiB once per 2 MiB of slab filled (about
+//! 14,000 families), and the whole filled slab again after the slab is
 //! reallocated elsewhere. If another insert moves the slab in between,
 //! the collapse lands on the old buffer (see the SAFETY note): rare, as a
-//! slab moves once per doubling, and never a change to live data. Elsewhere, or when the kernel cannot collapse,
-//! the slab keeps 4 KiB pages: correct, only slower.
+//! slab moves once per doubling, and never a change to live data.
+//! Elsewhere, or when the kernel cannot collapse, the slab keeps 4 KiB
+//! pages: correct, only slower.
 
 /// Huge-page size on x86-64 (and most aarch64 kernels).
 pub(crate) const HUGE: usize = 2 << 20;
@@ -51,20 +52,15 @@ impl Collapsed {
         }
         let (lo, len) = (self.done, hi - self.done);
         self.done = hi;
-        Some(Collapse {
-            buffer: start,
-            lo,
-            len,
-        })
+        Some(Collapse { lo, len })
     }
 }
 
-/// Whole 2 MiB pages of one slab buffer to move onto huge pages, noted
+/// Whole 2 MiB pages of one slab buffer to move onto huge pages, found
 /// under the shard's lock and run after it is released.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a collapse does nothing until it is run"]
 pub(crate) struct Collapse {
-    buffer: usize,
     lo: usize,
     len: usize,
 }
@@ -74,24 +70,6 @@ impl Collapse {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// `self` and a later collapse noted before either ran: both ranges
-    /// while they are of the same buffer, else only the later (the
-    /// earlier buffer was given back when the slab moved).
-    pub(crate) fn merge(earlier: Option<Collapse>, later: Option<Collapse>) -> Option<Collapse> {
-        match (earlier, later) {
-            (Some(a), Some(b)) if a.buffer == b.buffer => {
-                let lo = a.lo.min(b.lo);
-                let hi = (a.lo + a.len).max(b.lo + b.len);
-                Some(Collapse {
-                    buffer: b.buffer,
-                    lo,
-                    len: hi - lo,
-                })
-            }
-            (a, b) => b.or(a),
-        }
     }
 
     /// Ask the kernel now. Call it holding no lock: it can take
@@ -159,30 +137,6 @@ pub(crate) mod tests {
             asked(c.update(&moved)) >= 5 * HUGE,
             "a new buffer is collapsed anew"
         );
-    }
-
-    /// Collapses noted one after the other before running cover both
-    /// ranges of one buffer, and only the newer buffer after a move.
-    #[test]
-    fn pending_collapses_merge_per_buffer() {
-        let mut c = Collapsed::default();
-        let mut v: Vec<u8> = Vec::with_capacity(8 * HUGE);
-        v.resize(3 * HUGE, 1);
-        let a = c.update(&v);
-        v.resize(5 * HUGE, 1);
-        let b = c.update(&v);
-        let (la, lb) = (asked_ref(&a), asked_ref(&b));
-        assert_eq!(asked(Collapse::merge(a, b)), la + lb);
-        let moved = v.clone();
-        let m = c.update(&moved);
-        let lm = asked_ref(&m);
-        let v2 = c.update(&v);
-        assert_eq!(asked(Collapse::merge(v2, m)), lm, "the newer buffer only");
-        assert_eq!(asked(Collapse::merge(None, None)), 0);
-    }
-
-    fn asked_ref(c: &Option<Collapse>) -> usize {
-        c.as_ref().map_or(0, Collapse::len)
     }
 
     /// The kernel does back a collapsed buffer with huge pages (where it

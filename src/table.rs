@@ -51,9 +51,6 @@ pub(crate) struct ShardInner {
     live: usize,
     /// How much of the slab is on huge pages (see `huge`).
     huge: Collapsed,
-    /// Noted under the lock by `insert`, for its caller to take and run
-    /// once it holds no lock ([`take_collapse`](Self::take_collapse)).
-    collapse: Option<Collapse>,
     pub(crate) outcomes: [u64; OUTCOMES],
     shadow: ShadowCounts,
 }
@@ -115,7 +112,6 @@ impl ShardInner {
             overflow: HashMap::default(),
             live: 0,
             huge: Collapsed::default(),
-            collapse: None,
             outcomes: [0; OUTCOMES],
             shadow: ShadowCounts::default(),
         }
@@ -206,8 +202,10 @@ impl ShardInner {
     /// Insert a family whose id is not in this shard. Callers check that
     /// under the same lock first (or minted the id from `vacant_slot`); a
     /// taken id here is a bug, and overwriting would lose a family, so it
-    /// panics instead. Returns the slot it took.
-    pub(crate) fn insert(&mut self, f: Family) -> usize {
+    /// panics instead. Returns the slot it took, and the huge-page collapse
+    /// the slab now wants: the caller runs it once it holds no lock (it
+    /// takes milliseconds, see `huge`).
+    pub(crate) fn insert(&mut self, f: Family) -> (usize, Option<Collapse>) {
         assert!(
             self.find(&f.id).is_none(),
             "family id {} inserted twice",
@@ -238,21 +236,8 @@ impl ShardInner {
             self.slots[slot] = Some(f);
         }
         self.live += 1;
-        // One syscall per 2 MiB of slab filled (and per reallocation),
-        // made by the caller once the lock is dropped.
-        self.note_collapse();
-        slot
-    }
-
-    /// The huge-page collapse noted under this lock, to run once every
-    /// lock is released: it takes milliseconds (see `huge`).
-    pub(crate) fn take_collapse(&mut self) -> Option<Collapse> {
-        self.collapse.take()
-    }
-
-    fn note_collapse(&mut self) {
-        let new = self.huge.update(&self.slots);
-        self.collapse = Collapse::merge(self.collapse.take(), new);
+        // One syscall per 2 MiB of slab filled (and per reallocation).
+        (slot, self.huge.update(&self.slots))
     }
 
     /// A slot for a family whose own is taken, found by the overflow index.
@@ -280,9 +265,9 @@ impl ShardInner {
             self.slots.pop();
         }
         if self.slots.capacity() > 64 && self.slots.len() < self.slots.capacity() / 4 {
-            // No collapse noted: with no spare capacity left, the next
-            // insert moves the slab again (and notes the new buffer), so a
-            // collapse run after unlocking would most likely hit memory
+            // No collapse asked for: with no spare capacity left, the next
+            // insert moves the slab again (and asks for the new buffer), so
+            // a collapse run after unlocking would most likely hit memory
             // already given back.
             self.slots.shrink_to_fit();
             self.free.retain(|&s| (s as usize) < self.slots.len());
@@ -927,8 +912,8 @@ mod tests {
         assert!(index.shards[0].lock().entries.capacity() < grown / 8);
     }
 
-    /// Filling whole 2 MiB pages of slab under the lock only notes the
-    /// collapse, for the caller to run after unlocking.
+    /// Filling whole 2 MiB pages of slab under the lock only returns the
+    /// collapses, for the caller to run after unlocking.
     #[test]
     fn slabs_collapse_only_after_the_lock_is_released() {
         use crate::huge::{HUGE, tests::RUN};
@@ -937,15 +922,15 @@ mod tests {
         let before = RUN.with(|n| n.get());
         // Enough records for two whole huge pages wherever the slab lies.
         let n = (3 * HUGE / size_of::<Option<Family>>()) as u32;
-        for v in 0..n {
-            shard.insert(fam(id(v, 7)));
-        }
+        let collapses: Vec<Collapse> = (0..n)
+            .filter_map(|v| shard.insert(fam(id(v, 7))).1)
+            .collect();
         assert_eq!(RUN.with(|n| n.get()), before, "nothing ran under the lock");
-        let collapse = shard.take_collapse().expect("the collapse was noted");
+        assert!(!collapses.is_empty(), "collapses were asked for");
         drop(shard);
-        collapse.run();
-        assert_eq!(RUN.with(|n| n.get()), before + 1);
-        assert!(table.lock_shard(0).collapse.is_none());
+        let asked = collapses.len();
+        collapses.into_iter().for_each(Collapse::run);
+        assert_eq!(RUN.with(|n| n.get()), before + asked);
     }
 
     /// A location packs the shard index above the slot, for any shard
