@@ -7,8 +7,11 @@
 //! database round trip.
 //!
 //! What it deliberately does not do: authenticate users or clients, render
-//! consent, mint access tokens, or talk HTTP (the server is a separate
-//! feature). Tokens are derived from one record per family, never stored.
+//! consent, mint access tokens, or talk HTTP: the library has no HTTP
+//! stack, no async runtime and no logging subscriber. The OAuth token
+//! service (`refresh-guard serve`) is a separate crate,
+//! `refresh-guard-server`, built on this public API. Tokens are derived
+//! from one record per family, never stored.
 //!
 //! ```
 //! use std::net::IpAddr;
@@ -84,8 +87,6 @@ mod policy;
 mod random;
 #[cfg(feature = "watch")]
 mod reload;
-#[cfg(feature = "server")]
-pub mod server;
 mod store;
 mod striped;
 mod table;

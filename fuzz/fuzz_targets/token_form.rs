@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use refresh_guard::server::form;
+use refresh_guard_server::form;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(f) = form::parse(data) {

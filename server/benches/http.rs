@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use refresh_guard::server::{AdminToken, AdminTokenSource, Config, ServerHandle};
 use refresh_guard::{Durability, IssueRequest, PolicySet};
+use refresh_guard_server::{AdminToken, AdminTokenSource, Config, ServerHandle};
 
 const CLIENT: &str = "bench-app";
 

@@ -17,9 +17,7 @@ use serde::Deserialize;
 use super::net::Peer;
 use super::oauth::{OAuthError, json, read_body};
 use super::{App, form, policies};
-use crate::decision::Decision;
-use crate::engine::AuthorizeRequest;
-use crate::error::Error;
+use refresh_guard::{AuthorizeRequest, Decision, Error, PolicyVersion};
 
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -208,7 +206,7 @@ fn policy_errors(errors: Vec<String>) -> Response {
     )
 }
 
-fn version(v: crate::policy::PolicyVersion) -> Response {
+fn version(v: PolicyVersion) -> Response {
     json(
         StatusCode::OK,
         serde_json::json!({ "version": v.to_string() }).to_string(),

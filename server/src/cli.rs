@@ -5,9 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{AdminToken, AdminTokenSource, Config, Server, ServerError};
-use crate::policy::IpRange;
-use crate::store::Durability;
+use refresh_guard::{Durability, IpRange};
+use refresh_guard_server::{AdminToken, AdminTokenSource, Config, Server, ServerError};
 
 /// The environment variable an admin token may come from.
 pub const ADMIN_TOKEN_ENV: &str = "REFRESH_GUARD_ADMIN_TOKEN";
@@ -186,7 +185,7 @@ pub fn serve_main(args: &[String]) -> u8 {
 }
 
 fn run(options: Options) -> Result<(), ServerError> {
-    let rt = super::runtime(options.workers)?;
+    let rt = refresh_guard_server::runtime(options.workers)?;
     rt.block_on(async move {
         let server = Server::bind(options.config).await?;
         let reloader = server.reloader();

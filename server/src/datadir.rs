@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::ServerError;
-use crate::token::{KeyId, KeyRing, KeySecret};
+use refresh_guard::{Error, KeyId, KeyRing, KeySecret};
 
 /// File name of the MAC key ring.
 pub const MAC_KEYS: &str = "mac-keys";
@@ -154,9 +154,17 @@ fn warn_if_exposed(path: &Path) {
 #[cfg(not(unix))]
 fn warn_if_exposed(_: &Path) {}
 
+/// Fill `buf` from the OS CSPRNG. A failure is an error, never a weaker
+/// fallback: predictable key material would let anyone mint tokens.
+pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), Error> {
+    getrandom::fill(buf).map_err(|e| Error::Random {
+        detail: e.to_string(),
+    })
+}
+
 fn random32() -> Result<[u8; 32], ServerError> {
     let mut b = [0u8; 32];
-    crate::random::fill(&mut b).map_err(ServerError::Engine)?;
+    fill_random(&mut b).map_err(ServerError::Engine)?;
     Ok(b)
 }
 

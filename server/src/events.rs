@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::metrics::Metrics;
-use crate::event::{Event, EventKind, EventSink};
+use refresh_guard::{Event, EventKind, EventSink};
 
 /// Logs each event through `tracing` (target `refresh_guard::event`) and
 /// counts revocations by reason. Events carry ids, never token material.
@@ -33,7 +33,9 @@ impl EventSink for LogSink {
             EventKind::CapEviction { cap } => format!("cap {cap}"),
             EventKind::PolicySwapped { from } => format!("replaced {from}"),
             EventKind::PolicyReloadFailed { errors } => errors.join("; "),
-            EventKind::IpNotAllowed | EventKind::CodeReplay => String::new(),
+            // `EventKind` is non-exhaustive: a kind added to the engine
+            // is logged with its name and ids until it gets a detail here.
+            _ => String::new(),
         };
         let family = e.family.map(|f| f.to_string()).unwrap_or_default();
         let client = e.client.as_deref().unwrap_or("");

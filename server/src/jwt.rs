@@ -10,7 +10,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::clock::Timestamp;
+use refresh_guard::Timestamp;
 
 /// The claims of one access token (RFC 9068 §2.2).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

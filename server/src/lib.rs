@@ -25,7 +25,7 @@
 //! a worker thread on fsync).
 //!
 //! ```no_run
-//! use refresh_guard::server::{Config, ServerHandle};
+//! use refresh_guard_server::{Config, ServerHandle};
 //!
 //! let server = ServerHandle::start(Config {
 //!     listen: "127.0.0.1:0".parse().unwrap(),
@@ -34,11 +34,12 @@
 //! })?;
 //! println!("token endpoint: http://{}/oauth2/token", server.addr());
 //! server.shutdown()?;
-//! # Ok::<(), refresh_guard::server::ServerError>(())
+//! # Ok::<(), refresh_guard_server::ServerError>(())
 //! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod admin;
-mod cli;
 mod datadir;
 mod events;
 pub mod form;
@@ -60,16 +61,15 @@ use axum::http::HeaderMap;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot, watch};
 
-pub use self::cli::serve_main;
 pub use self::datadir::{AdminToken, AdminTokenSource};
 pub use self::jwt::{AccessClaims, AccessTokenSigner};
 
+use refresh_guard::{
+    AllowList, Durability, Engine, Error, IpRange, LogOptions, LogStore, PolicyReloader, PolicySet,
+    PolicyVersion,
+};
+
 use self::metrics::Metrics;
-use crate::engine::Engine;
-use crate::error::Error;
-use crate::policy::{AllowList, IpRange, PolicySet, PolicyVersion};
-use crate::reload::PolicyReloader;
-use crate::store::{Durability, LogOptions, LogStore};
 
 /// Most bytes of a request body; larger bodies are answered 413.
 pub const MAX_BODY: usize = 16 * 1024;

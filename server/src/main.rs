@@ -8,6 +8,7 @@
 //!
 //! Exit status: 0 success, 1 the command failed (policy errors are listed
 //! on stderr), 2 bad usage.
+#![forbid(unsafe_code)]
 
 use std::ffi::OsString;
 use std::io::{self, Write};
@@ -15,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use refresh_guard::{ClientPolicy, PolicySet};
+
+mod cli;
 
 /// Exit status for a command that ran and failed.
 const FAILED: u8 = 1;
@@ -171,20 +174,8 @@ fn serve(args: &[OsString], io: &mut Io<'_>) -> Result<u8, Usage> {
                 .ok_or_else(|| Usage(format!("argument `{}` is not UTF-8", a.to_string_lossy())))
         })
         .collect::<Result<Vec<String>, Usage>>()?;
-    #[cfg(feature = "server")]
-    {
-        let _ = io;
-        Ok(refresh_guard::server::serve_main(&args))
-    }
-    #[cfg(not(feature = "server"))]
-    {
-        let _ = args;
-        let _ = writeln!(
-            io.err,
-            "error: this build has no server; build with `--features server`"
-        );
-        Ok(FAILED)
-    }
+    let _ = io;
+    Ok(cli::serve_main(&args))
 }
 
 /// Load a set, or list every error on stderr.

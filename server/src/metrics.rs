@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::decision::{AcceptKind, Decision, DenyReason};
-use crate::engine::Engine;
-use crate::event::EVENT_KINDS;
+use refresh_guard::{AcceptKind, Decision, DenyReason, EVENT_KINDS, Engine};
 
 const ACCEPTS: [AcceptKind; 6] = [
     AcceptKind::Rotated,
@@ -260,9 +258,7 @@ fn escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::{Accepted, Denied};
-    use crate::policy::PolicySet;
-    use crate::token::{FamilyId, Generation, TokenKind};
+    use refresh_guard::{Accepted, Denied, IssueRequest, PolicySet};
 
     fn deny(reason: DenyReason) -> Decision {
         Decision::Deny(Denied {
@@ -277,18 +273,19 @@ mod tests {
         for r in DenyReason::ALL {
             assert_eq!(outcome_name(outcome_index(&deny(r))), r.as_str());
         }
+        let issued = Engine::builder()
+            .build()
+            .unwrap()
+            .issue(&IssueRequest {
+                client: "c",
+                subject: "s",
+                scope: "",
+                ip: [192, 0, 2, 1].into(),
+            })
+            .unwrap();
         let a = Decision::Accept(Accepted {
-            token: crate::token::assemble(
-                TokenKind::Refresh,
-                crate::token::KeyId(0),
-                &FamilyId::from_bytes([1; 16]),
-                Generation::FIRST,
-                &[0; 16],
-            ),
-            family: FamilyId::from_bytes([1; 16]),
-            generation: Generation::FIRST,
             kind: AcceptKind::GraceReplay,
-            policy_version: PolicySet::default().version(),
+            ..*issued.accepted().unwrap()
         });
         assert_eq!(outcome_name(outcome_index(&a)), "grace_replay");
     }

@@ -23,8 +23,8 @@ use super::form::{self, Form};
 use super::jwt::AccessClaims;
 use super::net::Peer;
 use super::{App, MAX_BODY};
-use crate::decision::Decision;
-use crate::engine::ExchangeRequest;
+use refresh_guard::limits::MAX_CLIENT_ID_LEN;
+use refresh_guard::{Decision, DenyReason, ExchangeRequest, Generation};
 
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -282,7 +282,7 @@ pub(crate) fn authenticate(
             None => return Err(OAuthError::missing("client_id")),
         },
     };
-    if id.is_empty() || id.len() > crate::policy::MAX_CLIENT_ID_LEN {
+    if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
         return Err(OAuthError::client("unknown client", via_basic));
     }
     let policies = app.engine.policies();
@@ -465,7 +465,7 @@ async fn refresh_grant(
 
 fn random_id() -> Result<String, OAuthError> {
     let mut b = [0u8; 16];
-    crate::random::fill(&mut b).map_err(|e| {
+    super::datadir::fill_random(&mut b).map_err(|e| {
         tracing::error!(error = %e, "random number generator failed");
         OAuthError::server()
     })?;
@@ -485,7 +485,7 @@ fn issue(
         OAuthError::new(
             StatusCode::BAD_REQUEST,
             "invalid_grant",
-            crate::decision::DenyReason::Revoked.description(),
+            DenyReason::Revoked.description(),
         )
     })?;
     let scope = match scope {
@@ -602,7 +602,7 @@ async fn introspect_inner(
         if !info.active || !visible(&info.client) {
             return Ok(inactive());
         }
-        let iat = if info.generation == crate::token::Generation::FIRST {
+        let iat = if info.generation == Generation::FIRST {
             info.issued_at
         } else {
             // The current generation was minted by the last rotation.

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::policy::PolicySet;
+use refresh_guard::PolicySet;
 
 /// Load every `*.toml` in `dir` as one policy set; on failure, every
 /// problem, each naming file, line:column and key.

@@ -1,6 +1,5 @@
 //! The server's HTTP contract (issue 7, DESIGN §7): every endpoint and every
 //! error it lists, against an in-process server on ephemeral ports.
-#![cfg(feature = "server")]
 
 mod server_http;
 
@@ -64,7 +63,7 @@ fn metadata_and_jwks() {
 #[test]
 fn data_directory_files_are_created_with_mode_0600() {
     let s = TestServer::with("datadir", |c| {
-        c.admin_token = refresh_guard::server::AdminTokenSource::Generate;
+        c.admin_token = refresh_guard_server::AdminTokenSource::Generate;
     });
     for f in ["mac-keys", "jwt-ed25519.key", "admin.token"] {
         let meta = std::fs::metadata(s.dir.path().join(f)).unwrap();
@@ -848,7 +847,7 @@ fn graceful_shutdown_flushes_and_state_survives_restart() {
         // Batched: acknowledged before durable, so only the shutdown flush
         // (or the next batch) makes the rotation survive.
         c.durability = refresh_guard::Durability::Batched(Duration::from_millis(200));
-        refresh_guard::server::ServerHandle::start_with_workers(c, 2).unwrap()
+        refresh_guard_server::ServerHandle::start_with_workers(c, 2).unwrap()
     };
     let server = start();
     let s = TestServer {
@@ -1035,7 +1034,7 @@ fn start_fails_on_a_broken_policy_directory() {
     let mut c = config(data.path());
     c.policies = policies.path().to_owned();
     c.policy_set = None;
-    let e = refresh_guard::server::ServerHandle::start(c).unwrap_err();
+    let e = refresh_guard_server::ServerHandle::start(c).unwrap_err();
     let text = e.to_string();
     assert!(text.contains("a.toml:2:"), "{text}");
     assert!(text.contains("grace_period"), "{text}");

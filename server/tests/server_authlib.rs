@@ -6,7 +6,6 @@
 //! The virtualenv lives in `target/authlib-venv`; `.ci/run` creates it up
 //! front, and this test creates or completes it if needed. Without Python
 //! or the packages the test fails, saying why: it never skips.
-#![cfg(feature = "server")]
 
 mod server_http;
 

@@ -1,7 +1,7 @@
 //! The `refresh-guard serve` binary as an operator runs it: killed with
 //! SIGKILL in the middle of traffic and started again on the same data
 //! directory, stopped with SIGTERM, reloaded with SIGHUP.
-#![cfg(all(feature = "server", unix))]
+#![cfg(unix)]
 
 mod server_http;
 

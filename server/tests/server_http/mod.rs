@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use refresh_guard::server::{AdminToken, AdminTokenSource, Config, ServerHandle};
 use refresh_guard::{Durability, PolicyOverrides, PolicySet};
+use refresh_guard_server::{AdminToken, AdminTokenSource, Config, ServerHandle};
 use sha2::{Digest, Sha256};
 
 pub const ADMIN: &str = "test-admin-token-0123456789";
