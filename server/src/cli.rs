@@ -1,35 +1,175 @@
-//! `refresh-guard serve`: flags, logging, signals.
+//! `refresh-guard serve`: flags (each also from a `REFRESH_GUARD_*`
+//! environment variable, as a container sets them), logging, signals.
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 use refresh_guard::{Durability, IpRange};
 use refresh_guard_server::{AdminToken, AdminTokenSource, Config, Server, ServerError};
 
-/// The environment variable an admin token may come from.
+use crate::{FAILED, Io, USAGE};
+
+/// The environment variable an admin token may come from. Not a flag: a
+/// token on the command line would show in `ps`.
 pub const ADMIN_TOKEN_ENV: &str = "REFRESH_GUARD_ADMIN_TOKEN";
 
-const USAGE: &str = "\
-usage: refresh-guard serve [options]
+const AFTER_HELP: &str = "\
+The admin token is read from --admin-token-file, else from \
+$REFRESH_GUARD_ADMIN_TOKEN, else generated into DATA/admin.token.
 
-  --listen ADDR             public listener (default 127.0.0.1:8080)
-  --admin-listen ADDR       admin listener (default 127.0.0.1:8081)
-  --policies DIR            policy directory (default ./policies)
-  --data DIR                data directory: keys, admin token, store (default ./data)
-  --durability MODE         sync | batched | none (default sync)
-  --trusted-proxies LIST    comma-separated CIDRs/ranges whose X-Forwarded-For is believed
-  --admin-token-file PATH   admin bearer token file (else $REFRESH_GUARD_ADMIN_TOKEN,
-                            else one is generated into DATA/admin.token)
-  --issuer URL              issuer identifier (default http://LISTEN)
-  --max-connections N       concurrent connections on the public listener (default 1024)
-  --workers N               runtime threads (default: one per core)
-  --watch-policies          also reload when the policy files change
+Logs go to stdout, as JSON when stdout is not a terminal; RUST_LOG filters \
+them. SIGTERM or Ctrl-C shuts down gracefully; SIGHUP reloads the policy \
+directory.";
 
-Logs go to stdout, as JSON when stdout is not a terminal; RUST_LOG filters them.
-SIGTERM or Ctrl-C shuts down gracefully; SIGHUP reloads the policy directory.
-";
+/// The flags of `refresh-guard serve`. Defaults are [`Config::default`]'s.
+#[derive(Debug, clap::Args)]
+#[command(after_help = AFTER_HELP)]
+pub(crate) struct ServeArgs {
+    /// Public listener
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "REFRESH_GUARD_LISTEN",
+        hide_env_values = true,
+        default_value_t = Config::default().listen,
+        value_parser = socket_addr
+    )]
+    listen: SocketAddr,
+    /// Admin listener
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "REFRESH_GUARD_ADMIN_LISTEN",
+        hide_env_values = true,
+        default_value_t = Config::default().admin_listen,
+        value_parser = socket_addr
+    )]
+    admin_listen: SocketAddr,
+    /// Policy directory, loaded at start, on SIGHUP and on
+    /// POST /admin/v1/policies/reload
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "REFRESH_GUARD_POLICIES",
+        hide_env_values = true,
+        default_value_os_t = Config::default().policies
+    )]
+    policies: PathBuf,
+    /// Data directory: key ring, signing key, admin token, store (DIR/log)
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "REFRESH_GUARD_DATA",
+        hide_env_values = true,
+        default_value_os_t = Config::default().data
+    )]
+    data: PathBuf,
+    /// Store durability
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "REFRESH_GUARD_DURABILITY",
+        hide_env_values = true,
+        value_enum,
+        default_value_t = DurabilityMode::Sync
+    )]
+    durability: DurabilityMode,
+    /// Comma-separated CIDRs or ranges whose X-Forwarded-For is believed
+    #[arg(
+        long,
+        value_name = "LIST",
+        env = "REFRESH_GUARD_TRUSTED_PROXIES",
+        hide_env_values = true,
+        value_parser = proxy_list
+    )]
+    trusted_proxies: Option<ProxyList>,
+    /// File holding the admin API's bearer token
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "REFRESH_GUARD_ADMIN_TOKEN_FILE",
+        hide_env_values = true
+    )]
+    admin_token_file: Option<PathBuf>,
+    /// Issuer identifier (iss of tokens and metadata); set it behind a
+    /// proxy [default: http://LISTEN]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "REFRESH_GUARD_ISSUER",
+        hide_env_values = true,
+        value_parser = issuer
+    )]
+    issuer: Option<String>,
+    /// Open connections on the public listener; more wait in the backlog
+    #[arg(
+        long,
+        value_name = "N",
+        env = "REFRESH_GUARD_MAX_CONNECTIONS",
+        hide_env_values = true,
+        default_value_t = Config::default().max_connections,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
+    max_connections: usize,
+    /// Runtime threads [default: one per core]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "REFRESH_GUARD_WORKERS",
+        hide_env_values = true,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=1024)
+    )]
+    workers: Option<usize>,
+    /// Also reload when the policy files change
+    #[arg(
+        long,
+        env = "REFRESH_GUARD_WATCH_POLICIES",
+        hide_env_values = true,
+        value_parser = BoolishValueParser::new()
+    )]
+    watch_policies: bool,
+}
+
+/// `--durability`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DurabilityMode {
+    /// A change is answered once fsynced (group commit)
+    Sync,
+    /// Answered at once, fsynced every 10 ms
+    Batched,
+    /// Memory only
+    None,
+}
+
+/// `--trusted-proxies`, parsed whole so that the flag stays one value.
+#[derive(Clone, Debug)]
+struct ProxyList(Vec<IpRange>);
+
+fn socket_addr(v: &str) -> Result<SocketAddr, String> {
+    v.parse()
+        .map_err(|_| "not an address like 127.0.0.1:8080".to_owned())
+}
+
+fn proxy_list(v: &str) -> Result<ProxyList, String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        // The error names the entry.
+        .map(|s| s.parse::<IpRange>().map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()
+        .map(ProxyList)
+}
+
+fn issuer(v: &str) -> Result<String, String> {
+    if v.starts_with("https://") || v.starts_with("http://") {
+        Ok(v.to_owned())
+    } else {
+        Err("must be an http(s) URL".to_owned())
+    }
+}
 
 /// Parsed `serve` options beyond [`Config`].
 struct Options {
@@ -38,107 +178,47 @@ struct Options {
     watch_policies: bool,
 }
 
-fn parse(args: &[String], env_token: Option<String>) -> Result<Options, String> {
-    let mut config = Config::default();
-    let mut workers = 0;
-    let mut watch_policies = false;
-    let mut token_file = None;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-            _ => (arg.as_str(), None),
+impl ServeArgs {
+    /// The server's configuration; `env_token` is [`ADMIN_TOKEN_ENV`]'s
+    /// value, used when no token file is given.
+    fn options(self, env_token: Option<String>) -> Result<Options, String> {
+        let admin_token = match (self.admin_token_file, env_token) {
+            (Some(path), _) => AdminTokenSource::File(path),
+            (None, Some(t)) => AdminTokenSource::Value(AdminToken::new(&t).ok_or_else(|| {
+                format!(
+                    "{ADMIN_TOKEN_ENV} must be at least {} characters",
+                    AdminToken::MIN_LEN
+                )
+            })?),
+            (None, None) => AdminTokenSource::Generate,
         };
-        if flag == "--help" || flag == "-h" {
-            return Err(String::new());
-        }
-        let mut value = || -> Result<String, String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it
-                    .next()
-                    .cloned()
-                    .ok_or_else(|| format!("{flag} needs a value")),
-            }
+        let config = Config {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            policies: self.policies,
+            data: self.data,
+            durability: match self.durability {
+                DurabilityMode::Sync => Durability::Sync,
+                DurabilityMode::Batched => Durability::Batched(Duration::from_millis(10)),
+                DurabilityMode::None => Durability::None,
+            },
+            trusted_proxies: self.trusted_proxies.map(|p| p.0).unwrap_or_default(),
+            admin_token,
+            issuer: self.issuer,
+            max_connections: self.max_connections,
+            ..Config::default()
         };
-        let addr = |v: String| -> Result<SocketAddr, String> {
-            v.parse()
-                .map_err(|_| format!("{flag}: {v:?} is not an address like 127.0.0.1:8080"))
-        };
-        match flag {
-            "--listen" => config.listen = addr(value()?)?,
-            "--admin-listen" => config.admin_listen = addr(value()?)?,
-            "--policies" => config.policies = PathBuf::from(value()?),
-            "--data" => config.data = PathBuf::from(value()?),
-            "--durability" => {
-                config.durability = match value()?.as_str() {
-                    "sync" => Durability::Sync,
-                    "batched" => Durability::Batched(Duration::from_millis(10)),
-                    "none" => Durability::None,
-                    other => {
-                        return Err(format!(
-                            "--durability: {other:?} is not one of sync, batched, none"
-                        ));
-                    }
-                }
-            }
-            "--trusted-proxies" => {
-                config.trusted_proxies = value()?
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| {
-                        s.parse::<IpRange>()
-                            .map_err(|e| format!("--trusted-proxies: {s:?}: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?
-            }
-            "--watch-policies" if inline.is_none() => watch_policies = true,
-            "--admin-token-file" => token_file = Some(PathBuf::from(value()?)),
-            "--issuer" => {
-                let v = value()?;
-                if !(v.starts_with("https://") || v.starts_with("http://")) {
-                    return Err(format!("--issuer: {v:?} must be an http(s) URL"));
-                }
-                config.issuer = Some(v);
-            }
-            "--max-connections" => {
-                config.max_connections = value()?
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1_000_000).contains(n))
-                    .ok_or("--max-connections must be 1 to 1000000")?
-            }
-            "--workers" => {
-                workers = value()?
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1024).contains(n))
-                    .ok_or("--workers must be 1 to 1024")?
-            }
-            _ => return Err(format!("unknown argument {arg:?}")),
-        }
+        Ok(Options {
+            config,
+            workers: self.workers.unwrap_or(0),
+            watch_policies: self.watch_policies,
+        })
     }
-    config.admin_token = match (token_file, env_token) {
-        (Some(path), _) => AdminTokenSource::File(path),
-        (None, Some(t)) => AdminTokenSource::Value(AdminToken::new(&t).ok_or_else(|| {
-            format!(
-                "{ADMIN_TOKEN_ENV} must be at least {} characters",
-                AdminToken::MIN_LEN
-            )
-        })?),
-        (None, None) => AdminTokenSource::Generate,
-    };
-    Ok(Options {
-        config,
-        workers,
-        watch_policies,
-    })
 }
 
 /// Structured logs to stdout: JSON when stdout is not a terminal, filtered
 /// by `RUST_LOG` (default `info`). Does nothing if a subscriber is set.
-pub fn init_logging() {
+fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -156,21 +236,16 @@ pub fn init_logging() {
     };
 }
 
-/// Run `refresh-guard serve` with `args` (the arguments after `serve`)
-/// until SIGTERM or Ctrl-C. Returns the exit status: 0 after a graceful
-/// shutdown, 1 if the server failed, 2 for a usage error (printed, with
-/// the usage, on stderr).
-pub fn serve_main(args: &[String]) -> u8 {
+/// Run `refresh-guard serve` until SIGTERM or Ctrl-C. Returns the exit
+/// status: 0 after a graceful shutdown, 1 if the server failed, 2 for a
+/// bad admin token in the environment.
+pub(crate) fn serve(args: ServeArgs, io: &mut Io<'_>) -> u8 {
     let env_token = std::env::var(ADMIN_TOKEN_ENV).ok();
-    let options = match parse(args, env_token) {
+    let options = match args.options(env_token) {
         Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            print!("{USAGE}");
-            return 0;
-        }
         Err(e) => {
-            eprintln!("error: {e}\n\n{USAGE}");
-            return 2;
+            let _ = writeln!(io.err, "error: {e}");
+            return USAGE;
         }
     };
     init_logging();
@@ -178,8 +253,8 @@ pub fn serve_main(args: &[String]) -> u8 {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, "refresh-guard serve failed");
-            eprintln!("error: {e}");
-            1
+            let _ = writeln!(io.err, "error: {e}");
+            FAILED
         }
     }
 }
@@ -232,26 +307,39 @@ async fn terminated() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Cli, Command};
+    use clap::Parser as _;
 
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
+    fn options(args: &[&str], env_token: Option<&str>) -> Result<Options, String> {
+        let cli = Cli::try_parse_from(["refresh-guard", "serve"].iter().chain(args))
+            .map_err(|e| e.to_string())?;
+        let Command::Serve(serve) = cli.command else {
+            panic!("not serve");
+        };
+        serve.options(env_token.map(str::to_owned))
     }
 
     #[test]
     fn defaults_without_flags() {
-        let o = parse(&[], None).unwrap();
+        let o = options(&[], None).unwrap();
+        let d = Config::default();
         assert_eq!(o.config.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(o.config.admin_listen, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(o.config.policies, PathBuf::from("./policies"));
         assert_eq!(o.config.data, PathBuf::from("./data"));
         assert_eq!(o.config.durability, Durability::Sync);
+        assert_eq!(o.config.max_connections, d.max_connections);
+        assert!(o.config.trusted_proxies.is_empty());
+        assert!(o.config.issuer.is_none());
         assert!(matches!(o.config.admin_token, AdminTokenSource::Generate));
+        assert_eq!(o.workers, 0);
+        assert!(!o.watch_policies);
     }
 
     #[test]
     fn every_flag_both_spellings() {
-        let o = parse(
-            &args(&[
+        let o = options(
+            &[
                 "--listen=0.0.0.0:9000",
                 "--admin-listen",
                 "127.0.0.1:9001",
@@ -261,7 +349,7 @@ mod tests {
                 "--durability",
                 "none",
                 "--trusted-proxies",
-                "10.0.0.0/8, 192.0.2.1-192.0.2.9",
+                "10.0.0.0/8, 192.0.2.1-192.0.2.9,",
                 "--admin-token-file",
                 "t",
                 "--issuer",
@@ -270,12 +358,14 @@ mod tests {
                 "--workers",
                 "2",
                 "--watch-policies",
-            ]),
-            Some("ignored-because-the-file-wins".into()),
+            ],
+            Some("ignored-because-the-file-wins"),
         )
         .unwrap();
         assert_eq!(o.config.listen.port(), 9000);
         assert_eq!(o.config.admin_listen.port(), 9001);
+        assert_eq!(o.config.policies, PathBuf::from("p"));
+        assert_eq!(o.config.data, PathBuf::from("d"));
         assert_eq!(o.config.durability, Durability::None);
         assert_eq!(o.config.trusted_proxies.len(), 2);
         assert!(matches!(o.config.admin_token, AdminTokenSource::File(_)));
@@ -283,24 +373,40 @@ mod tests {
         assert_eq!(o.config.max_connections, 10);
         assert_eq!(o.workers, 2);
         assert!(o.watch_policies);
+        let o = options(&["--durability=batched"], None).unwrap();
+        assert_eq!(
+            o.config.durability,
+            Durability::Batched(Duration::from_millis(10))
+        );
+    }
+
+    /// A repeated flag overrides the earlier one, as the hand-written
+    /// parser did; clap alone would refuse it.
+    #[test]
+    fn a_repeated_flag_overrides_the_earlier_one() {
+        let o = options(&["--workers", "2", "--workers", "3"], None).unwrap();
+        assert_eq!(o.workers, 3);
     }
 
     #[test]
     fn errors_name_the_flag() {
         for (a, want) in [
-            (vec!["--listen"], "--listen needs a value"),
-            (vec!["--durability", "fast"], "--durability"),
+            (vec!["--listen"], "--listen <ADDR>"),
+            (vec!["--listen", "8080"], "--listen <ADDR>"),
+            (vec!["--durability", "fast"], "--durability <MODE>"),
             (
                 vec!["--trusted-proxies", "10.0.0.0/33"],
-                "--trusted-proxies",
+                "--trusted-proxies <LIST>",
             ),
-            (vec!["--max-connections", "0"], "--max-connections"),
-            (vec!["--frobnicate"], "unknown argument"),
+            (vec!["--max-connections", "0"], "--max-connections <N>"),
+            (vec!["--workers", "1025"], "--workers <N>"),
+            (vec!["--issuer", "auth.example"], "--issuer <URL>"),
+            (vec!["--frobnicate"], "unexpected argument '--frobnicate'"),
         ] {
-            let e = parse(&args(&a), None).err().unwrap();
+            let e = options(&a, None).err().unwrap();
             assert!(e.contains(want), "{a:?}: {e}");
         }
-        let e = parse(&[], Some("short".into())).err().unwrap();
-        assert!(e.contains(ADMIN_TOKEN_ENV) && !e.contains("short\""), "{e}");
+        let e = options(&[], Some("short")).err().unwrap();
+        assert!(e.contains(ADMIN_TOKEN_ENV) && !e.contains("short"), "{e}");
     }
 }

@@ -1,10 +1,10 @@
-//! `refresh-guard`: the command line around the library.
+//! `refresh-guard`: the command line around the library and the server.
 //!
-//! Subcommands are rows of [`COMMANDS`]: the words that select one, its
-//! usage and a function that parses the rest of the arguments and runs. A
-//! new subcommand (such as `serve`) is one more row. Arguments are parsed
-//! by hand: a few positional paths do not justify an argument-parsing
-//! dependency and its compile time.
+//! Parsed with clap (derive): every subcommand has a `--help` listing its
+//! flags, errors name the flag and suggest a near miss, and `serve`'s
+//! flags can also come from `REFRESH_GUARD_*` environment variables
+//! (cli.rs). A few flags users guess under another name get an explicit
+//! hint ([`HINTS`]).
 //!
 //! Exit status: 0 success, 1 the command failed (policy errors are listed
 //! on stderr), 2 bad usage.
@@ -15,6 +15,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use refresh_guard::{ClientPolicy, PolicySet};
 
 mod cli;
@@ -24,51 +26,107 @@ const FAILED: u8 = 1;
 /// Exit status for bad usage.
 const USAGE: u8 = 2;
 
-/// One subcommand.
-struct Command {
-    /// The words that select it (`["policy", "check"]`).
-    words: &'static [&'static str],
-    /// Its arguments, for the usage text.
-    args: &'static str,
-    /// One line on what it does.
-    about: &'static str,
-    /// Parse the arguments after `words` and run.
-    run: fn(&[OsString], &mut Io<'_>) -> Result<u8, Usage>,
+/// refresh-guard: refresh-token lifecycle policy engine
+#[derive(Debug, Parser)]
+#[command(
+    name = "refresh-guard",
+    version,
+    propagate_version = true,
+    subcommand_required = true,
+    arg_required_else_help = true,
+    // A repeated flag overrides the earlier one, as it always has.
+    args_override_self = true,
+    max_term_width = 80,
+    after_help = "Exit status: 0 success, 1 failure (errors on stderr), 2 bad usage."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-const COMMANDS: &[Command] = &[
-    Command {
-        words: &["policy", "check"],
-        args: "DIR",
-        about: "print the policy version and every client's effective knobs, or every error",
-        run: policy_check,
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the OAuth 2.0 token service on the engine
+    Serve(cli::ServeArgs),
+    /// Check a policy directory, or compare two
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Print the policy version and every client's effective knobs, or
+    /// every error
+    Check {
+        /// The policy directory (every *.toml in it)
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
     },
-    Command {
-        words: &["policy", "diff"],
-        args: "OLD_DIR NEW_DIR",
-        about: "print the effective knobs that change, client by client",
-        run: policy_diff,
+    /// Print the effective knobs that change, client by client
+    Diff {
+        /// The set in force
+        #[arg(value_name = "OLD_DIR")]
+        old: PathBuf,
+        /// The candidate set
+        #[arg(value_name = "NEW_DIR")]
+        new: PathBuf,
     },
-    Command {
-        words: &["serve"],
-        // Every option is in README "Server"; a wrong one prints them all.
-        args: "[--listen ADDR] [--policies DIR] [--data DIR] [...]",
-        about: "run the OAuth 2.0 token service on the engine",
-        run: serve,
-    },
+}
+
+/// Names users reach for that are not ours, and what to use instead.
+/// clap suggests near misses (`--listne`) itself; these are guesses too
+/// far from the real name for that.
+const HINTS: &[(&str, &str)] = &[
+    ("--port", LISTEN),
+    ("--bind", LISTEN),
+    ("--host", LISTEN),
+    ("--address", LISTEN),
+    ("--admin-port", ADMIN_LISTEN),
+    ("--admin-bind", ADMIN_LISTEN),
+    ("--policy", POLICIES),
+    ("--policy-dir", POLICIES),
+    ("--config", POLICIES),
+    ("--data-dir", DATA),
+    ("--datadir", DATA),
+    ("--threads", "runtime threads are '--workers N'"),
+    (
+        "--admin-token",
+        "use '--admin-token-file PATH' or $REFRESH_GUARD_ADMIN_TOKEN \
+         (arguments show in `ps`)",
+    ),
+    (
+        "check",
+        "a policy directory is checked with 'policy check DIR'",
+    ),
+    (
+        "diff",
+        "policy directories are compared with 'policy diff OLD NEW'",
+    ),
+    ("run", SERVE),
+    ("start", SERVE),
 ];
+const LISTEN: &str = "the public listener is '--listen ADDR', e.g. '--listen 0.0.0.0:8080'";
+const ADMIN_LISTEN: &str = "the admin listener is '--admin-listen ADDR'";
+const POLICIES: &str = "the policy directory is '--policies DIR'";
+const DATA: &str = "the data directory (keys, store) is '--data DIR'";
+const SERVE: &str = "the token service is 'refresh-guard serve'";
 
-/// Bad usage, with what was wrong.
-struct Usage(String);
-
-/// Where output goes; the tests of the binary read both.
+/// Where output goes.
 struct Io<'a> {
     out: &'a mut dyn Write,
     err: &'a mut dyn Write,
 }
 
 fn main() -> ExitCode {
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let cli = match parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with status 0, errors to stderr
+            // with status 2.
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(USAGE));
+        }
+    };
     // Unlocked handles (each write locks): `serve` logs to stdout from its
     // worker threads, which a lock held here for the whole run would block.
     let (mut out, mut err) = (io::stdout(), io::stderr());
@@ -76,106 +134,75 @@ fn main() -> ExitCode {
         out: &mut out,
         err: &mut err,
     };
-    let code = run(&args, &mut io);
+    let code = match cli.command {
+        Command::Serve(args) => cli::serve(args, &mut io),
+        Command::Policy(PolicyCommand::Check { dir }) => policy_check(&dir, &mut io),
+        Command::Policy(PolicyCommand::Diff { old, new }) => policy_diff(&old, &new, &mut io),
+    };
     // A closed pipe (`| head`) is not worth a message.
     let _ = io.out.flush();
     ExitCode::from(code)
 }
 
-fn run(args: &[OsString], io: &mut Io<'_>) -> u8 {
-    let words: Vec<&str> = args.iter().map(|a| a.to_str().unwrap_or("")).collect();
-    let help =
-        words.first() == Some(&"help") || words.iter().any(|w| matches!(*w, "-h" | "--help"));
-    if words.is_empty() || help {
-        let to = if words.is_empty() {
-            &mut *io.err
-        } else {
-            &mut *io.out
-        };
-        let _ = write!(to, "{}", usage());
-        return if words.is_empty() { USAGE } else { 0 };
-    }
-    if words == ["--version"] || words == ["-V"] {
-        let _ = writeln!(io.out, "refresh-guard {}", env!("CARGO_PKG_VERSION"));
-        return 0;
-    }
-    let Some(cmd) = COMMANDS
-        .iter()
-        .find(|c| words.len() >= c.words.len() && words[..c.words.len()] == *c.words)
-    else {
-        let _ = write!(
-            io.err,
-            "error: unknown command `{}`\n\n{}",
-            words.join(" "),
-            usage()
-        );
-        return USAGE;
+/// Parse the command line; a usage error carries our hints.
+fn parse(args: Vec<OsString>) -> Result<Cli, clap::Error> {
+    let mut cmd = Cli::command();
+    let matches = cmd
+        .try_get_matches_from_mut(&args)
+        .map_err(|e| hint(e, &cmd, &args))?;
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+}
+
+/// Add a tip to a usage error: what to use instead of a name from
+/// [`HINTS`], and, for a bad value taken from the environment, which
+/// variable it came from (clap names only the flag).
+fn hint(mut e: clap::Error, cmd: &clap::Command, args: &[OsString]) -> clap::Error {
+    let invalid = match e.kind() {
+        ErrorKind::UnknownArgument => e.get(ContextKind::InvalidArg),
+        ErrorKind::InvalidSubcommand => e.get(ContextKind::InvalidSubcommand),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation => e.get(ContextKind::InvalidArg),
+        _ => None,
     };
-    match (cmd.run)(&args[cmd.words.len()..], io) {
-        Ok(code) => code,
-        Err(Usage(why)) => {
-            let _ = write!(
-                io.err,
-                "error: {why}\nusage: refresh-guard {} {}\n",
-                cmd.words.join(" "),
-                cmd.args
-            );
-            USAGE
-        }
-    }
+    let Some(ContextValue::String(invalid)) = invalid else {
+        return e;
+    };
+    let tip = match e.kind() {
+        ErrorKind::UnknownArgument | ErrorKind::InvalidSubcommand => HINTS
+            .iter()
+            .find(|(name, _)| *name == invalid)
+            .map(|(_, tip)| (*tip).to_owned()),
+        _ => from_env(cmd, invalid, args),
+    };
+    let Some(tip) = tip else {
+        return e;
+    };
+    let mut tips = match e.get(ContextKind::Suggested) {
+        Some(ContextValue::StyledStrs(v)) => v.clone(),
+        _ => Vec::new(),
+    };
+    tips.push(tip.into());
+    e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    e
 }
 
-fn usage() -> String {
-    let mut s = String::from("refresh-guard: refresh-token lifecycle policy engine\n\nusage:\n");
-    let lines: Vec<(String, &str)> = COMMANDS
-        .iter()
-        .map(|c| (format!("{} {}", c.words.join(" "), c.args), c.about))
-        .chain([
-            ("help".to_owned(), "print this text"),
-            ("--version".to_owned(), "print the version"),
-        ])
-        .collect();
-    let width = lines.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
-    for (line, about) in lines {
-        s.push_str(&format!("  refresh-guard {line:width$}  {about}\n"));
-    }
-    s.push_str("\nexit status: 0 success, 1 failure (errors on stderr), 2 bad usage\n");
-    s
-}
-
-/// Exactly `N` positional arguments.
-fn positional<const N: usize>(args: &[OsString]) -> Result<[PathBuf; N], Usage> {
-    if let Some(flag) = args.iter().find(|a| {
+/// For `--flag <VALUE>` (clap's spelling of the argument in an error):
+/// the environment variable its value came from, if it was not given on
+/// the command line.
+fn from_env(cmd: &clap::Command, invalid: &str, args: &[OsString]) -> Option<String> {
+    let long = invalid.strip_prefix("--")?.split(' ').next()?;
+    let on_line = args.iter().any(|a| {
         a.to_str()
-            .is_some_and(|s| s.starts_with('-') && s.len() > 1)
-    }) {
-        return Err(Usage(format!(
-            "unknown option `{}`",
-            flag.to_string_lossy()
-        )));
+            .is_some_and(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")))
+    });
+    if on_line {
+        return None;
     }
-    let paths: Vec<PathBuf> = args.iter().map(PathBuf::from).collect();
-    let n = paths.len();
-    paths.try_into().map_err(|_| {
-        Usage(format!(
-            "expected {N} argument{}, got {n}",
-            if N == 1 { "" } else { "s" }
-        ))
-    })
-}
-
-/// `refresh-guard serve`: the server parses its own flags.
-fn serve(args: &[OsString], io: &mut Io<'_>) -> Result<u8, Usage> {
-    let args = args
-        .iter()
-        .map(|a| {
-            a.to_str()
-                .map(str::to_owned)
-                .ok_or_else(|| Usage(format!("argument `{}` is not UTF-8", a.to_string_lossy())))
-        })
-        .collect::<Result<Vec<String>, Usage>>()?;
-    let _ = io;
-    Ok(cli::serve_main(&args))
+    let arg = cmd
+        .get_subcommands()
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long() == Some(long))?;
+    let var = arg.get_env()?.to_str()?;
+    std::env::var_os(var).map(|_| format!("the value came from ${var}"))
 }
 
 /// Load a set, or list every error on stderr.
@@ -196,13 +223,12 @@ fn load(dir: &Path, io: &mut Io<'_>) -> Option<PolicySet> {
     }
 }
 
-fn policy_check(args: &[OsString], io: &mut Io<'_>) -> Result<u8, Usage> {
-    let [dir] = positional(args)?;
-    let Some(set) = load(&dir, io) else {
-        return Ok(FAILED);
+fn policy_check(dir: &Path, io: &mut Io<'_>) -> u8 {
+    let Some(set) = load(dir, io) else {
+        return FAILED;
     };
     let _ = write!(io.out, "{}", check_report(&set));
-    Ok(0)
+    0
 }
 
 /// The version, then a table of effective knobs per scope: defaults first,
@@ -234,15 +260,14 @@ fn check_report(set: &PolicySet) -> String {
     s
 }
 
-fn policy_diff(args: &[OsString], io: &mut Io<'_>) -> Result<u8, Usage> {
-    let [old_dir, new_dir] = positional(args)?;
+fn policy_diff(old_dir: &Path, new_dir: &Path, io: &mut Io<'_>) -> u8 {
     // Load both before failing, so every error of both is listed.
-    let (old, new) = (load(&old_dir, io), load(&new_dir, io));
+    let (old, new) = (load(old_dir, io), load(new_dir, io));
     let (Some(old), Some(new)) = (old, new) else {
-        return Ok(FAILED);
+        return FAILED;
     };
     let _ = write!(io.out, "{}", diff_report(&old, &new));
-    Ok(0)
+    0
 }
 
 /// Every effective knob that changes, as `scope.knob: old -> new`.
@@ -304,5 +329,31 @@ fn key(id: &str) -> String {
         id.to_owned()
     } else {
         format!("{id:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks of the derived command line.
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every hint names a flag or subcommand that does not exist (a real
+    /// one would never reach the hint).
+    #[test]
+    fn hints_are_for_names_we_do_not_have() {
+        let cmd = Cli::command();
+        for (name, _) in HINTS {
+            let exists = cmd.get_subcommands().any(|c| {
+                c.get_name() == *name
+                    || c.get_arguments()
+                        .any(|a| a.get_long().is_some_and(|l| format!("--{l}") == *name))
+            });
+            assert!(!exists, "{name}");
+        }
     }
 }

@@ -1,8 +1,13 @@
 //! The `refresh-guard` command line: `policy check` and `policy diff` on
-//! policy directories (README "The `refresh-guard` command").
+//! policy directories (README "The `refresh-guard` command"), and the
+//! command line itself: help, errors, hints and `REFRESH_GUARD_*`
+//! variables (README "Server").
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use refresh_guard::PolicySet;
 
@@ -15,14 +20,30 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
 }
 
+/// The binary with no `REFRESH_GUARD_*` variable of the caller's.
+fn command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_refresh-guard"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("REFRESH_GUARD_")) {
+            c.env_remove(k);
+        }
+    }
+    c.current_dir(repo(""));
+    c
+}
+
 fn cli(args: &[&str]) -> (i32, String, String) {
+    cli_env(args, &[])
+}
+
+fn cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let Output {
         status,
         stdout,
         stderr,
-    } = Command::new(env!("CARGO_BIN_EXE_refresh-guard"))
+    } = command()
         .args(args)
-        .current_dir(repo(""))
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -138,28 +159,257 @@ fn cli_diff_fails_if_either_side_fails() {
     assert!(err.contains("defaults.foo: unknown knob `foo`"), "{err}");
 }
 
+/// Every `serve` flag, with the variable it can also come from.
+const SERVE_FLAGS: [(&str, &str); 11] = [
+    ("--listen <ADDR>", "REFRESH_GUARD_LISTEN"),
+    ("--admin-listen <ADDR>", "REFRESH_GUARD_ADMIN_LISTEN"),
+    ("--policies <DIR>", "REFRESH_GUARD_POLICIES"),
+    ("--data <DIR>", "REFRESH_GUARD_DATA"),
+    ("--durability <MODE>", "REFRESH_GUARD_DURABILITY"),
+    ("--trusted-proxies <LIST>", "REFRESH_GUARD_TRUSTED_PROXIES"),
+    (
+        "--admin-token-file <PATH>",
+        "REFRESH_GUARD_ADMIN_TOKEN_FILE",
+    ),
+    ("--issuer <URL>", "REFRESH_GUARD_ISSUER"),
+    ("--max-connections <N>", "REFRESH_GUARD_MAX_CONNECTIONS"),
+    ("--workers <N>", "REFRESH_GUARD_WORKERS"),
+    ("--watch-policies", "REFRESH_GUARD_WATCH_POLICIES"),
+];
+
 #[test]
-fn cli_bad_usage_prints_usage_and_exits_2() {
-    for args in [
-        &[][..],
-        &["policy"][..],
-        &["policy", "check"][..],
-        &["policy", "check", "a", "b"][..],
-        &["policy", "check", "--verbose", "a"][..],
-        &["frobnicate"][..],
+fn cli_bad_usage_is_explained_on_stderr_with_status_2() {
+    for (args, usage) in [
+        (&[][..], "Usage: refresh-guard <COMMAND>"),
+        (&["policy"][..], "Usage: refresh-guard policy <COMMAND>"),
+        (
+            &["policy", "check"][..],
+            "Usage: refresh-guard policy check <DIR>",
+        ),
+        (
+            &["policy", "check", "a", "b"][..],
+            "Usage: refresh-guard policy check <DIR>",
+        ),
+        (
+            &["policy", "check", "--verbose", "a"][..],
+            "Usage: refresh-guard policy check",
+        ),
+        (
+            &["policy", "diff", "a"][..],
+            "Usage: refresh-guard policy diff <OLD_DIR> <NEW_DIR>",
+        ),
+        (&["frobnicate"][..], "Usage: refresh-guard <COMMAND>"),
+        (
+            &["serve", "--workers"][..],
+            "a value is required for '--workers <N>'",
+        ),
     ] {
         let (code, out, err) = cli(args);
         assert_eq!(code, 2, "{args:?}");
         assert!(out.is_empty(), "{args:?}: {out}");
-        assert!(
-            err.contains("refresh-guard policy check DIR"),
-            "{args:?}: {err}"
-        );
+        assert!(err.contains(usage), "{args:?}: {err}");
     }
     let (code, out, _) = cli(&["--help"]);
     assert_eq!(code, 0);
-    assert!(
-        out.contains("refresh-guard policy diff OLD_DIR NEW_DIR"),
-        "{out}"
+    assert!(out.contains("\n  serve "), "{out}");
+    assert!(out.contains("\n  policy "), "{out}");
+    let (code, out, _) = cli(&["--version"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out,
+        format!("refresh-guard {}\n", env!("CARGO_PKG_VERSION"))
     );
+}
+
+/// Every subcommand answers `--help` (and `-h`) on stdout with its flags,
+/// in lines that fit 80 columns.
+#[test]
+fn every_subcommand_has_help_listing_its_flags_within_80_columns() {
+    for (args, must) in [
+        (&[][..], &["serve", "policy"][..]),
+        (
+            &["serve"][..],
+            &["--listen <ADDR>", "REFRESH_GUARD_LISTEN"][..],
+        ),
+        (&["policy"][..], &["check", "diff"][..]),
+        (&["policy", "check"][..], &["<DIR>"][..]),
+        (&["policy", "diff"][..], &["<OLD_DIR>", "<NEW_DIR>"][..]),
+    ] {
+        for flag in ["-h", "--help"] {
+            let mut a = args.to_vec();
+            a.push(flag);
+            let (code, out, err) = cli(&a);
+            assert_eq!(code, 0, "{a:?}: {err}");
+            assert!(out.starts_with(char::is_alphabetic), "{a:?}: {out}");
+            for m in must {
+                assert!(out.contains(m), "{a:?} lacks {m:?}:\n{out}");
+            }
+            for line in out.lines() {
+                assert!(line.chars().count() <= 80, "{a:?}: {line:?}");
+            }
+        }
+    }
+    let (_, out, _) = cli(&["serve", "--help"]);
+    for (flag, var) in SERVE_FLAGS {
+        assert!(out.contains(flag), "{flag}:\n{out}");
+        assert!(out.contains(&format!("[env: {var}]")), "{var}:\n{out}");
+    }
+    assert!(out.contains("REFRESH_GUARD_ADMIN_TOKEN,"), "{out}");
+}
+
+/// A bad value is refused before anything starts, naming the flag and
+/// what is allowed; from the environment, naming the variable too.
+#[test]
+fn a_bad_value_names_the_flag_and_the_variable_it_came_from() {
+    for (args, env, want) in [
+        (
+            &["serve", "--listen", "8080"][..],
+            &[][..],
+            &[
+                "invalid value '8080' for '--listen <ADDR>'",
+                "127.0.0.1:8080",
+            ][..],
+        ),
+        (
+            &["serve"][..],
+            &[("REFRESH_GUARD_LISTEN", "8080")][..],
+            &[
+                "invalid value '8080' for '--listen <ADDR>'",
+                "tip: the value came from $REFRESH_GUARD_LISTEN",
+            ][..],
+        ),
+        (
+            &["serve"][..],
+            &[("REFRESH_GUARD_DURABILITY", "fast")][..],
+            &[
+                "'--durability <MODE>'",
+                "[possible values: sync, batched, none]",
+                "$REFRESH_GUARD_DURABILITY",
+            ][..],
+        ),
+        (
+            &["serve", "--max-connections", "0"][..],
+            &[][..],
+            &["'--max-connections <N>'", "1..=1000000"][..],
+        ),
+        (
+            &["serve", "--trusted-proxies", "10.0.0.0/8,10.0.0.0/33"][..],
+            &[][..],
+            &["'--trusted-proxies <LIST>'", "\"10.0.0.0/33\""][..],
+        ),
+    ] {
+        let (code, out, err) = cli_env(args, env);
+        assert_eq!(code, 2, "{args:?} {env:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        for w in want {
+            assert!(err.contains(w), "{args:?} {env:?} lacks {w:?}:\n{err}");
+        }
+    }
+    // A flag on the command line wins over the variable, and then the
+    // variable is not blamed.
+    let (code, _, err) = cli_env(
+        &["serve", "--listen", "8080"],
+        &[("REFRESH_GUARD_LISTEN", "127.0.0.1:0")],
+    );
+    assert_eq!(code, 2);
+    assert!(!err.contains("REFRESH_GUARD_LISTEN"), "{err}");
+    let (code, _, err) = cli_env(&["serve"], &[("REFRESH_GUARD_ADMIN_TOKEN", "short")]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("REFRESH_GUARD_ADMIN_TOKEN must be at least 16 characters"),
+        "{err}"
+    );
+}
+
+/// clap's own near-miss suggestions, and explicit hints where users
+/// guess another name altogether.
+#[test]
+fn near_misses_are_suggested_and_other_names_hinted() {
+    for (args, tip) in [
+        (&["serve", "--listne", "x"][..], "'--listen'"),
+        (
+            &["serve", "--trusted-proxy", "x"][..],
+            "'--trusted-proxies'",
+        ),
+        (&["serv"][..], "'serve'"),
+        (&["serve", "--port", "9000"][..], "'--listen ADDR'"),
+        (&["serve", "--bind", "0.0.0.0:80"][..], "'--listen ADDR'"),
+        (&["serve", "--data-dir", "d"][..], "'--data DIR'"),
+        (&["serve", "--threads", "2"][..], "'--workers N'"),
+        (
+            &["serve", "--admin-token", "t"][..],
+            "$REFRESH_GUARD_ADMIN_TOKEN",
+        ),
+        (&["check", "policies"][..], "'policy check DIR'"),
+        (&["policy", "chek", "policies"][..], "'check'"),
+    ] {
+        let (code, _, err) = cli(args);
+        assert_eq!(code, 2, "{args:?}");
+        let tip_line = err.lines().find(|l| l.trim_start().starts_with("tip:"));
+        assert!(
+            tip_line.is_some_and(|l| l.contains(tip)) || err.contains(tip),
+            "{args:?} lacks {tip:?}:\n{err}"
+        );
+        assert!(err.contains("tip:"), "{args:?}:\n{err}");
+    }
+}
+
+/// The service's flags also come from `REFRESH_GUARD_*` variables, as a
+/// container sets them: started with nothing but variables, it listens
+/// where they say, with their issuer and durability.
+#[test]
+fn serve_takes_its_flags_from_the_environment() {
+    let data = tempfile::tempdir().unwrap();
+    let policies = tempfile::tempdir().unwrap();
+    write(
+        policies.path(),
+        "p.toml",
+        "[clients.spa]\ngrace_period = \"5s\"\n",
+    );
+    let mut child = command()
+        .arg("serve")
+        .env("REFRESH_GUARD_LISTEN", "127.0.0.1:0")
+        .env("REFRESH_GUARD_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("REFRESH_GUARD_DATA", data.path())
+        .env("REFRESH_GUARD_POLICIES", policies.path())
+        .env("REFRESH_GUARD_DURABILITY", "none")
+        .env("REFRESH_GUARD_ISSUER", "https://auth.example")
+        .env("REFRESH_GUARD_WORKERS", "1")
+        .env("REFRESH_GUARD_WATCH_POLICIES", "true")
+        .env("REFRESH_GUARD_ADMIN_TOKEN", "env-admin-token-0123456789")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let listening = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a \"listening\" log line within 60 s");
+        if line.contains("\"listening\"") {
+            break line;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let set = PolicySet::load_dir(policies.path()).unwrap();
+    for want in [
+        "\"issuer\":\"https://auth.example\"".to_owned(),
+        "\"durability\":\"none\"".to_owned(),
+        "\"addr\":\"127.0.0.1:".to_owned(),
+        format!("\"policy_version\":\"{}\"", set.version()),
+    ] {
+        assert!(listening.contains(&want), "{want}: {listening}");
+    }
+    assert!(!listening.contains(":8080"), "{listening}");
+    // Nothing was written to ./data: the variable named the directory.
+    assert!(data.path().join("mac-keys").exists());
 }
