@@ -4,10 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use refresh_guard_server::form;
+use refresh_guard_server::fuzzing::parse_form;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(f) = form::parse(data) {
+    if let Ok(f) = parse_form(data) {
         let names: Vec<&str> = f.names().collect();
         assert_eq!(names.len(), f.len());
         for (i, n) in names.iter().enumerate() {

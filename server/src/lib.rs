@@ -42,7 +42,7 @@
 mod admin;
 mod datadir;
 mod events;
-pub mod form;
+mod form;
 mod jwt;
 mod metrics;
 mod net;
@@ -62,6 +62,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot, watch};
 
 pub use self::datadir::{AdminToken, AdminTokenSource};
+
+/// Entry points for the fuzz targets in `fuzz/`: the server's parsers of
+/// untrusted bytes, reachable from outside the crate but not part of its
+/// API (hidden from the docs, free to change in any release).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The form parser of the OAuth endpoints' bodies and query strings.
+    pub use crate::form::{Form, FormError, MAX_PARAMS, parse as parse_form};
+}
 pub use self::jwt::{AccessClaims, AccessTokenSigner};
 
 use refresh_guard::{
