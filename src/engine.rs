@@ -169,6 +169,7 @@ pub struct SweepReport {
 
 /// Counters since the engine started.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Family records held (revoked ones until swept).
     pub families: usize,
@@ -1631,7 +1632,9 @@ impl Engine {
             .map_or(Durability::None, |s| s.durability())
     }
 
-    /// Counters since start.
+    /// Counters since start: a snapshot of the engine's lock-free counters
+    /// (counting costs a redemption no lock and no allocation), to pull into
+    /// whatever metrics system the embedder uses (README "Metrics").
     pub fn stats(&self) -> Stats {
         let mut counts = self.table.outcomes();
         for (i, c) in counts.iter_mut().enumerate() {

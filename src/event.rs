@@ -111,6 +111,7 @@ pub const EVENT_KINDS: [&str; N_KINDS] = [
 ];
 
 const N_KINDS: usize = 9;
+const N_REASONS: usize = RevokeReason::ALL.len();
 
 /// One security-relevant outcome, with everything an operator needs to act.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,11 +183,15 @@ impl<S: EventSink> EventSink for Arc<S> {
     }
 }
 
-/// Events counted by kind, plus sink panics.
+/// Events counted by kind, revocations by reason, plus sink panics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EventCounts {
     /// Per kind, in the order of [`EVENT_KINDS`].
     pub by_kind: [u64; N_KINDS],
+    /// `family_revoked` events per reason, in the order of
+    /// [`RevokeReason::ALL`].
+    pub revocations: [u64; N_REASONS],
     /// Times the sink panicked (the event is still counted).
     pub sink_panics: u64,
 }
@@ -199,6 +204,11 @@ impl EventCounts {
             .position(|k| *k == kind)
             .map_or(0, |i| self.by_kind[i])
     }
+
+    /// Families revoked for `reason`.
+    pub fn revoked(&self, reason: RevokeReason) -> u64 {
+        self.revocations[reason.index()]
+    }
 }
 
 /// The engine's side of event delivery: counts, then calls the sink with
@@ -209,6 +219,7 @@ pub(crate) struct Dispatcher {
     /// the engine need not gather what an event carries.
     delivers: bool,
     counts: Striped<N_KINDS>,
+    revocations: Striped<N_REASONS>,
     panics: AtomicU64,
 }
 
@@ -218,6 +229,7 @@ impl Dispatcher {
             sink,
             delivers,
             counts: Striped::default(),
+            revocations: Striped::default(),
             panics: AtomicU64::new(0),
         }
     }
@@ -230,10 +242,13 @@ impl Dispatcher {
     /// Count an event that is not delivered.
     pub(crate) fn count(&self, kind: &EventKind) {
         self.counts.add(kind.index());
+        if let EventKind::FamilyRevoked { reason } = kind {
+            self.revocations.add(reason.index());
+        }
     }
 
     pub(crate) fn emit(&self, event: &Event) {
-        self.counts.add(event.kind.index());
+        self.count(&event.kind);
         // The engine holds no lock here and has finished its state change, so
         // a panicking sink cannot leave the table half-updated; containing it
         // keeps one bad sink from failing the redemption that triggered it.
@@ -246,6 +261,9 @@ impl Dispatcher {
         let mut c = EventCounts::default();
         for (i, n) in c.by_kind.iter_mut().enumerate() {
             *n = self.counts.get(i);
+        }
+        for (i, n) in c.revocations.iter_mut().enumerate() {
+            *n = self.revocations.get(i);
         }
         c.sink_panics = self.panics.load(Ordering::Relaxed);
         c

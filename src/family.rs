@@ -29,6 +29,22 @@ pub enum RevokeReason {
 }
 
 impl RevokeReason {
+    /// Every reason, in the order of [`EventCounts::revocations`](crate::EventCounts::revocations).
+    pub const ALL: [RevokeReason; 7] = [
+        RevokeReason::ReuseDetected,
+        RevokeReason::SubjectReuse,
+        RevokeReason::CodeReplay,
+        RevokeReason::CapEviction,
+        RevokeReason::Requested,
+        RevokeReason::SubjectRevoked,
+        RevokeReason::ClientRevoked,
+    ];
+
+    /// Its place in [`ALL`](Self::ALL).
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
     /// Stable snake_case name for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -259,6 +275,15 @@ mod tests {
     fn record_stays_within_its_budget() {
         assert!(std::mem::size_of::<Option<Family>>() <= 152);
         assert_eq!(std::mem::size_of::<SubjectName>(), 24);
+    }
+
+    /// `EventCounts::revocations` is indexed by `index()` in the order of
+    /// `ALL`: every reason has its own slot.
+    #[test]
+    fn every_revoke_reason_has_its_slot() {
+        for (i, r) in RevokeReason::ALL.into_iter().enumerate() {
+            assert_eq!(r.index(), i, "{r}");
+        }
     }
 
     #[test]

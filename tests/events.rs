@@ -8,7 +8,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::ip;
-use refresh_guard::{DenyReason, Engine, Event, EventSink, IssueRequest, Token};
+use refresh_guard::{
+    DenyReason, Engine, Event, EventSink, IssueRequest, MemorySink, OnReuse, PolicyOverrides,
+    PolicySet, RevokeReason, Token,
+};
 
 fn issue(e: &Engine, subject: &str) -> Token {
     e.issue(&IssueRequest {
@@ -166,4 +169,52 @@ fn without_a_sink_events_are_counted_and_responses_applied() {
     }
     // Nothing of the subjects is left to revoke.
     assert_eq!(e.revoke_subject("user-0", None).unwrap(), 0);
+}
+
+/// The engine counts revocations by reason itself, with or without a sink,
+/// so an embedder reads them from `stats()` instead of counting events.
+#[test]
+fn revocations_are_counted_by_reason_with_or_without_a_sink() {
+    let set = PolicySet::builder()
+        .defaults(PolicyOverrides::new().on_reuse(OnReuse::RevokeSubject))
+        .build()
+        .unwrap();
+    let sink = Arc::new(MemorySink::new());
+    let quiet = Engine::builder().policies(set.clone()).build().unwrap();
+    let heard = Engine::builder()
+        .policies(set)
+        .events(sink.clone())
+        .build()
+        .unwrap();
+    for e in [&quiet, &heard] {
+        // Reuse revokes the family and, by policy, its sibling.
+        let (stolen, _sibling) = (issue(e, "alice"), issue(e, "alice"));
+        e.redeem(&stolen, "app", ip("10.0.0.1")).unwrap();
+        e.redeem(&stolen, "app", ip("10.0.0.1")).unwrap();
+        // Three of bob's families revoked on request, one by token.
+        for _ in 0..3 {
+            issue(e, "bob");
+        }
+        assert_eq!(e.revoke_subject("bob", None).unwrap(), 3);
+        let carol = issue(e, "carol");
+        assert!(e.revoke_token(&carol, Some("app")).unwrap());
+        let events = e.stats().events;
+        for (reason, want) in [
+            (RevokeReason::ReuseDetected, 1),
+            (RevokeReason::SubjectReuse, 1),
+            (RevokeReason::SubjectRevoked, 3),
+            (RevokeReason::Requested, 1),
+            (RevokeReason::CodeReplay, 0),
+        ] {
+            assert_eq!(events.revoked(reason), want, "{reason}");
+        }
+        assert_eq!(events.revocations.iter().sum::<u64>(), 6);
+        assert_eq!(events.get("family_revoked"), 6);
+    }
+    let delivered = sink
+        .take()
+        .into_iter()
+        .filter(|e| e.kind.as_str() == "family_revoked")
+        .count();
+    assert_eq!(delivered, 6);
 }
