@@ -1,22 +1,15 @@
 //! The server's event sink: every engine event becomes one structured log
-//! record (JSON when logs are), and revocations are counted for `/metrics`.
+//! record (JSON when logs are). The engine counts them itself, for
+//! `/metrics`.
 
-use std::sync::Arc;
-
-use super::metrics::Metrics;
 use refresh_guard::{Event, EventKind, EventSink};
 
-/// Logs each event through `tracing` (target `refresh_guard::event`) and
-/// counts revocations by reason. Events carry ids, never token material.
-pub(crate) struct LogSink {
-    pub(crate) metrics: Arc<Metrics>,
-}
+/// Logs each event through `tracing` (target `refresh_guard::event`).
+/// Events carry ids, never token material.
+pub(crate) struct LogSink;
 
 impl EventSink for LogSink {
     fn emit(&self, e: &Event) {
-        if let EventKind::FamilyRevoked { reason } = &e.kind {
-            self.metrics.revocation(reason.as_str());
-        }
         let detail = match &e.kind {
             EventKind::ReuseDetected {
                 presented,

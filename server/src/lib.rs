@@ -462,9 +462,7 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
     let mut builder = Engine::builder()
         .keys(keys)
         .policies(set)
-        .events(events::LogSink {
-            metrics: metrics.clone(),
-        });
+        .events(events::LogSink);
     if config.durability != Durability::None {
         let dir = data.join(datadir::LOG_DIR);
         let store = LogStore::open(

@@ -1,16 +1,26 @@
-//! Counters the server keeps, and their Prometheus text exposition
-//! (format 0.0.4), written by hand: a handful of counters, gauges and one
-//! histogram do not need a metrics framework.
+//! What `/metrics` exposes: the engine's own counters, read from its
+//! [`Engine::stats`] snapshot at each scrape, and what only the server sees
+//! (decisions per client, refresh latency, OAuth errors, connections),
+//! counted here without locks on the request path. Both are encoded by
+//! `prometheus-client` in the OpenMetrics text format.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+use refresh_guard::{AcceptKind, Decision, DenyReason, EVENT_KINDS, Engine, RevokeReason};
 
-use refresh_guard::{AcceptKind, Decision, DenyReason, EVENT_KINDS, Engine};
+/// The media type of the exposition.
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 const ACCEPTS: [AcceptKind; 6] = [
     AcceptKind::Rotated,
@@ -53,7 +63,7 @@ fn outcome_name(i: usize) -> &'static str {
 
 type Outcomes = [AtomicU64; OUTCOMES];
 
-/// A latency histogram with fixed buckets.
+/// A latency histogram with fixed buckets, lock-free to observe.
 #[derive(Default)]
 pub(crate) struct Histogram {
     buckets: [AtomicU64; BUCKETS_US.len()],
@@ -72,20 +82,24 @@ impl Histogram {
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (b, c) in BUCKETS_US.iter().zip(&self.buckets) {
-            cumulative += c.load(Ordering::Relaxed);
-            let le = *b as f64 / 1e6;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
+    /// Sum in seconds, count, and per-bucket (not cumulative) counts with
+    /// their upper bounds in seconds, the last one `+Inf`: the shape
+    /// `prometheus-client` encodes.
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let mut below = 0;
+        let mut buckets: Vec<(f64, u64)> = BUCKETS_US
+            .iter()
+            .zip(&self.buckets)
+            .map(|(b, c)| {
+                let c = c.load(Ordering::Relaxed);
+                below += c;
+                (*b as f64 / 1e6, c)
+            })
+            .collect();
+        buckets.push((f64::INFINITY, count.saturating_sub(below)));
         let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {count}");
+        (sum, count, buckets)
     }
 }
 
@@ -98,8 +112,6 @@ pub(crate) struct Metrics {
     pub(crate) redeem_latency: Histogram,
     /// OAuth error responses by (endpoint, error code).
     errors: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    /// Revocations by reason, counted from events.
-    revocations: Mutex<BTreeMap<&'static str, u64>>,
     pub(crate) connections_open: AtomicU64,
     pub(crate) connections_total: AtomicU64,
 }
@@ -126,11 +138,6 @@ impl Metrics {
         *self.errors.lock().entry((endpoint, error)).or_default() += 1;
     }
 
-    /// Count one revocation.
-    pub(crate) fn revocation(&self, reason: &'static str) {
-        *self.revocations.lock().entry(reason).or_default() += 1;
-    }
-
     /// The decisions counted for `client` with `outcome`.
     #[cfg(test)]
     pub(crate) fn decisions_of(&self, client: &str, outcome: &str) -> u64 {
@@ -141,118 +148,147 @@ impl Metrics {
             .map_or(0, |c| c[i].load(Ordering::Relaxed))
     }
 
-    /// The Prometheus text exposition.
-    pub(crate) fn render(&self, engine: &Engine) -> String {
+    /// The exposition of these counters and `engine`'s, as of now.
+    pub(crate) fn render(self: &Arc<Self>, engine: &Arc<Engine>) -> String {
+        let mut registry = Registry::with_prefix("refresh_guard");
+        registry.register_collector(Box::new(Scrape {
+            server: self.clone(),
+            engine: engine.clone(),
+        }));
         let mut out = String::with_capacity(4096);
-        out.push_str(
-            "# HELP refresh_guard_decisions_total Engine decisions made by this server, by client and outcome.\n\
-             # TYPE refresh_guard_decisions_total counter\n",
-        );
-        let mut rows: Vec<(Arc<str>, Arc<Outcomes>)> = self
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// One scrape: reads both sides' counters when the registry encodes it.
+struct Scrape {
+    server: Arc<Metrics>,
+    engine: Arc<Engine>,
+}
+
+impl fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scrape").finish_non_exhaustive()
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let server = &self.server;
+        let stats = self.engine.stats();
+
+        let mut m = enc.encode_descriptor(
+            "decisions",
+            "Engine decisions made by this server, by client and outcome.",
+            None,
+            MetricType::Counter,
+        )?;
+        let mut rows: Vec<(Arc<str>, Arc<Outcomes>)> = server
             .decisions
             .read()
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         rows.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut emit = |client: &str, counts: &Outcomes| {
+        let named = rows.iter().map(|(c, o)| (&**c, &**o));
+        for (client, counts) in named.chain([("_other", &server.other)]) {
             for (i, c) in counts.iter().enumerate() {
                 let n = c.load(Ordering::Relaxed);
                 if n > 0 {
-                    let _ = writeln!(
-                        out,
-                        "refresh_guard_decisions_total{{client=\"{}\",outcome=\"{}\"}} {n}",
-                        escape(client),
-                        outcome_name(i)
-                    );
+                    let labels = [("client", client), ("outcome", outcome_name(i))];
+                    ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
                 }
             }
-        };
-        for (client, counts) in &rows {
-            emit(client, counts);
         }
-        emit("_other", &self.other);
 
-        let stats = engine.stats();
-        out.push_str(
-            "# HELP refresh_guard_events_total Security events emitted by the engine, by kind.\n\
-             # TYPE refresh_guard_events_total counter\n",
-        );
+        let mut m = enc.encode_descriptor(
+            "events",
+            "Security events emitted by the engine, by kind.",
+            None,
+            MetricType::Counter,
+        )?;
         for (kind, n) in EVENT_KINDS.iter().zip(stats.events.by_kind) {
-            let _ = writeln!(out, "refresh_guard_events_total{{kind=\"{kind}\"}} {n}");
+            ConstCounter::new(n).encode(m.encode_family(&[("kind", *kind)])?)?;
         }
-        out.push_str(
-            "# HELP refresh_guard_revocations_total Token families revoked, by reason.\n\
-             # TYPE refresh_guard_revocations_total counter\n",
-        );
-        for (reason, n) in self.revocations.lock().iter() {
-            let _ = writeln!(
-                out,
-                "refresh_guard_revocations_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        let _ = write!(
-            out,
-            "# HELP refresh_guard_live_families Token family records held (active, and revoked ones until swept).\n\
-             # TYPE refresh_guard_live_families gauge\n\
-             refresh_guard_live_families {}\n",
-            stats.families
-        );
-        self.redeem_latency.render(
-            &mut out,
-            "refresh_guard_redeem_duration_seconds",
-            "Time to decide a refresh grant, including the wait for durability.",
-        );
-        let _ = write!(
-            out,
-            "# HELP refresh_guard_policy_version_info The policy set in force.\n\
-             # TYPE refresh_guard_policy_version_info gauge\n\
-             refresh_guard_policy_version_info{{version=\"{}\"}} 1\n",
-            engine.policies().version()
-        );
-        let shadow = engine.shadow_report();
-        let _ = write!(
-            out,
-            "# HELP refresh_guard_shadow_policy_info The candidate policy set under shadow evaluation, if any.\n\
-             # TYPE refresh_guard_shadow_policy_info gauge\n"
-        );
-        if let Some(s) = &shadow {
-            let _ = writeln!(
-                out,
-                "refresh_guard_shadow_policy_info{{version=\"{}\"}} 1",
-                s.candidate
-            );
-        }
-        out.push_str(
-            "# HELP refresh_guard_oauth_errors_total OAuth error responses, by endpoint and error code.\n\
-             # TYPE refresh_guard_oauth_errors_total counter\n",
-        );
-        for ((endpoint, error), n) in self.errors.lock().iter() {
-            let _ = writeln!(
-                out,
-                "refresh_guard_oauth_errors_total{{endpoint=\"{endpoint}\",error=\"{error}\"}} {n}"
-            );
-        }
-        let _ = write!(
-            out,
-            "# HELP refresh_guard_http_connections_open Open connections on the public listener.\n\
-             # TYPE refresh_guard_http_connections_open gauge\n\
-             refresh_guard_http_connections_open {}\n\
-             # HELP refresh_guard_http_connections_total Connections accepted on the public listener.\n\
-             # TYPE refresh_guard_http_connections_total counter\n\
-             refresh_guard_http_connections_total {}\n",
-            self.connections_open.load(Ordering::Relaxed),
-            self.connections_total.load(Ordering::Relaxed),
-        );
-        out
-    }
-}
 
-/// Escape a label value (backslash, quote, newline).
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+        let mut m = enc.encode_descriptor(
+            "revocations",
+            "Token families revoked, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in RevokeReason::ALL {
+            let n = stats.events.revoked(reason);
+            ConstCounter::new(n).encode(m.encode_family(&[("reason", reason.as_str())])?)?;
+        }
+
+        ConstGauge::new(stats.families as u64).encode(enc.encode_descriptor(
+            "live_families",
+            "Token family records held (active, and revoked ones until swept).",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
+        let (sum, count, buckets) = server.redeem_latency.snapshot();
+        enc.encode_descriptor(
+            "redeem_duration",
+            "Time to decide a refresh grant, including the wait for durability.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+
+        let version = self.engine.policies().version().to_string();
+        enc.encode_descriptor(
+            "policy_version",
+            "The policy set in force.",
+            None,
+            MetricType::Info,
+        )?
+        .encode_info(&[("version", version.as_str())])?;
+
+        let mut m = enc.encode_descriptor(
+            "shadow_policy",
+            "The candidate policy set under shadow evaluation, if any.",
+            None,
+            MetricType::Info,
+        )?;
+        if let Some(s) = self.engine.shadow_report() {
+            let candidate = s.candidate.to_string();
+            m.encode_info(&[("version", candidate.as_str())])?;
+        }
+
+        let mut m = enc.encode_descriptor(
+            "oauth_errors",
+            "OAuth error responses, by endpoint and error code.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((endpoint, error), n) in server.errors.lock().iter() {
+            let labels = [("endpoint", *endpoint), ("error", *error)];
+            ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+        }
+
+        ConstGauge::new(server.connections_open.load(Ordering::Relaxed)).encode(
+            enc.encode_descriptor(
+                "http_connections_open",
+                "Open connections on the public listener.",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
+        ConstCounter::new(server.connections_total.load(Ordering::Relaxed)).encode(
+            enc.encode_descriptor(
+                "http_connections",
+                "Connections accepted on the public listener.",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -268,14 +304,16 @@ mod tests {
         })
     }
 
+    fn engine() -> Arc<Engine> {
+        Arc::new(Engine::builder().build().unwrap())
+    }
+
     #[test]
     fn every_outcome_has_a_slot_and_its_name() {
         for r in DenyReason::ALL {
             assert_eq!(outcome_name(outcome_index(&deny(r))), r.as_str());
         }
-        let issued = Engine::builder()
-            .build()
-            .unwrap()
+        let issued = engine()
             .issue(&IssueRequest {
                 client: "c",
                 subject: "s",
@@ -292,35 +330,58 @@ mod tests {
 
     #[test]
     fn client_labels_are_capped_and_escaped() {
-        let m = Metrics::default();
+        let m = Arc::new(Metrics::default());
         for i in 0..MAX_CLIENT_LABELS + 5 {
             m.decision(&format!("c{i}"), &deny(DenyReason::InvalidToken));
         }
         m.decision("we\"ird", &deny(DenyReason::Revoked));
         assert_eq!(m.decisions.read().len(), MAX_CLIENT_LABELS);
         assert_eq!(m.decisions_of("c0", "invalid_token"), 1);
-        let engine = Engine::builder().build().unwrap();
-        let text = m.render(&engine);
+        let text = m.render(&engine());
         assert!(text.contains(
             "refresh_guard_decisions_total{client=\"_other\",outcome=\"invalid_token\"} 5"
         ));
         assert!(
             text.contains("refresh_guard_decisions_total{client=\"_other\",outcome=\"revoked\"} 1")
         );
+        let m = Arc::new(Metrics::default());
+        m.decision("we\"ird\\\n", &deny(DenyReason::Revoked));
+        let text = m.render(&engine());
+        assert!(
+            text.contains(
+                "refresh_guard_decisions_total{client=\"we\\\"ird\\\\\\n\",outcome=\"revoked\"} 1"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
     fn histogram_is_cumulative() {
-        let h = Histogram::default();
+        let m = Arc::new(Metrics::default());
+        let h = &m.redeem_latency;
         h.observe(Duration::from_micros(40));
         h.observe(Duration::from_micros(700));
         h.observe(Duration::from_secs(3));
-        let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"0.00005\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.001\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"1\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_count 3\n"), "{out}");
+        let out = m.render(&engine());
+        let x = "refresh_guard_redeem_duration_seconds";
+        assert!(
+            out.contains(&format!("{x}_bucket{{le=\"0.00005\"}} 1\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{x}_bucket{{le=\"0.001\"}} 2\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{x}_bucket{{le=\"1.0\"}} 2\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{x}_bucket{{le=\"+Inf\"}} 3\n")),
+            "{out}"
+        );
+        assert!(out.contains(&format!("{x}_count 3\n")), "{out}");
+        assert!(out.contains(&format!("# TYPE {x} histogram\n")), "{out}");
+        assert!(out.contains(&format!("# UNIT {x} seconds\n")), "{out}");
     }
 }

@@ -689,8 +689,14 @@ fn metrics_count_decisions_events_and_latency() {
     s.form("/oauth2/token", "grant_type=password&client_id=spa");
     let r = s.admin("GET", "/metrics", None);
     assert_eq!(r.status, 200);
-    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    // OpenMetrics text (what prometheus-client writes; Prometheus asks
+    // for it first), ending with its EOF marker.
+    assert_eq!(
+        r.header("content-type").unwrap(),
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
     let m = r.text();
+    assert!(m.ends_with("\n# EOF\n"), "{m}");
     for want in [
         "refresh_guard_decisions_total{client=\"spa\",outcome=\"code_issued\"} 1",
         "refresh_guard_decisions_total{client=\"spa\",outcome=\"exchanged\"} 1",
@@ -704,6 +710,8 @@ fn metrics_count_decisions_events_and_latency() {
         "refresh_guard_oauth_errors_total{endpoint=\"token\",error=\"unsupported_grant_type\"} 1",
         "refresh_guard_oauth_errors_total{endpoint=\"token\",error=\"invalid_grant\"} 1",
         "# TYPE refresh_guard_redeem_duration_seconds histogram",
+        "refresh_guard_http_connections_open ",
+        "refresh_guard_http_connections_total ",
     ] {
         assert!(m.contains(want), "missing {want:?} in\n{m}");
     }
