@@ -1422,7 +1422,7 @@ impl<'a> Run<'a> {
                 client: CLIENTS[client],
                 subject: SUBJECTS[subject],
                 scope: SCOPE,
-                ip: ip_addr(ip),
+                ip: Some(ip_addr(ip)),
             })
             .map_err(fail)?;
         self.count(format!("issue:{}", d.outcome()));
@@ -1505,7 +1505,7 @@ impl<'a> Run<'a> {
                 redirect_uri: REDIRECTS[redirect],
                 code_challenge: challenge.as_deref(),
                 code_challenge_method: pkce.method,
-                ip: ip_addr(ip),
+                ip: Some(ip_addr(ip)),
             })
             .map_err(fail)?;
         self.count(format!("authorize:{}", d.outcome()));
@@ -1573,7 +1573,7 @@ impl<'a> Run<'a> {
                 code_verifier: verifier,
                 client,
                 redirect_uri: REDIRECTS[redirect],
-                ip: ip_addr(ip),
+                ip: Some(ip_addr(ip)),
             })
             .map_err(fail)?;
         self.count(format!("exchange:{}", d.outcome()));
@@ -1732,7 +1732,7 @@ impl<'a> Run<'a> {
                         code_verifier: real.verifier.as_deref(),
                         client: CLIENTS[self.model.families[fam].client],
                         redirect_uri: REDIRECTS[real.redirect],
-                        ip: ip_addr(0),
+                        ip: Some(ip_addr(0)),
                     })
                     .map_err(fail)?;
                 prop_assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
@@ -2059,7 +2059,7 @@ impl<'a> Run<'a> {
                 code_verifier: verifier.as_deref(),
                 client: CLIENTS[client],
                 redirect_uri: REDIRECTS[redirect],
-                ip: ip_addr(ip),
+                ip: Some(ip_addr(ip)),
             })
             .map_err(fail)?;
         prop_assert_eq!(
@@ -2429,7 +2429,7 @@ fn grace_same_ip_treats_ipv4_mapped_as_the_same_ip() {
         client: CLIENTS[0],
         subject: SUBJECTS[0],
         scope: SCOPE,
-        ip: v4,
+        ip: Some(v4),
     };
     let t1 = engine
         .issue(&issue)
