@@ -1,5 +1,5 @@
-//! One test per denial reason and per ordering rule of DESIGN §3, through the
-//! public engine API.
+//! One test per denial reason and per ordering rule of the order of checks
+//! (docs/design.md, "The refresh decision"), through the public engine API.
 
 mod common;
 

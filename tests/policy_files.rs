@@ -1,4 +1,4 @@
-//! Policy files (DESIGN §4, issue 3): the loader's errors, each naming file,
+//! Policy files (README "Policy files"): the loader's errors, each naming file,
 //! line, column and key; the shipped policy sets; the `refresh-guard policy`
 //! command line.
 
