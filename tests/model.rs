@@ -534,6 +534,12 @@ impl Model {
                 && f.grace_used < p.grace_max_replays
                 && (!p.grace_same_ip || same_ip(f.rotation_ip, ip));
             if grace {
+                // A grace replay is a redemption, so the allow-list guards
+                // it (README "The order of checks", step 6): from outside,
+                // `ip_not_allowed` with no revocation and no change.
+                if p.every_refresh && !p.allows(ip) {
+                    return (Expect::Deny(DenyReason::IpNotAllowed), vec![]);
+                }
                 // A retry of the rotation: the same successor, no new
                 // generation; it counts as a use of the family.
                 f.grace_used += 1;
