@@ -58,7 +58,7 @@ fn issue(e: &Engine, i: usize) -> Token {
         client: CLIENT,
         subject: &format!("user-{i}"),
         scope: "openid",
-        ip: ip(),
+        ip: Some(ip()),
     })
     .expect("issue")
     .accepted()

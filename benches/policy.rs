@@ -100,7 +100,7 @@ fn engine_with(n: usize, set: PolicySet) -> (Engine, Vec<Token>) {
                 client: CLIENT,
                 subject: &format!("user-{i}"),
                 scope: "openid",
-                ip,
+                ip: Some(ip),
             })
             .expect("issue")
             .accepted()

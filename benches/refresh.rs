@@ -169,7 +169,7 @@ fn issue(e: &Engine, subject: &str) -> (Token, FamilyId) {
             client: CLIENT,
             subject,
             scope: SCOPE,
-            ip: inside(),
+            ip: Some(inside()),
         })
         .expect("no store");
     match d {
@@ -187,7 +187,7 @@ fn authorize(e: &Engine, subject: &str) -> (Token, FamilyId) {
             redirect_uri: REDIRECT_URI,
             code_challenge: Some(CHALLENGE),
             code_challenge_method: Some("S256"),
-            ip: inside(),
+            ip: Some(inside()),
         })
         .expect("no store");
     match d {
@@ -203,7 +203,7 @@ fn exchange(e: &Engine, code: &Token) -> FamilyId {
             code_verifier: Some(VERIFIER),
             client: CLIENT,
             redirect_uri: REDIRECT_URI,
-            ip: inside(),
+            ip: Some(inside()),
         })
         .expect("no store");
     match d {

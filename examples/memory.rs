@@ -35,7 +35,7 @@ fn main() -> Result<(), refresh_guard::Error> {
             client: "app",
             subject: &subject,
             scope: "openid offline_access",
-            ip,
+            ip: Some(ip),
         })?;
     }
     let after = rss_bytes();

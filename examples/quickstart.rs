@@ -58,7 +58,7 @@ fn main() -> Result<(), refresh_guard::Error> {
         client,
         subject: "user-42",
         scope: "openid offline_access",
-        ip: home,
+        ip: Some(home),
     })?;
     show("issue a family", &d);
     let t1 = d.accepted().expect("issued").token;

@@ -120,7 +120,7 @@ pub(crate) struct ExchangeCheck<'a> {
     pub(crate) client: &'a str,
     pub(crate) redirect_uri: &'a str,
     pub(crate) verifier: Option<&'a str>,
-    pub(crate) ip: std::net::IpAddr,
+    pub(crate) ip: Option<std::net::IpAddr>,
     pub(crate) now: Timestamp,
 }
 
@@ -150,7 +150,7 @@ pub(crate) fn decide_exchange(
     check_pkce(code.challenge.as_ref(), req.verifier, policy.pkce)?;
     // The allow-list applies here in both `ip_check` modes: the exchange is
     // where the family is issued.
-    if !policy.ip_allowlist.contains(req.ip) {
+    if !policy.ip_allowlist.admits(req.ip) {
         return Err(DenyReason::IpNotAllowed);
     }
     Ok(())

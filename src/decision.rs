@@ -282,7 +282,9 @@ impl Decision {
 pub(crate) struct Request<'a> {
     pub(crate) generation: Generation,
     pub(crate) client: &'a str,
-    pub(crate) ip: IpAddr,
+    /// `None` when the caller's address could not be determined (an
+    /// unreadable forwarding chain): outside every non-empty allow-list.
+    pub(crate) ip: Option<IpAddr>,
     pub(crate) now: Timestamp,
 }
 
@@ -293,9 +295,10 @@ pub(crate) enum Verdict {
     Deny(DenyReason),
 }
 
-/// Steps 4–8 of DESIGN §3, in order. Steps 1–3 (parse, look up, verify the
-/// tag) need the key ring and the table, so the engine does them first; a
-/// family only reaches this function with a valid tag.
+/// Steps 4–8 of the README's "The order of checks", in order. Steps 1–3
+/// (parse, look up, verify the tag) need the key ring and the table, so the
+/// engine does them first; a family only reaches this function with a valid
+/// tag.
 pub(crate) fn decide(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> Verdict {
     // 4. Client binding.
     if **f.client() != *req.client {
@@ -314,15 +317,21 @@ pub(crate) fn decide(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> Ve
         return Verdict::Deny(DenyReason::StateRollback);
     }
     if g < c {
-        return if in_grace(f, req, policy) {
-            Verdict::Accept(AcceptKind::GraceReplay)
-        } else {
-            Verdict::Deny(DenyReason::ReuseDetected)
-        };
+        if !in_grace(f, req, policy) {
+            return Verdict::Deny(DenyReason::ReuseDetected);
+        }
+        // A grace replay hands out the successor: it is a redemption, and
+        // every check that guards one guards it, the allow-list included.
+        // Outside the list it is denied like the current token would be,
+        // without revocation (the grace window says this is no theft).
+        if !ip_admitted(req, policy) {
+            return Verdict::Deny(DenyReason::IpNotAllowed);
+        }
+        return Verdict::Accept(AcceptKind::GraceReplay);
     }
     // 7. Allow-list, after reuse: a replay from a foreign network is theft,
     //    not travel.
-    if policy.ip_check == IpCheck::EveryRefresh && !policy.ip_allowlist.contains(req.ip) {
+    if !ip_admitted(req, policy) {
         return Verdict::Deny(DenyReason::IpNotAllowed);
     }
     // 8. Accept.
@@ -348,17 +357,29 @@ pub(crate) fn expiry(f: &Family, policy: &ClientPolicy, now: Timestamp) -> Optio
     None
 }
 
+/// The refresh-time allow-list check (`ip_check = every_refresh`).
+fn ip_admitted(req: &Request<'_>, policy: &ClientPolicy) -> bool {
+    policy.ip_check != IpCheck::EveryRefresh || policy.ip_allowlist.admits(req.ip)
+}
+
 fn in_grace(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> bool {
+    // `now` is read before the shard lock, so a racing loser's clock can
+    // precede the winner's `rotated_at`; time never runs backwards past the
+    // rotation, so a zero grace period grants no replay, ever.
+    let now = req.now.max(f.rotated_at);
     // Only the immediate predecessor, and only once a rotation happened
     // (generation 1 has no predecessor refresh token).
     Some(req.generation) == f.generation.get().checked_sub(1).map(Generation::new)
         && req.generation >= Generation::FIRST
-        && req.now < f.rotated_at.saturating_add(policy.grace_period)
+        && now < f.rotated_at.saturating_add(policy.grace_period)
         && f.grace_used < policy.grace_max_replays
         // IPv4-mapped IPv6 is the same client as plain IPv4 (as in the
-        // allow-list): one proxy may log either spelling.
+        // allow-list): one proxy may log either spelling. An unknown address
+        // is never the rotation's.
         && (!policy.grace_same_ip
-            || f.rotation_ip.map(|a| a.to_canonical()) == Some(req.ip.to_canonical()))
+            || (req.ip.is_some()
+                && f.rotation_ip.map(|a| a.to_canonical())
+                    == req.ip.map(|a| a.to_canonical())))
 }
 
 /// Apply an accepting verdict's state change. `key` is the active key, which
@@ -374,8 +395,9 @@ pub(crate) fn apply_accept(
             // decide() refused exhausted generations; keep the old one if
             // that ever changes rather than wrapping to 0.
             f.generation = f.generation.next().unwrap_or(f.generation);
-            f.rotated_at = req.now;
-            f.rotation_ip = Some(req.ip.to_canonical());
+            // Never before the previous rotation (see `in_grace`).
+            f.rotated_at = req.now.max(f.rotated_at);
+            f.rotation_ip = req.ip.map(|a| a.to_canonical());
             f.grace_used = 0;
             f.key = key;
             // The cached tag is the old generation's.
@@ -384,7 +406,7 @@ pub(crate) fn apply_accept(
         AcceptKind::GraceReplay => f.grace_used = f.grace_used.saturating_add(1),
         AcceptKind::Kept | AcceptKind::Issued | AcceptKind::CodeIssued | AcceptKind::Exchanged => {}
     }
-    f.last_used = req.now;
+    f.last_used = req.now.max(f.last_used);
 }
 
 #[cfg(test)]
@@ -407,7 +429,7 @@ mod tests {
         Request {
             generation: Generation::new(g),
             client: "c",
-            ip: "10.0.0.1".parse().unwrap(),
+            ip: Some("10.0.0.1".parse().unwrap()),
             now: Timestamp::from_secs(secs),
         }
     }
@@ -518,7 +540,7 @@ mod tests {
         let f = fam(3);
         let mut r = req(2, 1001);
         assert_eq!(decide(&f, &r, &p), Verdict::Accept(AcceptKind::GraceReplay));
-        r.ip = "10.0.0.2".parse().unwrap();
+        r.ip = Some("10.0.0.2".parse().unwrap());
         assert_eq!(deny(decide(&f, &r, &p)), DenyReason::ReuseDetected);
     }
 
@@ -534,13 +556,116 @@ mod tests {
         };
         let f = fam(3);
         let mut r = req(2, 1001);
-        r.ip = "::ffff:10.0.0.1".parse().unwrap();
+        r.ip = Some("::ffff:10.0.0.1".parse().unwrap());
         assert_eq!(decide(&f, &r, &p), Verdict::Accept(AcceptKind::GraceReplay));
         let mut g = fam(3);
         g.rotation_ip = Some("::ffff:10.0.0.1".parse().unwrap());
         assert_eq!(
             decide(&g, &req(2, 1001), &p),
             Verdict::Accept(AcceptKind::GraceReplay)
+        );
+    }
+
+    /// Regression: the grace branch answered before the allow-list, so a
+    /// spent token replayed from outside the client's networks got the
+    /// successor. A grace replay is a redemption: outside the list it is
+    /// `ip_not_allowed` (no revocation), like the current token would be.
+    #[test]
+    fn a_grace_replay_from_outside_the_allow_list_is_ip_not_allowed() {
+        let p = ClientPolicy {
+            grace_period: Duration::from_secs(10),
+            ip_allowlist: AllowList::new(&["10.0.0.0/8".parse::<IpRange>().unwrap()]),
+            ..ClientPolicy::default()
+        };
+        let f = fam(3);
+        let mut r = req(2, 1001);
+        assert_eq!(decide(&f, &r, &p), Verdict::Accept(AcceptKind::GraceReplay));
+        r.ip = Some("192.0.2.7".parse().unwrap());
+        assert_eq!(deny(decide(&f, &r, &p)), DenyReason::IpNotAllowed);
+        r.ip = None;
+        assert_eq!(deny(decide(&f, &r, &p)), DenyReason::IpNotAllowed);
+        // Outside the window it is still theft first: reuse before the list.
+        r.now = Timestamp::from_secs(1010);
+        assert_eq!(deny(decide(&f, &r, &p)), DenyReason::ReuseDetected);
+        // `issuance_only` does not check refreshes, replays included.
+        let issuance_only = ClientPolicy {
+            ip_check: IpCheck::IssuanceOnly,
+            ..p
+        };
+        r.now = Timestamp::from_secs(1001);
+        assert_eq!(
+            decide(&f, &r, &issuance_only),
+            Verdict::Accept(AcceptKind::GraceReplay)
+        );
+    }
+
+    /// An address that could not be determined is outside every non-empty
+    /// allow-list, and inside the empty one (any).
+    #[test]
+    fn an_unknown_address_fails_a_non_empty_allow_list_only() {
+        let mut r = req(3, 1001);
+        r.ip = None;
+        assert_eq!(
+            decide(&fam(3), &r, &ClientPolicy::default()),
+            Verdict::Accept(AcceptKind::Rotated)
+        );
+        let p = ClientPolicy {
+            ip_allowlist: AllowList::new(&["0.0.0.0/0".parse::<IpRange>().unwrap()]),
+            ..ClientPolicy::default()
+        };
+        assert_eq!(deny(decide(&fam(3), &r, &p)), DenyReason::IpNotAllowed);
+    }
+
+    /// Regression: `now` is read before the shard lock, so a racing loser's
+    /// `now` could precede the winner's `rotated_at`, and `grace_period = 0s`
+    /// still granted it a replay. Zero grace means no replay, ever.
+    #[test]
+    fn zero_grace_never_replays_even_when_now_precedes_the_rotation() {
+        let zero = ClientPolicy::default();
+        assert_eq!(zero.grace_period, Duration::ZERO);
+        let f = fam(3); // rotated at 1000
+        assert_eq!(
+            deny(decide(&f, &req(2, 999), &zero)),
+            DenyReason::ReuseDetected
+        );
+        // With a window, an early `now` counts from the rotation.
+        let ten = ClientPolicy {
+            grace_period: Duration::from_secs(10),
+            ..ClientPolicy::default()
+        };
+        assert_eq!(
+            decide(&f, &req(2, 999), &ten),
+            Verdict::Accept(AcceptKind::GraceReplay)
+        );
+    }
+
+    /// The rotation records who rotated (for `grace_same_ip`), and an
+    /// early `now` never moves rotation or last use backwards.
+    #[test]
+    fn apply_rotation_records_the_rotation_ip_and_keeps_time_monotonic() {
+        let mut f = fam(3);
+        let mut r = req(3, 999);
+        r.ip = Some("::ffff:192.0.2.1".parse().unwrap());
+        apply_accept(&mut f, AcceptKind::Rotated, &r, KeyId(0));
+        assert_eq!(f.rotation_ip, Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(f.rotated_at, Timestamp::from_secs(1000));
+        assert_eq!(f.last_used, Timestamp::from_secs(1000));
+        r.ip = None;
+        r.now = Timestamp::from_secs(2000);
+        r.generation = Generation::new(4);
+        apply_accept(&mut f, AcceptKind::Rotated, &r, KeyId(0));
+        assert_eq!(f.rotation_ip, None, "an unknown address is not kept");
+        let same_ip = ClientPolicy {
+            grace_period: Duration::from_secs(10),
+            grace_same_ip: true,
+            ..ClientPolicy::default()
+        };
+        let mut replay = req(4, 2001);
+        replay.ip = None;
+        assert_eq!(
+            deny(decide(&f, &replay, &same_ip)),
+            DenyReason::ReuseDetected,
+            "an unknown address never matches the rotation's"
         );
     }
 

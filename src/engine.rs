@@ -34,8 +34,10 @@ pub struct IssueRequest<'a> {
     pub subject: &'a str,
     /// The granted scope, space-separated.
     pub scope: &'a str,
-    /// The client's IP address.
-    pub ip: IpAddr,
+    /// The client's IP address; `None` when it could not be determined
+    /// (an unreadable forwarding chain), which no non-empty allow-list
+    /// admits.
+    pub ip: Option<IpAddr>,
 }
 
 /// An authorization request the embedding server has authenticated and
@@ -54,9 +56,9 @@ pub struct AuthorizeRequest<'a> {
     pub code_challenge: Option<&'a str>,
     /// RFC 7636 `code_challenge_method` (`S256` or `plain`; absent = plain).
     pub code_challenge_method: Option<&'a str>,
-    /// The user agent's IP address (recorded; the allow-list applies at the
-    /// exchange).
-    pub ip: IpAddr,
+    /// The user agent's IP address, if known (recorded; the allow-list
+    /// applies at the exchange).
+    pub ip: Option<IpAddr>,
 }
 
 impl std::fmt::Debug for AuthorizeRequest<'_> {
@@ -84,8 +86,9 @@ pub struct ExchangeRequest<'a> {
     pub client: &'a str,
     /// Must equal the authorization request's.
     pub redirect_uri: &'a str,
-    /// The client's IP address.
-    pub ip: IpAddr,
+    /// The client's IP address; `None` when it could not be determined,
+    /// which no non-empty allow-list admits.
+    pub ip: Option<IpAddr>,
 }
 
 impl std::fmt::Debug for ExchangeRequest<'_> {
@@ -570,13 +573,13 @@ impl Engine {
         let version = policies.version();
         let policy = policies.policy(req.client);
         // The allow-list applies at issuance in both `ip_check` modes.
-        if !policy.ip_allowlist.contains(req.ip) {
+        if !policy.ip_allowlist.admits(req.ip) {
             self.events.emit(&Event {
                 kind: EventKind::IpNotAllowed,
                 family: None,
                 client: Some(self.interner.intern(req.client)),
                 subject: Some(Arc::from(req.subject)),
-                ip: Some(req.ip),
+                ip: req.ip,
                 policy_version: version,
                 at: now,
             });
@@ -617,7 +620,7 @@ impl Engine {
             tag: [0; 16],
             tag_uid: KeyUid::NONE,
             grace_used: 0,
-            rotation_ip: Some(req.ip.to_canonical()),
+            rotation_ip: req.ip.map(|a| a.to_canonical()),
             revoked: None,
             code,
             lsn: 0,
@@ -667,7 +670,7 @@ impl Engine {
             self.emit(
                 EventKind::CapEviction { cap },
                 Some(w),
-                Some(req.ip),
+                req.ip,
                 version,
                 now,
             );
@@ -676,7 +679,7 @@ impl Engine {
                     reason: RevokeReason::CapEviction,
                 },
                 Some(w),
-                Some(req.ip),
+                req.ip,
                 version,
                 now,
             );
@@ -805,7 +808,7 @@ impl Engine {
                 f.created = now;
                 f.last_used = now;
                 f.rotated_at = now;
-                f.rotation_ip = Some(req.ip.to_canonical());
+                f.rotation_ip = req.ip.map(|a| a.to_canonical());
                 f.key = keys.active();
                 f.tag_uid = KeyUid::NONE;
                 let token = mint_current(f, &keys).expect("the active key is always in the ring");
@@ -836,7 +839,7 @@ impl Engine {
                     self.subjects.remove(&who.subject, who.loc);
                 }
                 let lsn = persisted?;
-                let ip = Some(req.ip);
+                let ip = req.ip;
                 match reason {
                     DenyReason::CodeReused => {
                         self.emit(EventKind::CodeReplay, Some(&who), ip, version, now);
@@ -918,14 +921,21 @@ impl Engine {
         Ok(lsn)
     }
 
-    /// Redeem a refresh token presented by `client` from `ip`.
+    /// Redeem a refresh token presented by `client` from `ip`: an address,
+    /// or `None` when the caller's address could not be determined (no
+    /// non-empty allow-list admits it).
     ///
     /// With a store in [`Durability::Sync`] this blocks until the change is
     /// durable (group commit: typically one fsync shared with concurrent
     /// callers). From an async runtime use [`redeem_async`](Self::redeem_async).
     /// An `Err` is a store failure: the engine then refuses every change
     /// until restarted (fail closed); nothing was acknowledged.
-    pub fn redeem(&self, token: &str, client: &str, ip: IpAddr) -> Result<Decision, Error> {
+    pub fn redeem(
+        &self,
+        token: &str,
+        client: &str,
+        ip: impl Into<Option<IpAddr>>,
+    ) -> Result<Decision, Error> {
         self.redeem_at(token, client, ip, self.clock.now())
     }
 
@@ -934,10 +944,10 @@ impl Engine {
         &self,
         token: &str,
         client: &str,
-        ip: IpAddr,
+        ip: impl Into<Option<IpAddr>>,
         now: Timestamp,
     ) -> Result<Decision, Error> {
-        let (decision, lsn) = self.redeem_inner(token, client, ip, now)?;
+        let (decision, lsn) = self.redeem_inner(token, client, ip.into(), now)?;
         self.settle(lsn)?;
         Ok(decision)
     }
@@ -948,9 +958,9 @@ impl Engine {
         &self,
         token: &str,
         client: &str,
-        ip: IpAddr,
+        ip: impl Into<Option<IpAddr>>,
     ) -> Result<Durable<'_>, Error> {
-        let (decision, lsn) = self.redeem_inner(token, client, ip, self.clock.now())?;
+        let (decision, lsn) = self.redeem_inner(token, client, ip.into(), self.clock.now())?;
         Ok(Durable {
             engine: self,
             decision: Some(decision),
@@ -962,7 +972,7 @@ impl Engine {
         &self,
         token: &str,
         client: &str,
-        ip: IpAddr,
+        ip: Option<IpAddr>,
         now: Timestamp,
     ) -> Result<(Decision, u64), Error> {
         let policies = self.policies.load();
@@ -1162,7 +1172,7 @@ impl Engine {
         revoked: bool,
         version: PolicyVersion,
     ) -> Result<u64, Error> {
-        let (ip, now) = (Some(req.ip), req.now);
+        let (ip, now) = (req.ip, req.now);
         let mut lsn = 0;
         match reason {
             DenyReason::ReuseDetected => {
@@ -1733,7 +1743,7 @@ mod tests {
                 client: "app",
                 subject,
                 scope,
-                ip: "10.0.0.1".parse().unwrap(),
+                ip: Some("10.0.0.1".parse().unwrap()),
             })
             .unwrap();
         let a = d.accepted().unwrap();
@@ -2066,7 +2076,7 @@ mod tests {
                         client: "c",
                         subject: &subject,
                         scope: "",
-                        ip,
+                        ip: Some(ip),
                     })
                     .unwrap()
                     .accepted()

@@ -23,7 +23,7 @@
 //!     client: "mobile-app",
 //!     subject: "user-42",
 //!     scope: "openid offline_access",
-//!     ip,
+//!     ip: Some(ip),
 //! })?;
 //! let t1 = first.accepted().expect("issued").token;
 //!

@@ -199,12 +199,20 @@ impl fmt::Debug for KeySecret {
 /// rotate without logging anyone out. Removing a key kills its tokens.
 #[derive(Clone)]
 pub struct KeyRing {
-    /// `slot[id] - 1` indexes `macs`; 0 = no such key.
-    slot: [u8; 256],
+    /// `slot[id] - 1` indexes `macs`; 0 = no such key. `u16`, because a
+    /// full ring holds 256 keys and index 256 does not fit a `u8`.
+    slot: [u16; 256],
     /// Pre-keyed HMAC states, so the key schedule runs once, each with a
     /// process-unique id of its key material (see [`KeyUid`]).
     macs: Vec<(KeyId, KeyUid, MacKey)>,
     active: KeyId,
+}
+
+/// A ring position (1-based) as stored in `KeyRing::slot`.
+fn slot_of(position: usize) -> u16 {
+    // Ids are unique `u8`s (`add` refuses a duplicate), so a ring holds at
+    // most 256 keys and every position fits.
+    u16::try_from(position).expect("a key ring holds at most 256 keys")
 }
 
 impl KeyRing {
@@ -226,8 +234,7 @@ impl KeyRing {
 
     fn insert(&mut self, id: KeyId, secret: &KeySecret) {
         self.macs.push((id, KeyUid::next(), MacKey::new(&secret.0)));
-        // At most 256 ids exist, so the index fits in a u8 after +1.
-        self.slot[usize::from(id.0)] = u8::try_from(self.macs.len()).unwrap_or(u8::MAX);
+        self.slot[usize::from(id.0)] = slot_of(self.macs.len());
     }
 
     /// Add a verifying key. It mints only once made active.
@@ -260,7 +267,7 @@ impl KeyRing {
         self.macs.retain(|(k, _, _)| *k != id);
         self.slot = [0; 256];
         for (i, (k, _, _)) in self.macs.iter().enumerate() {
-            self.slot[usize::from(k.0)] = u8::try_from(i + 1).unwrap_or(u8::MAX);
+            self.slot[usize::from(k.0)] = slot_of(i + 1);
         }
         Ok(())
     }
@@ -705,6 +712,55 @@ mod tests {
                 assert!(!tags_equal(&a, &b), "byte {i} bit {bit:#x}");
             }
         }
+    }
+
+    /// Regression: slots were `u8` and saturated, so in a full ring of 256
+    /// keys the key added last (position 256) shared position 255's MAC:
+    /// its tokens were tagged, and verified, under another key.
+    #[test]
+    fn a_full_ring_of_256_keys_keeps_every_key_apart() {
+        let secret_of = |i: u8| KeySecret::from_bytes([i; 32]);
+        let mut full = KeyRing::new(KeyId(0), &secret_of(0));
+        for i in 1..=255u8 {
+            full.add(KeyId(i), &secret_of(i)).unwrap();
+        }
+        assert_eq!(full.ids().count(), 256);
+        assert_eq!(
+            full.add(KeyId(9), &secret_of(9)),
+            Err(Error::DuplicateKey { id: KeyId(9) }),
+            "a 257th key cannot exist: ids are unique u8s"
+        );
+        for i in [0u8, 1, 127, 254, 255] {
+            let alone = KeyRing::new(KeyId(i), &secret_of(i));
+            let t = full
+                .mint(TokenKind::Refresh, KeyId(i), &FAM, Generation(3), &secret())
+                .unwrap();
+            assert_eq!(
+                Some(t),
+                alone.mint(TokenKind::Refresh, KeyId(i), &FAM, Generation(3), &secret()),
+                "key {i} tags with its own secret"
+            );
+            assert!(alone.verify(&parse(&t, TokenKind::Refresh).unwrap(), &secret()));
+        }
+        // Removal renumbers positions; every key still tags with its own.
+        full.remove(KeyId(3)).unwrap();
+        let alone = KeyRing::new(KeyId(255), &secret_of(255));
+        assert_eq!(
+            full.mint(
+                TokenKind::Refresh,
+                KeyId(255),
+                &FAM,
+                Generation(1),
+                &secret()
+            ),
+            alone.mint(
+                TokenKind::Refresh,
+                KeyId(255),
+                &FAM,
+                Generation(1),
+                &secret()
+            )
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! One test per denial reason and per ordering rule of DESIGN §3, through the
-//! public engine API.
+//! One test per denial reason and per ordering rule of the order of checks
+//! (docs/design.md, "The refresh decision"), through the public engine API.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{CLIENT, Harness, ip};
 use refresh_guard::{
     AcceptKind, DenyReason, Engine, EventKind, Generation, IpCheck, IssueRequest, OnReuse,
-    PolicyOverrides, PolicySet, RevokeReason, Rotation, Status, Token,
+    PolicyOverrides, PolicySet, RevokeReason, Rotation, Status, Timestamp, Token,
 };
 
 fn allow(entries: &[&str]) -> Vec<refresh_guard::IpRange> {
@@ -208,15 +208,18 @@ fn absolute_lifetime_expires() {
 #[test]
 fn idle_ttl_expires() {
     let h = Harness::new(PolicyOverrides::new().idle_ttl(Some(Duration::from_secs(60))));
-    let t = h.issue();
-    h.advance(59);
-    let t = h
-        .engine
-        .redeem(&t, CLIENT, ip("10.0.0.1"))
-        .unwrap()
-        .accepted()
-        .unwrap()
-        .token;
+    let mut t = h.issue();
+    // Three uses 59 s apart: 177 s after issue, far past one idle TTL.
+    for _ in 0..3 {
+        h.advance(59);
+        t = h
+            .engine
+            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .accepted()
+            .expect("each use pushes the idle expiry back")
+            .token;
+    }
     h.advance(60);
     let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ExpiredIdle));
@@ -353,7 +356,7 @@ fn allow_list_at_issuance_and_issuance_only_mode() {
             client: CLIENT,
             subject: "bob",
             scope: "",
-            ip: ip("198.51.100.7"),
+            ip: Some(ip("198.51.100.7")),
         })
         .unwrap();
     assert_eq!(denied.deny_reason(), Some(DenyReason::IpNotAllowed));
@@ -388,7 +391,7 @@ fn family_restored_into_a_busy_engine_works_there() {
             client: CLIENT,
             subject,
             scope: "openid",
-            ip: ip("10.0.0.1"),
+            ip: Some(ip("10.0.0.1")),
         })
         .unwrap()
         .accepted()
@@ -710,7 +713,7 @@ fn on_reuse_subject_scopes() {
                 client: "web",
                 subject: "alice",
                 scope: "",
-                ip: ip("10.0.0.1"),
+                ip: Some(ip("10.0.0.1")),
             })
             .unwrap()
             .accepted()
@@ -842,6 +845,222 @@ fn cap_evicts_the_oldest_family() {
     );
 }
 
+/// The cap counts only the capped client's families: another client's
+/// families of the same subject neither count towards it nor get evicted.
+#[test]
+fn the_cap_counts_only_its_own_clients_families() {
+    let set = PolicySet::builder()
+        .client(CLIENT, PolicyOverrides::new().max_families_per_subject(2))
+        .build()
+        .unwrap();
+    let h = Harness::with_set(set);
+    let issue = |client: &str| {
+        h.advance(1);
+        h.engine
+            .issue(&IssueRequest {
+                client,
+                subject: "alice",
+                scope: "openid",
+                ip: Some(ip("10.0.0.1")),
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .token
+    };
+    let app1 = issue(CLIENT);
+    let web1 = issue("web");
+    let web2 = issue("web");
+    let app2 = issue(CLIENT);
+    let redeems = |t: &Token, client: &str| {
+        h.engine
+            .redeem(t, client, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason()
+    };
+    // Four families, two per client: under the cap of 2, nothing evicted.
+    for (t, client) in [
+        (&app1, CLIENT),
+        (&web1, "web"),
+        (&web2, "web"),
+        (&app2, CLIENT),
+    ] {
+        let i = h.engine.introspect(t).unwrap();
+        assert!(i.active, "{client} family evicted");
+        assert_eq!(&*i.client, client);
+    }
+    let app3 = issue(CLIENT);
+    assert_eq!(
+        redeems(&app1, CLIENT),
+        Some(DenyReason::Revoked),
+        "oldest evicted"
+    );
+    for (t, client) in [
+        (&web1, "web"),
+        (&web2, "web"),
+        (&app2, CLIENT),
+        (&app3, CLIENT),
+    ] {
+        assert_eq!(redeems(t, client), None, "{client} family kept");
+    }
+}
+
+/// Over the cap the oldest family by creation goes, however recently it
+/// was used; more than one goes when the cap was lowered.
+#[test]
+fn cap_eviction_takes_the_oldest_created_first() {
+    let capped = |n| {
+        PolicySet::builder()
+            .client(CLIENT, PolicyOverrides::new().max_families_per_subject(n))
+            .build()
+            .unwrap()
+    };
+    let h = Harness::with_set(capped(3));
+    let f1 = h.issue();
+    h.advance(1);
+    let f2 = h.issue();
+    h.advance(1);
+    let f3 = h.issue();
+    h.advance(1);
+    // f1 is now the most recently used.
+    let f1 = h
+        .engine
+        .redeem(&f1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .token;
+    h.advance(1);
+    let f4 = h.issue();
+    let status = |t: &Token| {
+        h.engine
+            .redeem(t, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason()
+    };
+    assert_eq!(status(&f1), Some(DenyReason::Revoked));
+    // Lower the cap to 1: the next issue evicts the two oldest left.
+    h.engine.swap_policies(capped(1));
+    h.advance(1);
+    let f5 = h.issue();
+    assert_eq!(status(&f2), Some(DenyReason::Revoked));
+    assert_eq!(status(&f3), Some(DenyReason::Revoked));
+    assert_eq!(status(&f4), Some(DenyReason::Revoked));
+    assert_eq!(status(&f5), None);
+}
+
+/// Each rotation records the address it came from, and `grace_same_ip`
+/// compares a replay with the latest rotation's address, not issuance's.
+#[test]
+fn each_rotation_records_its_address_for_grace_same_ip() {
+    let h = Harness::new(
+        PolicyOverrides::new()
+            .grace_period(Duration::from_secs(10))
+            .grace_same_ip(true),
+    );
+    let t1 = h.issue(); // from 10.0.0.1
+    h.engine
+        .redeem(&t1, CLIENT, ip("10.0.0.2"))
+        .unwrap()
+        .accepted()
+        .unwrap();
+    h.advance(1);
+    // The predecessor of t2 rotated from 10.0.0.2: a replay from the
+    // issuing address is reuse...
+    let from_issuer = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
+    assert_eq!(from_issuer.deny_reason(), Some(DenyReason::ReuseDetected));
+    // ...which revoked the family; start again to check the other side.
+    let t1 = h.issue();
+    let t2b = h
+        .engine
+        .redeem(&t1, CLIENT, ip("10.0.0.2"))
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .token;
+    let t3 = h
+        .engine
+        .redeem(&t2b, CLIENT, ip("10.0.0.3"))
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .token;
+    let replay = h.engine.redeem(&t2b, CLIENT, ip("10.0.0.3")).unwrap();
+    let a = replay
+        .accepted()
+        .expect("same address as the latest rotation");
+    assert_eq!((a.kind, &a.token), (AcceptKind::GraceReplay, &t3));
+}
+
+/// Regression: the grace branch answered before the allow-list, so a spent
+/// token replayed from outside the client's networks got the successor and
+/// a fresh access token. A grace replay is a redemption: outside the list it
+/// is `ip_not_allowed` with its event and no revocation.
+#[test]
+fn a_grace_replay_outside_the_allow_list_is_denied_with_its_event_and_no_revocation() {
+    let h = Harness::new(
+        PolicyOverrides::new()
+            .grace_period(Duration::from_secs(10))
+            .ip_allowlist(allow(&["10.0.0.0/8"])),
+    );
+    let t1 = h.issue();
+    let t2 = h
+        .engine
+        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .token;
+    h.advance(1);
+    h.sink.take();
+    let d = h.engine.redeem(&t1, CLIENT, ip("198.51.100.7")).unwrap();
+    assert_eq!(d.deny_reason(), Some(DenyReason::IpNotAllowed));
+    let ev = h.sink.take();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].kind, EventKind::IpNotAllowed);
+    assert_eq!(ev[0].ip, Some(ip("198.51.100.7")));
+    // An unknown address is outside too.
+    let d = h.engine.redeem(&t1, CLIENT, None).unwrap();
+    assert_eq!(d.deny_reason(), Some(DenyReason::IpNotAllowed));
+    // Nothing revoked, no replay budget spent: from inside, the same
+    // successor; and it still rotates.
+    let a = *h
+        .engine
+        .redeem(&t1, CLIENT, ip("10.0.0.9"))
+        .unwrap()
+        .accepted()
+        .unwrap();
+    assert_eq!((a.kind, a.token), (AcceptKind::GraceReplay, t2));
+    assert!(
+        h.engine
+            .redeem(&t2, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .accepted()
+            .is_some()
+    );
+}
+
+/// Regression: a racing loser's `now` (read before the shard lock) could
+/// precede the winner's rotation time, and `grace_period = 0s` then granted
+/// it a replay. Zero grace means no replay, ever: the loser is reuse.
+#[test]
+fn zero_grace_denies_a_loser_whose_clock_precedes_the_rotation() {
+    let h = Harness::new(PolicyOverrides::new());
+    let t1 = h.issue();
+    let now = h.engine.now();
+    let later = Timestamp::from_millis(now.as_millis() + 5);
+    let winner = h
+        .engine
+        .redeem_at(&t1, CLIENT, ip("10.0.0.1"), later)
+        .unwrap();
+    assert_eq!(winner.accepted().unwrap().kind, AcceptKind::Rotated);
+    let loser = h
+        .engine
+        .redeem_at(&t1, CLIENT, ip("10.0.0.1"), now)
+        .unwrap();
+    assert_eq!(loser.deny_reason(), Some(DenyReason::ReuseDetected));
+}
+
 /// Revocation by subject (all clients or one) and by client.
 #[test]
 fn revoke_by_subject_and_client() {
@@ -852,7 +1071,7 @@ fn revoke_by_subject_and_client() {
                 client,
                 subject,
                 scope: "",
-                ip: ip("10.0.0.1"),
+                ip: Some(ip("10.0.0.1")),
             })
             .unwrap()
             .accepted()
@@ -1036,7 +1255,7 @@ fn issue_rejects_bad_arguments() {
                 client,
                 subject,
                 scope: "",
-                ip: ip("10.0.0.1"),
+                ip: Some(ip("10.0.0.1")),
             })
             .unwrap_err();
         assert!(

@@ -73,7 +73,7 @@ fn issue(e: &Engine, subject: &str) -> Token {
         client: CLIENT,
         subject,
         scope: "openid",
-        ip: ip(),
+        ip: Some(ip()),
     })
     .unwrap()
     .accepted()

@@ -18,7 +18,7 @@ fn issue(e: &Engine, subject: &str) -> Token {
         client: "app",
         subject,
         scope: "",
-        ip: ip("10.0.0.1"),
+        ip: Some(ip("10.0.0.1")),
     })
     .unwrap()
     .accepted()

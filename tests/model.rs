@@ -12,6 +12,11 @@
 //! PKCE, allow-list), code replay (RFC 6749 §4.1.2: the family born from
 //! the code is revoked), and the sweeping of unused codes.
 //!
+//! A family's record can be backed up and restored (`Engine::family_record`,
+//! `Engine::restore_family`): the family is then as it was at the backup,
+//! and tokens minted since are newer than it, denied `state_rollback` with
+//! an event (README "The order of checks", `g > c`).
+//!
 //! The file has five sections: fixtures, the reference model, the strategy,
 //! the check loop, and the tests.
 
@@ -30,9 +35,9 @@ use proptest::test_runner::{
 };
 use refresh_guard::{
     AcceptKind, AuthorizeRequest, Decision, DenyReason, Engine, EventKind, ExchangeRequest,
-    FamilyId, Generation, Introspection, IpCheck, IpRange, IssueRequest, ManualClock, MemorySink,
-    OnReuse, Pkce, PolicyOverrides, PolicySet, PolicyVersion, RevokeReason, Rotation, Status,
-    TOKEN_LEN, Timestamp,
+    FamilyId, FamilyRecord, Generation, Introspection, IpCheck, IpRange, IssueRequest, ManualClock,
+    MemorySink, OnReuse, Pkce, PolicyOverrides, PolicySet, PolicyVersion, RevokeReason, Rotation,
+    Status, TOKEN_LEN, Timestamp,
 };
 use sha2::{Digest, Sha256};
 
@@ -534,6 +539,12 @@ impl Model {
                 && f.grace_used < p.grace_max_replays
                 && (!p.grace_same_ip || same_ip(f.rotation_ip, ip));
             if grace {
+                // A grace replay is a redemption, so the allow-list guards
+                // it (README "The order of checks", step 6): from outside,
+                // `ip_not_allowed` with no revocation and no change.
+                if p.every_refresh && !p.allows(ip) {
+                    return (Expect::Deny(DenyReason::IpNotAllowed), vec![]);
+                }
                 // A retry of the rotation: the same successor, no new
                 // generation; it counts as a use of the family.
                 f.grace_used += 1;
@@ -831,6 +842,25 @@ enum Op {
     /// `None`: a budget covering the whole table.
     Sweep {
         budget: Option<usize>,
+    },
+    /// Copy a family's record, as a backup does (`Engine::family_record`).
+    Backup {
+        fam: Index,
+    },
+    /// Put a backup taken earlier back (`Engine::restore_family`): the
+    /// family's whole state returns to it. With `rollback`, one of a family
+    /// that rotated since, if there is one.
+    Restore {
+        backup: Index,
+        rollback: bool,
+    },
+    /// Present a token minted before a rollback: newer than the family's
+    /// current generation (`g > c`).
+    Ahead {
+        fam: Index,
+        ahead: Index,
+        who: Who,
+        ip: usize,
     },
 }
 
@@ -1135,6 +1165,11 @@ fn op() -> impl Strategy<Value = Op> {
         6 => advance().prop_map(|ms| Op::Advance { ms }),
         2 => set_spec().prop_map(Op::SwapPolicies),
         2 => prop::option::weighted(0.5, 1..=8usize).prop_map(|budget| Op::Sweep { budget }),
+        3 => any::<Index>().prop_map(|fam| Op::Backup { fam }),
+        3 => (any::<Index>(), prop::bool::weighted(0.7))
+            .prop_map(|(backup, rollback)| Op::Restore { backup, rollback }),
+        4 => (any::<Index>(), any::<Index>(), who(), ip())
+            .prop_map(|(fam, ahead, who, ip)| Op::Ahead { fam, ahead, who, ip }),
     ]
 }
 
@@ -1197,6 +1232,9 @@ struct Run<'a> {
     by_id: HashMap<FamilyId, usize>,
     /// Every token the engine ever handed out.
     seen: HashSet<String>,
+    /// Every backup taken: the family, the model's copy of it then, and
+    /// the engine's record.
+    backups: Vec<(usize, MFamily, FamilyRecord)>,
     coverage: &'a RefCell<Coverage>,
 }
 
@@ -1231,6 +1269,7 @@ impl<'a> Run<'a> {
             fams: Vec::new(),
             by_id: HashMap::new(),
             seen: HashSet::new(),
+            backups: Vec::new(),
             coverage,
         })
     }
@@ -1320,8 +1359,12 @@ impl<'a> Run<'a> {
                 who,
                 ip,
             } => {
+                // By the model's generation: after a rollback the tokens
+                // handed out run ahead of it.
                 let rotated: Vec<usize> = (0..self.fams.len())
-                    .filter(|&i| self.fams[i].tokens.len() >= 2)
+                    .filter(|&i| {
+                        !self.fams[i].tokens.is_empty() && self.model.families[i].current >= 2
+                    })
                     .collect();
                 let Some(&fam) = (!rotated.is_empty()).then(|| fam.get(&rotated)) else {
                     return Ok(());
@@ -1411,7 +1454,88 @@ impl<'a> Run<'a> {
                 self.check_events(vec![("policy_swapped".to_owned(), None)])
             }
             Op::Sweep { budget } => self.sweep(*budget),
+            Op::Backup { fam } => self.backup(fam),
+            Op::Restore { backup, rollback } => self.restore(backup, *rollback),
+            Op::Ahead {
+                fam,
+                ahead,
+                who,
+                ip,
+            } => {
+                let newer: Vec<usize> = (0..self.fams.len())
+                    .filter(|&i| {
+                        self.fams[i].tokens.len() > self.model.families[i].current as usize
+                    })
+                    .collect();
+                let Some(&fam) = (!newer.is_empty()).then(|| fam.get(&newer)) else {
+                    return Ok(());
+                };
+                let c = self.model.families[fam].current;
+                let minted = self.fams[fam].tokens.len() - c as usize;
+                let generation = c + 1 + ahead.index(minted) as u32;
+                self.redeem(fam, generation, who, *ip)
+            }
         }
+    }
+
+    /// Copy a family's record as a backup would, beside the model's copy
+    /// of the family, so that a restore knows what comes back. A code not
+    /// yet exchanged is left out: restoring it after its exchange would
+    /// make it exchangeable again, outside what the code reference models.
+    fn backup(&mut self, fam: &Index) -> TestCaseResult {
+        let Some(fam) = self.pick(fam, |r| !r.tokens.is_empty()) else {
+            return Ok(());
+        };
+        let m = &self.model.families[fam];
+        let record = self.engine.family_record(self.fams[fam].id);
+        prop_assert_eq!(record.is_some(), !m.swept, "record of family {}", fam);
+        if let Some(record) = record {
+            prop_assert_eq!(record.id(), self.fams[fam].id);
+            prop_assert_eq!(
+                (record.generation().get(), record.status()),
+                (m.current, model_status(m)),
+                "backup of family {}",
+                fam
+            );
+            self.backups.push((fam, m.clone(), record));
+            self.count("backup");
+        }
+        self.check_events(vec![])
+    }
+
+    /// Restore a backup: the family is as it was then, whatever happened
+    /// since (rotations, revocation, a sweep). Tokens minted after the
+    /// backup are then newer than the family (README "The order of
+    /// checks": `g > c` is `state_rollback`).
+    fn restore(&mut self, backup: &Index, rollback: bool) -> TestCaseResult {
+        let behind: Vec<usize> = (0..self.backups.len())
+            .filter(|&i| {
+                let (fam, then, _) = &self.backups[i];
+                rollback && then.current < self.model.families[*fam].current
+            })
+            .collect();
+        let chosen = if behind.is_empty() {
+            if self.backups.is_empty() {
+                return Ok(());
+            }
+            backup.index(self.backups.len())
+        } else {
+            *backup.get(&behind)
+        };
+        let (fam, then, record) = self.backups[chosen].clone();
+        let now = &self.model.families[fam];
+        if now.swept {
+            self.count("restore:swept");
+        } else if now.revoked.is_some() && then.revoked.is_none() {
+            self.count("restore:unrevoked");
+        }
+        if !now.swept && then.current < now.current {
+            self.count("restore:rollback");
+        }
+        self.engine.restore_family(record).map_err(fail)?;
+        self.fams[fam].max_generation = then.current;
+        self.model.families[fam] = then;
+        self.check_events(vec![])
     }
 
     fn issue(&mut self, client: usize, subject: usize, ip: usize) -> TestCaseResult {
@@ -1422,7 +1546,7 @@ impl<'a> Run<'a> {
                 client: CLIENTS[client],
                 subject: SUBJECTS[subject],
                 scope: SCOPE,
-                ip: ip_addr(ip),
+                ip: Some(ip_addr(ip)),
             })
             .map_err(fail)?;
         self.count(format!("issue:{}", d.outcome()));
@@ -1505,7 +1629,7 @@ impl<'a> Run<'a> {
                 redirect_uri: REDIRECTS[redirect],
                 code_challenge: challenge.as_deref(),
                 code_challenge_method: pkce.method,
-                ip: ip_addr(ip),
+                ip: Some(ip_addr(ip)),
             })
             .map_err(fail)?;
         self.count(format!("authorize:{}", d.outcome()));
@@ -1573,7 +1697,7 @@ impl<'a> Run<'a> {
                 code_verifier: verifier,
                 client,
                 redirect_uri: REDIRECTS[redirect],
-                ip: ip_addr(ip),
+                ip: Some(ip_addr(ip)),
             })
             .map_err(fail)?;
         self.count(format!("exchange:{}", d.outcome()));
@@ -1732,7 +1856,7 @@ impl<'a> Run<'a> {
                         code_verifier: real.verifier.as_deref(),
                         client: CLIENTS[self.model.families[fam].client],
                         redirect_uri: REDIRECTS[real.redirect],
-                        ip: ip_addr(0),
+                        ip: Some(ip_addr(0)),
                     })
                     .map_err(fail)?;
                 prop_assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
@@ -1785,6 +1909,7 @@ impl<'a> Run<'a> {
         };
         prop_assert_eq!(d.policy_version(), self.version, "{}", context());
         let mut events: Vec<EventKey> = Vec::new();
+        let mut reminted = false;
         match (expect, d) {
             (
                 Expect::Accept {
@@ -1806,12 +1931,20 @@ impl<'a> Run<'a> {
                 if kind == AcceptKind::Rotated {
                     prop_assert_eq!(g, before.current + 1);
                     prop_assert!(returned.starts_with("rgt_") && returned.len() == TOKEN_LEN);
-                    prop_assert!(
-                        self.seen.insert(returned.to_owned()),
-                        "rotation returned a token handed out before: {}",
-                        context()
-                    );
-                    real.tokens.push(returned.to_owned());
+                    if let Some(earlier) = real.tokens.get(g as usize - 1) {
+                        // Minted again after a rollback: tokens are derived
+                        // from the key, family and generation (README
+                        // "Tokens"), so it is the token handed out before.
+                        prop_assert_eq!(returned, earlier.as_str(), "{}", context());
+                        reminted = true;
+                    } else {
+                        prop_assert!(
+                            self.seen.insert(returned.to_owned()),
+                            "rotation returned a token handed out before: {}",
+                            context()
+                        );
+                        real.tokens.push(returned.to_owned());
+                    }
                 } else {
                     // Grace replay: the identical successor; kept: the same
                     // token. Either way no new generation.
@@ -1835,6 +1968,9 @@ impl<'a> Run<'a> {
                     DenyReason::IpNotAllowed => {
                         events.push(("ip_not_allowed".to_owned(), Some(fam)));
                     }
+                    DenyReason::StateRollback => {
+                        events.push(("state_rollback".to_owned(), Some(fam)));
+                    }
                     DenyReason::ReuseDetected => {
                         events.push(("reuse_detected".to_owned(), Some(fam)));
                         for &r in &revoked {
@@ -1852,6 +1988,12 @@ impl<'a> Run<'a> {
                     context()
                 )));
             }
+        }
+        if reminted {
+            self.count("redeem:reminted");
+        }
+        if d.deny_reason() == Some(DenyReason::StateRollback) {
+            self.check_rollback_event(fam, generation, before.current)?;
         }
         if d.deny_reason() == Some(DenyReason::ReuseDetected) {
             self.check_reuse_event(fam, generation, before.current, on_reuse)?;
@@ -1888,6 +2030,25 @@ impl<'a> Run<'a> {
         prop_assert_eq!(c.get(), current);
         prop_assert_eq!(*response, on_reuse);
         prop_assert_eq!(e.family, Some(self.fams[fam].id));
+        Ok(())
+    }
+
+    /// The `state_rollback` event names the presented and the current
+    /// generation.
+    fn check_rollback_event(&self, fam: usize, presented: u32, current: u32) -> TestCaseResult {
+        let events = self.sink.events();
+        let rollback = events.iter().find_map(|e| match e.kind {
+            EventKind::StateRollback {
+                presented: p,
+                current: c,
+            } => Some((e.family, p.get(), c.get())),
+            _ => None,
+        });
+        prop_assert_eq!(
+            rollback,
+            Some((Some(self.fams[fam].id), presented, current)),
+            "state_rollback event"
+        );
         Ok(())
     }
 
@@ -2059,7 +2220,7 @@ impl<'a> Run<'a> {
                 code_verifier: verifier.as_deref(),
                 client: CLIENTS[client],
                 redirect_uri: REDIRECTS[redirect],
-                ip: ip_addr(ip),
+                ip: Some(ip_addr(ip)),
             })
             .map_err(fail)?;
         prop_assert_eq!(
@@ -2341,6 +2502,13 @@ const MUST_COVER: &[&str] = &[
     "forge_code:Reforged",
     "forge_code:UnknownFamily",
     "forge_code:Garbage",
+    // Backups and restores: a rollback, then tokens newer than the family.
+    "backup",
+    "restore:rollback",
+    "restore:unrevoked",
+    "restore:swept",
+    "redeem:state_rollback",
+    "redeem:reminted",
 ];
 
 fn cases() -> u32 {
@@ -2429,7 +2597,7 @@ fn grace_same_ip_treats_ipv4_mapped_as_the_same_ip() {
         client: CLIENTS[0],
         subject: SUBJECTS[0],
         scope: SCOPE,
-        ip: v4,
+        ip: Some(v4),
     };
     let t1 = engine
         .issue(&issue)

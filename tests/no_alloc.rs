@@ -3,6 +3,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use refresh_guard::{AcceptKind, Engine, IssueRequest, PolicyOverrides, PolicySet};
@@ -57,14 +58,14 @@ fn redeem_of_existing_family_does_not_allocate() {
         .build()
         .unwrap();
     let engine = Engine::builder().policies(set).build().unwrap();
-    let ip = "10.1.2.3".parse().unwrap();
+    let ip: IpAddr = "10.1.2.3".parse().unwrap();
     let issue = |client| {
         engine
             .issue(&IssueRequest {
                 client,
                 subject: "alice",
                 scope: "openid",
-                ip,
+                ip: Some(ip),
             })
             .unwrap()
             .accepted()
@@ -97,7 +98,7 @@ fn redeem_of_existing_family_does_not_allocate() {
 
     let (n, d) = allocations(|| {
         engine
-            .redeem(&next.token, "app", "192.0.2.1".parse().unwrap())
+            .redeem(&next.token, "app", "192.0.2.1".parse::<IpAddr>().unwrap())
             .unwrap()
     });
     assert_eq!(

@@ -24,7 +24,7 @@ fn authorize(h: &Harness, challenge: Option<&str>, method: Option<&str>) -> Deci
             redirect_uri: REDIRECT,
             code_challenge: challenge,
             code_challenge_method: method,
-            ip: ip("203.0.113.5"),
+            ip: Some(ip("203.0.113.5")),
         })
         .unwrap()
 }
@@ -45,7 +45,7 @@ fn exchange(h: &Harness, code: &str, verifier: Option<&str>) -> Decision {
             code_verifier: verifier,
             client: CLIENT,
             redirect_uri: REDIRECT,
-            ip: ip("10.0.0.1"),
+            ip: Some(ip("10.0.0.1")),
         })
         .unwrap()
 }
@@ -130,7 +130,7 @@ fn code_of_another_client_is_refused() {
             code_verifier: Some(VERIFIER),
             client: "other",
             redirect_uri: REDIRECT,
-            ip: ip("10.0.0.1"),
+            ip: Some(ip("10.0.0.1")),
         })
         .unwrap();
     assert_eq!(reason(d), DenyReason::ClientMismatch);
@@ -149,7 +149,7 @@ fn redirect_uri_must_match() {
             code_verifier: Some(VERIFIER),
             client: CLIENT,
             redirect_uri: "https://app.example/callback/",
-            ip: ip("10.0.0.1"),
+            ip: Some(ip("10.0.0.1")),
         })
         .unwrap();
     assert_eq!(reason(d), DenyReason::RedirectUriMismatch);
@@ -239,7 +239,7 @@ fn allow_list_applies_at_exchange_in_both_modes() {
                 code_verifier: Some(VERIFIER),
                 client: CLIENT,
                 redirect_uri: REDIRECT,
-                ip: ip("192.0.2.10"),
+                ip: Some(ip("192.0.2.10")),
             })
             .unwrap();
         assert!(d.accepted().is_some(), "{mode:?}");
@@ -357,13 +357,23 @@ fn absolute_lifetime_starts_at_exchange() {
     let c = code(&h);
     h.advance(500);
     let rt = exchange(&h, &c, Some(VERIFIER)).accepted().unwrap().token;
+    // 1400 s after the code, 900 s after the exchange: alive.
     h.advance(900);
-    assert!(
+    let rt = h
+        .engine
+        .redeem(&rt, CLIENT, ip("10.0.0.1"))
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .token;
+    // 1000 s after the exchange: over, though used a moment ago.
+    h.advance(100);
+    assert_eq!(
         h.engine
             .redeem(&rt, CLIENT, ip("10.0.0.1"))
             .unwrap()
-            .accepted()
-            .is_some()
+            .deny_reason(),
+        Some(DenyReason::ExpiredAbsolute)
     );
 }
 
@@ -378,14 +388,14 @@ fn requests_debug_without_secrets() {
         redirect_uri: REDIRECT,
         code_challenge: Some(VERIFIER),
         code_challenge_method: Some("plain"),
-        ip: ip("10.0.0.1"),
+        ip: Some(ip("10.0.0.1")),
     };
     let x = ExchangeRequest {
         code: "rgc_secretcode",
         code_verifier: Some(VERIFIER),
         client: CLIENT,
         redirect_uri: REDIRECT,
-        ip: ip("10.0.0.1"),
+        ip: Some(ip("10.0.0.1")),
     };
     let d = format!("{a:?} {x:?}");
     assert!(!d.contains(VERIFIER), "{d}");

@@ -1,6 +1,6 @@
-//! Policy files (DESIGN §4, issue 3): the loader's errors, each naming file,
-//! line, column and key; the shipped policy sets. The `refresh-guard policy`
-//! command line is tested with its binary, in server/tests/cli.rs.
+//! Policy files (README "Policy files"): the loader's errors, each naming
+//! file, line, column and key; the shipped policy sets. The `refresh-guard
+//! policy` command line is tested with its binary, in server/tests/cli.rs.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -2,11 +2,15 @@
 
 mod common;
 
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::{CLIENT, Harness, ip};
-use refresh_guard::{AcceptKind, Decision, DenyReason, Generation, OnReuse, PolicyOverrides};
+use refresh_guard::{
+    AcceptKind, Decision, DenyReason, Engine, Generation, IssueRequest, ManualClock, OnReuse,
+    PolicyOverrides, PolicySet,
+};
 
 const THREADS: usize = 8;
 const ROUNDS: usize = 1000;
@@ -120,51 +124,143 @@ fn racing_redemptions_report_only_keep_the_winner() {
 
 /// Redemption, revocation and sweeping of one family are atomic with respect
 /// to each other: once revoke returns, no redemption of the family succeeds,
-/// and a chain of rotations never forks.
+/// and a chain of rotations never forks. The redeemer rotates until the
+/// revocation lands (so every round really races it), and revoked families
+/// are kept for no time, so the sweeper removes the family while the
+/// redeemer may still hold its token.
 #[test]
 fn redeem_revoke_and_sweep_race_without_forks() {
-    let h = Harness::new(PolicyOverrides::new().grace_period(Duration::from_secs(10)));
+    let clock = Arc::new(ManualClock::new(common::START));
+    let engine = Engine::builder()
+        .policies(
+            PolicySet::builder()
+                .client(
+                    CLIENT,
+                    PolicyOverrides::new().grace_period(Duration::from_secs(10)),
+                )
+                .build()
+                .unwrap(),
+        )
+        .clock(clock)
+        .revoked_retention(Duration::ZERO)
+        .build()
+        .unwrap();
+    let issue = || {
+        engine
+            .issue(&IssueRequest {
+                client: CLIENT,
+                subject: "alice",
+                scope: "openid",
+                ip: Some(ip("10.0.0.1")),
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .token
+    };
+    let mut swept = 0;
     for _ in 0..200 {
-        let t = h.issue();
+        let t = issue();
         let barrier = Barrier::new(3);
+        let revoked = AtomicBool::new(false);
         std::thread::scope(|s| {
             let redeemer = s.spawn(|| {
                 barrier.wait();
                 let mut cur = t;
-                let mut accepted_after_revocation = 0;
                 let mut last_gen = Generation::FIRST;
-                for _ in 0..200 {
-                    match h.engine.redeem(&cur, CLIENT, ip("10.0.0.1")).unwrap() {
+                for _ in 0..10_000_000 {
+                    let revoke_returned = revoked.load(Ordering::SeqCst);
+                    match engine.redeem(&cur, CLIENT, ip("10.0.0.1")).unwrap() {
                         Decision::Accept(a) => {
+                            assert!(!revoke_returned, "accepted after revoke returned");
                             assert!(a.generation > last_gen, "generations only grow");
                             last_gen = a.generation;
                             cur = a.token;
                         }
                         Decision::Deny(d) => {
-                            assert_eq!(d.reason, DenyReason::Revoked);
-                            // Once revoked, it stays revoked.
-                            let again = h.engine.redeem(&cur, CLIENT, ip("10.0.0.1")).unwrap();
-                            if again.accepted().is_some() {
-                                accepted_after_revocation += 1;
-                            }
-                            break;
+                            // Revoked, or already swept away.
+                            assert!(
+                                matches!(d.reason, DenyReason::Revoked | DenyReason::InvalidToken),
+                                "{d:?}"
+                            );
+                            // Once revoked, it stays revoked (or gone).
+                            let again = engine.redeem(&cur, CLIENT, ip("10.0.0.1")).unwrap();
+                            assert!(again.accepted().is_none(), "revived: {again:?}");
+                            return;
                         }
                     }
                 }
-                accepted_after_revocation
+                panic!("the revocation never landed");
             });
-            s.spawn(|| {
+            let sweeper = s.spawn(|| {
                 barrier.wait();
-                for _ in 0..50 {
-                    h.engine.sweep(1024).unwrap();
+                let mut removed = 0;
+                // Sweep until the revoked family is gone (bounded).
+                for _ in 0..1_000_000 {
+                    removed += engine.sweep(1024).unwrap().removed;
+                    if removed > 0 {
+                        break;
+                    }
+                    std::thread::yield_now();
                 }
+                removed
             });
             s.spawn(|| {
                 barrier.wait();
                 std::thread::yield_now();
-                h.engine.revoke_subject("alice", None).unwrap();
+                assert_eq!(engine.revoke_subject("alice", None).unwrap(), 1);
+                revoked.store(true, Ordering::SeqCst);
             });
-            assert_eq!(redeemer.join().unwrap(), 0);
+            redeemer.join().unwrap();
+            swept += sweeper.join().unwrap();
         });
+    }
+    assert_eq!(swept, 200, "the sweeper removed every revoked family");
+    assert_eq!(engine.stats().families, 0);
+}
+
+/// Zero grace under a real race: the winner rotates, every loser is
+/// reuse or finds the family revoked; no loser is ever a grace replay,
+/// whatever the order in which the threads read the clock. (Smoke test;
+/// `zero_grace_denies_a_loser_whose_clock_precedes_the_rotation` in
+/// tests/decisions.rs pins the exact timestamps.)
+#[test]
+fn zero_grace_racers_never_get_a_grace_replay() {
+    // The system clock (not the coarse default) changes between most reads.
+    let engine = Engine::builder()
+        .clock(refresh_guard::SystemClock)
+        .build()
+        .unwrap();
+    for _ in 0..ROUNDS {
+        let t = engine
+            .issue(&IssueRequest {
+                client: CLIENT,
+                subject: "alice",
+                scope: "openid",
+                ip: Some(ip("10.0.0.1")),
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .token;
+        let barrier = Barrier::new(THREADS);
+        let out: Vec<Decision> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let (barrier, engine, t) = (&barrier, &engine, &t);
+                    s.spawn(move || {
+                        barrier.wait();
+                        engine.redeem(t, CLIENT, ip("10.0.0.1")).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        assert!(
+            out.iter()
+                .all(|d| d.accepted().is_none_or(|a| a.kind == AcceptKind::Rotated)),
+            "{out:?}"
+        );
+        assert_eq!(out.iter().filter(|d| d.accepted().is_some()).count(), 1);
     }
 }

@@ -209,7 +209,7 @@ fn swaps_never_tear_a_decision() {
                         client: CLIENT,
                         subject: &subject,
                         scope: "openid",
-                        ip: ip(),
+                        ip: Some(ip()),
                     })
                     .unwrap()
                     .accepted()

@@ -13,7 +13,7 @@ fuzz_target!(|data: (&str, Option<&str>, &str)| {
             code_verifier: verifier,
             client: "c",
             redirect_uri: redirect,
-            ip: "10.0.0.1".parse().expect("ip"),
+            ip: Some("10.0.0.1".parse().expect("ip")),
         })
         .expect("no store");
     assert!(d.accepted().is_none());

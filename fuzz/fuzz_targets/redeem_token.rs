@@ -16,7 +16,7 @@ fn engine() -> &'static (Engine, String) {
                 client: "c",
                 subject: "s",
                 scope: "",
-                ip: "10.0.0.1".parse().expect("ip"),
+                ip: Some("10.0.0.1".parse().expect("ip")),
             })
             .expect("issue")
             .accepted()

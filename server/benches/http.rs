@@ -99,7 +99,7 @@ fn run(mode: &str, durability: Durability, connections: usize, secs: u64) -> Out
         2,
     )
     .expect("server starts");
-    let ip = "127.0.0.1".parse().expect("ip");
+    let ip = Some("127.0.0.1".parse().expect("ip"));
     let tokens: Vec<String> = (0..connections)
         .map(|i| {
             let subject = format!("user-{i}");

@@ -125,7 +125,7 @@ async fn authorize(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let ip = b.ip.unwrap_or_else(|| app.client_ip(peer.0, &headers));
+    let ip = b.ip.or_else(|| app.client_ip(peer.0, &headers));
     let engine = app.engine.clone();
     let client = b.client_id.clone();
     let result = tokio::task::spawn_blocking(move || {

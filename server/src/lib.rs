@@ -1,6 +1,6 @@
 //! `refresh-guard serve`: a standards-conformant OAuth 2.0 token service on
-//! the engine (DESIGN §7), for stacks that use the engine as a sidecar and
-//! for standard client libraries, unmodified.
+//! the engine (README "Server"), for stacks that use the engine as a
+//! sidecar and for standard client libraries, unmodified.
 //!
 //! What it serves, on two listeners:
 //!
@@ -237,34 +237,15 @@ impl App {
     /// The client's address: the TCP peer, or, when the peer is a trusted
     /// proxy, the nearest untrusted hop of `X-Forwarded-For` (read from the
     /// right, since each proxy appends; the left is client-controlled).
-    pub(crate) fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
-        let mut ip = peer.ip().to_canonical();
-        let Some(trusted) = &self.trusted else {
-            return ip;
-        };
-        if !trusted.contains(ip) {
-            return ip;
-        }
-        let values: Vec<&str> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
-            let hop = hop.trim();
-            let parsed = hop
-                .parse::<IpAddr>()
-                .ok()
-                .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()));
-            let Some(next) = parsed else {
-                break;
-            };
-            ip = next.to_canonical();
-            if !trusted.contains(ip) {
-                break;
-            }
-        }
-        ip
+    /// `None` when a trusted proxy's chain cannot be read down to an
+    /// untrusted hop: no non-empty allow-list admits such a caller.
+    pub(crate) fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> Option<IpAddr> {
+        let values = headers.get_all("x-forwarded-for");
+        forwarded_client(
+            peer.ip(),
+            self.trusted.as_ref(),
+            values.iter().map(|v| v.as_bytes()),
+        )
     }
 
     /// Note an engine failure; a store failure makes `/healthz` fail.
@@ -644,5 +625,136 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         let _ = self.stop_and_join();
+    }
+}
+
+/// The client behind `peer`: see [`App::client_ip`]. `values` are the
+/// `X-Forwarded-For` header lines in arrival order, as raw bytes: a hop that
+/// is not an ASCII address (or `address:port`) is unreadable, and so is an
+/// empty one; either ends the walk with no address rather than leaving the
+/// trusted proxy's own address standing in for the client.
+fn forwarded_client<'a>(
+    peer: IpAddr,
+    trusted: Option<&AllowList>,
+    values: impl DoubleEndedIterator<Item = &'a [u8]>,
+) -> Option<IpAddr> {
+    let peer = peer.to_canonical();
+    let Some(trusted) = trusted else {
+        return Some(peer);
+    };
+    if !trusted.contains(peer) {
+        return Some(peer);
+    }
+    for hop in values.rev().flat_map(|v| v.rsplit(|&b| b == b',')) {
+        let ip = parse_hop(hop)?.to_canonical();
+        if !trusted.contains(ip) {
+            return Some(ip);
+        }
+    }
+    // Every hop was a trusted proxy (or there was none): the originating
+    // client is unknown.
+    None
+}
+
+/// One `X-Forwarded-For` element: an IP address, optionally with a port
+/// (`198.51.100.7:4711`, `[2001:db8::1]:443`), surrounded by optional
+/// spaces or tabs (RFC 9110 §5.6.3 OWS).
+fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
+    let hop = hop.trim_ascii();
+    // `from_utf8` accepts non-ASCII; an address never holds any.
+    if !hop.is_ascii() {
+        return None;
+    }
+    let hop = std::str::from_utf8(hop).ok()?;
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxies() -> AllowList {
+        AllowList::new(&[
+            "127.0.0.0/8".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ])
+    }
+
+    fn client(peer: &str, lines: &[&[u8]]) -> Option<IpAddr> {
+        let trusted = proxies();
+        forwarded_client(peer.parse().unwrap(), Some(&trusted), lines.iter().copied())
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    /// Regression: a hop that was not visible ASCII (`\x80`) was filtered out
+    /// of the chain, so the client looked like the trusted proxy itself and
+    /// passed an allow-list that its own address fails.
+    #[test]
+    fn a_non_ascii_hop_yields_no_address() {
+        assert_eq!(
+            client("127.0.0.1", &[b"\x80, 203.0.113.9"]),
+            ip("203.0.113.9")
+        );
+        assert_eq!(client("127.0.0.1", &[b"203.0.113.9, \x80"]), None);
+        assert_eq!(client("127.0.0.1", &[b"203.0.113.9", b"\x80"]), None);
+        assert_eq!(client("127.0.0.1", &[b"\xc3\xa9"]), None);
+    }
+
+    #[test]
+    fn an_unparseable_or_empty_hop_yields_no_address() {
+        assert_eq!(client("127.0.0.1", &[b"10.1.1.1, nonsense"]), None);
+        assert_eq!(client("127.0.0.1", &[b"203.0.113.9,,10.1.1.1"]), None);
+        assert_eq!(client("127.0.0.1", &[b""]), None);
+        assert_eq!(client("127.0.0.1", &[b"unknown"]), None);
+    }
+
+    #[test]
+    fn a_chain_of_trusted_hops_only_yields_no_address() {
+        assert_eq!(client("127.0.0.1", &[]), None, "no header from a proxy");
+        assert_eq!(client("127.0.0.1", &[b"10.1.1.1, 127.0.0.5"]), None);
+    }
+
+    #[test]
+    fn the_nearest_untrusted_hop_is_the_client() {
+        assert_eq!(
+            client(
+                "127.0.0.1",
+                &[b"198.51.100.7, 10.1.2.3, 192.0.2.1 , 127.0.0.5"]
+            ),
+            ip("192.0.2.1")
+        );
+        // Lines in arrival order; the last line is the nearest proxy's.
+        assert_eq!(
+            client("127.0.0.1", &[b"198.51.100.7", b"192.0.2.1:4711, 10.0.0.1"]),
+            ip("192.0.2.1")
+        );
+        assert_eq!(
+            client("127.0.0.1", &[b"[2001:db8::1]:443\t"]),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            client("127.0.0.1", &[b"::ffff:192.0.2.1"]),
+            ip("192.0.2.1"),
+            "IPv4-mapped is IPv4"
+        );
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_forwards() {
+        assert_eq!(client("192.0.2.1", &[b"\x80"]), ip("192.0.2.1"));
+        assert_eq!(
+            forwarded_client(
+                "127.0.0.1".parse().unwrap(),
+                None,
+                [&b"10.1.1.1"[..]].into_iter()
+            ),
+            ip("127.0.0.1"),
+            "without --trusted-proxies the header is ignored"
+        );
     }
 }

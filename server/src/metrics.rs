@@ -318,7 +318,7 @@ mod tests {
                 client: "c",
                 subject: "s",
                 scope: "",
-                ip: [192, 0, 2, 1].into(),
+                ip: Some([192, 0, 2, 1].into()),
             })
             .unwrap();
         let a = Decision::Accept(Accepted {

@@ -386,7 +386,7 @@ async fn code_grant(
     app: &Arc<App>,
     client: &Client,
     form: &Form<'_>,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
 ) -> Result<Response, OAuthError> {
     let code = required(form, "code")?;
     let redirect_uri = required(form, "redirect_uri")?;
@@ -419,7 +419,7 @@ async fn refresh_grant(
     app: &Arc<App>,
     client: &Client,
     form: &Form<'_>,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
 ) -> Result<Response, OAuthError> {
     let token = required(form, "refresh_token")?;
     // A narrower scope is checked before the redemption, so that an

@@ -1,4 +1,4 @@
-//! The server's HTTP contract (issue 7, DESIGN §7): every endpoint and every
+//! The server's HTTP contract (README "Server"): every endpoint and every
 //! error it lists, against an in-process server on ephemeral ports.
 
 mod server_http;
@@ -794,6 +794,64 @@ fn client_ip_is_the_peer_unless_a_trusted_proxy_forwards() {
         &refresh,
         &[("X-Forwarded-For", "10.200.0.1")],
     );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Regression: a non-ASCII `X-Forwarded-For` hop was dropped from the
+/// chain, so a client behind a trusted proxy took the proxy's own address
+/// and passed an allow-list that holds the proxy's network. An unreadable
+/// chain now yields no address, which no non-empty allow-list admits.
+#[test]
+fn an_unreadable_forwarding_chain_is_outside_the_allow_list() {
+    // The proxy is 127.0.0.1; the clients' network holds it too.
+    let s = TestServer::with("xff-unreadable", |c| {
+        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        c.policy_set = Some(
+            refresh_guard::PolicySet::builder()
+                .client(
+                    "internal",
+                    refresh_guard::PolicyOverrides::new()
+                        .ip_allowlist(vec!["127.0.0.0/8".parse().unwrap()]),
+                )
+                .build()
+                .unwrap(),
+        );
+    });
+    let code = s.admin(
+        "POST",
+        "/admin/v1/authorizations",
+        Some(serde_json::json!({
+            "client_id": "internal", "subject": "u", "redirect_uri": REDIRECT,
+            "code_challenge": challenge(VERIFIER), "code_challenge_method": "S256",
+            "ip": "127.0.0.9",
+        })),
+    );
+    assert_eq!(code.status, 201, "{}", code.text());
+    let code = code.json()["code"].as_str().unwrap().to_owned();
+    let body = format!(
+        "grant_type=authorization_code&code={code}&redirect_uri={}&client_id=internal&code_verifier={VERIFIER}",
+        enc(REDIRECT)
+    );
+    for chain in [
+        "\u{80}",
+        "203.0.113.9, \u{80}",
+        "nonsense",
+        "127.0.0.7, ,127.0.0.1",
+    ] {
+        let d = s
+            .form_with("/oauth2/token", &body, &[("X-Forwarded-For", chain)])
+            .assert_error(400, "invalid_grant");
+        assert_eq!(d, "refresh is not allowed from this network", "{chain:?}");
+    }
+    // A readable chain down to an untrusted hop still decides by that hop.
+    s.form_with(
+        "/oauth2/token",
+        &body,
+        &[("X-Forwarded-For", "\u{80}, 203.0.113.9")],
+    )
+    .assert_error(400, "invalid_grant");
+    // Nothing was spent: the same code still exchanges from inside.
+    let r = s.form_with("/oauth2/token", &body, &[("X-Forwarded-For", "127.0.0.7")]);
     assert_eq!(r.status, 200, "{}", r.text());
 }
 

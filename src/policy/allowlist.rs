@@ -261,6 +261,14 @@ impl AllowList {
         list
     }
 
+    /// Whether a caller at `ip` may pass: an address that could not be
+    /// determined (`None`, e.g. an unreadable forwarding chain) is outside
+    /// every non-empty list, so the check fails closed (README "The order of
+    /// checks").
+    pub fn admits(&self, ip: Option<IpAddr>) -> bool {
+        self.is_any() || ip.is_some_and(|ip| self.contains(ip))
+    }
+
     /// Whether a refresh from `ip` is allowed; IPv4-mapped IPv6 counts as IPv4.
     pub fn contains(&self, ip: IpAddr) -> bool {
         if self.is_any() {

@@ -126,7 +126,7 @@ pub struct ClientPolicy {
 }
 
 impl Default for ClientPolicy {
-    /// The defaults of DESIGN §4: RFC 9700 rotation with reuse revoking the
+    /// The README's "Policy knobs" defaults: RFC 9700 rotation with reuse revoking the
     /// family, no grace, 30 days idle, 90 days absolute, PKCE S256.
     fn default() -> ClientPolicy {
         ClientPolicy {
@@ -207,7 +207,7 @@ impl ClientPolicy {
     }
 
     /// Each knob's name and its value as written in policy files, in the
-    /// order of DESIGN §4; used for display, diffs and the version hash.
+    /// order of the README's "Policy knobs" table; used for display, diffs and the version hash.
     pub fn knobs(&self) -> Vec<(&'static str, String)> {
         let secret = match &self.client_secret_sha256 {
             // The hash of a secret is not the secret, but keep it out of

@@ -54,7 +54,7 @@ impl Harness {
                 client: CLIENT,
                 subject,
                 scope: "openid offline_access",
-                ip: ip("10.0.0.1"),
+                ip: Some(ip("10.0.0.1")),
             })
             .unwrap()
             .accepted()
