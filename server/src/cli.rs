@@ -14,7 +14,7 @@ use crate::{FAILED, Io, USAGE};
 
 /// The environment variable an admin token may come from. Not a flag: a
 /// token on the command line would show in `ps`.
-pub const ADMIN_TOKEN_ENV: &str = "REFRESH_GUARD_ADMIN_TOKEN";
+pub(crate) const ADMIN_TOKEN_ENV: &str = "REFRESH_GUARD_ADMIN_TOKEN";
 
 const AFTER_HELP: &str = "\
 The admin token is read from --admin-token-file, else from \
