@@ -1,10 +1,11 @@
 //! Authorization codes bound to PKCE (RFC 7636): generation 0 of a family.
 //!
 //! A code is derived and verified like a refresh token (its own prefix and
-//! MAC domain); what it must be checked against at the exchange (challenge,
-//! redirect URI) lives in the family record until the exchange, then is
-//! dropped. The checks here are pure; the engine applies them under the
-//! family's lock, so one exchange wins and a replay is seen as one.
+//! MAC domain); what it must be checked against at the exchange (its issue
+//! time, digests of the redirect URI and the challenge) lives in the family
+//! record until the exchange, then is dropped. The checks here are pure;
+//! the engine applies them under the family's lock, so one exchange wins
+//! and a replay is seen as one.
 
 use std::fmt;
 
@@ -21,30 +22,57 @@ use crate::policy::{ClientPolicy, Pkce};
 /// Longest redirect URI accepted.
 pub const MAX_REDIRECT_URI_LEN: usize = 2048;
 
-/// The challenge a code was issued with.
+/// The challenge a code was issued with. Both forms hold a SHA-256 digest,
+/// so the record never holds a verifier and its size does not depend on
+/// the request.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum Challenge {
-    /// SHA-256 of the verifier.
+    /// SHA-256 of the verifier (RFC 7636 `S256`): the challenge itself.
     S256([u8; 32]),
-    /// The verifier itself (RFC 7636 `plain`).
-    Plain(Box<str>),
+    /// SHA-256 of a `plain` challenge, which is the verifier itself.
+    Plain([u8; 32]),
 }
 
 impl fmt::Debug for Challenge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // A plain challenge is the verifier itself: never print it.
+        // A plain challenge's digest is the S256 challenge of the verifier:
+        // print neither.
         match self {
             Challenge::S256(_) => f.write_str("S256(..)"),
-            Challenge::Plain(_) => f.write_str("Plain(<redacted>)"),
+            Challenge::Plain(_) => f.write_str("Plain(..)"),
         }
     }
 }
 
-/// What the exchange checks a code against. Dropped once exchanged.
+/// What the exchange checks a code against. Dropped once exchanged. A
+/// fixed 80 bytes (`size_of`, tested), whatever the request, behind a
+/// pointer in the record: a family that was never a code holds none.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct CodeState {
+    /// When the code was issued: its lifetime (`code_ttl`) counts from here.
+    pub(crate) issued: Timestamp,
+    /// SHA-256 of the redirect URI of the authorization request.
+    pub(crate) redirect_uri: [u8; 32],
     pub(crate) challenge: Option<Challenge>,
-    pub(crate) redirect_uri: Box<str>,
+}
+
+impl CodeState {
+    pub(crate) fn new(
+        issued: Timestamp,
+        redirect_uri: &str,
+        challenge: Option<Challenge>,
+    ) -> CodeState {
+        CodeState {
+            issued,
+            redirect_uri: sha256(redirect_uri),
+            challenge,
+        }
+    }
+
+    /// Whether the code's lifetime is over under `policy`.
+    pub(crate) fn expired(&self, policy: &ClientPolicy, now: Timestamp) -> bool {
+        now >= self.issued.saturating_add(policy.code_ttl)
+    }
 }
 
 impl fmt::Debug for CodeState {
@@ -55,9 +83,9 @@ impl fmt::Debug for CodeState {
             None => "none",
         };
         f.debug_struct("CodeState")
+            .field("issued", &self.issued)
             .field("challenge_method", &method)
-            .field("redirect_uri", &self.redirect_uri)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,9 +96,10 @@ pub(crate) fn is_valid_verifier(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
 }
 
-/// BASE64URL(SHA-256(verifier)) as the raw 32 bytes.
-fn s256(verifier: &str) -> [u8; 32] {
-    Sha256::digest(verifier.as_bytes()).into()
+/// SHA-256 of a string: BASE64URL-decoded `S256` of a verifier (RFC 7636
+/// §4.2), and the digests the record keeps.
+pub(crate) fn sha256(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
 }
 
 /// Check an authorize request's PKCE parameters against the policy and turn
@@ -109,7 +138,7 @@ pub(crate) fn challenge_for(
             if !is_valid_verifier(challenge) {
                 return Err(DenyReason::PkceChallengeInvalid);
             }
-            Ok(Some(Challenge::Plain(challenge.into())))
+            Ok(Some(Challenge::Plain(sha256(challenge))))
         }
         _ => Err(DenyReason::PkceMethodNotAllowed),
     }
@@ -141,19 +170,29 @@ pub(crate) fn decide_exchange(
         // Exchanged before: RFC 6749 §4.1.2.
         return Err(DenyReason::CodeReused);
     };
-    if *code.redirect_uri != *req.redirect_uri {
-        return Err(DenyReason::RedirectUriMismatch);
-    }
-    if req.now >= f.created.saturating_add(policy.code_ttl) {
-        return Err(DenyReason::CodeExpired);
-    }
-    check_pkce(code.challenge.as_ref(), req.verifier, policy.pkce)?;
+    check_code(code, req, policy)?;
     // The allow-list applies here in both `ip_check` modes: the exchange is
     // where the family is issued.
     if !policy.ip_allowlist.contains(req.ip) {
         return Err(DenyReason::IpNotAllowed);
     }
     Ok(())
+}
+
+/// What an exchange must pass besides client, status and allow-list: the
+/// identical redirect URI (RFC 6749 §4.1.3), the code's lifetime, PKCE.
+fn check_code(
+    code: &CodeState,
+    req: &ExchangeCheck<'_>,
+    policy: &ClientPolicy,
+) -> Result<(), DenyReason> {
+    if !bool::from(code.redirect_uri.ct_eq(&sha256(req.redirect_uri))) {
+        return Err(DenyReason::RedirectUriMismatch);
+    }
+    if code.expired(policy, req.now) {
+        return Err(DenyReason::CodeExpired);
+    }
+    check_pkce(code.challenge.as_ref(), req.verifier, policy.pkce)
 }
 
 fn check_pkce(
@@ -172,14 +211,16 @@ fn check_pkce(
             if !is_valid_verifier(v) {
                 return Err(DenyReason::PkceVerifierInvalid);
             }
-            let ok = match c {
-                Challenge::S256(expected) => expected.ct_eq(&s256(v)),
+            let expected = match c {
+                Challenge::S256(d) => d,
                 Challenge::Plain(_) if pkce == Pkce::S256 => {
                     return Err(DenyReason::PkceMethodNotAllowed);
                 }
-                Challenge::Plain(p) => p.as_bytes().ct_eq(v.as_bytes()),
+                // The digest of the verifier itself: equal digests, equal
+                // verifiers.
+                Challenge::Plain(d) => d,
             };
-            if bool::from(ok) {
+            if bool::from(expected.ct_eq(&sha256(v))) {
                 Ok(())
             } else {
                 Err(DenyReason::PkceMismatch)
@@ -205,7 +246,7 @@ mod tests {
     /// RFC 7636 Appendix B.
     #[test]
     fn rfc7636_appendix_b_vector() {
-        assert_eq!(URL_SAFE_NO_PAD.encode(s256(VERIFIER)), CHALLENGE);
+        assert_eq!(URL_SAFE_NO_PAD.encode(sha256(VERIFIER)), CHALLENGE);
         let c = challenge_for(&policy(Pkce::S256), Some(CHALLENGE), Some("S256"))
             .unwrap()
             .unwrap();
@@ -269,6 +310,14 @@ mod tests {
             check_pkce(None, Some(VERIFIER), Pkce::Optional),
             Err(DenyReason::PkceVerifierUnexpected)
         );
+    }
+
+    /// What a code keeps costs a fixed 80 bytes (one allocation, whatever
+    /// the redirect URI's length), and a family only the pointer to it.
+    #[test]
+    fn code_state_is_small_and_fixed() {
+        assert_eq!(std::mem::size_of::<CodeState>(), 80);
+        assert_eq!(std::mem::size_of::<Option<Box<CodeState>>>(), 8);
     }
 
     #[test]

@@ -720,10 +720,7 @@ impl Engine {
                 Ok(c) => c,
                 Err(reason) => return Ok(deny(reason, None, version)),
             };
-        let state = Box::new(CodeState {
-            challenge,
-            redirect_uri: req.redirect_uri.into(),
-        });
+        let state = Box::new(CodeState::new(now, req.redirect_uri, challenge));
         let issue = IssueRequest {
             client: req.client,
             subject: req.subject,
