@@ -1,11 +1,15 @@
 //! Authorization codes bound to PKCE (RFC 7636): generation 0 of a family.
 //!
 //! A code is derived and verified like a refresh token (its own prefix and
-//! MAC domain); what it must be checked against at the exchange (its issue
-//! time, digests of the redirect URI and the challenge) lives in the family
-//! record until the exchange, then is dropped. The checks here are pure;
-//! the engine applies them under the family's lock, so one exchange wins
-//! and a replay is seen as one.
+//! MAC domain). What the exchange checks it against (its issue time, a
+//! digest of the redirect URI, the challenge) lives in the family record
+//! from authorization until the code's lifetime ends, past the exchange: a
+//! replay of an exchanged code revokes the family born from it (RFC 6749
+//! §4.1.2) only when the replay passes the exchange's own checks within
+//! that lifetime, so that an old code leaked through a URL, a Referer or a
+//! log cannot log anyone out (README "Authorization codes"). The checks
+//! here are pure; the engine applies them under the family's lock, so one
+//! exchange wins and a replay is seen as one.
 
 use std::fmt;
 
@@ -18,6 +22,7 @@ use crate::clock::Timestamp;
 use crate::decision::DenyReason;
 use crate::family::Family;
 use crate::policy::{ClientPolicy, Pkce};
+use crate::token::Generation;
 
 /// Longest redirect URI accepted.
 pub const MAX_REDIRECT_URI_LEN: usize = 2048;
@@ -44,12 +49,13 @@ impl fmt::Debug for Challenge {
     }
 }
 
-/// What the exchange checks a code against. Dropped once exchanged. A
-/// fixed 80 bytes (`size_of`, tested), whatever the request, behind a
-/// pointer in the record: a family that was never a code holds none.
+/// What the exchange checks a code against; kept past the exchange, so
+/// that a replay can be held to the same checks. A fixed 80 bytes (`size_of`, tested), behind a pointer in the
+/// record: a family that was never a code holds none.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct CodeState {
-    /// When the code was issued: its lifetime (`code_ttl`) counts from here.
+    /// When the code was issued: its lifetime (`code_ttl`) counts from here,
+    /// also after the exchange has reset the family's `created`.
     pub(crate) issued: Timestamp,
     /// SHA-256 of the redirect URI of the authorization request.
     pub(crate) redirect_uri: [u8; 32],
@@ -155,6 +161,16 @@ pub(crate) struct ExchangeCheck<'a> {
 
 /// The exchange decision, in order: client binding, revoked, replay,
 /// redirect URI, expiry, PKCE, allow-list. `Ok` means exchange.
+///
+/// A replay (the family is past generation 0) is `CodeReused`, and revokes
+/// the family (RFC 6749 §4.1.2), only if it passes the redirect URI, expiry
+/// and PKCE checks an exchange would, under the policy in force now; any
+/// other replay is `CodeSpent`, whatever failed, so that the answer does
+/// not depend on whether the state was dropped yet and tells a holder of a
+/// leaked code nothing about its redirect URI. The allow-list is not one
+/// of those checks: as with a rotated-out refresh token (README "The order
+/// of checks"), a replay proving the verifier from a foreign network is the
+/// strongest sign of theft.
 pub(crate) fn decide_exchange(
     f: &Family,
     req: &ExchangeCheck<'_>,
@@ -166,9 +182,21 @@ pub(crate) fn decide_exchange(
     if !f.is_active() {
         return Err(DenyReason::Revoked);
     }
+    if f.generation != Generation::CODE {
+        let proven = f
+            .code
+            .as_deref()
+            .is_some_and(|code| check_code(code, req, policy).is_ok());
+        return Err(if proven {
+            DenyReason::CodeReused
+        } else {
+            DenyReason::CodeSpent
+        });
+    }
+    // Every code is issued with its state: a generation-0 record without
+    // one (a hand-made restore) has nothing to check a code against.
     let Some(code) = f.code.as_deref() else {
-        // Exchanged before: RFC 6749 §4.1.2.
-        return Err(DenyReason::CodeReused);
+        return Err(DenyReason::InvalidToken);
     };
     check_code(code, req, policy)?;
     // The allow-list applies here in both `ip_check` modes: the exchange is
@@ -179,8 +207,8 @@ pub(crate) fn decide_exchange(
     Ok(())
 }
 
-/// What an exchange must pass besides client, status and allow-list: the
-/// identical redirect URI (RFC 6749 §4.1.3), the code's lifetime, PKCE.
+/// What both an exchange and a revoking replay must pass: the identical
+/// redirect URI (RFC 6749 §4.1.3), the code's lifetime, PKCE.
 fn check_code(
     code: &CodeState,
     req: &ExchangeCheck<'_>,

@@ -731,8 +731,9 @@ impl Engine {
     }
 
     /// Exchange an authorization code for the family's first refresh token
-    /// (generation 1). A second exchange of the same code is `code_reused`
-    /// and revokes the family born from it.
+    /// (generation 1). A replay of an exchanged code that passes the same
+    /// checks within the code's lifetime is `code_reused` and revokes the
+    /// family born from it; any other replay is `code_spent`.
     pub fn exchange(&self, req: &ExchangeRequest<'_>) -> Result<Decision, Error> {
         self.exchange_at(req, self.clock.now())
     }
@@ -796,7 +797,7 @@ impl Engine {
         };
         match code::decide_exchange(f, &check, policy) {
             Ok(()) => {
-                f.code = None;
+                // `f.code` stays: a replay is judged against it.
                 f.generation = Generation::FIRST;
                 f.created = now;
                 f.last_used = now;
@@ -834,8 +835,9 @@ impl Engine {
                 let lsn = persisted?;
                 let ip = Some(req.ip);
                 match reason {
-                    DenyReason::CodeReused => {
-                        self.emit(EventKind::CodeReplay, Some(&who), ip, version, now);
+                    DenyReason::CodeReused | DenyReason::CodeSpent => {
+                        let replay = EventKind::CodeReplay { revoked };
+                        self.emit(replay, Some(&who), ip, version, now);
                         if revoked {
                             self.report_revoked(&who, RevokeReason::CodeReplay, ip, now);
                         }
@@ -1482,10 +1484,10 @@ impl Engine {
             Status::Revoked { at, .. } => now >= at.saturating_add(retention),
             Status::Active => {
                 let policy = policies.policy(f.client());
-                match f.code {
+                match f.code.as_deref() {
                     // An unused code lives `code_ttl`, then its family goes.
-                    Some(_) => now >= f.created.saturating_add(policy.code_ttl),
-                    None => decision::expiry(f, policy, now).is_some(),
+                    Some(c) if f.generation == Generation::CODE => c.expired(policy, now),
+                    _ => decision::expiry(f, policy, now).is_some(),
                 }
             }
         });
