@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 use crate::clock::Timestamp;
 use crate::decision::DenyReason;
 use crate::family::Family;
-use crate::policy::{ClientPolicy, Pkce};
+use crate::policy::{ClientPolicy, MAX_CODE_TTL, Pkce};
 use crate::token::Generation;
 
 /// Longest redirect URI accepted.
@@ -49,8 +49,9 @@ impl fmt::Debug for Challenge {
     }
 }
 
-/// What the exchange checks a code against; kept past the exchange, so
-/// that a replay can be held to the same checks. A fixed 80 bytes (`size_of`, tested), behind a pointer in the
+/// What the exchange checks a code against; kept past the exchange until
+/// [`CodeState::outlived`], so that a replay can be held to the same
+/// checks. A fixed 80 bytes (`size_of`, tested), behind a pointer in the
 /// record: a family that was never a code holds none.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct CodeState {
@@ -79,6 +80,13 @@ impl CodeState {
     pub(crate) fn expired(&self, policy: &ClientPolicy, now: Timestamp) -> bool {
         now >= self.issued.saturating_add(policy.code_ttl)
     }
+
+    /// Whether no exchange or replay can pass any more, whatever policy is
+    /// swapped in: no `code_ttl` exceeds [`MAX_CODE_TTL`]. From then on the
+    /// state decides nothing and can be dropped.
+    pub(crate) fn outlived(&self, now: Timestamp) -> bool {
+        now >= self.issued.saturating_add(MAX_CODE_TTL)
+    }
 }
 
 impl fmt::Debug for CodeState {
@@ -93,6 +101,15 @@ impl fmt::Debug for CodeState {
             .field("challenge_method", &method)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether `f` holds code state that can no longer decide anything: the
+/// family is revoked (every exchange and replay is then `revoked`), or its
+/// code was exchanged and has [outlived](CodeState::outlived) any lifetime.
+pub(crate) fn state_retired(f: &Family, now: Timestamp) -> bool {
+    f.code
+        .as_deref()
+        .is_some_and(|c| !f.is_active() || (f.generation != Generation::CODE && c.outlived(now)))
 }
 
 /// RFC 7636 §4.1: 43 to 128 characters of `[A-Za-z0-9-._~]`.
@@ -346,6 +363,67 @@ mod tests {
     fn code_state_is_small_and_fixed() {
         assert_eq!(std::mem::size_of::<CodeState>(), 80);
         assert_eq!(std::mem::size_of::<Option<Box<CodeState>>>(), 8);
+    }
+
+    /// Regression: once kept past the exchange, a code's state must not
+    /// stay for the family's whole life. The sweeper drops it once the code
+    /// has outlived the longest lifetime any policy may give it, or the
+    /// family is revoked; not a moment before, and never an unexchanged
+    /// code's.
+    #[test]
+    fn exchanged_code_state_is_dropped_once_it_can_decide_nothing() {
+        use crate::engine::{AuthorizeRequest, Engine, ExchangeRequest};
+        use crate::token::FamilyId;
+
+        let start = Timestamp::from_secs(1_700_000_000);
+        let engine = Engine::builder().build().unwrap();
+        let ip = "10.0.0.1".parse().unwrap();
+        let authorize = || {
+            let d = engine
+                .authorize_at(
+                    &AuthorizeRequest {
+                        client: "c",
+                        subject: "s",
+                        scope: "openid",
+                        redirect_uri: "https://a/cb",
+                        code_challenge: Some(CHALLENGE),
+                        code_challenge_method: Some("S256"),
+                        ip,
+                    },
+                    start,
+                )
+                .unwrap();
+            *d.accepted().unwrap()
+        };
+        let exchange = |code: &str| {
+            let req = ExchangeRequest {
+                code,
+                code_verifier: Some(VERIFIER),
+                client: "c",
+                redirect_uri: "https://a/cb",
+                ip,
+            };
+            engine.exchange_at(&req, start).unwrap();
+        };
+        let has_state = |id: FamilyId| engine.family_record(id).map(|r| r.0.code.is_some());
+        let kept = authorize();
+        exchange(&kept.token);
+        let revoked = authorize();
+        exchange(&revoked.token);
+        engine.revoke_family_at(revoked.family, start).unwrap();
+        let pending = authorize();
+
+        let just_before =
+            Timestamp::from_millis(start.saturating_add(MAX_CODE_TTL).as_millis() - 1);
+        engine.sweep_at(100_000, just_before).unwrap();
+        assert_eq!(has_state(kept.family), Some(true), "needed until the end");
+        assert_eq!(has_state(revoked.family), Some(false), "revoked: needless");
+        assert_eq!(has_state(pending.family), None, "an unused code goes whole");
+
+        engine
+            .sweep_at(100_000, start.saturating_add(MAX_CODE_TTL))
+            .unwrap();
+        assert_eq!(has_state(kept.family), Some(false));
     }
 
     #[test]

@@ -797,7 +797,8 @@ impl Engine {
         };
         match code::decide_exchange(f, &check, policy) {
             Ok(()) => {
-                // `f.code` stays: a replay is judged against it.
+                // `f.code` stays until the code's lifetime ends (the sweeper
+                // drops it then): a replay is judged against it.
                 f.generation = Generation::FIRST;
                 f.created = now;
                 f.last_used = now;
@@ -1480,17 +1481,36 @@ impl Engine {
     pub fn sweep_at(&self, budget: usize, now: Timestamp) -> Result<SweepReport, Error> {
         let policies = self.policies.load();
         let retention = self.revoked_retention;
-        let swept = self.table.sweep(budget, |f| match f.status() {
-            Status::Revoked { at, .. } => now >= at.saturating_add(retention),
-            Status::Active => {
-                let policy = policies.policy(f.client());
-                match f.code.as_deref() {
-                    // An unused code lives `code_ttl`, then its family goes.
-                    Some(c) if f.generation == Generation::CODE => c.expired(policy, now),
-                    _ => decision::expiry(f, policy, now).is_some(),
+        let mut retired = Vec::new();
+        let swept = self.table.sweep(budget, |f| {
+            let dead = match f.status() {
+                Status::Revoked { at, .. } => now >= at.saturating_add(retention),
+                Status::Active => {
+                    let policy = policies.policy(f.client());
+                    match f.code.as_deref() {
+                        // An unused code lives `code_ttl`, then its family goes.
+                        Some(c) if f.generation == Generation::CODE => c.expired(policy, now),
+                        _ => decision::expiry(f, policy, now).is_some(),
+                    }
                 }
+            };
+            if !dead && code::state_retired(f, now) {
+                retired.push(f.id);
             }
+            dead
         });
+        // Code state kept to judge replays goes once it can judge none, so
+        // it costs memory only for the codes of the last `MAX_CODE_TTL`.
+        // Not written to the store: a record recovered with it is retired
+        // again by the next pass.
+        for id in retired {
+            let mut shard = self.table.lock(&id);
+            if let Some(f) = shard.get_mut(&id)
+                && code::state_retired(f, now)
+            {
+                f.code = None;
+            }
+        }
         let removed = swept.removed;
         // Active families leave the index here (revoked ones did when they
         // were revoked), all of them before any store error can return.

@@ -572,6 +572,20 @@ fn replay_is_judged_by_the_policy_in_force_and_survives_sweeps() {
     );
 }
 
+/// Past the longest possible code lifetime the sweeper drops the state, and
+/// a replay is a plain denial as before (dropping it decides nothing).
+#[test]
+fn replay_after_the_state_is_dropped_revokes_nothing() {
+    let h = Harness::new(PolicyOverrides::new().code_ttl(Duration::from_secs(600)));
+    let (c, rt) = exchanged(&h);
+    h.advance(600);
+    h.engine.sweep(100_000).unwrap();
+    let d = exchange_by(&h, &c, CLIENT, REDIRECT, Some(VERIFIER), h.engine.now());
+    assert_eq!(reason(d), DenyReason::CodeSpent);
+    assert_replay_revoked_nothing(&h);
+    assert_redeemable(&h, &rt);
+}
+
 fn set_policy(h: &Harness, client: PolicyOverrides) {
     h.engine
         .swap_policies(PolicySet::builder().client(CLIENT, client).build().unwrap());
