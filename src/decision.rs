@@ -34,9 +34,14 @@ pub enum DenyReason {
     IpNotAllowed,
     /// The family has rotated 2^32 - 1 times and can rotate no further.
     GenerationsExhausted,
-    /// The authorization code was already exchanged; its family is revoked
-    /// (RFC 6749 §4.1.2).
+    /// The authorization code was already exchanged, and this replay passed
+    /// the exchange's checks within the code's lifetime: its family is
+    /// revoked (RFC 6749 §4.1.2).
     CodeReused,
+    /// The authorization code was already exchanged, and this replay would
+    /// not have passed the exchange's checks within the code's lifetime:
+    /// denied, nothing revoked, so a leaked old code logs no one out.
+    CodeSpent,
     /// The authorization code's lifetime (`code_ttl`) has passed.
     CodeExpired,
     /// `redirect_uri` differs from the one given at authorization
@@ -93,6 +98,7 @@ impl DenyReason {
             DenyReason::IpNotAllowed => "ip_not_allowed",
             DenyReason::GenerationsExhausted => "generations_exhausted",
             DenyReason::CodeReused => "code_reused",
+            DenyReason::CodeSpent => "code_spent",
             DenyReason::CodeExpired => "code_expired",
             DenyReason::RedirectUriMismatch => "redirect_uri_mismatch",
             DenyReason::PkceRequired => "pkce_required",
@@ -130,6 +136,7 @@ impl DenyReason {
             DenyReason::CodeReused => {
                 "authorization code was already used; tokens issued from it are revoked"
             }
+            DenyReason::CodeSpent => "authorization code was already used",
             DenyReason::CodeExpired => "authorization code has expired",
             DenyReason::RedirectUriMismatch => {
                 "redirect_uri does not match the authorization request"
@@ -148,7 +155,7 @@ impl DenyReason {
     }
 
     /// Every reason, for metrics tables.
-    pub const ALL: [DenyReason; 18] = [
+    pub const ALL: [DenyReason; 19] = [
         DenyReason::InvalidToken,
         DenyReason::ClientMismatch,
         DenyReason::Revoked,
@@ -159,6 +166,7 @@ impl DenyReason {
         DenyReason::IpNotAllowed,
         DenyReason::GenerationsExhausted,
         DenyReason::CodeReused,
+        DenyReason::CodeSpent,
         DenyReason::CodeExpired,
         DenyReason::RedirectUriMismatch,
         DenyReason::PkceRequired,

@@ -33,7 +33,8 @@ impl EventSink for LogSink {
             EventKind::CapEviction { cap } => format!("cap {cap}"),
             EventKind::PolicySwapped { from } => format!("replaced {from}"),
             EventKind::PolicyReloadFailed { errors } => errors.join("; "),
-            EventKind::IpNotAllowed | EventKind::CodeReplay => String::new(),
+            EventKind::CodeReplay { revoked } => format!("revoked {revoked}"),
+            EventKind::IpNotAllowed => String::new(),
         };
         let family = e.family.map(|f| f.to_string()).unwrap_or_default();
         let client = e.client.as_deref().unwrap_or("");
