@@ -377,7 +377,7 @@ mod tests {
 
         let start = Timestamp::from_secs(1_700_000_000);
         let engine = Engine::builder().build().unwrap();
-        let ip = "10.0.0.1".parse().unwrap();
+        let ip = Some("10.0.0.1".parse().unwrap());
         let authorize = || {
             let d = engine
                 .authorize_at(

@@ -419,7 +419,7 @@ fn exchange_by(
                 code_verifier: verifier,
                 client,
                 redirect_uri,
-                ip: ip("10.0.0.1"),
+                ip: Some(ip("10.0.0.1")),
             },
             now,
         )
@@ -663,7 +663,7 @@ fn replay_is_judged_the_same_after_a_restart() {
             code_verifier: verifier,
             client: CLIENT,
             redirect_uri: REDIRECT,
-            ip: ip("10.0.0.1"),
+            ip: Some(ip("10.0.0.1")),
         })
         .unwrap()
     };
@@ -677,7 +677,7 @@ fn replay_is_judged_the_same_after_a_restart() {
                 redirect_uri: REDIRECT,
                 code_challenge: Some(CHALLENGE),
                 code_challenge_method: Some("S256"),
-                ip: ip("10.0.0.1"),
+                ip: Some(ip("10.0.0.1")),
             })
             .unwrap()
             .accepted()
@@ -717,7 +717,7 @@ fn replay_with_the_verifier_from_outside_the_allow_list_revokes() {
             code_verifier: Some(VERIFIER),
             client: CLIENT,
             redirect_uri: REDIRECT,
-            ip: ip("198.51.100.7"),
+            ip: Some(ip("198.51.100.7")),
         })
         .unwrap();
     assert_eq!(reason(d), DenyReason::CodeReused);
