@@ -25,6 +25,10 @@ usage: refresh-guard serve [options]
                             else one is generated into DATA/admin.token)
   --issuer URL              issuer identifier (default http://LISTEN)
   --max-connections N       concurrent connections on the public listener (default 1024)
+  --max-connections-per-source N
+                            concurrent public connections one source may hold: an IPv4
+                            address or an IPv6 /64; trusted proxies are exempt; more are
+                            closed at once (default 32)
   --workers N               runtime threads (default: one per core)
   --watch-policies          also reload when the policy files change
 
@@ -109,6 +113,13 @@ fn parse(args: &[String], env_token: Option<String>) -> Result<Options, String> 
                     .ok()
                     .filter(|n| (1..=1_000_000).contains(n))
                     .ok_or("--max-connections must be 1 to 1000000")?
+            }
+            "--max-connections-per-source" => {
+                config.max_connections_per_source = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or("--max-connections-per-source must be 1 to 1000000")?
             }
             "--workers" => {
                 workers = value()?
@@ -247,6 +258,7 @@ mod tests {
         assert_eq!(o.config.data, PathBuf::from("./data"));
         assert_eq!(o.config.durability, Durability::Sync);
         assert!(matches!(o.config.admin_token, AdminTokenSource::Generate));
+        assert_eq!(o.config.max_connections_per_source, 32);
     }
 
     #[test]
@@ -268,6 +280,8 @@ mod tests {
                 "--issuer",
                 "https://auth.example",
                 "--max-connections=10",
+                "--max-connections-per-source",
+                "3",
                 "--workers",
                 "2",
                 "--watch-policies",
@@ -282,6 +296,7 @@ mod tests {
         assert!(matches!(o.config.admin_token, AdminTokenSource::File(_)));
         assert_eq!(o.config.issuer.as_deref(), Some("https://auth.example"));
         assert_eq!(o.config.max_connections, 10);
+        assert_eq!(o.config.max_connections_per_source, 3);
         assert_eq!(o.workers, 2);
         assert!(o.watch_policies);
     }
@@ -296,6 +311,10 @@ mod tests {
                 "--trusted-proxies",
             ),
             (vec!["--max-connections", "0"], "--max-connections"),
+            (
+                vec!["--max-connections-per-source", "x"],
+                "--max-connections-per-source must be",
+            ),
             (vec!["--frobnicate"], "unknown argument"),
         ] {
             let e = parse(&args(&a), None).err().unwrap();

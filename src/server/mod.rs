@@ -43,6 +43,7 @@ mod datadir;
 mod events;
 pub mod form;
 mod jwt;
+mod limits;
 mod metrics;
 mod net;
 mod oauth;
@@ -64,6 +65,7 @@ pub use self::cli::serve_main;
 pub use self::datadir::{AdminToken, AdminTokenSource};
 pub use self::jwt::{AccessClaims, AccessTokenSigner};
 
+use self::limits::Sources;
 use self::metrics::Metrics;
 use crate::engine::Engine;
 use crate::error::Error;
@@ -103,6 +105,10 @@ pub struct Config {
     /// Most concurrent connections on the public listener
     /// (`--max-connections`); further clients wait in the accept backlog.
     pub max_connections: usize,
+    /// Most concurrent connections one source holds on the public listener
+    /// (`--max-connections-per-source`): an IPv4 address or an IPv6 /64;
+    /// trusted proxies are exempt. Connections beyond it are closed at once.
+    pub max_connections_per_source: usize,
     /// Time a client has to send a request's headers; also the idle
     /// timeout of a keep-alive connection.
     pub header_timeout: Duration,
@@ -131,6 +137,7 @@ impl Default for Config {
             admin_token: AdminTokenSource::Generate,
             issuer: None,
             max_connections: 1024,
+            max_connections_per_source: 32,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(1),
@@ -310,6 +317,11 @@ impl Server {
                 "max connections must be 1 to 1000000".into(),
             ));
         }
+        if config.max_connections_per_source == 0 || config.max_connections_per_source > 1_000_000 {
+            return Err(ServerError::Config(
+                "max connections per source must be 1 to 1000000".into(),
+            ));
+        }
         let public = bind(config.listen).await?;
         let admin = bind(config.admin_listen).await?;
         let addr = public.local_addr().map_err(|e| ServerError::Bind {
@@ -362,6 +374,21 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let public_limit = Arc::new(Semaphore::new(config.max_connections));
         let admin_limit = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+        // An empty `AllowList` allows any address: exempt none then.
+        let trusted =
+            (!config.trusted_proxies.is_empty()).then(|| AllowList::new(&config.trusted_proxies));
+        let public_limits = net::Limits {
+            listener: "public",
+            slots: public_limit.clone(),
+            sources: Sources::new(config.max_connections_per_source, trusted.clone()),
+            counters: app.metrics.public_connections.clone(),
+        };
+        let admin_limits = net::Limits {
+            listener: "admin",
+            slots: admin_limit.clone(),
+            sources: Sources::new(ADMIN_MAX_CONNECTIONS, trusted),
+            counters: app.metrics.admin_connections.clone(),
+        };
         let conn = net::ConnOptions {
             header_timeout: config.header_timeout,
         };
@@ -376,18 +403,16 @@ impl Server {
         let public_task = tokio::spawn(net::serve(
             public,
             oauth::router(app.clone()),
-            public_limit.clone(),
+            public_limits,
             conn.clone(),
             stop_rx.clone(),
-            Some(app.metrics.clone()),
         ));
         let admin_task = tokio::spawn(net::serve(
             admin,
             admin::router(app.clone()),
-            admin_limit.clone(),
+            admin_limits,
             conn,
             stop_rx.clone(),
-            None,
         ));
         let background = tokio::spawn(background(app.clone(), config.clone(), stop_rx));
 

@@ -1,0 +1,162 @@
+//! Connection limits (README "Server", "Connections"): idle sockets, from
+//! one loopback source or many (Linux routes all of 127.0.0.0/8 to `lo`),
+//! cannot keep a legitimate request from either listener. Every wait is
+//! bounded; only loopback addresses are used.
+#![cfg(feature = "server")]
+
+mod server_http;
+
+use std::io::{ErrorKind, Read};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use server_http::*;
+
+/// How long a request may take and still count as answered promptly.
+const PROMPT: Duration = Duration::from_secs(2);
+
+/// Opens client connections from chosen loopback source addresses.
+struct Clients {
+    rt: tokio::runtime::Runtime,
+    /// `None`: the server reset the connection before `connect` returned.
+    held: Vec<Option<TcpStream>>,
+}
+
+impl Clients {
+    fn new() -> Clients {
+        Clients {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            held: Vec::new(),
+        }
+    }
+
+    /// A connection to `to` from 127.0.0.`host` (a socket bound before
+    /// connecting, which `std` cannot do), or `None` if the server reset it
+    /// before `connect` returned.
+    fn connect(&self, host: u8, to: SocketAddr) -> Option<TcpStream> {
+        let from = SocketAddr::from((Ipv4Addr::new(127, 0, 0, host), 0));
+        self.rt.block_on(async {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(from).unwrap();
+            let s = tokio::time::timeout(Duration::from_secs(2), s.connect(to))
+                .await
+                .expect("loopback connect timed out");
+            let s = match s {
+                Ok(s) => s,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("connect from {from} to {to}: {e}"),
+            };
+            let s = s.into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            Some(s)
+        })
+    }
+
+    /// `n` idle connections from 127.0.0.`host`, kept open; their indexes.
+    fn idle(&mut self, host: u8, to: SocketAddr, n: usize) -> std::ops::Range<usize> {
+        let start = self.held.len();
+        for _ in 0..n {
+            let s = self.connect(host, to);
+            self.held.push(s);
+        }
+        start..self.held.len()
+    }
+
+    /// How many of `range` the server has closed within `wait`.
+    fn closed(&self, range: std::ops::Range<usize>, wait: Duration) -> usize {
+        let until = Instant::now() + wait;
+        self.held[range]
+            .iter()
+            .filter(|s| s.as_ref().is_none_or(|s| closed_by(s, until)))
+            .count()
+    }
+}
+
+/// Whether the server closes `s` (end of stream or reset) before `until`.
+fn closed_by(mut s: &TcpStream, until: Instant) -> bool {
+    let left = until
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    s.set_read_timeout(Some(left)).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+    }
+}
+
+/// `GET /healthz` on a new connection from 127.0.0.1: the status, or what
+/// went wrong, within [`PROMPT`].
+fn healthz(to: SocketAddr, admin: bool) -> Result<u16, String> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect_timeout(&to, PROMPT).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(PROMPT)).unwrap();
+    let auth = if admin {
+        format!("Authorization: Bearer {ADMIN}\r\n")
+    } else {
+        String::new()
+    };
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    std::io::Write::write_all(&mut s, req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        return Err(format!("no answer after {:?}: {e}", started.elapsed()));
+    }
+    parse_response(&raw)
+        .map(|r| r.status)
+        .ok_or_else(|| format!("malformed answer after {:?}", started.elapsed()))
+}
+
+fn metric(s: &TestServer, line_start: &str) -> u64 {
+    let text = s.admin("GET", "/metrics", None).text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+}
+
+/// Regression: one source could hold every public connection; with the
+/// budget spent by its idle sockets, `/healthz` waited for the header
+/// timeout. Now the source keeps its cap and the rest are closed at once.
+#[test]
+fn one_source_cannot_hold_more_than_its_cap() {
+    let s = TestServer::with("per-source", |c| {
+        c.max_connections = 16;
+        c.max_connections_per_source = 4;
+    });
+    let mut clients = Clients::new();
+    let first = clients.idle(2, s.addr, 4);
+    let over = clients.idle(2, s.addr, 12);
+    assert_eq!(healthz(s.addr, false), Ok(200));
+    assert_eq!(clients.closed(over, PROMPT), 12, "over the cap: closed");
+    assert_eq!(clients.closed(first, Duration::from_millis(300)), 0);
+    // Another source has its own cap.
+    let other = clients.idle(3, s.addr, 4);
+    assert_eq!(clients.closed(other, Duration::from_millis(300)), 0);
+    assert_eq!(
+        metric(
+            &s,
+            "refresh_guard_http_connections_refused_total{listener=\"public\",reason=\"per_source_cap\"}"
+        ),
+        12
+    );
+}
+
+/// Regression (of the cap above): a trusted proxy's connections carry
+/// many clients, so its address is not capped.
+#[test]
+fn trusted_proxies_are_exempt_from_the_per_source_cap() {
+    let s = TestServer::with("per-source-proxy", |c| {
+        c.max_connections_per_source = 2;
+        c.trusted_proxies = vec!["127.0.0.2".parse().unwrap()];
+    });
+    let mut clients = Clients::new();
+    let proxy = clients.idle(2, s.addr, 6);
+    let other = clients.idle(3, s.addr, 3);
+    assert_eq!(clients.closed(proxy, Duration::from_millis(500)), 0);
+    assert_eq!(clients.closed(other, PROMPT), 1);
+}
