@@ -160,3 +160,69 @@ fn trusted_proxies_are_exempt_from_the_per_source_cap() {
     assert_eq!(clients.closed(proxy, Duration::from_millis(500)), 0);
     assert_eq!(clients.closed(other, PROMPT), 1);
 }
+
+/// A `GET` on a keep-alive connection: the status, once the whole
+/// response (headers and `Content-Length` body) is in.
+fn keep_alive_get(s: &mut TcpStream, path: &str) -> u16 {
+    std::io::Write::write_all(
+        s,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    s.set_read_timeout(Some(PROMPT)).unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).expect("a response");
+        assert!(n > 0, "closed before the response was complete");
+        raw.extend_from_slice(&buf[..n]);
+        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let r = parse_response(&raw[..end + 4]).unwrap();
+        let len: usize = r.header("content-length").unwrap().parse().unwrap();
+        if raw.len() >= end + 4 + len {
+            return r.status;
+        }
+    }
+}
+
+/// Regression: a connection that never sent a request held its slot for
+/// the whole header timeout (10 s). It is now closed at the first-request
+/// deadline, and so is one that sends only part of its request line; a
+/// keep-alive connection that has had a request is not.
+#[test]
+fn a_connection_without_a_request_is_closed_at_the_first_request_deadline() {
+    let s = TestServer::with("first-request", |c| {
+        c.first_request_timeout = Duration::from_millis(600);
+    });
+    let mut clients = Clients::new();
+    let silent = clients.idle(2, s.addr, 1);
+    let partial = clients.idle(3, s.addr, 1);
+    std::io::Write::write_all(
+        clients.held[partial.start].as_mut().unwrap(),
+        b"GET /healthz HT",
+    )
+    .unwrap();
+    let mut kept = clients.connect(4, s.addr).unwrap();
+    assert_eq!(keep_alive_get(&mut kept, "/healthz"), 200);
+    assert_eq!(
+        clients.closed(silent.clone(), Duration::from_millis(200)),
+        0,
+        "closed before the deadline"
+    );
+    assert_eq!(clients.closed(silent, PROMPT), 1);
+    assert_eq!(clients.closed(partial, PROMPT), 1);
+    assert!(
+        !closed_by(&kept, Instant::now() + Duration::from_millis(300)),
+        "a keep-alive connection is held by the header timeout, not this deadline"
+    );
+    assert_eq!(keep_alive_get(&mut kept, "/healthz"), 200);
+    assert_eq!(
+        metric(
+            &s,
+            "refresh_guard_http_connections_closed_total{listener=\"public\",reason=\"first_request_timeout\"}"
+        ),
+        2
+    );
+}

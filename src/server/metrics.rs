@@ -116,6 +116,8 @@ pub(crate) struct ConnCounters {
     pub(crate) accepted: AtomicU64,
     /// Closed at accept: their source held its cap.
     pub(crate) refused_per_source: AtomicU64,
+    /// Closed without a request by the first-request deadline.
+    pub(crate) first_request_timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -268,6 +270,17 @@ impl Metrics {
                 out,
                 "refresh_guard_http_connections_refused_total{{listener=\"{listener}\",reason=\"per_source_cap\"}} {}",
                 c.refused_per_source.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP refresh_guard_http_connections_closed_total Connections the server closed before the client did, by listener and reason.\n\
+             # TYPE refresh_guard_http_connections_closed_total counter\n",
+        );
+        for (listener, c) in [("public", public), ("admin", admin)] {
+            let _ = writeln!(
+                out,
+                "refresh_guard_http_connections_closed_total{{listener=\"{listener}\",reason=\"first_request_timeout\"}} {}",
+                c.first_request_timeouts.load(Ordering::Relaxed)
             );
         }
         out

@@ -112,6 +112,10 @@ pub struct Config {
     /// Time a client has to send a request's headers; also the idle
     /// timeout of a keep-alive connection.
     pub header_timeout: Duration,
+    /// Time a new connection has to send its first request's headers
+    /// (`--first-request-timeout`), on both listeners; at most
+    /// `header_timeout` applies. Without a request by then it is closed.
+    pub first_request_timeout: Duration,
     /// Time a client has to send a request's body once its headers are in.
     pub body_timeout: Duration,
     /// How often the sweeper runs.
@@ -139,6 +143,7 @@ impl Default for Config {
             max_connections: 1024,
             max_connections_per_source: 32,
             header_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(1),
             sweep_budget: 10_000,
@@ -322,6 +327,11 @@ impl Server {
                 "max connections per source must be 1 to 1000000".into(),
             ));
         }
+        if config.first_request_timeout.is_zero() {
+            return Err(ServerError::Config(
+                "the first request timeout must be more than 0".into(),
+            ));
+        }
         let public = bind(config.listen).await?;
         let admin = bind(config.admin_listen).await?;
         let addr = public.local_addr().map_err(|e| ServerError::Bind {
@@ -391,6 +401,7 @@ impl Server {
         };
         let conn = net::ConnOptions {
             header_timeout: config.header_timeout,
+            first_request_timeout: config.first_request_timeout,
         };
         tracing::info!(
             addr = %public.local_addr().unwrap_or(config.listen),

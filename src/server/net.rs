@@ -1,6 +1,7 @@
-//! The accept loop: HTTP/1.1 connections with a header timeout (also the
-//! keep-alive idle timeout), a cap on concurrent connections and one per
-//! source, the TCP peer address handed to handlers, and graceful shutdown.
+//! The accept loop: HTTP/1.1 connections with a deadline for the first
+//! request, a header timeout (also the keep-alive idle timeout), a cap on
+//! concurrent connections and one per source, the TCP peer address handed
+//! to handlers, and graceful shutdown.
 //!
 //! `axum::serve` offers neither the caps nor the timeout, so connections
 //! are driven with hyper directly and the router is called per request.
@@ -20,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::Service as _;
 
-use super::limits::{SourceClaim, Sources};
+use super::limits::{ConnState, SourceClaim, Sources};
 use super::metrics::ConnCounters;
 
 /// The TCP peer of the connection a request came on.
@@ -37,6 +38,9 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 #[derive(Clone, Debug)]
 pub(crate) struct ConnOptions {
     pub(crate) header_timeout: Duration,
+    /// Time from accept to the first request's complete headers; a
+    /// connection without one by then is closed.
+    pub(crate) first_request_timeout: Duration,
 }
 
 /// What bounds one listener's connections.
@@ -106,28 +110,35 @@ pub(crate) async fn serve(
             router.clone(),
             options.clone(),
             stop.clone(),
-            limits.counters.clone(),
+            (limits.listener, limits.counters.clone()),
             (claim, permit),
         ));
     }
 }
 
-/// Serve one connection until it ends or the server stops; `held` is
-/// returned when it does.
+/// Serve one connection until it ends, misses the first-request deadline
+/// or the server stops; `held` is returned when it does.
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
     options: ConnOptions,
     mut stop: watch::Receiver<bool>,
-    counters: Arc<ConnCounters>,
+    (listener, counters): (&'static str, Arc<ConnCounters>),
     held: (SourceClaim, OwnedSemaphorePermit),
 ) {
+    let state = Arc::new(ConnState::default());
+    let handler_state = state.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        // Called on the connection's task as soon as the headers are in,
+        // so the task sees the request begun whenever it looks.
+        handler_state.begin();
         req.extensions_mut().insert(Peer(peer));
         let mut router = router.clone();
+        let state = handler_state.clone();
         async move {
             let resp: Result<_, Infallible> = router.call(req.map(Body::new)).await;
+            state.end();
             resp
         }
     });
@@ -137,18 +148,43 @@ async fn connection(
         .header_read_timeout(options.header_timeout)
         .max_buf_size(64 * 1024)
         .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+    let mut conn = builder.serve_connection(TokioIo::new(stream), service);
+    // hyper's header timeout starts over for each request and is also
+    // the keep-alive idle timeout; a client that never gets a request in
+    // gets this shorter deadline, so that idle sockets let go of their
+    // slots quickly.
+    let first = tokio::time::sleep(options.first_request_timeout.min(options.header_timeout));
+    tokio::pin!(first);
+    let mut awaiting_first = true;
+    loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                }
+                break;
             }
-        }
-        _ = stopped(&mut stop) => {
-            // Finish the request in flight, then close.
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            _ = &mut first, if awaiting_first => {
+                awaiting_first = false;
+                if state.is_fresh() {
+                    counters.first_request_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        listener,
+                        peer = %peer,
+                        "connection closed: no request before the first-request deadline"
+                    );
+                    // A reset: there is no response to flush, and the
+                    // server keeps no TIME_WAIT state for the socket.
+                    let _ = conn.into_parts().io.inner().set_zero_linger();
+                    break;
+                }
+            }
+            _ = stopped(&mut stop) => {
+                // Finish the request in flight, then close.
+                std::pin::Pin::new(&mut conn).graceful_shutdown();
+                let _ = conn.await;
+                break;
+            }
         }
     }
     counters.open.fetch_sub(1, Ordering::Relaxed);
