@@ -226,3 +226,83 @@ fn a_connection_without_a_request_is_closed_at_the_first_request_deadline() {
         2
     );
 }
+
+/// Regression: idle sockets from many sources, each within its per-source
+/// cap, held every slot, and `/healthz` waited in the accept backlog until
+/// the first-request deadline freed one. Now a newcomer takes the slot of
+/// the oldest connection that never sent a request.
+#[test]
+fn idle_sockets_from_many_sources_cannot_hold_the_budget() {
+    let s = TestServer::with("many-sources", |c| {
+        c.max_connections = 16;
+        c.max_connections_per_source = 4;
+    });
+    let mut clients = Clients::new();
+    // Six sources, four sockets each, in turn: 24 for 16 slots.
+    for _ in 0..4 {
+        for host in 2..8 {
+            clients.idle(host, s.addr, 1);
+        }
+    }
+    for _ in 0..3 {
+        assert_eq!(healthz(s.addr, false), Ok(200));
+    }
+    // The 8 over the budget, then the first probe, each took the slot of
+    // the oldest idle socket; the probes after it found a slot free.
+    assert_eq!(clients.closed(0..9, PROMPT), 9);
+    assert_eq!(clients.closed(9..24, Duration::from_millis(300)), 0);
+    assert_eq!(
+        metric(
+            &s,
+            "refresh_guard_http_connections_closed_total{listener=\"public\",reason=\"evicted\"}"
+        ),
+        9
+    );
+}
+
+/// A connection that has had a request gives way only after every one
+/// that never sent a request.
+#[test]
+fn a_keep_alive_connection_gives_way_after_those_that_never_sent_a_request() {
+    let s = TestServer::with("evict-order", |c| {
+        c.max_connections = 4;
+    });
+    let mut clients = Clients::new();
+    let mut kept = clients.connect(2, s.addr).unwrap();
+    assert_eq!(keep_alive_get(&mut kept, "/healthz"), 200);
+    let fresh = clients.idle(3, s.addr, 3);
+    assert_eq!(healthz(s.addr, false), Ok(200));
+    assert_eq!(clients.closed(fresh.start..fresh.start + 1, PROMPT), 1);
+    assert_eq!(
+        clients.closed(fresh.start + 1..fresh.end, Duration::from_millis(300)),
+        0
+    );
+    assert_eq!(keep_alive_get(&mut kept, "/healthz"), 200);
+}
+
+/// A connection in the middle of a request never gives way: with every
+/// slot mid-request, a newcomer waits until one is free.
+#[test]
+fn a_connection_mid_request_is_not_evicted() {
+    let s = TestServer::with("evict-busy", |c| {
+        c.max_connections = 1;
+        c.body_timeout = Duration::from_millis(800);
+    });
+    let clients = Clients::new();
+    let mut slow = clients.connect(2, s.addr).unwrap();
+    std::io::Write::write_all(
+        &mut slow,
+        b"POST /oauth2/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ngrant_type=",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    assert_eq!(healthz(s.addr, false), Ok(200));
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "answered after {:?}, while the only slot was mid-request",
+        started.elapsed()
+    );
+    slow.set_read_timeout(Some(PROMPT)).unwrap();
+    assert_eq!(read_response(&mut slow).status, 408);
+}

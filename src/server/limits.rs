@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use parking_lot::Mutex;
 
@@ -98,37 +97,6 @@ impl Drop for SourceClaim {
                 open.remove(&source);
             }
         }
-    }
-}
-
-/// Where a connection is in its life; the connection's task and its
-/// request handler share it.
-#[derive(Default)]
-pub(crate) struct ConnState {
-    phase: AtomicU8,
-}
-
-/// Accepted; no request has reached the handler yet.
-const FRESH: u8 = 0;
-/// A request is being handled.
-const BUSY: u8 = 1;
-/// Between the requests of a keep-alive connection.
-const IDLE: u8 = 2;
-
-impl ConnState {
-    /// A request's headers are in and its handler runs.
-    pub(crate) fn begin(&self) {
-        self.phase.store(BUSY, Ordering::Release);
-    }
-
-    /// The handler has answered.
-    pub(crate) fn end(&self) {
-        self.phase.store(IDLE, Ordering::Release);
-    }
-
-    /// No request has reached the handler yet.
-    pub(crate) fn is_fresh(&self) -> bool {
-        self.phase.load(Ordering::Acquire) == FRESH
     }
 }
 

@@ -118,6 +118,8 @@ pub(crate) struct ConnCounters {
     pub(crate) refused_per_source: AtomicU64,
     /// Closed without a request by the first-request deadline.
     pub(crate) first_request_timeouts: AtomicU64,
+    /// Idle connections closed to give their slot to a new one.
+    pub(crate) evicted: AtomicU64,
 }
 
 impl Metrics {
@@ -281,6 +283,11 @@ impl Metrics {
                 out,
                 "refresh_guard_http_connections_closed_total{{listener=\"{listener}\",reason=\"first_request_timeout\"}} {}",
                 c.first_request_timeouts.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "refresh_guard_http_connections_closed_total{{listener=\"{listener}\",reason=\"evicted\"}} {}",
+                c.evicted.load(Ordering::Relaxed)
             );
         }
         out

@@ -38,6 +38,7 @@
 //! ```
 
 mod admin;
+mod budget;
 mod cli;
 mod datadir;
 mod events;
@@ -59,12 +60,13 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 pub use self::cli::serve_main;
 pub use self::datadir::{AdminToken, AdminTokenSource};
 pub use self::jwt::{AccessClaims, AccessTokenSigner};
 
+use self::budget::Budget;
 use self::limits::Sources;
 use self::metrics::Metrics;
 use crate::engine::Engine;
@@ -103,7 +105,9 @@ pub struct Config {
     /// Issuer identifier (`--issuer`); default `http://<listen>`.
     pub issuer: Option<String>,
     /// Most concurrent connections on the public listener
-    /// (`--max-connections`); further clients wait in the accept backlog.
+    /// (`--max-connections`). When all are open, a new connection takes
+    /// the slot of an idle one (one that never sent a request first); it
+    /// waits in the accept backlog only while every one is mid-request.
     pub max_connections: usize,
     /// Most concurrent connections one source holds on the public listener
     /// (`--max-connections-per-source`): an IPv4 address or an IPv6 /64;
@@ -382,20 +386,20 @@ impl Server {
             config,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let public_limit = Arc::new(Semaphore::new(config.max_connections));
-        let admin_limit = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+        let public_budget = Budget::new(config.max_connections);
+        let admin_budget = Budget::new(ADMIN_MAX_CONNECTIONS);
         // An empty `AllowList` allows any address: exempt none then.
         let trusted =
             (!config.trusted_proxies.is_empty()).then(|| AllowList::new(&config.trusted_proxies));
         let public_limits = net::Limits {
             listener: "public",
-            slots: public_limit.clone(),
+            budget: public_budget.clone(),
             sources: Sources::new(config.max_connections_per_source, trusted.clone()),
             counters: app.metrics.public_connections.clone(),
         };
         let admin_limits = net::Limits {
             listener: "admin",
-            slots: admin_limit.clone(),
+            budget: admin_budget.clone(),
             sources: Sources::new(ADMIN_MAX_CONNECTIONS, trusted),
             counters: app.metrics.admin_connections.clone(),
         };
@@ -433,12 +437,8 @@ impl Server {
         let _ = public_task.await;
         let _ = admin_task.await;
         let drained = tokio::time::timeout(config.shutdown_timeout, async {
-            let _ = public_limit
-                .acquire_many(permits(config.max_connections))
-                .await;
-            let _ = admin_limit
-                .acquire_many(permits(ADMIN_MAX_CONNECTIONS))
-                .await;
+            public_budget.drained().await;
+            admin_budget.drained().await;
         })
         .await;
         if drained.is_err() {
@@ -456,10 +456,6 @@ impl Server {
         tracing::info!("stopped; store flushed");
         Ok(())
     }
-}
-
-fn permits(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {

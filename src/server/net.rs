@@ -18,10 +18,11 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tower::Service as _;
 
-use super::limits::{ConnState, SourceClaim, Sources};
+use super::budget::{Budget, Slot};
+use super::limits::{SourceClaim, Sources};
 use super::metrics::ConnCounters;
 
 /// The TCP peer of the connection a request came on.
@@ -48,16 +49,16 @@ pub(crate) struct ConnOptions {
 pub(crate) struct Limits {
     /// `"public"` or `"admin"`, for logs.
     pub(crate) listener: &'static str,
-    /// One permit per open connection.
-    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) budget: Arc<Budget>,
     pub(crate) sources: Arc<Sources>,
     pub(crate) counters: Arc<ConnCounters>,
 }
 
 /// Accept connections until `stop` turns true. A connection whose source
 /// already holds its cap is closed at once; the others each hold a slot of
-/// `limits` for their lifetime, and while none is free the accept loop
-/// waits (the rest wait in the kernel's backlog).
+/// the budget for their lifetime, taking an idle connection's when none is
+/// free. While every connection is mid-request the accept loop waits (and
+/// newcomers in the kernel's backlog).
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
@@ -94,12 +95,8 @@ pub(crate) async fn serve(
             let _ = stream.set_zero_linger();
             continue;
         };
-        let permit = tokio::select! {
-            p = limits.slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = stopped(&mut stop) => return,
+        let Some(slot) = limits.budget.slot(&mut stop).await else {
+            return;
         };
         let _ = stream.set_nodelay(true);
         limits.counters.accepted.fetch_add(1, Ordering::Relaxed);
@@ -111,13 +108,14 @@ pub(crate) async fn serve(
             options.clone(),
             stop.clone(),
             (limits.listener, limits.counters.clone()),
-            (claim, permit),
+            (claim, slot),
         ));
     }
 }
 
-/// Serve one connection until it ends, misses the first-request deadline
-/// or the server stops; `held` is returned when it does.
+/// Serve one connection until it ends, misses the first-request deadline,
+/// gives way to a newcomer or the server stops; `held` is returned when it
+/// does.
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -125,20 +123,20 @@ async fn connection(
     options: ConnOptions,
     mut stop: watch::Receiver<bool>,
     (listener, counters): (&'static str, Arc<ConnCounters>),
-    held: (SourceClaim, OwnedSemaphorePermit),
+    held: (SourceClaim, Slot),
 ) {
-    let state = Arc::new(ConnState::default());
-    let handler_state = state.clone();
+    let slot = &held.1;
+    let phases = slot.phases();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         // Called on the connection's task as soon as the headers are in,
         // so the task sees the request begun whenever it looks.
-        handler_state.begin();
+        phases.begin();
         req.extensions_mut().insert(Peer(peer));
         let mut router = router.clone();
-        let state = handler_state.clone();
+        let phases = phases.clone();
         async move {
             let resp: Result<_, Infallible> = router.call(req.map(Body::new)).await;
-            state.end();
+            phases.end();
             resp
         }
     });
@@ -166,7 +164,7 @@ async fn connection(
             }
             _ = &mut first, if awaiting_first => {
                 awaiting_first = false;
-                if state.is_fresh() {
+                if slot.is_fresh() {
                     counters.first_request_timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
                         listener,
@@ -178,6 +176,19 @@ async fn connection(
                     let _ = conn.into_parts().io.inner().set_zero_linger();
                     break;
                 }
+            }
+            _ = slot.evicted() => {
+                counters.evicted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(listener, peer = %peer, "idle connection gave way to a new one");
+                if slot.is_fresh() {
+                    let _ = conn.into_parts().io.inner().set_zero_linger();
+                } else {
+                    // Closes at once if idle; a request that began since
+                    // it was chosen is answered first.
+                    std::pin::Pin::new(&mut conn).graceful_shutdown();
+                    let _ = conn.await;
+                }
+                break;
             }
             _ = stopped(&mut stop) => {
                 // Finish the request in flight, then close.
