@@ -236,6 +236,8 @@ fn idle_sockets_from_many_sources_cannot_hold_the_budget() {
     let s = TestServer::with("many-sources", |c| {
         c.max_connections = 16;
         c.max_connections_per_source = 4;
+        // Only eviction may close a socket while the test counts.
+        c.first_request_timeout = c.header_timeout;
     });
     let mut clients = Clients::new();
     // Six sources, four sockets each, in turn: 24 for 16 slots.
@@ -244,11 +246,9 @@ fn idle_sockets_from_many_sources_cannot_hold_the_budget() {
             clients.idle(host, s.addr, 1);
         }
     }
-    for _ in 0..3 {
-        assert_eq!(healthz(s.addr, false), Ok(200));
-    }
-    // The 8 over the budget, then the first probe, each took the slot of
-    // the oldest idle socket; the probes after it found a slot free.
+    assert_eq!(healthz(s.addr, false), Ok(200));
+    // The 8 over the budget, then the probe, each took the slot of the
+    // oldest idle socket.
     assert_eq!(clients.closed(0..9, PROMPT), 9);
     assert_eq!(clients.closed(9..24, Duration::from_millis(300)), 0);
     assert_eq!(
@@ -266,6 +266,7 @@ fn idle_sockets_from_many_sources_cannot_hold_the_budget() {
 fn a_keep_alive_connection_gives_way_after_those_that_never_sent_a_request() {
     let s = TestServer::with("evict-order", |c| {
         c.max_connections = 4;
+        c.first_request_timeout = c.header_timeout;
     });
     let mut clients = Clients::new();
     let mut kept = clients.connect(2, s.addr).unwrap();
@@ -305,4 +306,71 @@ fn a_connection_mid_request_is_not_evicted() {
     );
     slow.set_read_timeout(Some(PROMPT)).unwrap();
     assert_eq!(read_response(&mut slow).status, 408);
+}
+
+/// Regression: 64 idle sockets on the admin port held all of its slots and
+/// an authenticated request waited 9 s. They now give way to it, and one
+/// source holds at most its cap there too.
+#[test]
+fn admin_answers_while_its_port_holds_idle_sockets() {
+    let s = TestServer::with("admin-idle", |c| {
+        c.admin_max_connections = 8;
+        c.admin_max_connections_per_source = 2;
+        c.first_request_timeout = c.header_timeout;
+    });
+    let mut clients = Clients::new();
+    // Four sources fill the 8 slots; a fifth gets 2 by taking the oldest
+    // two, and is refused 3 over its cap; the probe takes the next oldest.
+    let oldest = clients.idle(2, s.admin, 2);
+    let next = clients.idle(3, s.admin, 1);
+    let mut rest = clients.idle(3, s.admin, 1);
+    rest.end = clients.idle(4, s.admin, 2).end;
+    rest.end = clients.idle(5, s.admin, 2).end;
+    let fifth = clients.idle(6, s.admin, 5);
+    assert_eq!(healthz(s.admin, true), Ok(200));
+    assert_eq!(clients.closed(fifth, PROMPT), 3, "over the cap");
+    assert_eq!(clients.closed(oldest, PROMPT), 2);
+    assert_eq!(clients.closed(next, PROMPT), 1);
+    assert_eq!(clients.closed(rest, Duration::from_millis(300)), 0);
+    let text = s.admin("GET", "/metrics", None).text();
+    for want in [
+        "refresh_guard_http_connections_refused_total{listener=\"admin\",reason=\"per_source_cap\"} 3",
+        "refresh_guard_http_connections_closed_total{listener=\"admin\",reason=\"evicted\"} 3",
+    ] {
+        assert!(text.contains(want), "{want} not in\n{text}");
+    }
+}
+
+/// The admin listener has a budget of its own: a public listener full of
+/// idle sockets does not slow it.
+#[test]
+fn admin_answers_while_the_public_listener_is_flooded() {
+    let s = TestServer::with("admin-public-flood", |c| {
+        c.max_connections = 16;
+        c.max_connections_per_source = 4;
+    });
+    let mut clients = Clients::new();
+    for host in 2..8 {
+        clients.idle(host, s.addr, 4);
+    }
+    let started = Instant::now();
+    assert_eq!(healthz(s.admin, true), Ok(200));
+    assert!(started.elapsed() < PROMPT);
+}
+
+/// Regression: an unauthenticated admin request left its connection open
+/// (keep-alive) after the 401, holding one of the listener's few slots.
+#[test]
+fn an_unauthenticated_admin_request_does_not_keep_its_connection() {
+    let s = TestServer::start("admin-401");
+    let clients = Clients::new();
+    let mut c = clients.connect(2, s.admin).unwrap();
+    std::io::Write::write_all(&mut c, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    c.set_read_timeout(Some(PROMPT)).unwrap();
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw)
+        .expect("the 401, then the close, without waiting for a timeout");
+    let r = parse_response(&raw).unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("connection"), Some("close"));
 }

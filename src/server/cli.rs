@@ -29,6 +29,11 @@ usage: refresh-guard serve [options]
                             concurrent public connections one source may hold: an IPv4
                             address or an IPv6 /64; trusted proxies are exempt; more are
                             closed at once (default 32)
+  --admin-max-connections N concurrent connections on the admin listener, a budget of its
+                            own (default 64)
+  --admin-max-connections-per-source N
+                            as --max-connections-per-source, on the admin listener
+                            (default 16)
   --first-request-timeout DURATION
                             time a new connection has to send its first request's
                             headers, on both listeners, e.g. 500ms or 5s (default 5s)
@@ -123,6 +128,20 @@ fn parse(args: &[String], env_token: Option<String>) -> Result<Options, String> 
                     .ok()
                     .filter(|n| (1..=1_000_000).contains(n))
                     .ok_or("--max-connections-per-source must be 1 to 1000000")?
+            }
+            "--admin-max-connections" => {
+                config.admin_max_connections = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or("--admin-max-connections must be 1 to 1000000")?
+            }
+            "--admin-max-connections-per-source" => {
+                config.admin_max_connections_per_source = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or("--admin-max-connections-per-source must be 1 to 1000000")?
             }
             "--first-request-timeout" => {
                 let v = value()?;
@@ -291,6 +310,8 @@ mod tests {
         assert!(matches!(o.config.admin_token, AdminTokenSource::Generate));
         assert_eq!(o.config.max_connections_per_source, 32);
         assert_eq!(o.config.first_request_timeout, Duration::from_secs(5));
+        assert_eq!(o.config.admin_max_connections, 64);
+        assert_eq!(o.config.admin_max_connections_per_source, 16);
     }
 
     #[test]
@@ -315,6 +336,9 @@ mod tests {
                 "--max-connections-per-source",
                 "3",
                 "--first-request-timeout=1500ms",
+                "--admin-max-connections=5",
+                "--admin-max-connections-per-source",
+                "4",
                 "--workers",
                 "2",
                 "--watch-policies",
@@ -331,6 +355,8 @@ mod tests {
         assert_eq!(o.config.max_connections, 10);
         assert_eq!(o.config.max_connections_per_source, 3);
         assert_eq!(o.config.first_request_timeout, Duration::from_millis(1500));
+        assert_eq!(o.config.admin_max_connections, 5);
+        assert_eq!(o.config.admin_max_connections_per_source, 4);
         assert_eq!(o.workers, 2);
         assert!(o.watch_policies);
     }
@@ -356,6 +382,14 @@ mod tests {
             (vec!["--first-request-timeout", "0s"], "from 1ms to 10m"),
             (vec!["--first-request-timeout", "11m"], "from 1ms to 10m"),
             (vec!["--first-request-timeout", "-1s"], "from 1ms to 10m"),
+            (
+                vec!["--admin-max-connections", "0"],
+                "--admin-max-connections must be",
+            ),
+            (
+                vec!["--admin-max-connections-per-source=2000000"],
+                "--admin-max-connections-per-source must be",
+            ),
             (vec!["--frobnicate"], "unknown argument"),
         ] {
             let e = parse(&args(&a), None).err().unwrap();

@@ -78,9 +78,6 @@ use crate::store::{Durability, LogOptions, LogStore};
 /// Most bytes of a request body; larger bodies are answered 413.
 pub const MAX_BODY: usize = 16 * 1024;
 
-/// Concurrent connections the admin listener accepts.
-const ADMIN_MAX_CONNECTIONS: usize = 64;
-
 /// How the server runs. [`Config::default`] is what `refresh-guard serve`
 /// does with no flags.
 #[derive(Clone, Debug)]
@@ -113,6 +110,13 @@ pub struct Config {
     /// (`--max-connections-per-source`): an IPv4 address or an IPv6 /64;
     /// trusted proxies are exempt. Connections beyond it are closed at once.
     pub max_connections_per_source: usize,
+    /// Most concurrent connections on the admin listener
+    /// (`--admin-max-connections`): a budget of its own, so that the public
+    /// listener's clients cannot take it; shared as `max_connections` is.
+    pub admin_max_connections: usize,
+    /// Most concurrent admin connections one source holds
+    /// (`--admin-max-connections-per-source`), as on the public listener.
+    pub admin_max_connections_per_source: usize,
     /// Time a client has to send a request's headers; also the idle
     /// timeout of a keep-alive connection.
     pub header_timeout: Duration,
@@ -146,6 +150,8 @@ impl Default for Config {
             issuer: None,
             max_connections: 1024,
             max_connections_per_source: 32,
+            admin_max_connections: 64,
+            admin_max_connections_per_source: 16,
             header_timeout: Duration::from_secs(10),
             first_request_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
@@ -321,15 +327,23 @@ impl Server {
     /// Prepare the data directory, build the engine (recovering the store),
     /// load the policies and bind both listeners.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        if config.max_connections == 0 || config.max_connections > 1_000_000 {
-            return Err(ServerError::Config(
-                "max connections must be 1 to 1000000".into(),
-            ));
-        }
-        if config.max_connections_per_source == 0 || config.max_connections_per_source > 1_000_000 {
-            return Err(ServerError::Config(
-                "max connections per source must be 1 to 1000000".into(),
-            ));
+        for (n, what) in [
+            (config.max_connections, "max connections"),
+            (
+                config.max_connections_per_source,
+                "max connections per source",
+            ),
+            (config.admin_max_connections, "admin max connections"),
+            (
+                config.admin_max_connections_per_source,
+                "admin max connections per source",
+            ),
+        ] {
+            if n == 0 || n > 1_000_000 {
+                return Err(ServerError::Config(format!(
+                    "{what} must be 1 to 1000000, not {n}"
+                )));
+            }
         }
         if config.first_request_timeout.is_zero() {
             return Err(ServerError::Config(
@@ -387,7 +401,7 @@ impl Server {
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let public_budget = Budget::new(config.max_connections);
-        let admin_budget = Budget::new(ADMIN_MAX_CONNECTIONS);
+        let admin_budget = Budget::new(config.admin_max_connections);
         // An empty `AllowList` allows any address: exempt none then.
         let trusted =
             (!config.trusted_proxies.is_empty()).then(|| AllowList::new(&config.trusted_proxies));
@@ -400,7 +414,7 @@ impl Server {
         let admin_limits = net::Limits {
             listener: "admin",
             budget: admin_budget.clone(),
-            sources: Sources::new(ADMIN_MAX_CONNECTIONS, trusted),
+            sources: Sources::new(config.admin_max_connections_per_source, trusted),
             counters: app.metrics.admin_connections.clone(),
         };
         let conn = net::ConnOptions {
