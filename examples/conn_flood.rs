@@ -78,20 +78,25 @@ fn source(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 1, (i / 250) as u8, (1 + i % 250) as u8))
 }
 
-/// A connection from `from` to `to`, or `None` after 250 ms (a loopback
-/// handshake takes microseconds; a SYN the kernel dropped would be resent
-/// only after 1 s).
-fn connect_from(rt: &tokio::runtime::Runtime, from: IpAddr, to: SocketAddr) -> Option<TcpStream> {
+/// A connection from `from` to `to`: `Err(true)` if it timed out after
+/// 250 ms (a loopback handshake takes microseconds; a SYN the kernel
+/// dropped would be resent only after 1 s), `Err(false)` if it failed
+/// otherwise (the server reset it before `connect` returned).
+fn connect_from(
+    rt: &tokio::runtime::Runtime,
+    from: IpAddr,
+    to: SocketAddr,
+) -> Result<TcpStream, bool> {
     rt.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4().ok()?;
-        socket.bind(SocketAddr::new(from, 0)).ok()?;
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|_| false)?;
+        socket.bind(SocketAddr::new(from, 0)).map_err(|_| false)?;
         let stream = tokio::time::timeout(Duration::from_millis(250), socket.connect(to))
             .await
-            .ok()?
-            .ok()?;
-        let std = stream.into_std().ok()?;
-        std.set_nonblocking(false).ok()?;
-        Some(std)
+            .map_err(|_| true)?
+            .map_err(|_| false)?;
+        let std = stream.into_std().map_err(|_| false)?;
+        std.set_nonblocking(false).map_err(|_| false)?;
+        Ok(std)
     })
 }
 
@@ -178,22 +183,24 @@ fn main() {
 
     let started = Instant::now();
     let mut idle = Vec::with_capacity(args.idle);
-    let mut failed = 0;
+    let (mut timed_out, mut failed) = (0, 0);
     for i in 0..args.idle {
         match connect_from(&rt, source(i % args.sources), flood_to) {
-            Some(s) => idle.push(s),
-            None => failed += 1,
+            Ok(s) => idle.push(s),
+            Err(true) => timed_out += 1,
+            Err(false) => failed += 1,
         }
     }
     std::thread::sleep(args.settle);
     let closed = idle.iter().filter(|s| closed_by_server(s)).count();
     println!(
-        "flood on {}: {} idle connections from {} sources in {:.3?}; {} connects timed out; \
-         {} closed by the server after {:?}",
+        "flood on {}: {} idle connections from {} sources in {:.3?}; {} connects timed out, \
+         {} reset; {} closed by the server after {:?}",
         args.flood,
         idle.len(),
         args.sources,
         started.elapsed(),
+        timed_out,
         failed,
         closed,
         args.settle,
