@@ -374,3 +374,75 @@ fn an_unauthenticated_admin_request_does_not_keep_its_connection() {
     assert_eq!(r.status, 401);
     assert_eq!(r.header("connection"), Some("close"));
 }
+
+/// `refresh-guard serve` under a soft open-file limit of 256, on ephemeral
+/// ports; killed when dropped.
+#[cfg(target_os = "linux")]
+struct LimitedProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    _dir: TempDir,
+}
+
+#[cfg(target_os = "linux")]
+impl LimitedProcess {
+    fn start() -> LimitedProcess {
+        use std::io::BufRead;
+        let dir = TempDir::new("fd-limit");
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_refresh-guard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen"])
+            .args(["127.0.0.1:0", "--durability", "none", "--workers", "2"])
+            .arg("--data")
+            .arg(dir.path())
+            .arg("--policies")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"))
+            .env("REFRESH_GUARD_ADMIN_TOKEN", ADMIN)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start refresh-guard serve");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let listening = loop {
+            let line = lines.next().expect("a \"listening\" log line").unwrap();
+            let j: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if j["message"] == "listening" {
+                break j;
+            }
+        };
+        // Keep reading, so that logging never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        LimitedProcess {
+            child,
+            addr: listening["addr"].as_str().unwrap().parse().unwrap(),
+            admin: listening["admin_addr"].as_str().unwrap().parse().unwrap(),
+            _dir: dir,
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for LimitedProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Regression: with the default budgets above the process's open-file
+/// limit, idle sockets ran it out of descriptors before the budget was
+/// spent, so no idle connection gave way and the admin listener could not
+/// accept either. The budgets now fit the limit.
+#[cfg(target_os = "linux")]
+#[test]
+fn budgets_fit_the_open_file_limit() {
+    let p = LimitedProcess::start();
+    let mut clients = Clients::new();
+    for host in 2..12 {
+        clients.idle(host, p.addr, 30);
+    }
+    assert_eq!(healthz(p.addr, false), Ok(200));
+    assert_eq!(healthz(p.admin, true), Ok(200));
+}

@@ -100,6 +100,53 @@ impl Drop for SourceClaim {
     }
 }
 
+/// Descriptors kept for everything but connections: the listeners, the
+/// store's files, the runtime's own, signal and file-watch handles.
+const RESERVED_FDS: u64 = 64;
+
+/// The process's soft limit on open files, where it can be read without
+/// `unsafe` (Linux: `/proc/self/limits`); `None` if unknown or unlimited.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|t| soft_open_files(&t))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// The soft limit of the "Max open files" row of a `/proc/<pid>/limits`.
+fn soft_open_files(limits: &str) -> Option<u64> {
+    let row = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    row.split_whitespace().next()?.parse().ok()
+}
+
+/// The (public, admin) connection budgets that fit `limit` open files.
+///
+/// A budget above the limit is worse than a smaller one: accept then fails
+/// for want of descriptors before the budget is spent, so no idle
+/// connection ever gives way, and the admin listener cannot accept either.
+/// The admin budget is kept (up to half of what there is room for); the
+/// public one gets the rest. A limit too small for any connection is left
+/// to fail at accept.
+pub(crate) fn fit_open_files(limit: Option<u64>, public: usize, admin: usize) -> (usize, usize) {
+    let Some(limit) = limit else {
+        return (public, admin);
+    };
+    let room = usize::try_from(limit.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
+    if public.saturating_add(admin) <= room || room < 2 {
+        return (public, admin);
+    }
+    let admin = admin.min(room / 2);
+    (public.min(room - admin), admin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +194,28 @@ mod tests {
         let _one = s.claim(ip("192.0.2.1")).unwrap();
         assert!(s.claim(ip("::ffff:192.0.2.1")).is_none());
         drop(claims);
+    }
+
+    #[test]
+    fn budgets_fit_the_open_file_limit() {
+        assert_eq!(fit_open_files(None, 1024, 64), (1024, 64));
+        assert_eq!(fit_open_files(Some(20_000), 1024, 64), (1024, 64));
+        assert_eq!(fit_open_files(Some(1024), 1024, 64), (896, 64));
+        assert_eq!(fit_open_files(Some(256), 1024, 64), (128, 64));
+        assert_eq!(fit_open_files(Some(128), 1024, 64), (32, 32));
+        assert_eq!(fit_open_files(Some(164), 1, 1000), (1, 50));
+        assert_eq!(fit_open_files(Some(65), 1024, 64), (1024, 64), "no room");
+    }
+
+    #[test]
+    fn the_soft_open_file_limit_is_read_from_proc_limits() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max processes             96365                96365                processes \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(soft_open_files(text), Some(1024));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(soft_open_files(unlimited), None);
+        assert_eq!(soft_open_files(""), None);
     }
 }

@@ -400,8 +400,25 @@ impl Server {
             config,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let public_budget = Budget::new(config.max_connections);
-        let admin_budget = Budget::new(config.admin_max_connections);
+        let open_files = limits::open_file_limit();
+        let (max_connections, admin_max_connections) = limits::fit_open_files(
+            open_files,
+            config.max_connections,
+            config.admin_max_connections,
+        );
+        if (max_connections, admin_max_connections)
+            != (config.max_connections, config.admin_max_connections)
+        {
+            tracing::warn!(
+                open_file_limit = open_files,
+                max_connections,
+                admin_max_connections,
+                "connection budgets lowered to fit the open-file limit; \
+                 raise it (ulimit -n, systemd LimitNOFILE) for more"
+            );
+        }
+        let public_budget = Budget::new(max_connections);
+        let admin_budget = Budget::new(admin_max_connections);
         // An empty `AllowList` allows any address: exempt none then.
         let trusted =
             (!config.trusted_proxies.is_empty()).then(|| AllowList::new(&config.trusted_proxies));
@@ -427,6 +444,8 @@ impl Server {
             issuer = %app.issuer,
             durability = %app.engine.durability(),
             policy_version = %app.engine.policies().version(),
+            max_connections,
+            admin_max_connections,
             "listening"
         );
         let public_task = tokio::spawn(net::serve(
