@@ -25,6 +25,18 @@ usage: refresh-guard serve [options]
                             else one is generated into DATA/admin.token)
   --issuer URL              issuer identifier (default http://LISTEN)
   --max-connections N       concurrent connections on the public listener (default 1024)
+  --max-connections-per-source N
+                            concurrent public connections one source may hold: an IPv4
+                            address or an IPv6 /64; trusted proxies are exempt; more are
+                            closed at once (default 32)
+  --admin-max-connections N concurrent connections on the admin listener, a budget of its
+                            own (default 64)
+  --admin-max-connections-per-source N
+                            as --max-connections-per-source, on the admin listener
+                            (default 16)
+  --first-request-timeout DURATION
+                            time a new connection has to send its first request's
+                            headers, on both listeners, e.g. 500ms or 5s (default 5s)
   --workers N               runtime threads (default: one per core)
   --watch-policies          also reload when the policy files change
 
@@ -110,6 +122,38 @@ fn parse(args: &[String], env_token: Option<String>) -> Result<Options, String> 
                     .filter(|n| (1..=1_000_000).contains(n))
                     .ok_or("--max-connections must be 1 to 1000000")?
             }
+            "--max-connections-per-source" => {
+                config.max_connections_per_source = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or("--max-connections-per-source must be 1 to 1000000")?
+            }
+            "--admin-max-connections" => {
+                config.admin_max_connections = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or("--admin-max-connections must be 1 to 1000000")?
+            }
+            "--admin-max-connections-per-source" => {
+                config.admin_max_connections_per_source = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or("--admin-max-connections-per-source must be 1 to 1000000")?
+            }
+            "--first-request-timeout" => {
+                let v = value()?;
+                config.first_request_timeout = duration(&v)
+                    .filter(|d| (Duration::from_millis(1)..=MAX_TIMEOUT).contains(d))
+                    .ok_or_else(|| {
+                        format!(
+                            "--first-request-timeout: {v:?} is not a duration from 1ms to 10m \
+                             (a whole number and ms, s or m, like 500ms or 5s)"
+                        )
+                    })?
+            }
             "--workers" => {
                 workers = value()?
                     .parse()
@@ -135,6 +179,23 @@ fn parse(args: &[String], env_token: Option<String>) -> Result<Options, String> 
         workers,
         watch_policies,
     })
+}
+
+/// The longest timeout a flag accepts.
+const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// "500ms", "5s", "2m": a whole number and a unit, as in policy files.
+fn duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        _ => return None,
+    };
+    n.checked_mul(ms).map(Duration::from_millis)
 }
 
 /// Structured logs to stdout: JSON when stdout is not a terminal, filtered
@@ -247,6 +308,10 @@ mod tests {
         assert_eq!(o.config.data, PathBuf::from("./data"));
         assert_eq!(o.config.durability, Durability::Sync);
         assert!(matches!(o.config.admin_token, AdminTokenSource::Generate));
+        assert_eq!(o.config.max_connections_per_source, 32);
+        assert_eq!(o.config.first_request_timeout, Duration::from_secs(5));
+        assert_eq!(o.config.admin_max_connections, 64);
+        assert_eq!(o.config.admin_max_connections_per_source, 16);
     }
 
     #[test]
@@ -268,6 +333,12 @@ mod tests {
                 "--issuer",
                 "https://auth.example",
                 "--max-connections=10",
+                "--max-connections-per-source",
+                "3",
+                "--first-request-timeout=1500ms",
+                "--admin-max-connections=5",
+                "--admin-max-connections-per-source",
+                "4",
                 "--workers",
                 "2",
                 "--watch-policies",
@@ -282,6 +353,10 @@ mod tests {
         assert!(matches!(o.config.admin_token, AdminTokenSource::File(_)));
         assert_eq!(o.config.issuer.as_deref(), Some("https://auth.example"));
         assert_eq!(o.config.max_connections, 10);
+        assert_eq!(o.config.max_connections_per_source, 3);
+        assert_eq!(o.config.first_request_timeout, Duration::from_millis(1500));
+        assert_eq!(o.config.admin_max_connections, 5);
+        assert_eq!(o.config.admin_max_connections_per_source, 4);
         assert_eq!(o.workers, 2);
         assert!(o.watch_policies);
     }
@@ -296,6 +371,25 @@ mod tests {
                 "--trusted-proxies",
             ),
             (vec!["--max-connections", "0"], "--max-connections"),
+            (
+                vec!["--max-connections-per-source", "x"],
+                "--max-connections-per-source must be",
+            ),
+            (
+                vec!["--first-request-timeout", "5"],
+                "--first-request-timeout: \"5\" is not a duration",
+            ),
+            (vec!["--first-request-timeout", "0s"], "from 1ms to 10m"),
+            (vec!["--first-request-timeout", "11m"], "from 1ms to 10m"),
+            (vec!["--first-request-timeout", "-1s"], "from 1ms to 10m"),
+            (
+                vec!["--admin-max-connections", "0"],
+                "--admin-max-connections must be",
+            ),
+            (
+                vec!["--admin-max-connections-per-source=2000000"],
+                "--admin-max-connections-per-source must be",
+            ),
             (vec!["--frobnicate"], "unknown argument"),
         ] {
             let e = parse(&args(&a), None).err().unwrap();

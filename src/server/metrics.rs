@@ -102,8 +102,24 @@ pub(crate) struct Metrics {
     errors: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Revocations by reason, counted from events.
     revocations: Mutex<BTreeMap<&'static str, u64>>,
-    pub(crate) connections_open: AtomicU64,
-    pub(crate) connections_total: AtomicU64,
+    /// Connections of the public listener.
+    pub(crate) public_connections: Arc<ConnCounters>,
+    /// Connections of the admin listener.
+    pub(crate) admin_connections: Arc<ConnCounters>,
+}
+
+/// Connection counts of one listener.
+#[derive(Default)]
+pub(crate) struct ConnCounters {
+    pub(crate) open: AtomicU64,
+    /// Connections given a slot.
+    pub(crate) accepted: AtomicU64,
+    /// Closed at accept: their source held its cap.
+    pub(crate) refused_per_source: AtomicU64,
+    /// Closed without a request by the first-request deadline.
+    pub(crate) first_request_timeouts: AtomicU64,
+    /// Idle connections closed to give their slot to a new one.
+    pub(crate) evicted: AtomicU64,
 }
 
 impl Metrics {
@@ -235,6 +251,7 @@ impl Metrics {
                 "refresh_guard_oauth_errors_total{{endpoint=\"{endpoint}\",error=\"{error}\"}} {n}"
             );
         }
+        let (public, admin) = (&self.public_connections, &self.admin_connections);
         let _ = write!(
             out,
             "# HELP refresh_guard_http_connections_open Open connections on the public listener.\n\
@@ -243,9 +260,36 @@ impl Metrics {
              # HELP refresh_guard_http_connections_total Connections accepted on the public listener.\n\
              # TYPE refresh_guard_http_connections_total counter\n\
              refresh_guard_http_connections_total {}\n",
-            self.connections_open.load(Ordering::Relaxed),
-            self.connections_total.load(Ordering::Relaxed),
+            public.open.load(Ordering::Relaxed),
+            public.accepted.load(Ordering::Relaxed),
         );
+        out.push_str(
+            "# HELP refresh_guard_http_connections_refused_total Connections closed as soon as accepted, by listener and reason.\n\
+             # TYPE refresh_guard_http_connections_refused_total counter\n",
+        );
+        for (listener, c) in [("public", public), ("admin", admin)] {
+            let _ = writeln!(
+                out,
+                "refresh_guard_http_connections_refused_total{{listener=\"{listener}\",reason=\"per_source_cap\"}} {}",
+                c.refused_per_source.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP refresh_guard_http_connections_closed_total Connections the server closed before the client did, by listener and reason.\n\
+             # TYPE refresh_guard_http_connections_closed_total counter\n",
+        );
+        for (listener, c) in [("public", public), ("admin", admin)] {
+            let _ = writeln!(
+                out,
+                "refresh_guard_http_connections_closed_total{{listener=\"{listener}\",reason=\"first_request_timeout\"}} {}",
+                c.first_request_timeouts.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "refresh_guard_http_connections_closed_total{{listener=\"{listener}\",reason=\"evicted\"}} {}",
+                c.evicted.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }
