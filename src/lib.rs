@@ -32,8 +32,9 @@
 //! assert_eq!(engine.redeem(&t2, "mobile-app", ip)?.deny_reason(), Some(DenyReason::Revoked));
 //! # Ok::<(), refresh_guard::Error>(())
 //! ```
-// Two measured exceptions, each one system call with its SAFETY note:
-// `huge` (madvise) and `clock` (the coarse clock).
+// Three exceptions, each one system call with its SAFETY note: `huge`
+// (madvise) and `clock` (the coarse clock), measured; `store::private`
+// (geteuid, which std does not offer, for the store's owner check).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -46,7 +46,10 @@ fn temp_dir(name: &str) -> TempDir {
         rand_seed()
     ));
     let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    // 0700: the store refuses a directory other users can reach.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&d)
+        .unwrap();
     TempDir(d)
 }
 

@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::private;
 use super::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 use crate::error::Error;
 use crate::token::FamilyId;
@@ -158,9 +159,11 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
 
 impl LogStore {
     /// Open (creating if needed) the store in `dir` and recover its state.
-    /// A torn last record is dropped with a log line; a corrupt record
-    /// elsewhere refuses to open, naming file and offset, unless
-    /// `options.repair`.
+    /// The directory is created 0700 and its files 0600; a directory other
+    /// users can reach, or that another user owns, is refused
+    /// ([`Error::Exposed`]; docs/store.md, "Permissions"). A torn last
+    /// record is dropped with a log line; a corrupt record elsewhere
+    /// refuses to open, naming file and offset, unless `options.repair`.
     pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore, Error> {
         let dir = dir.as_ref().to_path_buf();
         if options.durability == Durability::None {
@@ -169,11 +172,11 @@ impl LogStore {
                 expected: "sync or batched for a store (none means no store)",
             });
         }
-        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        private::create_dir(&dir)?;
         let (records, max_lsn) = recover_dir(&dir, options.repair)?;
         let next_lsn = max_lsn + 1;
         let path = dir.join(seq_name("log", next_lsn, "rgl"));
-        let file = OpenOptions::new()
+        let file = private::file_options()
             .create(true)
             .append(true)
             .open(&path)
@@ -392,7 +395,7 @@ impl Store for LogStore {
             p.buf = pending;
             p.buf.clear();
             let path = s.dir.join(seq_name("log", boundary, "rgl"));
-            let file = OpenOptions::new()
+            let file = private::file_options()
                 .create(true)
                 .append(true)
                 .open(&path)
@@ -409,7 +412,12 @@ impl Store for LogStore {
         // 2. Dump every family with its LSN.
         let tmp = s.dir.join(seq_name("snapshot", boundary, "tmp"));
         let mut out = Vec::with_capacity(1 << 20);
-        let mut file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        let mut file = private::file_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| io_err(&tmp, e))?;
         let mut write_err = None;
         snapshot(&mut |r: RecordRef<'_>| {
             frame(&mut out, PUT, r.lsn(), |o| r.encode(o));
@@ -526,6 +534,7 @@ fn read_file(
     replay: &mut Replay,
     max_lsn: &mut u64,
 ) -> Result<(), Error> {
+    private::tighten_file(path)?;
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))

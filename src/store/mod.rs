@@ -16,6 +16,8 @@
 pub(crate) mod codec;
 #[cfg(feature = "durable")]
 mod log;
+#[cfg(feature = "durable")]
+pub(crate) mod private;
 
 use std::fmt;
 use std::task::{Poll, Waker};
