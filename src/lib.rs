@@ -69,6 +69,9 @@ pub use crate::policy::IpRange;
 pub use crate::policy::{LoadError, LoadErrors, Position};
 #[cfg(feature = "watch")]
 pub use crate::reload::{PolicyReloader, ReloadTrigger};
+#[cfg(feature = "durable")]
+#[doc(hidden)]
+pub use crate::store::LogHooks;
 pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 #[cfg(feature = "durable")]
 pub use crate::store::{LogOptions, LogStore};

@@ -28,6 +28,9 @@ use crate::family::Family;
 use crate::token::{FamilyId, Generation};
 
 #[cfg(feature = "durable")]
+#[doc(hidden)]
+pub use log::LogHooks;
+#[cfg(feature = "durable")]
 pub use log::{LogOptions, LogStore};
 
 /// How long a caller waits for its write to be durable.

@@ -1,18 +1,20 @@
-//! Shared by the store tests: private temporary directories and a store
-//! wrapper that records the LSN of each change.
+//! Shared by the store tests: private temporary directories, a store
+//! wrapper that records the LSN of each change, and failpoints that put
+//! the log writer at an exact step.
 #![allow(dead_code)]
 
 use std::cell::Cell;
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use refresh_guard::{
     AcceptKind, Durability, Engine, Error, FamilyId, IssueRequest, KeyId, KeyRing, KeySecret,
-    LogOptions, LogStore, RecordRef, Snapshot, Store, StoredRecord, Token,
+    LogHooks, LogOptions, LogStore, RecordRef, Snapshot, Store, StoredRecord, Token,
 };
 
 pub const CLIENT: &str = "app";
@@ -175,5 +177,124 @@ impl Store for Recording {
     }
     fn flush(&self) -> Result<(), Error> {
         self.store.flush()
+    }
+}
+
+/// Failpoints in the log writer: pause it after it takes its next batch,
+/// fail its next write, and record how far the log is written and synced.
+#[derive(Default)]
+pub struct Failpoint {
+    state: Mutex<FailState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct FailState {
+    pause_next: bool,
+    /// The last LSN of the batch the writer is paused on.
+    paused: Option<u64>,
+    release: bool,
+    /// The paused write fails when released.
+    fail_paused: bool,
+    fail_next: bool,
+    synced: u64,
+    rotation_requested: bool,
+}
+
+impl Failpoint {
+    /// The writer pauses after it takes its next batch, before writing it.
+    pub fn pause_next_batch(&self) {
+        self.state.lock().unwrap().pause_next = true;
+    }
+
+    /// Wait until the writer is paused; the last LSN of its batch.
+    pub fn wait_paused(&self) -> u64 {
+        let s = self.state.lock().unwrap();
+        let (s, timeout) = self
+            .changed
+            .wait_timeout_while(s, Duration::from_secs(30), |s| s.paused.is_none())
+            .unwrap();
+        assert!(!timeout.timed_out(), "the writer never paused");
+        s.paused.unwrap()
+    }
+
+    /// Let the paused writer go on and write its batch.
+    pub fn release(&self) {
+        self.state.lock().unwrap().release = true;
+        self.changed.notify_all();
+    }
+
+    /// Let the paused writer go on, and fail its write of the batch it
+    /// holds (a crash before that batch reached the disk).
+    pub fn release_failing(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.release = true;
+        s.fail_paused = true;
+        self.changed.notify_all();
+    }
+
+    /// The writer's next write fails (before any byte of it is written);
+    /// a write it is paused on is not its next.
+    pub fn fail_next_write(&self) {
+        self.state.lock().unwrap().fail_next = true;
+    }
+
+    /// A guard that lets a paused writer go when dropped: a test that
+    /// panics while the writer is paused then fails instead of hanging in
+    /// the store's drop (which waits for the writer). Declare it after the
+    /// store and engine, so it is dropped before them.
+    pub fn release_on_drop(&self) -> ReleaseOnDrop<'_> {
+        ReleaseOnDrop(self)
+    }
+
+    /// The highest LSN written and synced.
+    pub fn synced(&self) -> u64 {
+        self.state.lock().unwrap().synced
+    }
+
+    /// Whether a compaction has asked the writer for a new segment.
+    pub fn rotation_requested(&self) -> bool {
+        self.state.lock().unwrap().rotation_requested
+    }
+}
+
+/// See [`Failpoint::release_on_drop`].
+pub struct ReleaseOnDrop<'a>(&'a Failpoint);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+impl LogHooks for Failpoint {
+    fn before_write(&self, last: u64) -> io::Result<()> {
+        let mut s = self.state.lock().unwrap();
+        if s.pause_next {
+            s.pause_next = false;
+            s.paused = Some(last);
+            self.changed.notify_all();
+            s = self.changed.wait_while(s, |s| !s.release).unwrap();
+            s.release = false;
+            s.paused = None;
+            if std::mem::take(&mut s.fail_paused) {
+                return Err(io::Error::other("injected write failure"));
+            }
+            return Ok(());
+        }
+        if s.fail_next {
+            s.fail_next = false;
+            return Err(io::Error::other("injected write failure"));
+        }
+        Ok(())
+    }
+
+    fn synced(&self, last: u64) {
+        let mut s = self.state.lock().unwrap();
+        s.synced = s.synced.max(last);
+    }
+
+    fn rotation_requested(&self) {
+        self.state.lock().unwrap().rotation_requested = true;
     }
 }
