@@ -13,6 +13,10 @@ use refresh_guard::{
     KeySecret, LogOptions, LogStore, Token,
 };
 
+mod store_support;
+
+use store_support::{Failpoint, Recording};
+
 const CLIENT: &str = "app";
 
 fn ip() -> IpAddr {
@@ -296,23 +300,41 @@ fn compaction_keeps_state_exact() {
     }
 }
 
-/// Many concurrent callers in sync mode share fsyncs (group commit) and each
-/// is acknowledged only once durable: after a restart every acknowledged
-/// rotation is there.
+/// Many concurrent callers in sync mode share fsyncs (group commit), and
+/// each is acknowledged only once its change is written and synced. The
+/// writer's failpoint records how far the log is synced and each caller
+/// checks, the moment its rotation is acknowledged, that the LSN its change
+/// got is within: an acknowledgement before the write fails here, not only
+/// after a crash. The restart then reads a copy of the directory taken
+/// before the store is dropped (a drop writes what is still pending), as a
+/// crash would leave it.
 #[test]
 fn concurrent_sync_redemptions_are_all_durable() {
     let dir = temp_dir("group");
-    let e = open(&dir);
+    let fp = Arc::new(Failpoint::default());
+    let store =
+        Arc::new(LogStore::open_with_hooks(&*dir, LogOptions::default(), fp.clone()).unwrap());
+    let e = Engine::builder()
+        .keys(keys())
+        .store(Recording::new(store.clone()))
+        .build()
+        .unwrap();
     let start: Vec<Token> = (0..32).map(|i| issue(&e, &format!("u{i}"))).collect();
     let finals: Vec<Token> = std::thread::scope(|s| {
         let hs: Vec<_> = start
             .iter()
             .map(|t| {
-                let e = &e;
+                let (e, fp) = (&e, &fp);
                 s.spawn(move || {
                     let mut t = *t;
                     for _ in 0..20 {
                         t = rotate(e, &t);
+                        let lsn = Recording::last_on_this_thread();
+                        let synced = fp.synced();
+                        assert!(
+                            synced >= lsn,
+                            "LSN {lsn} acknowledged before it was synced (synced through {synced})"
+                        );
                     }
                     t
                 })
@@ -320,10 +342,14 @@ fn concurrent_sync_redemptions_are_all_durable() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    // No flush, no orderly close: the store's writer thread is gone with the
-    // engine, but every acknowledged change was already durable.
+    let copy = temp_dir("group-copy");
+    for f in std::fs::read_dir(&*dir).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+    }
     drop(e);
-    let e = open(&dir);
+    drop(store);
+    let e = open(&copy);
     for t in &finals {
         assert_eq!(e.introspect(t).unwrap().generation.get(), 21);
         rotate(&e, t);
