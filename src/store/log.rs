@@ -1,6 +1,6 @@
 //! The embedded store: an append-only log of CRC-checked records with
-//! snapshot compaction, in one local directory (format, writing and
-//! permissions: docs/store.md).
+//! snapshot compaction, in one local directory (format, writing, torn
+//! tails and permissions: docs/store.md).
 //!
 //! Files: `log-<first lsn>.rgl` segments and `snapshot-<lsn>.rgs`
 //! snapshots, both sequences of records
@@ -23,9 +23,10 @@
 //! there), so a crash loses at most the last interval's changes; `flush`,
 //! compaction and shutdown cut it short.
 
-use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+mod recover;
+
+use std::fs::{self, File};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -215,11 +216,13 @@ fn open_segment(dir: &Path, first: u64) -> Result<Segment, Error> {
 
 impl LogStore {
     /// Open (creating if needed) the store in `dir` and recover its state.
+    ///
     /// The directory is created 0700 and its files 0600; a directory other
     /// users can reach, or that another user owns, is refused
-    /// ([`Error::Exposed`]; docs/store.md, "Permissions"). A torn last
-    /// record is dropped with a log line; a corrupt record elsewhere
-    /// refuses to open, naming file and offset, unless `options.repair`.
+    /// ([`Error::Exposed`]). A torn tail of the last segment (an append
+    /// cut short by a crash or power loss) is dropped with a log line; any
+    /// other unreadable record refuses to open ([`Error::Corrupt`], naming
+    /// file and offset) unless `options.repair`.
     pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore, Error> {
         LogStore::open_inner(dir.as_ref(), options, None)
     }
@@ -246,7 +249,7 @@ impl LogStore {
             });
         }
         private::create_dir(dir)?;
-        let (records, max_lsn) = recover_dir(dir, options.repair)?;
+        let (records, max_lsn) = recover::recover_dir(dir, options.repair)?;
         let next_lsn = max_lsn + 1;
         let segment = open_segment(dir, next_lsn)?;
         let bytes = segment.file.metadata().map_or(0, |m| m.len());
@@ -610,158 +613,4 @@ impl Drop for LogStore {
             let _ = w.join();
         }
     }
-}
-
-/// Replay state: per family the newest record seen, or a tombstone.
-type Replay = HashMap<FamilyId, (u64, Option<crate::family::Family>), ahash::RandomState>;
-
-/// Read every snapshot and segment in `dir`; return the live families and
-/// the highest LSN seen.
-fn recover_dir(dir: &Path, repair: bool) -> Result<(Vec<StoredRecord>, u64), Error> {
-    let mut snapshots = Vec::new();
-    let mut segments = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
-        let name = entry.map_err(|e| io_err(dir, e))?.file_name();
-        let name = name.to_string_lossy().into_owned();
-        if let Some(l) = parse_seq(&name, "snapshot", "rgs") {
-            snapshots.push((l, name));
-        } else if let Some(l) = parse_seq(&name, "log", "rgl") {
-            segments.push((l, name));
-        } else if name.ends_with(".tmp") {
-            // An interrupted compaction: the segments it would replace are
-            // all still there.
-            let p = dir.join(&name);
-            fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
-        }
-    }
-    snapshots.sort();
-    segments.sort();
-    let mut replay: Replay = HashMap::default();
-    let mut max_lsn = 0;
-    if let Some((_, name)) = snapshots.last() {
-        read_file(&dir.join(name), false, repair, &mut replay, &mut max_lsn)?;
-    }
-    let n = segments.len();
-    for (i, (_, name)) in segments.iter().enumerate() {
-        read_file(
-            &dir.join(name),
-            i + 1 == n,
-            repair,
-            &mut replay,
-            &mut max_lsn,
-        )?;
-    }
-    let records = replay
-        .into_values()
-        .filter_map(|(lsn, f)| {
-            f.map(|mut family| {
-                family.lsn = lsn;
-                StoredRecord { family }
-            })
-        })
-        .collect();
-    Ok((records, max_lsn))
-}
-
-fn read_file(
-    path: &Path,
-    last: bool,
-    repair: bool,
-    replay: &mut Replay,
-    max_lsn: &mut u64,
-) -> Result<(), Error> {
-    private::tighten_file(path)?;
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| io_err(path, e))?;
-    let mut off = 0usize;
-    while off < bytes.len() {
-        match next_record(&bytes, off) {
-            Ok((kind, lsn, payload, end)) => {
-                apply(kind, lsn, payload, replay).ok_or_else(|| Error::Corrupt {
-                    file: path.to_path_buf(),
-                    offset: off as u64,
-                    detail: "record does not decode".into(),
-                })?;
-                *max_lsn = (*max_lsn).max(lsn);
-                off = end;
-            }
-            Err(torn) => {
-                let dropped = bytes.len() - off;
-                if torn && last {
-                    tracing::warn!(
-                        file = %path.display(),
-                        offset = off,
-                        bytes = dropped,
-                        "dropping a torn last record: a write interrupted by a crash"
-                    );
-                } else if repair {
-                    tracing::warn!(
-                        file = %path.display(),
-                        offset = off,
-                        bytes = dropped,
-                        "repair: dropping everything from a corrupt record"
-                    );
-                } else {
-                    return Err(Error::Corrupt {
-                        file: path.to_path_buf(),
-                        offset: off as u64,
-                        detail: "checksum mismatch or bad length; start with repair to drop the rest of this file".into(),
-                    });
-                }
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| io_err(path, e))?;
-                f.set_len(off as u64)
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| io_err(path, e))?;
-                break;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The record at `off`: (kind, lsn, payload, end offset), or whether the
-/// failure looks like a torn tail (`true`) rather than corruption.
-fn next_record(b: &[u8], off: usize) -> Result<(u8, u64, &[u8], usize), bool> {
-    let rest = &b[off..];
-    if rest.len() < HEADER {
-        return Err(true);
-    }
-    let len = u32::from_le_bytes(rest[..4].try_into().map_err(|_| true)?) as usize;
-    let crc = u32::from_le_bytes(rest[4..8].try_into().map_err(|_| true)?);
-    if !(9..=MAX_RECORD).contains(&len) {
-        return Err(false);
-    }
-    if rest.len() < HEADER + len {
-        return Err(true);
-    }
-    let body = &rest[HEADER..HEADER + len];
-    if crc32fast::hash(body) != crc {
-        // A bad checksum on the very last record is a torn write.
-        return Err(HEADER + len == rest.len());
-    }
-    let lsn = u64::from_le_bytes(body[1..9].try_into().map_err(|_| false)?);
-    Ok((body[0], lsn, &body[9..], off + HEADER + len))
-}
-
-fn apply(kind: u8, lsn: u64, payload: &[u8], replay: &mut Replay) -> Option<()> {
-    let (id, state) = match kind {
-        PUT => {
-            let f = crate::store::codec::decode(payload)?;
-            (f.id, Some(f))
-        }
-        REMOVE => (FamilyId::from_bytes(payload.try_into().ok()?), None),
-        _ => return None,
-    };
-    match replay.get(&id) {
-        Some((seen, _)) if *seen >= lsn => {}
-        _ => {
-            replay.insert(id, (lsn, state));
-        }
-    }
-    Some(())
 }
