@@ -44,16 +44,7 @@ fn engine(mode: Durability, dir: &Path) -> Engine {
     match mode {
         Durability::None => b.build().expect("engine"),
         d => b
-            .store(
-                LogStore::open(
-                    dir,
-                    LogOptions {
-                        durability: d,
-                        repair: false,
-                    },
-                )
-                .expect("store"),
-            )
+            .store(LogStore::open(dir, LogOptions { durability: d }).expect("store"))
             .build()
             .expect("engine"),
     }

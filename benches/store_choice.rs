@@ -169,16 +169,7 @@ fn redb_db(dir: &Path, callers: usize) -> Database {
 fn engine(dir: &Path, durability: Durability) -> Engine {
     Engine::builder()
         .keys(keys())
-        .store(
-            LogStore::open(
-                dir,
-                LogOptions {
-                    durability,
-                    ..LogOptions::default()
-                },
-            )
-            .expect("store"),
-        )
+        .store(LogStore::open(dir, LogOptions { durability }).expect("store"))
         .build()
         .expect("engine")
 }

@@ -72,9 +72,9 @@ pub use crate::reload::{PolicyReloader, ReloadTrigger};
 #[cfg(feature = "durable")]
 #[doc(hidden)]
 pub use crate::store::LogHooks;
-pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 #[cfg(feature = "durable")]
-pub use crate::store::{LogOptions, LogStore};
+pub use crate::store::{Dropped, LogOptions, LogStore, RepairReport, RolledBack};
+pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 
 mod clock;
 mod code;

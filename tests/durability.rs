@@ -215,7 +215,8 @@ fn torn_last_record_is_dropped() {
 }
 
 /// A byte flipped in the middle of a file refuses start-up with an error
-/// naming the file and offset; `repair` opens, dropping the rest of it.
+/// naming the file and offset and the repair command to run; after
+/// `LogStore::repair` it opens, without the rest of that file.
 #[test]
 fn corruption_in_the_middle_refuses_to_open() {
     let dir = temp_dir("corrupt");
@@ -247,14 +248,13 @@ fn corruption_in_the_middle_refuses_to_open() {
     let text = err.to_string();
     assert!(text.contains(&seg.display().to_string()), "{text}");
     assert!(text.contains("offset"), "{text}");
-    let repaired = open_with(
-        &dir,
-        LogOptions {
-            repair: true,
-            ..LogOptions::default()
-        },
-    )
-    .unwrap();
+    assert!(
+        text.contains(&format!("refresh-guard store repair {}", dir.display())),
+        "{text}"
+    );
+    let report = LogStore::repair(&*dir).unwrap();
+    assert_eq!(report.dropped.len(), 1, "{report}");
+    let repaired = open(&dir);
     assert!(repaired.stats().families >= 1);
 }
 
@@ -365,7 +365,6 @@ fn batched_mode_flushes() {
             &dir,
             LogOptions {
                 durability: Durability::Batched(Duration::from_millis(20)),
-                ..LogOptions::default()
             },
         )
         .unwrap();
@@ -388,7 +387,6 @@ fn batched_flush_and_shutdown_do_not_wait_out_the_interval() {
     let dir = temp_dir("batched-long");
     let long = LogOptions {
         durability: Durability::Batched(Duration::from_secs(600)),
-        ..LogOptions::default()
     };
     let started = std::time::Instant::now();
     let (flushed, dropped) = {
@@ -443,7 +441,6 @@ fn none_is_refused_for_a_store() {
         &*dir,
         LogOptions {
             durability: Durability::None,
-            ..LogOptions::default()
         },
     );
     assert!(matches!(r, Err(Error::InvalidArgument { .. })));

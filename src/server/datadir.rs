@@ -30,7 +30,7 @@ pub const SIGNING_KEY: &str = "jwt-ed25519.key";
 /// File name of the generated admin token.
 pub const ADMIN_TOKEN: &str = "admin.token";
 /// Directory of the embedded store.
-pub const LOG_DIR: &str = "log";
+pub const LOG_DIR: &str = crate::store::LOG_SUBDIR;
 
 /// The admin API's bearer token, kept only as its SHA-256 so that nothing
 /// can print it; compared in constant time.

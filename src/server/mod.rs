@@ -471,7 +471,6 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
             &dir,
             LogOptions {
                 durability: config.durability,
-                repair: false,
             },
         )
         .map_err(ServerError::Engine)?;

@@ -1,6 +1,6 @@
 //! The embedded store: an append-only log of CRC-checked records with
-//! snapshot compaction, in one local directory (format, writing, torn
-//! tails and permissions: docs/store.md).
+//! snapshot compaction, in one local directory (format, torn tails,
+//! repair and permissions: docs/store.md).
 //!
 //! Files: `log-<first lsn>.rgl` segments and `snapshot-<lsn>.rgs`
 //! snapshots, both sequences of records
@@ -24,6 +24,7 @@
 //! compaction and shutdown cut it short.
 
 mod recover;
+mod repair;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -41,6 +42,8 @@ use super::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 use crate::error::Error;
 use crate::token::FamilyId;
 
+pub use repair::{Dropped, RepairReport, RolledBack};
+
 const PUT: u8 = 1;
 const REMOVE: u8 = 2;
 const HEADER: usize = 8;
@@ -48,22 +51,22 @@ const HEADER: usize = 8;
 /// not a torn write.
 const MAX_RECORD: usize = 64 * 1024;
 
+/// The server keeps its store in this subdirectory of its data directory;
+/// `LogStore::repair` accepts either.
+pub(crate) const LOG_SUBDIR: &str = "log";
+
 /// How the embedded store opens.
 #[derive(Clone, Debug)]
 pub struct LogOptions {
     /// When a change counts as done; `Durability::None` is refused (use no
     /// store at all).
     pub durability: Durability,
-    /// Start even if a file is corrupt in the middle, dropping everything
-    /// from the corrupt record on (and logging what was dropped).
-    pub repair: bool,
 }
 
 impl Default for LogOptions {
     fn default() -> LogOptions {
         LogOptions {
             durability: Durability::Sync,
-            repair: false,
         }
     }
 }
@@ -222,7 +225,8 @@ impl LogStore {
     /// ([`Error::Exposed`]). A torn tail of the last segment (an append
     /// cut short by a crash or power loss) is dropped with a log line; any
     /// other unreadable record refuses to open ([`Error::Corrupt`], naming
-    /// file and offset) unless `options.repair`.
+    /// file and offset and the `refresh-guard store repair` command to
+    /// run).
     pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore, Error> {
         LogStore::open_inner(dir.as_ref(), options, None)
     }
@@ -249,7 +253,7 @@ impl LogStore {
             });
         }
         private::create_dir(dir)?;
-        let (records, max_lsn) = recover::recover_dir(dir, options.repair)?;
+        let (records, max_lsn) = recover::recover_dir(dir)?;
         let next_lsn = max_lsn + 1;
         let segment = open_segment(dir, next_lsn)?;
         let bytes = segment.file.metadata().map_or(0, |m| m.len());

@@ -27,11 +27,13 @@ use crate::error::Error;
 use crate::family::Family;
 use crate::token::{FamilyId, Generation};
 
+#[cfg(feature = "server")]
+pub(crate) use log::LOG_SUBDIR;
 #[cfg(feature = "durable")]
 #[doc(hidden)]
 pub use log::LogHooks;
 #[cfg(feature = "durable")]
-pub use log::{LogOptions, LogStore};
+pub use log::{Dropped, LogOptions, LogStore, RepairReport, RolledBack};
 
 /// How long a caller waits for its write to be durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -193,9 +193,8 @@ pub(super) fn list(dir: &Path) -> Result<Files, Error> {
 }
 
 /// Read every snapshot and segment in `dir`; return the live families and
-/// the highest LSN seen. `repair`: drop everything from a corrupt record on
-/// instead of refusing.
-pub(super) fn recover_dir(dir: &Path, repair: bool) -> Result<(Vec<StoredRecord>, u64), Error> {
+/// the highest LSN seen.
+pub(super) fn recover_dir(dir: &Path) -> Result<(Vec<StoredRecord>, u64), Error> {
     let files = list(dir)?;
     for p in &files.partial {
         // An interrupted compaction: the segments it would replace are all
@@ -213,21 +212,11 @@ pub(super) fn recover_dir(dir: &Path, repair: bool) -> Result<(Vec<StoredRecord>
         });
         let Some((off, bad)) = bad else { continue };
         if !(last && is_torn(&bytes, off, bad)) {
-            if !repair {
-                return Err(Error::Corrupt {
-                    file: path.to_owned(),
-                    offset: off as u64,
-                    detail: refusal(bad, last),
-                });
-            }
-            tracing::warn!(
-                file = %path.display(),
-                offset = off,
-                bytes = bytes.len() - off,
-                "repair: dropping everything from a corrupt record"
-            );
-            truncate(path, off as u64)?;
-            continue;
+            return Err(Error::Corrupt {
+                file: path.to_owned(),
+                offset: off as u64,
+                detail: refusal(dir, bad, last),
+            });
         }
         tracing::warn!(
             file = %path.display(),
@@ -253,20 +242,22 @@ pub(super) fn recover_dir(dir: &Path, repair: bool) -> Result<(Vec<StoredRecord>
 
 /// Why an unreadable record is corruption and not a torn tail, and what
 /// to do.
-fn refusal(bad: Bad, last: bool) -> String {
+fn refusal(dir: &Path, bad: Bad, last: bool) -> String {
     let why = match (bad, last) {
         (Bad::Decode, _) => "",
         (_, false) => ", in a file newer files follow (so not an interrupted append)",
         (_, true) => ", with data after it (so not an interrupted append)",
     };
     format!(
-        "{}{why}; start with repair to drop the rest of this file",
-        bad.what()
+        "{}{why}; stop the server and run `refresh-guard store repair {}`: it saves the \
+         bytes it drops aside and lists the families whose latest state they held",
+        bad.what(),
+        dir.display()
     )
 }
 
 /// Cut `path` to `len` bytes, durably.
-fn truncate(path: &Path, len: u64) -> Result<(), Error> {
+pub(super) fn truncate(path: &Path, len: u64) -> Result<(), Error> {
     let f = OpenOptions::new()
         .write(true)
         .open(path)
