@@ -32,8 +32,9 @@
 //! assert_eq!(engine.redeem(&t2, "mobile-app", ip)?.deny_reason(), Some(DenyReason::Revoked));
 //! # Ok::<(), refresh_guard::Error>(())
 //! ```
-// Two measured exceptions, each one system call with its SAFETY note:
-// `huge` (madvise) and `clock` (the coarse clock).
+// Three exceptions, each one system call with its SAFETY note: `huge`
+// (madvise) and `clock` (the coarse clock), measured; `store::private`
+// (geteuid, which std does not offer, for the store's owner check).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -68,9 +69,12 @@ pub use crate::policy::IpRange;
 pub use crate::policy::{LoadError, LoadErrors, Position};
 #[cfg(feature = "watch")]
 pub use crate::reload::{PolicyReloader, ReloadTrigger};
-pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 #[cfg(feature = "durable")]
-pub use crate::store::{LogOptions, LogStore};
+#[doc(hidden)]
+pub use crate::store::LogHooks;
+#[cfg(feature = "durable")]
+pub use crate::store::{Dropped, LogOptions, LogStore, RepairReport, RolledBack};
+pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 
 mod clock;
 mod code;

@@ -47,6 +47,12 @@ const COMMANDS: &[Command] = &[
         run: policy_diff,
     },
     Command {
+        words: &["store", "repair"],
+        args: "DIR",
+        about: "cut a damaged store back to what reads (the rest saved aside); list lost families",
+        run: store_repair,
+    },
+    Command {
         words: &["serve"],
         // Every option is in README "Server"; a wrong one prints them all.
         args: "[--listen ADDR] [--policies DIR] [--data DIR] [...]",
@@ -182,6 +188,32 @@ fn serve(args: &[OsString], io: &mut Io<'_>) -> Result<u8, Usage> {
         let _ = writeln!(
             io.err,
             "error: this build has no server; build with `--features server`"
+        );
+        Ok(FAILED)
+    }
+}
+
+/// `refresh-guard store repair DIR`: a thin wrapper of `LogStore::repair`
+/// (DIR is a store directory or a server data directory holding `log/`).
+fn store_repair(args: &[OsString], io: &mut Io<'_>) -> Result<u8, Usage> {
+    let [dir] = positional(args)?;
+    #[cfg(feature = "durable")]
+    match refresh_guard::LogStore::repair(&dir) {
+        Ok(report) => {
+            let _ = write!(io.out, "{report}");
+            Ok(0)
+        }
+        Err(e) => {
+            let _ = writeln!(io.err, "error: {e}");
+            Ok(FAILED)
+        }
+    }
+    #[cfg(not(feature = "durable"))]
+    {
+        let _ = dir;
+        let _ = writeln!(
+            io.err,
+            "error: this build has no store; build with `--features durable`"
         );
         Ok(FAILED)
     }

@@ -183,6 +183,14 @@ pub enum ServerError {
         /// What is wrong (never the secret itself).
         detail: String,
     },
+    /// A data directory or file is open to every user of the machine or
+    /// owned by another user (it holds the MAC keys).
+    Exposed {
+        /// The directory or file.
+        path: PathBuf,
+        /// Its mode or owner, and the command that fixes it.
+        detail: String,
+    },
     /// A listener could not be bound.
     Bind {
         /// The address.
@@ -212,6 +220,7 @@ impl fmt::Display for ServerError {
             ServerError::DataFile { path, line, detail } => {
                 write!(f, "{}:{line}: {detail}", path.display())
             }
+            ServerError::Exposed { path, detail } => write!(f, "{}: {detail}", path.display()),
             ServerError::Bind { addr, detail } => write!(f, "cannot listen on {addr}: {detail}"),
             ServerError::Policy { dir, errors } => {
                 write!(f, "policies in {} refused", dir.display())?;
@@ -508,7 +517,6 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
             &dir,
             LogOptions {
                 durability: config.durability,
-                repair: false,
             },
         )
         .map_err(ServerError::Engine)?;

@@ -16,6 +16,8 @@
 pub(crate) mod codec;
 #[cfg(feature = "durable")]
 mod log;
+#[cfg(feature = "durable")]
+pub(crate) mod private;
 
 use std::fmt;
 use std::task::{Poll, Waker};
@@ -25,8 +27,13 @@ use crate::error::Error;
 use crate::family::Family;
 use crate::token::{FamilyId, Generation};
 
+#[cfg(feature = "server")]
+pub(crate) use log::LOG_SUBDIR;
 #[cfg(feature = "durable")]
-pub use log::{LogOptions, LogStore};
+#[doc(hidden)]
+pub use log::LogHooks;
+#[cfg(feature = "durable")]
+pub use log::{Dropped, LogOptions, LogStore, RepairReport, RolledBack};
 
 /// How long a caller waits for its write to be durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
