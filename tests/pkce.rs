@@ -653,7 +653,8 @@ fn replay_is_judged_the_same_after_a_restart() {
         Engine::builder()
             .keys(KeyRing::new(KeyId(1), &KeySecret::from_bytes([7; 32])))
             .clock(Arc::new(ManualClock::new(START)))
-            .store(LogStore::open(dir.path(), LogOptions::default()).unwrap())
+            // A directory the store creates itself: private (0700).
+            .store(LogStore::open(dir.path().join("log"), LogOptions::default()).unwrap())
             .build()
             .unwrap()
     };

@@ -75,7 +75,7 @@ pub fn issue(e: &Engine, subject: &str) -> Token {
         client: CLIENT,
         subject,
         scope: "openid",
-        ip: ip(),
+        ip: Some(ip()),
     })
     .unwrap()
     .accepted()
