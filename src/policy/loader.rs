@@ -21,7 +21,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::{
     IpCheck, IpRange, KNOB_NAMES, OnReuse, Pkce, PolicyOverrides, PolicySet, PolicySetBuilder,
-    Rotation,
+    Rotation, UnknownClients,
 };
 use crate::error::Error;
 
@@ -246,6 +246,8 @@ struct Loader<'f> {
     knob_at: HashMap<(String, &'static str), (At, String)>,
     /// Where each builder scope was defined, and the scope as shown.
     scope_at: HashMap<String, (At, String)>,
+    /// The set-wide `unknown_clients` and where it was set.
+    unknown_clients: Option<(At, Option<UnknownClients>)>,
 }
 
 impl<'f> Loader<'f> {
@@ -258,6 +260,7 @@ impl<'f> Loader<'f> {
             client_index: HashMap::new(),
             knob_at: HashMap::new(),
             scope_at: HashMap::new(),
+            unknown_clients: None,
         }
     }
 
@@ -360,6 +363,49 @@ impl<'f> Loader<'f> {
                         self.clients.push((id.to_owned(), here, o));
                     }
                 }
+                "unknown_clients" => {
+                    let here = at(key.span());
+                    if let Some((first, _)) = self.unknown_clients {
+                        self.problem(
+                            here,
+                            Some(name.to_owned()),
+                            format!(
+                                "also set in {}; unknown_clients may be set in one file only",
+                                self.describe(first)
+                            ),
+                        );
+                        continue;
+                    }
+                    let mut bad = Vec::new();
+                    let u = choice(
+                        value.get_ref(),
+                        value.span(),
+                        UnknownClients::from_name,
+                        UnknownClients::NAMES,
+                        &mut |span: Range<usize>, msg| bad.push((span.start, msg)),
+                    );
+                    for (offset, msg) in bad {
+                        self.problem(At { file, offset }, Some(name.to_owned()), msg);
+                    }
+                    self.unknown_clients = Some((here, u));
+                }
+                other if !matches!(value.get_ref(), DeValue::Table(_)) => {
+                    // A bare key at the top of a file: the set-wide setting
+                    // misspelt, or a knob that belongs in a table.
+                    let message = if KNOB_NAMES.contains(&other) {
+                        "knob outside any table; put it under [defaults] or [clients.<client_id>]"
+                            .to_owned()
+                    } else {
+                        let hint = match closest(other, &["unknown_clients"]) {
+                            Some(s) => format!("did you mean `{s}`?"),
+                            None => {
+                                "outside tables a policy file sets only unknown_clients".to_owned()
+                            }
+                        };
+                        format!("unknown setting `{other}`; {hint}")
+                    };
+                    self.problem(at(key.span()), Some(toml_key(other)), message);
+                }
                 other => {
                     let message = if KNOB_NAMES.contains(&other) {
                         "knob outside any table; put it under [defaults] or [clients.<client_id>]"
@@ -413,6 +459,16 @@ impl<'f> Loader<'f> {
                 offset: key.span().start,
             };
             let Some(&knob) = KNOB_NAMES.iter().find(|k| **k == name) else {
+                if name == "unknown_clients" {
+                    self.problem(
+                        key_at,
+                        Some(format!("{}.{name}", scope.shown)),
+                        "unknown_clients is set for the whole set, not per table: \
+                         write it at the top of a file, before any [table]"
+                            .to_owned(),
+                    );
+                    continue;
+                }
                 let hint = match closest(name, KNOB_NAMES) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("knobs are {}", KNOB_NAMES.join(", ")),
@@ -457,6 +513,10 @@ impl<'f> Loader<'f> {
         }
         for (id, _, o) in std::mem::take(&mut self.clients) {
             builder = builder.client(id, o);
+        }
+        // A bad value is already a problem; the set will not load.
+        if let Some((_, Some(u))) = self.unknown_clients {
+            builder = builder.unknown_clients(u);
         }
         // Range checks live in the builder; run them even when other
         // problems were found, so one pass reports everything.

@@ -51,6 +51,19 @@ pub enum IpCheck {
     IssuanceOnly,
 }
 
+/// Who is served when a client id the set does not list asks: the set-wide
+/// `unknown_clients` setting (README "Policy files").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum UnknownClients {
+    /// `[defaults]` governs every client id not listed (the behaviour of
+    /// sets without the setting).
+    #[default]
+    Defaults,
+    /// A client id not listed is refused (`unknown_client`) before anything
+    /// is read or written, so `[defaults]` governs nobody.
+    Refuse,
+}
+
 /// PKCE requirement at the code exchange (RFC 7636).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Pkce {
@@ -97,6 +110,7 @@ knob_names! {
     }
     IpCheck { EveryRefresh => "every_refresh", IssuanceOnly => "issuance_only" }
     Pkce { S256 => "s256", S256OrPlain => "s256_or_plain", Optional => "optional" }
+    UnknownClients { Defaults => "defaults", Refuse => "refuse" }
 }
 
 /// Longest grace period a policy may set.
@@ -480,6 +494,7 @@ pub struct PolicySet {
     version: PolicyVersion,
     defaults: Arc<ClientPolicy>,
     clients: HashMap<Box<str>, Arc<ClientPolicy>, ahash::RandomState>,
+    unknown_clients: UnknownClients,
 }
 
 impl PolicySet {
@@ -515,6 +530,19 @@ impl PolicySet {
     pub fn version(&self) -> PolicyVersion {
         self.version
     }
+
+    /// Whether client ids the set does not list are served by `[defaults]`
+    /// or refused.
+    pub fn unknown_clients(&self) -> UnknownClients {
+        self.unknown_clients
+    }
+
+    /// Whether `client` may be served at all: a listed client, or any client
+    /// unless `unknown_clients = "refuse"`. One comparison unless refusing.
+    #[inline]
+    pub fn admits_client(&self, client: &str) -> bool {
+        self.unknown_clients == UnknownClients::Defaults || self.clients.contains_key(client)
+    }
 }
 
 impl Default for PolicySet {
@@ -530,6 +558,7 @@ impl fmt::Debug for PolicySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PolicySet")
             .field("version", &self.version)
+            .field("unknown_clients", &self.unknown_clients)
             .field("defaults", &self.defaults)
             .field("clients", &self.clients())
             .finish()
@@ -542,6 +571,7 @@ impl fmt::Debug for PolicySet {
 pub struct PolicySetBuilder {
     defaults: PolicyOverrides,
     clients: Vec<(String, PolicyOverrides)>,
+    unknown_clients: Option<UnknownClients>,
 }
 
 /// Longest client id accepted.
@@ -557,6 +587,13 @@ impl PolicySetBuilder {
     /// Give `client` its own policy: the defaults with `o` on top.
     pub fn client(mut self, client: impl Into<String>, o: PolicyOverrides) -> PolicySetBuilder {
         self.clients.push((client.into(), o));
+        self
+    }
+
+    /// Serve client ids the set does not list with `[defaults]` (the
+    /// default) or refuse them.
+    pub fn unknown_clients(mut self, u: UnknownClients) -> PolicySetBuilder {
+        self.unknown_clients = Some(u);
         self
     }
 
@@ -595,11 +632,13 @@ impl PolicySetBuilder {
         if !errors.is_empty() {
             return Err(Error::Policy { errors });
         }
-        let version = content_version(&defaults, &clients);
+        let unknown_clients = self.unknown_clients.unwrap_or_default();
+        let version = content_version(&defaults, &clients, unknown_clients);
         Ok(PolicySet {
             version,
             defaults: Arc::new(defaults),
             clients,
+            unknown_clients,
         })
     }
 }
@@ -607,8 +646,15 @@ impl PolicySetBuilder {
 fn content_version(
     defaults: &ClientPolicy,
     clients: &HashMap<Box<str>, Arc<ClientPolicy>, ahash::RandomState>,
+    unknown_clients: UnknownClients,
 ) -> PolicyVersion {
-    let mut text = String::from("defaults:");
+    let mut text = String::new();
+    // Only when it differs from the behaviour before the setting existed,
+    // so the versions of every set without it are unchanged.
+    if unknown_clients != UnknownClients::Defaults {
+        let _ = writeln!(text, "unknown_clients={unknown_clients}");
+    }
+    text.push_str("defaults:");
     defaults.write_canonical(&mut text);
     let mut ids: Vec<&Box<str>> = clients.keys().collect();
     ids.sort();
