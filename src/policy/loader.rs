@@ -19,6 +19,7 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use super::provenance::{Location, Locations};
 use super::{
     IpCheck, IpRange, KNOB_NAMES, OnReuse, Pkce, PolicyOverrides, PolicySet, PolicySetBuilder,
     Rotation, UnknownClients,
@@ -261,6 +262,15 @@ impl<'f> Loader<'f> {
             knob_at: HashMap::new(),
             scope_at: HashMap::new(),
             unknown_clients: None,
+        }
+    }
+
+    /// File and line of a place, for provenance.
+    fn location(&self, at: At) -> Location {
+        let (path, text) = self.files[at.file];
+        Location {
+            file: path.display().to_string(),
+            line: position(text, at.offset).line,
         }
     }
 
@@ -514,10 +524,23 @@ impl<'f> Loader<'f> {
         for (id, _, o) in std::mem::take(&mut self.clients) {
             builder = builder.client(id, o);
         }
-        // A bad value is already a problem; the set will not load.
-        if let Some((_, Some(u))) = self.unknown_clients {
-            builder = builder.unknown_clients(u);
+        let mut locations = Locations::default();
+        if let Some((at, u)) = self.unknown_clients {
+            // A bad value is already a problem; the set will not load.
+            if let Some(u) = u {
+                builder = builder.unknown_clients(u);
+            }
+            locations.unknown_clients = Some(self.location(at));
         }
+        for ((scope, knob), (at, _)) in &self.knob_at {
+            locations
+                .knobs
+                .insert((scope.clone(), *knob), self.location(*at));
+        }
+        for (scope, (at, _)) in &self.scope_at {
+            locations.tables.insert(scope.clone(), self.location(*at));
+        }
+        builder = builder.locations(locations);
         // Range checks live in the builder; run them even when other
         // problems were found, so one pass reports everything.
         let set = match builder.build() {
@@ -935,9 +958,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_knob_is_read() {
-        let text = "[defaults]\n\
+    /// Every knob, one a line from line 2, in `KNOB_NAMES` order.
+    const EVERY_KNOB: &str = "[defaults]\n\
             rotation = \"reuse\"\n\
             grace_period = \"1s\"\n\
             grace_max_replays = 2\n\
@@ -952,7 +974,10 @@ mod tests {
             max_families_per_subject = 3\n\
             access_token_ttl = \"1h\"\n\
             client_secret_sha256 = \"00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF\"\n";
-        let set = load(text).unwrap();
+
+    #[test]
+    fn every_knob_is_read() {
+        let set = load(EVERY_KNOB).unwrap();
         let p = set.defaults();
         let knobs = p.knobs();
         let expected = [
@@ -979,6 +1004,69 @@ mod tests {
         assert_eq!(h[0], 0x00);
         assert_eq!(h[5], 0x55);
         assert_eq!(h[31], 0xff);
+    }
+
+    /// Provenance names each knob's own line, and a client inherits what
+    /// its table leaves out.
+    #[test]
+    fn every_knob_has_the_line_that_set_it() {
+        use super::super::Origin;
+        let text = format!("{EVERY_KNOB}[clients.c]\nrotation = \"rotate\"\n");
+        let set = load(&text).unwrap();
+        let p = set.provenance();
+        let line = |n: usize| {
+            Some(Location {
+                file: "p.toml".to_owned(),
+                line: u32::try_from(n).unwrap(),
+            })
+        };
+        // Each knob alone: only it is set, so `set_flags` and `KNOB_NAMES`
+        // must agree on its place.
+        for (i, knob_line) in EVERY_KNOB.lines().skip(1).enumerate() {
+            let alone = load(&format!("[defaults]\n{knob_line}\n")).unwrap();
+            for (j, (k, origin)) in alone.provenance().defaults().knobs().enumerate() {
+                let want = if i == j {
+                    Origin::Set(line(2))
+                } else {
+                    Origin::Default
+                };
+                assert_eq!(origin, &want, "{knob_line}: {k}");
+            }
+        }
+        let knobs: Vec<_> = p.defaults().knobs().collect();
+        assert_eq!(knobs.len(), KNOB_NAMES.len());
+        for (i, (k, origin)) in knobs.into_iter().enumerate() {
+            assert_eq!(origin, &Origin::Set(line(i + 2)), "{k}");
+            let inherited = p.client("c").unwrap().knob(k).unwrap();
+            if k == "rotation" {
+                assert_eq!(inherited, &Origin::Set(line(KNOB_NAMES.len() + 3)));
+            } else {
+                assert_eq!(inherited, &Origin::Inherited(line(i + 2)), "{k}");
+            }
+        }
+        assert_eq!(p.defaults().table(), line(1).as_ref());
+        assert_eq!(p.unknown_clients(), &Origin::Default);
+    }
+
+    /// Where a knob is written is provenance, not content: moving it keeps
+    /// the version (README "Policy files").
+    #[test]
+    fn moving_lines_keeps_the_version_and_moves_the_provenance() {
+        let a = load("[defaults]\nidle_ttl = \"7d\"\n[clients.c]\npkce = \"s256\"\n").unwrap();
+        let b = load("# moved\n[clients.c]\n\npkce = \"s256\"\n\n[defaults]\nidle_ttl = \"7d\"\n")
+            .unwrap();
+        assert_eq!(a.version(), b.version());
+        let line = |set: &PolicySet| {
+            let origin = set
+                .provenance()
+                .client("c")
+                .unwrap()
+                .knob("idle_ttl")
+                .unwrap();
+            origin.location().unwrap().line
+        };
+        assert_eq!((line(&a), line(&b)), (2, 7));
+        assert_ne!(a.provenance(), b.provenance());
     }
 
     #[test]

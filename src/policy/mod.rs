@@ -7,6 +7,7 @@
 
 mod allowlist;
 mod loader;
+mod provenance;
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -17,6 +18,9 @@ use sha2::{Digest, Sha256};
 
 pub use allowlist::{AllowList, AllowListError, IpRange};
 pub use loader::{LoadError, LoadErrors, Position};
+pub use provenance::{Location, Origin, Provenance, ScopeProvenance};
+
+use provenance::Locations;
 
 use crate::error::Error;
 
@@ -419,6 +423,26 @@ impl PolicyOverrides {
         out
     }
 
+    /// Which knobs are set here, in [`KNOB_NAMES`] order (for provenance).
+    fn set_flags(&self) -> [bool; KNOB_NAMES.len()] {
+        [
+            self.rotation.is_some(),
+            self.grace_period.is_some(),
+            self.grace_max_replays.is_some(),
+            self.grace_same_ip.is_some(),
+            self.on_reuse.is_some(),
+            self.idle_ttl.is_some(),
+            self.absolute_ttl.is_some(),
+            self.ip_allowlist.is_some(),
+            self.ip_check.is_some(),
+            self.pkce.is_some(),
+            self.code_ttl.is_some(),
+            self.max_families_per_subject.is_some(),
+            self.access_token_ttl.is_some(),
+            self.client_secret_sha256.is_some(),
+        ]
+    }
+
     fn apply_to(&self, p: &mut ClientPolicy) {
         macro_rules! take {
             ($($f:ident),*) => {$( if let Some(v) = self.$f { p.$f = v; } )*};
@@ -495,6 +519,8 @@ pub struct PolicySet {
     defaults: Arc<ClientPolicy>,
     clients: HashMap<Box<str>, Arc<ClientPolicy>, ahash::RandomState>,
     unknown_clients: UnknownClients,
+    /// Beside the set, outside its version: see [`Provenance`].
+    provenance: Arc<Provenance>,
 }
 
 impl PolicySet {
@@ -543,6 +569,12 @@ impl PolicySet {
     pub fn admits_client(&self, client: &str) -> bool {
         self.unknown_clients == UnknownClients::Defaults || self.clients.contains_key(client)
     }
+
+    /// Where every knob was set: file and line, inherited from
+    /// `[defaults]`, or the built-in default. Not part of the version.
+    pub fn provenance(&self) -> &Provenance {
+        &self.provenance
+    }
 }
 
 impl Default for PolicySet {
@@ -572,6 +604,8 @@ pub struct PolicySetBuilder {
     defaults: PolicyOverrides,
     clients: Vec<(String, PolicyOverrides)>,
     unknown_clients: Option<UnknownClients>,
+    /// Where a loader found each setting; empty for sets built in code.
+    locations: Locations,
 }
 
 /// Longest client id accepted.
@@ -597,6 +631,12 @@ impl PolicySetBuilder {
         self
     }
 
+    /// Where a policy file set each knob, table and `unknown_clients`.
+    pub(crate) fn locations(mut self, l: Locations) -> PolicySetBuilder {
+        self.locations = l;
+        self
+    }
+
     /// Check and compile the set.
     pub fn build(self) -> Result<PolicySet, Error> {
         let mut errors = Vec::new();
@@ -612,6 +652,8 @@ impl PolicySetBuilder {
         }
         let mut defaults = ClientPolicy::default();
         self.defaults.apply_to(&mut defaults);
+        let defaults_origin = self.locations.defaults(&self.defaults.set_flags());
+        let mut client_origins = HashMap::new();
 
         let mut clients: HashMap<Box<str>, Arc<ClientPolicy>, ahash::RandomState> =
             HashMap::default();
@@ -628,21 +670,36 @@ impl PolicySetBuilder {
             if clients.insert(id.as_str().into(), Arc::new(p)).is_some() {
                 push(&scope, None, "client defined twice".to_owned());
             }
+            let origin = self
+                .locations
+                .client(&scope, &o.set_flags(), &defaults_origin);
+            client_origins.insert(id.as_str().into(), origin);
         }
         if !errors.is_empty() {
             return Err(Error::Policy { errors });
         }
         let unknown_clients = self.unknown_clients.unwrap_or_default();
         let version = content_version(&defaults, &clients, unknown_clients);
+        let provenance = Provenance {
+            defaults: defaults_origin,
+            clients: client_origins,
+            unknown_clients: match self.unknown_clients {
+                Some(_) => Origin::Set(self.locations.unknown_clients.clone()),
+                None => Origin::Default,
+            },
+        };
         Ok(PolicySet {
             version,
             defaults: Arc::new(defaults),
             clients,
             unknown_clients,
+            provenance: Arc::new(provenance),
         })
     }
 }
 
+/// The hash of what decides, never of where it was written: provenance
+/// stays out, so moving lines keeps the version.
 fn content_version(
     defaults: &ClientPolicy,
     clients: &HashMap<Box<str>, Arc<ClientPolicy>, ahash::RandomState>,
