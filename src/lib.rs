@@ -39,6 +39,10 @@
 
 // The public interface is:
 pub use crate::clock::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
+pub use crate::compliance::{
+    Control, ControlLevel, ControlRow, ControlStatus, Evidence, Profile, ProfileReport,
+    ScopeReport, StatusChange, UnknownProfile,
+};
 pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
 pub use crate::engine::{
     AuthorizeRequest, Durable, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
@@ -75,6 +79,7 @@ pub use crate::store::{LogOptions, LogStore};
 
 mod clock;
 mod code;
+mod compliance;
 mod decision;
 mod engine;
 mod error;

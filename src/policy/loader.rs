@@ -619,7 +619,7 @@ fn position(text: &str, offset: usize) -> Position {
 
 /// A key as TOML spells it: bare when it can be, else quoted, so an id
 /// with dots (`app.example.com`) is not mistaken for nested keys.
-fn toml_key(key: &str) -> String {
+pub(crate) fn toml_key(key: &str) -> String {
     let bare = !key.is_empty()
         && key
             .chars()

@@ -17,6 +17,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 pub use allowlist::{AllowList, AllowListError, IpRange};
+pub(crate) use loader::toml_key;
 pub use loader::{LoadError, LoadErrors, Position};
 pub use provenance::{Location, Origin, Provenance, ScopeProvenance};
 
