@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use refresh_guard::{ControlStatus, Location, Origin, PolicySet, Profile, ProfileReport};
+use refresh_guard::{
+    ControlStatus, Location, Origin, PolicySet, Profile, ProfileReport, UnknownClients,
+};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -75,6 +77,81 @@ fn at(file: &str, line: u32) -> Option<Location> {
 }
 
 // ---- the shipped sets ----
+
+/// The profiles a set's files claim, from their `# Meets profiles:` lines.
+fn claims(dir: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut found = false;
+    for e in std::fs::read_dir(repo(dir)).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            if let Some(list) = line.strip_prefix("# Meets profiles:") {
+                found = true;
+                out.extend(
+                    list.split(',')
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty() && s != "none"),
+                );
+            }
+        }
+    }
+    assert!(found, "{dir}: no `# Meets profiles:` line");
+    out
+}
+
+#[test]
+fn each_shipped_set_meets_exactly_the_profiles_it_claims() {
+    let mut dirs = vec!["policies".to_owned()];
+    for e in std::fs::read_dir(repo("policies/examples")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        dirs.push(format!("policies/examples/{name}"));
+    }
+    assert!(dirs.len() >= 4, "{dirs:?}");
+    for dir in &dirs {
+        let set = load_repo(dir);
+        let claimed = claims(dir);
+        for name in &claimed {
+            assert!(Profile::named(name).is_ok(), "{dir} claims unknown {name}");
+        }
+        for profile in Profile::all() {
+            let report = set.check_profile(profile);
+            assert_eq!(
+                report.met,
+                claimed.iter().any(|c| c == profile.name),
+                "{dir}: claimed {claimed:?}; {}:\n{report}",
+                profile.name
+            );
+        }
+    }
+}
+
+#[test]
+fn salesforce_eca_example_meets_salesforce_appexchange() {
+    let set = load_repo("policies/examples/salesforce-eca");
+    let r = check(&set, "salesforce-appexchange");
+    assert!(r.met, "{r}");
+    assert_eq!((r.not_met, r.warnings), (0, 0), "{r}");
+    // Its [defaults] has no allow-list; it counts for nothing because
+    // unlisted clients are refused.
+    assert_eq!(set.unknown_clients(), UnknownClients::Refuse);
+    let defaults = &r.scopes[0];
+    assert!(!defaults.governs);
+    assert!(
+        defaults
+            .controls
+            .iter()
+            .all(|c| c.status == ControlStatus::NotApplicable)
+    );
+    let allow = row(&r, Some("partner-app"), "ip-allowlist");
+    assert_eq!(allow.status, ControlStatus::Met);
+    assert_eq!(
+        allow.evidence[0].origin,
+        Origin::Set(at("policies/examples/salesforce-eca/partner-app.toml", 13))
+    );
+}
 
 #[test]
 fn fapi2_sender_constraint_is_not_met_for_any_client_without_dpop() {
