@@ -445,3 +445,43 @@ fn an_unknown_profile_names_the_shipped_ones() {
         "unknown profile `rfc-9700`; profiles are salesforce-appexchange, rfc9700, fapi2-refresh"
     );
 }
+
+// ---- the README's sample ----
+
+const MARK: &str = "<!-- profile-report: ";
+
+/// The README's not-met report is the rendering of the set and profile its
+/// marker names, not typed by hand. `REFRESH_GUARD_BLESS=1` rewrites it.
+#[test]
+fn readme_sample_report_is_a_rendered_report() {
+    let path = repo("README.md");
+    let readme = std::fs::read_to_string(&path).unwrap();
+    let start = readme
+        .find(MARK)
+        .expect("README has a profile-report marker");
+    let line_end = start + readme[start..].find('\n').unwrap();
+    let args: Vec<&str> = readme[start + MARK.len()..line_end]
+        .trim_end_matches("-->")
+        .split_whitespace()
+        .collect();
+    let [dir, profile] = args[..] else {
+        panic!("marker: <!-- profile-report: DIR PROFILE -->")
+    };
+    let report = check(&load_repo(dir), profile);
+    assert!(!report.met, "the README shows a not-met report");
+    let open = line_end + 1;
+    assert!(readme[open..].starts_with("```text\n"));
+    let body = open + "```text\n".len();
+    let close = body + readme[body..].find("```\n").unwrap();
+    let rendered = report.to_string();
+    if std::env::var_os("REFRESH_GUARD_BLESS").is_some() {
+        let new = format!("{}{rendered}{}", &readme[..body], &readme[close..]);
+        std::fs::write(&path, new).unwrap();
+        return;
+    }
+    assert_eq!(
+        &readme[body..close],
+        rendered,
+        "README sample is stale; rerun with REFRESH_GUARD_BLESS=1"
+    );
+}
