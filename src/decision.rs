@@ -60,6 +60,9 @@ pub enum DenyReason {
     PkceVerifierUnexpected,
     /// The verifier does not match the challenge.
     PkceMismatch,
+    /// The set has `unknown_clients = "refuse"` and does not list the
+    /// presenting client. Nothing was read or changed.
+    UnknownClient,
 }
 
 /// The OAuth error code a denial is reported as (RFC 6749 §5.2).
@@ -107,16 +110,20 @@ impl DenyReason {
             DenyReason::PkceVerifierInvalid => "pkce_verifier_invalid",
             DenyReason::PkceVerifierUnexpected => "pkce_verifier_unexpected",
             DenyReason::PkceMismatch => "pkce_mismatch",
+            DenyReason::UnknownClient => "unknown_client",
         }
     }
 
     /// The OAuth error to answer with. A refresh token "issued to another
     /// client" is `invalid_grant` per RFC 6749 §5.2; `invalid_client` is for
-    /// failed client authentication, which is the server's, not the engine's.
+    /// failed client authentication, which is the server's, not the engine's,
+    /// save the one case RFC 6749 §5.2 names that the engine decides: an
+    /// unknown client (`unknown_clients = "refuse"`).
     /// A malformed PKCE challenge is a bad authorization request.
     pub fn oauth_error(self) -> OAuthError {
         match self {
             DenyReason::PkceChallengeInvalid => OAuthError::InvalidRequest,
+            DenyReason::UnknownClient => OAuthError::InvalidClient,
             _ => OAuthError::InvalidGrant,
         }
     }
@@ -151,6 +158,7 @@ impl DenyReason {
                 "code_verifier sent for an authorization request without code_challenge"
             }
             DenyReason::PkceMismatch => "code_verifier does not match code_challenge",
+            DenyReason::UnknownClient => "client is not registered with this server",
         }
     }
 
@@ -175,6 +183,7 @@ impl DenyReason {
         DenyReason::PkceVerifierInvalid,
         DenyReason::PkceVerifierUnexpected,
         DenyReason::PkceMismatch,
+        DenyReason::UnknownClient,
     ];
 }
 

@@ -560,6 +560,20 @@ impl Engine {
         });
     }
 
+    /// `unknown_clients = "refuse"` and `client` is not listed: the
+    /// denial, decided before any record is read or written (README "Policy
+    /// files"). A decision, not an `Error`: the id comes from the wire, and
+    /// RFC 6749 §5.2 names "unknown client" an `invalid_client` answer.
+    fn refuse_unlisted(&self, policies: &PolicySet, client: &str) -> Option<Decision> {
+        if policies.admits_client(client) {
+            return None;
+        }
+        let reason = DenyReason::UnknownClient;
+        self.unsharded_outcomes
+            .add(outcome_slot(Verdict::Deny(reason)));
+        Some(deny(reason, None, policies.version()))
+    }
+
     /// Start a family: the first refresh token (generation 1).
     pub fn issue(&self, req: &IssueRequest<'_>) -> Result<Decision, Error> {
         self.issue_at(req, self.clock.now())
@@ -569,6 +583,9 @@ impl Engine {
     pub fn issue_at(&self, req: &IssueRequest<'_>, now: Timestamp) -> Result<Decision, Error> {
         check_identity(req.client, req.subject, req.scope)?;
         let policies = self.policies.load();
+        if let Some(refused) = self.refuse_unlisted(&policies, req.client) {
+            return Ok(refused);
+        }
         let version = policies.version();
         let policy = policies.policy(req.client);
         // The allow-list applies at issuance in both `ip_check` modes.
@@ -716,6 +733,9 @@ impl Engine {
             });
         }
         let policies = self.policies.load();
+        if let Some(refused) = self.refuse_unlisted(&policies, req.client) {
+            return Ok(refused);
+        }
         let version = policies.version();
         let policy = policies.policy(req.client);
         let challenge =
@@ -769,6 +789,9 @@ impl Engine {
         now: Timestamp,
     ) -> Result<(Decision, u64), Error> {
         let policies = self.policies.load();
+        if let Some(refused) = self.refuse_unlisted(&policies, req.client) {
+            return Ok((refused, 0));
+        }
         let version = policies.version();
         let invalid = || {
             self.unsharded_outcomes
@@ -975,6 +998,9 @@ impl Engine {
         now: Timestamp,
     ) -> Result<(Decision, u64), Error> {
         let policies = self.policies.load();
+        if let Some(refused) = self.refuse_unlisted(&policies, client) {
+            return Ok((refused, 0));
+        }
         let version = policies.version();
         let invalid = || {
             self.unsharded_outcomes
@@ -1036,7 +1062,11 @@ impl Engine {
         // Shadow: the same pure decision on the same state under the
         // candidate set, counted and otherwise discarded.
         if let Some(shadow) = &*self.shadow.load() {
-            let candidate = decision::decide(f, &req, shadow.set.policy(f.client()));
+            // A candidate that would refuse the client counts as such.
+            let candidate = match shadow.set.admits_client(client) {
+                true => decision::decide(f, &req, shadow.set.policy(f.client())),
+                false => Verdict::Deny(DenyReason::UnknownClient),
+            };
             slot.shadow.record(
                 shadow.epoch,
                 f.client(),

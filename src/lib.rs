@@ -40,6 +40,10 @@
 
 // The public interface is:
 pub use crate::clock::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
+pub use crate::compliance::{
+    Control, ControlLevel, ControlRow, ControlStatus, Evidence, Profile, ProfileReport,
+    ScopeReport, StatusChange, UnknownProfile,
+};
 pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
 pub use crate::engine::{
     AuthorizeRequest, Durable, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
@@ -51,8 +55,9 @@ pub use crate::event::{
 };
 pub use crate::family::{RevokeReason, Status};
 pub use crate::policy::{
-    AllowList, AllowListError, ClientPolicy, IpCheck, KNOB_NAMES, OnReuse, Pkce, PolicyError,
-    PolicyOverrides, PolicySet, PolicySetBuilder, PolicyVersion, Rotation, format_duration,
+    AllowList, AllowListError, ClientPolicy, IpCheck, KNOB_NAMES, Location, OnReuse, Origin, Pkce,
+    PolicyError, PolicyOverrides, PolicySet, PolicySetBuilder, PolicyVersion, Provenance, Rotation,
+    ScopeProvenance, UnknownClients, format_duration,
 };
 pub use crate::token::{
     FamilyId, Generation, KeyId, KeyRing, KeySecret, TOKEN_LEN, Token, TokenKind,
@@ -78,6 +83,7 @@ pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 
 mod clock;
 mod code;
+mod compliance;
 mod decision;
 mod engine;
 mod error;
