@@ -6,6 +6,7 @@
 //! mean throughput; p50/p99 come from per-operation timings of the same run).
 
 use std::net::IpAddr;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -29,7 +30,12 @@ fn keys() -> KeyRing {
 fn bench_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("refresh-guard-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("bench dir");
+    // The store refuses a directory other users can reach.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&d)
+        .expect("bench dir");
     d
 }
 
@@ -38,16 +44,7 @@ fn engine(mode: Durability, dir: &Path) -> Engine {
     match mode {
         Durability::None => b.build().expect("engine"),
         d => b
-            .store(
-                LogStore::open(
-                    dir,
-                    LogOptions {
-                        durability: d,
-                        repair: false,
-                    },
-                )
-                .expect("store"),
-            )
+            .store(LogStore::open(dir, LogOptions { durability: d }).expect("store"))
             .build()
             .expect("engine"),
     }

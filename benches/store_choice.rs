@@ -19,6 +19,7 @@
 //! rotation record, bytes for 1M records, open-and-read time for 1M).
 
 use std::net::IpAddr;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -54,7 +55,12 @@ fn root() -> PathBuf {
 fn bench_dir(name: &str) -> PathBuf {
     let d = root().join(name);
     let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("bench dir");
+    // The store refuses a directory other users can reach.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&d)
+        .expect("bench dir");
     d
 }
 
@@ -163,16 +169,7 @@ fn redb_db(dir: &Path, callers: usize) -> Database {
 fn engine(dir: &Path, durability: Durability) -> Engine {
     Engine::builder()
         .keys(keys())
-        .store(
-            LogStore::open(
-                dir,
-                LogOptions {
-                    durability,
-                    ..LogOptions::default()
-                },
-            )
-            .expect("store"),
-        )
+        .store(LogStore::open(dir, LogOptions { durability }).expect("store"))
         .build()
         .expect("engine")
 }

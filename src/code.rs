@@ -1,10 +1,15 @@
 //! Authorization codes bound to PKCE (RFC 7636): generation 0 of a family.
 //!
 //! A code is derived and verified like a refresh token (its own prefix and
-//! MAC domain); what it must be checked against at the exchange (challenge,
-//! redirect URI) lives in the family record until the exchange, then is
-//! dropped. The checks here are pure; the engine applies them under the
-//! family's lock, so one exchange wins and a replay is seen as one.
+//! MAC domain). What the exchange checks it against (its issue time, a
+//! digest of the redirect URI, the challenge) lives in the family record
+//! from authorization until the code's lifetime ends, past the exchange: a
+//! replay of an exchanged code revokes the family born from it (RFC 6749
+//! §4.1.2) only when the replay passes the exchange's own checks within
+//! that lifetime, so that an old code leaked through a URL, a Referer or a
+//! log cannot log anyone out (README "Authorization codes"). The checks
+//! here are pure; the engine applies them under the family's lock, so one
+//! exchange wins and a replay is seen as one.
 
 use std::fmt;
 
@@ -16,35 +21,72 @@ use subtle::ConstantTimeEq;
 use crate::clock::Timestamp;
 use crate::decision::DenyReason;
 use crate::family::Family;
-use crate::policy::{ClientPolicy, Pkce};
+use crate::policy::{ClientPolicy, MAX_CODE_TTL, Pkce};
+use crate::token::Generation;
 
 /// Longest redirect URI accepted.
 pub const MAX_REDIRECT_URI_LEN: usize = 2048;
 
-/// The challenge a code was issued with.
+/// The challenge a code was issued with. Both forms hold a SHA-256 digest,
+/// so the record never holds a verifier and its size does not depend on
+/// the request.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum Challenge {
-    /// SHA-256 of the verifier.
+    /// SHA-256 of the verifier (RFC 7636 `S256`): the challenge itself.
     S256([u8; 32]),
-    /// The verifier itself (RFC 7636 `plain`).
-    Plain(Box<str>),
+    /// SHA-256 of a `plain` challenge, which is the verifier itself.
+    Plain([u8; 32]),
 }
 
 impl fmt::Debug for Challenge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // A plain challenge is the verifier itself: never print it.
+        // A plain challenge's digest is the S256 challenge of the verifier:
+        // print neither.
         match self {
             Challenge::S256(_) => f.write_str("S256(..)"),
-            Challenge::Plain(_) => f.write_str("Plain(<redacted>)"),
+            Challenge::Plain(_) => f.write_str("Plain(..)"),
         }
     }
 }
 
-/// What the exchange checks a code against. Dropped once exchanged.
+/// What the exchange checks a code against; kept past the exchange until
+/// [`CodeState::outlived`], so that a replay can be held to the same
+/// checks. A fixed 80 bytes (`size_of`, tested), behind a pointer in the
+/// record: a family that was never a code holds none.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct CodeState {
+    /// When the code was issued: its lifetime (`code_ttl`) counts from here,
+    /// also after the exchange has reset the family's `created`.
+    pub(crate) issued: Timestamp,
+    /// SHA-256 of the redirect URI of the authorization request.
+    pub(crate) redirect_uri: [u8; 32],
     pub(crate) challenge: Option<Challenge>,
-    pub(crate) redirect_uri: Box<str>,
+}
+
+impl CodeState {
+    pub(crate) fn new(
+        issued: Timestamp,
+        redirect_uri: &str,
+        challenge: Option<Challenge>,
+    ) -> CodeState {
+        CodeState {
+            issued,
+            redirect_uri: sha256(redirect_uri),
+            challenge,
+        }
+    }
+
+    /// Whether the code's lifetime is over under `policy`.
+    pub(crate) fn expired(&self, policy: &ClientPolicy, now: Timestamp) -> bool {
+        now >= self.issued.saturating_add(policy.code_ttl)
+    }
+
+    /// Whether no exchange or replay can pass any more, whatever policy is
+    /// swapped in: no `code_ttl` exceeds [`MAX_CODE_TTL`]. From then on the
+    /// state decides nothing and can be dropped.
+    pub(crate) fn outlived(&self, now: Timestamp) -> bool {
+        now >= self.issued.saturating_add(MAX_CODE_TTL)
+    }
 }
 
 impl fmt::Debug for CodeState {
@@ -55,10 +97,19 @@ impl fmt::Debug for CodeState {
             None => "none",
         };
         f.debug_struct("CodeState")
+            .field("issued", &self.issued)
             .field("challenge_method", &method)
-            .field("redirect_uri", &self.redirect_uri)
-            .finish()
+            .finish_non_exhaustive()
     }
+}
+
+/// Whether `f` holds code state that can no longer decide anything: the
+/// family is revoked (every exchange and replay is then `revoked`), or its
+/// code was exchanged and has [outlived](CodeState::outlived) any lifetime.
+pub(crate) fn state_retired(f: &Family, now: Timestamp) -> bool {
+    f.code
+        .as_deref()
+        .is_some_and(|c| !f.is_active() || (f.generation != Generation::CODE && c.outlived(now)))
 }
 
 /// RFC 7636 §4.1: 43 to 128 characters of `[A-Za-z0-9-._~]`.
@@ -68,9 +119,10 @@ pub(crate) fn is_valid_verifier(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
 }
 
-/// BASE64URL(SHA-256(verifier)) as the raw 32 bytes.
-fn s256(verifier: &str) -> [u8; 32] {
-    Sha256::digest(verifier.as_bytes()).into()
+/// SHA-256 of a string: BASE64URL-decoded `S256` of a verifier (RFC 7636
+/// §4.2), and the digests the record keeps.
+pub(crate) fn sha256(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
 }
 
 /// Check an authorize request's PKCE parameters against the policy and turn
@@ -109,7 +161,7 @@ pub(crate) fn challenge_for(
             if !is_valid_verifier(challenge) {
                 return Err(DenyReason::PkceChallengeInvalid);
             }
-            Ok(Some(Challenge::Plain(challenge.into())))
+            Ok(Some(Challenge::Plain(sha256(challenge))))
         }
         _ => Err(DenyReason::PkceMethodNotAllowed),
     }
@@ -126,6 +178,16 @@ pub(crate) struct ExchangeCheck<'a> {
 
 /// The exchange decision, in order: client binding, revoked, replay,
 /// redirect URI, expiry, PKCE, allow-list. `Ok` means exchange.
+///
+/// A replay (the family is past generation 0) is `CodeReused`, and revokes
+/// the family (RFC 6749 §4.1.2), only if it passes the redirect URI, expiry
+/// and PKCE checks an exchange would, under the policy in force now; any
+/// other replay is `CodeSpent`, whatever failed, so that the answer does
+/// not depend on whether the state was dropped yet and tells a holder of a
+/// leaked code nothing about its redirect URI. The allow-list is not one
+/// of those checks: as with a rotated-out refresh token (README "The order
+/// of checks"), a replay proving the verifier from a foreign network is the
+/// strongest sign of theft.
 pub(crate) fn decide_exchange(
     f: &Family,
     req: &ExchangeCheck<'_>,
@@ -137,23 +199,45 @@ pub(crate) fn decide_exchange(
     if !f.is_active() {
         return Err(DenyReason::Revoked);
     }
+    if f.generation != Generation::CODE {
+        let proven = f
+            .code
+            .as_deref()
+            .is_some_and(|code| check_code(code, req, policy).is_ok());
+        return Err(if proven {
+            DenyReason::CodeReused
+        } else {
+            DenyReason::CodeSpent
+        });
+    }
+    // Every code is issued with its state: a generation-0 record without
+    // one (a hand-made restore) has nothing to check a code against.
     let Some(code) = f.code.as_deref() else {
-        // Exchanged before: RFC 6749 §4.1.2.
-        return Err(DenyReason::CodeReused);
+        return Err(DenyReason::InvalidToken);
     };
-    if *code.redirect_uri != *req.redirect_uri {
-        return Err(DenyReason::RedirectUriMismatch);
-    }
-    if req.now >= f.created.saturating_add(policy.code_ttl) {
-        return Err(DenyReason::CodeExpired);
-    }
-    check_pkce(code.challenge.as_ref(), req.verifier, policy.pkce)?;
+    check_code(code, req, policy)?;
     // The allow-list applies here in both `ip_check` modes: the exchange is
     // where the family is issued.
     if !policy.ip_allowlist.admits(req.ip) {
         return Err(DenyReason::IpNotAllowed);
     }
     Ok(())
+}
+
+/// What both an exchange and a revoking replay must pass: the identical
+/// redirect URI (RFC 6749 §4.1.3), the code's lifetime, PKCE.
+fn check_code(
+    code: &CodeState,
+    req: &ExchangeCheck<'_>,
+    policy: &ClientPolicy,
+) -> Result<(), DenyReason> {
+    if !bool::from(code.redirect_uri.ct_eq(&sha256(req.redirect_uri))) {
+        return Err(DenyReason::RedirectUriMismatch);
+    }
+    if code.expired(policy, req.now) {
+        return Err(DenyReason::CodeExpired);
+    }
+    check_pkce(code.challenge.as_ref(), req.verifier, policy.pkce)
 }
 
 fn check_pkce(
@@ -172,14 +256,16 @@ fn check_pkce(
             if !is_valid_verifier(v) {
                 return Err(DenyReason::PkceVerifierInvalid);
             }
-            let ok = match c {
-                Challenge::S256(expected) => expected.ct_eq(&s256(v)),
+            let expected = match c {
+                Challenge::S256(d) => d,
                 Challenge::Plain(_) if pkce == Pkce::S256 => {
                     return Err(DenyReason::PkceMethodNotAllowed);
                 }
-                Challenge::Plain(p) => p.as_bytes().ct_eq(v.as_bytes()),
+                // The digest of the verifier itself: equal digests, equal
+                // verifiers.
+                Challenge::Plain(d) => d,
             };
-            if bool::from(ok) {
+            if bool::from(expected.ct_eq(&sha256(v))) {
                 Ok(())
             } else {
                 Err(DenyReason::PkceMismatch)
@@ -205,7 +291,7 @@ mod tests {
     /// RFC 7636 Appendix B.
     #[test]
     fn rfc7636_appendix_b_vector() {
-        assert_eq!(URL_SAFE_NO_PAD.encode(s256(VERIFIER)), CHALLENGE);
+        assert_eq!(URL_SAFE_NO_PAD.encode(sha256(VERIFIER)), CHALLENGE);
         let c = challenge_for(&policy(Pkce::S256), Some(CHALLENGE), Some("S256"))
             .unwrap()
             .unwrap();
@@ -269,6 +355,75 @@ mod tests {
             check_pkce(None, Some(VERIFIER), Pkce::Optional),
             Err(DenyReason::PkceVerifierUnexpected)
         );
+    }
+
+    /// What a code keeps costs a fixed 80 bytes (one allocation, whatever
+    /// the redirect URI's length), and a family only the pointer to it.
+    #[test]
+    fn code_state_is_small_and_fixed() {
+        assert_eq!(std::mem::size_of::<CodeState>(), 80);
+        assert_eq!(std::mem::size_of::<Option<Box<CodeState>>>(), 8);
+    }
+
+    /// Regression: once kept past the exchange, a code's state must not
+    /// stay for the family's whole life. The sweeper drops it once the code
+    /// has outlived the longest lifetime any policy may give it, or the
+    /// family is revoked; not a moment before, and never an unexchanged
+    /// code's.
+    #[test]
+    fn exchanged_code_state_is_dropped_once_it_can_decide_nothing() {
+        use crate::engine::{AuthorizeRequest, Engine, ExchangeRequest};
+        use crate::token::FamilyId;
+
+        let start = Timestamp::from_secs(1_700_000_000);
+        let engine = Engine::builder().build().unwrap();
+        let ip = Some("10.0.0.1".parse().unwrap());
+        let authorize = || {
+            let d = engine
+                .authorize_at(
+                    &AuthorizeRequest {
+                        client: "c",
+                        subject: "s",
+                        scope: "openid",
+                        redirect_uri: "https://a/cb",
+                        code_challenge: Some(CHALLENGE),
+                        code_challenge_method: Some("S256"),
+                        ip,
+                    },
+                    start,
+                )
+                .unwrap();
+            *d.accepted().unwrap()
+        };
+        let exchange = |code: &str| {
+            let req = ExchangeRequest {
+                code,
+                code_verifier: Some(VERIFIER),
+                client: "c",
+                redirect_uri: "https://a/cb",
+                ip,
+            };
+            engine.exchange_at(&req, start).unwrap();
+        };
+        let has_state = |id: FamilyId| engine.family_record(id).map(|r| r.0.code.is_some());
+        let kept = authorize();
+        exchange(&kept.token);
+        let revoked = authorize();
+        exchange(&revoked.token);
+        engine.revoke_family_at(revoked.family, start).unwrap();
+        let pending = authorize();
+
+        let just_before =
+            Timestamp::from_millis(start.saturating_add(MAX_CODE_TTL).as_millis() - 1);
+        engine.sweep_at(100_000, just_before).unwrap();
+        assert_eq!(has_state(kept.family), Some(true), "needed until the end");
+        assert_eq!(has_state(revoked.family), Some(false), "revoked: needless");
+        assert_eq!(has_state(pending.family), None, "an unused code goes whole");
+
+        engine
+            .sweep_at(100_000, start.saturating_add(MAX_CODE_TTL))
+            .unwrap();
+        assert_eq!(has_state(kept.family), Some(false));
     }
 
     #[test]

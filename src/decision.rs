@@ -34,9 +34,14 @@ pub enum DenyReason {
     IpNotAllowed,
     /// The family has rotated 2^32 - 1 times and can rotate no further.
     GenerationsExhausted,
-    /// The authorization code was already exchanged; its family is revoked
-    /// (RFC 6749 §4.1.2).
+    /// The authorization code was already exchanged, and this replay passed
+    /// the exchange's checks within the code's lifetime: its family is
+    /// revoked (RFC 6749 §4.1.2).
     CodeReused,
+    /// The authorization code was already exchanged, and this replay would
+    /// not have passed the exchange's checks within the code's lifetime:
+    /// denied, nothing revoked, so a leaked old code logs no one out.
+    CodeSpent,
     /// The authorization code's lifetime (`code_ttl`) has passed.
     CodeExpired,
     /// `redirect_uri` differs from the one given at authorization
@@ -55,6 +60,9 @@ pub enum DenyReason {
     PkceVerifierUnexpected,
     /// The verifier does not match the challenge.
     PkceMismatch,
+    /// The set has `unknown_clients = "refuse"` and does not list the
+    /// presenting client. Nothing was read or changed.
+    UnknownClient,
 }
 
 /// The OAuth error code a denial is reported as (RFC 6749 §5.2).
@@ -93,6 +101,7 @@ impl DenyReason {
             DenyReason::IpNotAllowed => "ip_not_allowed",
             DenyReason::GenerationsExhausted => "generations_exhausted",
             DenyReason::CodeReused => "code_reused",
+            DenyReason::CodeSpent => "code_spent",
             DenyReason::CodeExpired => "code_expired",
             DenyReason::RedirectUriMismatch => "redirect_uri_mismatch",
             DenyReason::PkceRequired => "pkce_required",
@@ -101,16 +110,20 @@ impl DenyReason {
             DenyReason::PkceVerifierInvalid => "pkce_verifier_invalid",
             DenyReason::PkceVerifierUnexpected => "pkce_verifier_unexpected",
             DenyReason::PkceMismatch => "pkce_mismatch",
+            DenyReason::UnknownClient => "unknown_client",
         }
     }
 
     /// The OAuth error to answer with. A refresh token "issued to another
     /// client" is `invalid_grant` per RFC 6749 §5.2; `invalid_client` is for
-    /// failed client authentication, which is the server's, not the engine's.
+    /// failed client authentication, which is the server's, not the engine's,
+    /// save the one case RFC 6749 §5.2 names that the engine decides: an
+    /// unknown client (`unknown_clients = "refuse"`).
     /// A malformed PKCE challenge is a bad authorization request.
     pub fn oauth_error(self) -> OAuthError {
         match self {
             DenyReason::PkceChallengeInvalid => OAuthError::InvalidRequest,
+            DenyReason::UnknownClient => OAuthError::InvalidClient,
             _ => OAuthError::InvalidGrant,
         }
     }
@@ -130,6 +143,7 @@ impl DenyReason {
             DenyReason::CodeReused => {
                 "authorization code was already used; tokens issued from it are revoked"
             }
+            DenyReason::CodeSpent => "authorization code was already used",
             DenyReason::CodeExpired => "authorization code has expired",
             DenyReason::RedirectUriMismatch => {
                 "redirect_uri does not match the authorization request"
@@ -144,11 +158,12 @@ impl DenyReason {
                 "code_verifier sent for an authorization request without code_challenge"
             }
             DenyReason::PkceMismatch => "code_verifier does not match code_challenge",
+            DenyReason::UnknownClient => "client is not registered with this server",
         }
     }
 
     /// Every reason, for metrics tables.
-    pub const ALL: [DenyReason; 18] = [
+    pub const ALL: [DenyReason; 20] = [
         DenyReason::InvalidToken,
         DenyReason::ClientMismatch,
         DenyReason::Revoked,
@@ -159,6 +174,7 @@ impl DenyReason {
         DenyReason::IpNotAllowed,
         DenyReason::GenerationsExhausted,
         DenyReason::CodeReused,
+        DenyReason::CodeSpent,
         DenyReason::CodeExpired,
         DenyReason::RedirectUriMismatch,
         DenyReason::PkceRequired,
@@ -167,6 +183,7 @@ impl DenyReason {
         DenyReason::PkceVerifierInvalid,
         DenyReason::PkceVerifierUnexpected,
         DenyReason::PkceMismatch,
+        DenyReason::UnknownClient,
     ];
 }
 

@@ -561,6 +561,20 @@ impl Engine {
         });
     }
 
+    /// `unknown_clients = "refuse"` and `client` is not listed: the
+    /// denial, decided before any record is read or written (README "Policy
+    /// files"). A decision, not an `Error`: the id comes from the wire, and
+    /// RFC 6749 §5.2 names "unknown client" an `invalid_client` answer.
+    fn refuse_unlisted(&self, policies: &PolicySet, client: &str) -> Option<Decision> {
+        if policies.admits_client(client) {
+            return None;
+        }
+        let reason = DenyReason::UnknownClient;
+        self.unsharded_outcomes
+            .add(outcome_slot(Verdict::Deny(reason)));
+        Some(deny(reason, None, policies.version()))
+    }
+
     /// Start a family: the first refresh token (generation 1).
     pub fn issue(&self, req: &IssueRequest<'_>) -> Result<Decision, Error> {
         self.issue_at(req, self.clock.now())
@@ -570,6 +584,9 @@ impl Engine {
     pub fn issue_at(&self, req: &IssueRequest<'_>, now: Timestamp) -> Result<Decision, Error> {
         check_identity(req.client, req.subject, req.scope)?;
         let policies = self.policies.load();
+        if let Some(refused) = self.refuse_unlisted(&policies, req.client) {
+            return Ok(refused);
+        }
         let version = policies.version();
         let policy = policies.policy(req.client);
         // The allow-list applies at issuance in both `ip_check` modes.
@@ -717,6 +734,9 @@ impl Engine {
             });
         }
         let policies = self.policies.load();
+        if let Some(refused) = self.refuse_unlisted(&policies, req.client) {
+            return Ok(refused);
+        }
         let version = policies.version();
         let policy = policies.policy(req.client);
         let challenge =
@@ -724,10 +744,7 @@ impl Engine {
                 Ok(c) => c,
                 Err(reason) => return Ok(deny(reason, None, version)),
             };
-        let state = Box::new(CodeState {
-            challenge,
-            redirect_uri: req.redirect_uri.into(),
-        });
+        let state = Box::new(CodeState::new(now, req.redirect_uri, challenge));
         let issue = IssueRequest {
             client: req.client,
             subject: req.subject,
@@ -738,8 +755,9 @@ impl Engine {
     }
 
     /// Exchange an authorization code for the family's first refresh token
-    /// (generation 1). A second exchange of the same code is `code_reused`
-    /// and revokes the family born from it.
+    /// (generation 1). A replay of an exchanged code that passes the same
+    /// checks within the code's lifetime is `code_reused` and revokes the
+    /// family born from it; any other replay is `code_spent`.
     pub fn exchange(&self, req: &ExchangeRequest<'_>) -> Result<Decision, Error> {
         self.exchange_at(req, self.clock.now())
     }
@@ -772,6 +790,9 @@ impl Engine {
         now: Timestamp,
     ) -> Result<(Decision, u64), Error> {
         let policies = self.policies.load();
+        if let Some(refused) = self.refuse_unlisted(&policies, req.client) {
+            return Ok((refused, 0));
+        }
         let version = policies.version();
         let invalid = || {
             self.unsharded_outcomes
@@ -803,7 +824,8 @@ impl Engine {
         };
         match code::decide_exchange(f, &check, policy) {
             Ok(()) => {
-                f.code = None;
+                // `f.code` stays until the code's lifetime ends (the sweeper
+                // drops it then): a replay is judged against it.
                 f.generation = Generation::FIRST;
                 f.created = now;
                 f.last_used = now;
@@ -841,8 +863,9 @@ impl Engine {
                 let lsn = persisted?;
                 let ip = req.ip;
                 match reason {
-                    DenyReason::CodeReused => {
-                        self.emit(EventKind::CodeReplay, Some(&who), ip, version, now);
+                    DenyReason::CodeReused | DenyReason::CodeSpent => {
+                        let replay = EventKind::CodeReplay { revoked };
+                        self.emit(replay, Some(&who), ip, version, now);
                         if revoked {
                             self.report_revoked(&who, RevokeReason::CodeReplay, ip, now);
                         }
@@ -976,6 +999,9 @@ impl Engine {
         now: Timestamp,
     ) -> Result<(Decision, u64), Error> {
         let policies = self.policies.load();
+        if let Some(refused) = self.refuse_unlisted(&policies, client) {
+            return Ok((refused, 0));
+        }
         let version = policies.version();
         let invalid = || {
             self.unsharded_outcomes
@@ -1037,7 +1063,11 @@ impl Engine {
         // Shadow: the same pure decision on the same state under the
         // candidate set, counted and otherwise discarded.
         if let Some(shadow) = &*self.shadow.load() {
-            let candidate = decision::decide(f, &req, shadow.set.policy(f.client()));
+            // A candidate that would refuse the client counts as such.
+            let candidate = match shadow.set.admits_client(client) {
+                true => decision::decide(f, &req, shadow.set.policy(f.client())),
+                false => Verdict::Deny(DenyReason::UnknownClient),
+            };
             slot.shadow.record(
                 shadow.epoch,
                 f.client(),
@@ -1492,17 +1522,36 @@ impl Engine {
     pub fn sweep_at(&self, budget: usize, now: Timestamp) -> Result<SweepReport, Error> {
         let policies = self.policies.load();
         let retention = self.revoked_retention;
-        let swept = self.table.sweep(budget, |f| match f.status() {
-            Status::Revoked { at, .. } => now >= at.saturating_add(retention),
-            Status::Active => {
-                let policy = policies.policy(f.client());
-                match f.code {
-                    // An unused code lives `code_ttl`, then its family goes.
-                    Some(_) => now >= f.created.saturating_add(policy.code_ttl),
-                    None => decision::expiry(f, policy, now).is_some(),
+        let mut retired = Vec::new();
+        let swept = self.table.sweep(budget, |f| {
+            let dead = match f.status() {
+                Status::Revoked { at, .. } => now >= at.saturating_add(retention),
+                Status::Active => {
+                    let policy = policies.policy(f.client());
+                    match f.code.as_deref() {
+                        // An unused code lives `code_ttl`, then its family goes.
+                        Some(c) if f.generation == Generation::CODE => c.expired(policy, now),
+                        _ => decision::expiry(f, policy, now).is_some(),
+                    }
                 }
+            };
+            if !dead && code::state_retired(f, now) {
+                retired.push(f.id);
             }
+            dead
         });
+        // Code state kept to judge replays goes once it can judge none, so
+        // it costs memory only for the codes of the last `MAX_CODE_TTL`.
+        // Not written to the store: a record recovered with it is retired
+        // again by the next pass.
+        for id in retired {
+            let mut shard = self.table.lock(&id);
+            if let Some(f) = shard.get_mut(&id)
+                && code::state_retired(f, now)
+            {
+                f.code = None;
+            }
+        }
         let removed = swept.removed;
         // Active families leave the index here (revoked ones did when they
         // were revoked), all of them before any store error can return.

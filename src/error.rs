@@ -57,6 +57,15 @@ pub enum Error {
         /// What is wrong and what to do.
         detail: String,
     },
+    /// A store directory or file is open to every user of the machine or
+    /// owned by another user: refused, since records hold subjects and
+    /// per-family secrets.
+    Exposed {
+        /// The directory or file.
+        path: std::path::PathBuf,
+        /// Its mode or owner, and the command that fixes it.
+        detail: String,
+    },
     /// An argument is empty or too long.
     InvalidArgument {
         /// Which argument.
@@ -110,6 +119,7 @@ impl fmt::Display for Error {
                 "{}: corrupt at offset {offset}: {detail}",
                 file.display()
             ),
+            Error::Exposed { path, detail } => write!(f, "{}: {detail}", path.display()),
             Error::InvalidArgument { name, expected } => {
                 write!(f, "invalid {name}: expected {expected}")
             }

@@ -50,9 +50,13 @@ pub enum EventKind {
         /// The policy's `max_families_per_subject`.
         cap: u32,
     },
-    /// An authorization code was exchanged a second time; the family born
-    /// from it is revoked.
-    CodeReplay,
+    /// An exchanged authorization code was presented again.
+    CodeReplay {
+        /// Whether this replay revoked the family born from the code: only
+        /// one that passed the exchange's checks within the code's lifetime
+        /// does (a `family_revoked` event follows).
+        revoked: bool,
+    },
     /// A new policy set was put in force.
     PolicySwapped {
         /// The version replaced.
@@ -76,7 +80,7 @@ impl EventKind {
             EventKind::ClientMismatch { .. } => "client_mismatch",
             EventKind::StateRollback { .. } => "state_rollback",
             EventKind::CapEviction { .. } => "cap_eviction",
-            EventKind::CodeReplay => "code_replay",
+            EventKind::CodeReplay { .. } => "code_replay",
             EventKind::PolicySwapped { .. } => "policy_swapped",
             EventKind::PolicyReloadFailed { .. } => "policy_reload_failed",
         }
@@ -92,7 +96,7 @@ impl EventKind {
             EventKind::CapEviction { .. } => 5,
             EventKind::PolicySwapped { .. } => 6,
             EventKind::PolicyReloadFailed { .. } => 7,
-            EventKind::CodeReplay => 8,
+            EventKind::CodeReplay { .. } => 8,
         }
     }
 }

@@ -35,13 +35,18 @@
 //! assert_eq!(engine.redeem(&t2, "mobile-app", ip)?.deny_reason(), Some(DenyReason::Revoked));
 //! # Ok::<(), refresh_guard::Error>(())
 //! ```
-// Two measured exceptions, each one system call with its SAFETY note:
-// `huge` (madvise) and `clock` (the coarse clock).
+// Three exceptions, each one system call with its SAFETY note: `huge`
+// (madvise) and `clock` (the coarse clock), measured; `store::private`
+// (geteuid, which std does not offer, for the store's owner check).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 // The public interface is:
 pub use crate::clock::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
+pub use crate::compliance::{
+    Control, ControlLevel, ControlRow, ControlStatus, Evidence, Profile, ProfileReport,
+    ScopeReport, StatusChange, UnknownProfile,
+};
 pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
 pub use crate::engine::{
     AuthorizeRequest, Durable, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
@@ -53,8 +58,9 @@ pub use crate::event::{
 };
 pub use crate::family::{RevokeReason, Status};
 pub use crate::policy::{
-    AllowList, AllowListError, ClientPolicy, IpCheck, KNOB_NAMES, OnReuse, Pkce, PolicyError,
-    PolicyOverrides, PolicySet, PolicySetBuilder, PolicyVersion, Rotation, format_duration,
+    AllowList, AllowListError, ClientPolicy, IpCheck, KNOB_NAMES, Location, OnReuse, Origin, Pkce,
+    PolicyError, PolicyOverrides, PolicySet, PolicySetBuilder, PolicyVersion, Provenance, Rotation,
+    ScopeProvenance, UnknownClients, format_duration,
 };
 pub use crate::token::{
     FamilyId, Generation, KeyId, KeyRing, KeySecret, TOKEN_LEN, Token, TokenKind,
@@ -71,12 +77,26 @@ pub use crate::policy::IpRange;
 pub use crate::policy::{LoadError, LoadErrors, Position};
 #[cfg(feature = "watch")]
 pub use crate::reload::{PolicyReloader, ReloadTrigger};
-pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 #[cfg(feature = "durable")]
-pub use crate::store::{LogOptions, LogStore};
+pub use crate::store::LOG_SUBDIR;
+#[cfg(feature = "durable")]
+#[doc(hidden)]
+pub use crate::store::LogHooks;
+#[cfg(feature = "durable")]
+pub use crate::store::{Dropped, LogOptions, LogStore, RepairReport, RolledBack};
+pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
+
+/// Directories and files that hold secrets, under the store's rules
+/// (docs/store.md, "Permissions"): created 0700 and 0600, refused when
+/// other users can reach them or another user owns them. The server's data
+/// directory uses them; so can an embedder's own secret files.
+pub mod private_files {
+    pub use crate::store::private::{Refusal, check_dir, create_dir, file_options, tighten_file};
+}
 
 mod clock;
 mod code;
+mod compliance;
 mod decision;
 mod engine;
 mod error;

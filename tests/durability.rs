@@ -13,6 +13,10 @@ use refresh_guard::{
     KeySecret, LogOptions, LogStore, Token,
 };
 
+mod store_support;
+
+use store_support::{Failpoint, Recording};
+
 const CLIENT: &str = "app";
 
 fn ip() -> IpAddr {
@@ -46,7 +50,10 @@ fn temp_dir(name: &str) -> TempDir {
         rand_seed()
     ));
     let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    // 0700: the store refuses a directory other users can reach.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&d)
+        .unwrap();
     TempDir(d)
 }
 
@@ -208,7 +215,8 @@ fn torn_last_record_is_dropped() {
 }
 
 /// A byte flipped in the middle of a file refuses start-up with an error
-/// naming the file and offset; `repair` opens, dropping the rest of it.
+/// naming the file and offset and the repair command to run; after
+/// `LogStore::repair` it opens, without the rest of that file.
 #[test]
 fn corruption_in_the_middle_refuses_to_open() {
     let dir = temp_dir("corrupt");
@@ -240,14 +248,13 @@ fn corruption_in_the_middle_refuses_to_open() {
     let text = err.to_string();
     assert!(text.contains(&seg.display().to_string()), "{text}");
     assert!(text.contains("offset"), "{text}");
-    let repaired = open_with(
-        &dir,
-        LogOptions {
-            repair: true,
-            ..LogOptions::default()
-        },
-    )
-    .unwrap();
+    assert!(
+        text.contains(&format!("refresh-guard store repair {}", dir.display())),
+        "{text}"
+    );
+    let report = LogStore::repair(&*dir).unwrap();
+    assert_eq!(report.dropped.len(), 1, "{report}");
+    let repaired = open(&dir);
     assert!(repaired.stats().families >= 1);
 }
 
@@ -293,23 +300,41 @@ fn compaction_keeps_state_exact() {
     }
 }
 
-/// Many concurrent callers in sync mode share fsyncs (group commit) and each
-/// is acknowledged only once durable: after a restart every acknowledged
-/// rotation is there.
+/// Many concurrent callers in sync mode share fsyncs (group commit), and
+/// each is acknowledged only once its change is written and synced. The
+/// writer's failpoint records how far the log is synced and each caller
+/// checks, the moment its rotation is acknowledged, that the LSN its change
+/// got is within: an acknowledgement before the write fails here, not only
+/// after a crash. The restart then reads a copy of the directory taken
+/// before the store is dropped (a drop writes what is still pending), as a
+/// crash would leave it.
 #[test]
 fn concurrent_sync_redemptions_are_all_durable() {
     let dir = temp_dir("group");
-    let e = open(&dir);
+    let fp = Arc::new(Failpoint::default());
+    let store =
+        Arc::new(LogStore::open_with_hooks(&*dir, LogOptions::default(), fp.clone()).unwrap());
+    let e = Engine::builder()
+        .keys(keys())
+        .store(Recording::new(store.clone()))
+        .build()
+        .unwrap();
     let start: Vec<Token> = (0..32).map(|i| issue(&e, &format!("u{i}"))).collect();
     let finals: Vec<Token> = std::thread::scope(|s| {
         let hs: Vec<_> = start
             .iter()
             .map(|t| {
-                let e = &e;
+                let (e, fp) = (&e, &fp);
                 s.spawn(move || {
                     let mut t = *t;
                     for _ in 0..20 {
                         t = rotate(e, &t);
+                        let lsn = Recording::last_on_this_thread();
+                        let synced = fp.synced();
+                        assert!(
+                            synced >= lsn,
+                            "LSN {lsn} acknowledged before it was synced (synced through {synced})"
+                        );
                     }
                     t
                 })
@@ -317,10 +342,14 @@ fn concurrent_sync_redemptions_are_all_durable() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    // No flush, no orderly close: the store's writer thread is gone with the
-    // engine, but every acknowledged change was already durable.
+    let copy = temp_dir("group-copy");
+    for f in std::fs::read_dir(&*dir).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+    }
     drop(e);
-    let e = open(&dir);
+    drop(store);
+    let e = open(&copy);
     for t in &finals {
         assert_eq!(e.introspect(t).unwrap().generation.get(), 21);
         rotate(&e, t);
@@ -336,7 +365,6 @@ fn batched_mode_flushes() {
             &dir,
             LogOptions {
                 durability: Durability::Batched(Duration::from_millis(20)),
-                ..LogOptions::default()
             },
         )
         .unwrap();
@@ -359,7 +387,6 @@ fn batched_flush_and_shutdown_do_not_wait_out_the_interval() {
     let dir = temp_dir("batched-long");
     let long = LogOptions {
         durability: Durability::Batched(Duration::from_secs(600)),
-        ..LogOptions::default()
     };
     let started = std::time::Instant::now();
     let (flushed, dropped) = {
@@ -414,7 +441,6 @@ fn none_is_refused_for_a_store() {
         &*dir,
         LogOptions {
             durability: Durability::None,
-            ..LogOptions::default()
         },
     );
     assert!(matches!(r, Err(Error::InvalidArgument { .. })));

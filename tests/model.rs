@@ -10,7 +10,9 @@
 //! documents them (challenge checked at authorize, then at the exchange in
 //! the order client, revoked, already exchanged, redirect URI, code TTL,
 //! PKCE, allow-list), code replay (RFC 6749 §4.1.2: the family born from
-//! the code is revoked), and the sweeping of unused codes.
+//! the code is revoked only by a replay that passes the redirect URI, code
+//! TTL and PKCE checks under the policy in force; any other replay is a
+//! plain `code_spent` denial), and the sweeping of unused codes.
 //!
 //! A family's record can be backed up and restored (`Engine::family_record`,
 //! `Engine::restore_family`): the family is then as it was at the backup,
@@ -236,11 +238,13 @@ enum MChallenge {
     Plain(String),
 }
 
-/// What an unexchanged code is checked against.
+/// What a code is checked against, at its exchange and at replays.
 #[derive(Clone, Debug)]
 struct MCode {
     challenge: Option<MChallenge>,
     redirect: usize,
+    /// When it was issued: its lifetime counts from here.
+    issued: u64,
 }
 
 /// The authorize-time PKCE rules: `s256` refuses a missing challenge and
@@ -314,6 +318,10 @@ struct MFamily {
     /// An authorization code not yet exchanged: the family is at generation
     /// 0 and has no refresh token.
     code: Option<MCode>,
+    /// The code the family was born from, once exchanged: what a replay is
+    /// judged against. The model keeps it for good; the engine drops it once
+    /// no replay can pass, which changes no decision.
+    spent: Option<MCode>,
 }
 
 impl MFamily {
@@ -390,6 +398,7 @@ impl Model {
             revoked: None,
             swept: false,
             code: None,
+            spent: None,
         });
         Expect::Accept {
             kind: AcceptKind::Issued,
@@ -427,7 +436,9 @@ impl Model {
             code: Some(MCode {
                 challenge,
                 redirect,
+                issued: self.now,
             }),
+            spent: None,
         });
         Expect::Accept {
             kind: AcceptKind::CodeIssued,
@@ -435,10 +446,9 @@ impl Model {
         }
     }
 
-    /// Whether a pending code's lifetime is over under the policy in force.
-    fn code_expired(&self, fam: usize) -> bool {
-        let f = &self.families[fam];
-        self.now >= f.created + self.policy_of(fam).code_ttl_ms
+    /// Whether a code's lifetime is over under the policy in force.
+    fn code_expired(&self, code: &MCode, fam: usize) -> bool {
+        self.now >= code.issued + self.policy_of(fam).code_ttl_ms
     }
 
     /// Exchange the genuine code of `fam`. Returns the outcome and whether
@@ -452,8 +462,13 @@ impl Model {
         ip: usize,
     ) -> (Expect, bool) {
         let now = self.now;
-        let expired = self.code_expired(fam);
         let p = *self.policy_of(fam);
+        let f = &self.families[fam];
+        let expired = f
+            .code
+            .as_ref()
+            .or(f.spent.as_ref())
+            .is_some_and(|c| self.code_expired(c, fam));
         let f = &mut self.families[fam];
         if f.swept {
             return (Expect::Deny(DenyReason::InvalidToken), false);
@@ -466,7 +481,16 @@ impl Model {
         }
         let Some(code) = &f.code else {
             // Exchanged before (RFC 6749 §4.1.2): the family born from the
-            // code is revoked, whatever its state otherwise.
+            // code is revoked, whatever its state otherwise, if the replay
+            // passes the exchange's checks but the allow-list; else a plain
+            // denial, whichever check failed.
+            let spent = f.spent.as_ref().expect("a family born from a code");
+            let proven = spent.redirect == redirect
+                && !expired
+                && exchange_pkce(spent.challenge.as_ref(), verifier, p.pkce).is_ok();
+            if !proven {
+                return (Expect::Deny(DenyReason::CodeSpent), false);
+            }
             f.revoked = Some((RevokeReason::CodeReplay, now));
             return (Expect::Deny(DenyReason::CodeReused), true);
         };
@@ -484,7 +508,7 @@ impl Model {
         if !p.allows(ip) {
             return (Expect::Deny(DenyReason::IpNotAllowed), false);
         }
-        f.code = None;
+        f.spent = f.code.take();
         f.current = 1;
         f.created = now;
         f.last_used = now;
@@ -646,8 +670,10 @@ impl Model {
         match f.revoked {
             _ if f.swept => false,
             Some((_, at)) => self.now >= at + RETENTION_MS,
-            None if f.code.is_some() => self.code_expired(fam),
-            None => self.expiry(fam).is_some(),
+            None => match &f.code {
+                Some(code) => self.code_expired(code, fam),
+                None => self.expiry(fam).is_some(),
+            },
         }
     }
 
@@ -1756,8 +1782,21 @@ impl<'a> Run<'a> {
                     }
                     DenyReason::CodeReused => {
                         prop_assert!(revoked);
-                        events.push(("code_replay".to_owned(), Some(fam)));
+                        events.push(("code_replay:true".to_owned(), Some(fam)));
                         events.push((revoked_label(RevokeReason::CodeReplay), Some(fam)));
+                    }
+                    DenyReason::CodeSpent => {
+                        prop_assert!(!revoked);
+                        events.push(("code_replay:false".to_owned(), Some(fam)));
+                        let spent = before.spent.as_ref().expect("exchanged");
+                        let why = if spent.redirect != redirect {
+                            "redirect_uri"
+                        } else if self.model.code_expired(spent, fam) {
+                            "expired"
+                        } else {
+                            "pkce"
+                        };
+                        self.count(format!("code_spent:{why}"));
                     }
                     _ => {}
                 }
@@ -1776,18 +1815,19 @@ impl<'a> Run<'a> {
             prop_assert_eq!(order, vec!["code_replay", "family_revoked"]);
         }
         self.check_events(events)?;
-        if replay && client == CLIENTS[before.client] {
-            // A replayed code always leaves its family revoked (by this
-            // replay, or before it), unless the family is gone already.
+        if replay && !revoked {
+            // A replay that revoked nothing left the family as it was: a
+            // leaked code cannot log anyone out.
             let status = self
                 .engine
                 .family_record(self.fams[fam].id)
                 .map(|r| r.status());
-            prop_assert!(
-                matches!(status, None | Some(Status::Revoked { .. })),
-                "replayed code left family {} {:?} (model before: {:?})",
-                fam,
+            let was = (!before.swept).then(|| model_status(&before));
+            prop_assert_eq!(
                 status,
+                was,
+                "replay changed family {} (model before: {:?})",
+                fam,
                 before
             );
         }
@@ -2337,6 +2377,7 @@ impl<'a> Run<'a> {
             prop_assert_eq!(e.policy_version, self.version, "event version: {:?}", e);
             let label = match &e.kind {
                 EventKind::FamilyRevoked { reason } => revoked_label(*reason),
+                EventKind::CodeReplay { revoked } => format!("code_replay:{revoked}"),
                 k => k.as_str().to_owned(),
             };
             got.push((label, fam));
@@ -2481,6 +2522,10 @@ const MUST_COVER: &[&str] = &[
     "exchange:client_mismatch",
     "exchange:revoked",
     "exchange:code_reused",
+    "exchange:code_spent",
+    "code_spent:redirect_uri",
+    "code_spent:expired",
+    "code_spent:pkce",
     "exchange:redirect_uri_mismatch",
     "exchange:code_expired",
     "exchange:pkce_required",

@@ -5,10 +5,10 @@ mod common;
 use std::sync::Barrier;
 use std::time::Duration;
 
-use common::{CLIENT, Harness, ip};
+use common::{CLIENT, Harness, START, ip};
 use refresh_guard::{
     AcceptKind, AuthorizeRequest, Decision, DenyReason, EventKind, ExchangeRequest, Generation,
-    IpCheck, Pkce, PolicyOverrides, RevokeReason, Token,
+    IpCheck, Pkce, PolicyOverrides, PolicySet, RevokeReason, Timestamp, Token,
 };
 
 const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
@@ -246,8 +246,9 @@ fn allow_list_applies_at_exchange_in_both_modes() {
     }
 }
 
-/// A second exchange is `code_reused`, revokes the family born from the code
-/// (its refresh token dies) and emits an event.
+/// A second exchange by the code's client, with its redirect URI and
+/// verifier, within the code's lifetime is `code_reused`, revokes the family
+/// born from the code (its refresh token dies) and emits an event saying so.
 #[test]
 fn code_replay_revokes_the_family() {
     let h = Harness::new(PolicyOverrides::new());
@@ -270,7 +271,7 @@ fn code_replay_revokes_the_family() {
     assert_eq!(
         kinds,
         [
-            EventKind::CodeReplay,
+            EventKind::CodeReplay { revoked: true },
             EventKind::FamilyRevoked {
                 reason: RevokeReason::CodeReplay
             }
@@ -400,4 +401,332 @@ fn requests_debug_without_secrets() {
     let d = format!("{a:?} {x:?}");
     assert!(!d.contains(VERIFIER), "{d}");
     assert!(!d.contains("secretcode"), "{d}");
+}
+
+/// An exchange of `code` by `client` to `redirect_uri` at `now`.
+fn exchange_by(
+    h: &Harness,
+    code: &str,
+    client: &str,
+    redirect_uri: &str,
+    verifier: Option<&str>,
+    now: Timestamp,
+) -> Decision {
+    h.engine
+        .exchange_at(
+            &ExchangeRequest {
+                code,
+                code_verifier: verifier,
+                client,
+                redirect_uri,
+                ip: Some(ip("10.0.0.1")),
+            },
+            now,
+        )
+        .unwrap()
+}
+
+/// A code issued at `START`, exchanged at once: the code and the first
+/// refresh token.
+fn exchanged(h: &Harness) -> (Token, Token) {
+    let c = code(h);
+    let rt = exchange_by(h, &c, CLIENT, REDIRECT, Some(VERIFIER), START)
+        .accepted()
+        .expect("exchanged")
+        .token;
+    h.sink.take();
+    (c, rt)
+}
+
+/// The family is alive: its refresh token still rotates.
+fn assert_redeemable(h: &Harness, rt: &str) {
+    let d = h.engine.redeem(rt, CLIENT, ip("10.0.0.1")).unwrap();
+    assert_eq!(
+        d.accepted().map(|a| a.kind),
+        Some(AcceptKind::Rotated),
+        "{d:?}"
+    );
+}
+
+/// The only event is a code replay that revoked nothing.
+fn assert_replay_revoked_nothing(h: &Harness) {
+    let kinds: Vec<_> = h.sink.take().into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::CodeReplay { revoked: false }]);
+}
+
+/// Regression: a replayed code revoked its family without a verifier, so
+/// anyone holding a leaked code (URL, Referer, log) could log the user out.
+/// A replay with a missing, malformed or wrong verifier is now a plain
+/// `code_spent` denial and the family stays redeemable.
+#[test]
+fn replay_without_the_verifier_revokes_nothing() {
+    let h = Harness::new(PolicyOverrides::new());
+    let (c, rt) = exchanged(&h);
+    let wrong = VERIFIER.replace('d', "e");
+    for verifier in [None, Some("short"), Some(wrong.as_str())] {
+        let d = exchange_by(&h, &c, CLIENT, REDIRECT, verifier, START);
+        assert_eq!(reason(d), DenyReason::CodeSpent, "{verifier:?}");
+        assert_replay_revoked_nothing(&h);
+    }
+    assert_redeemable(&h, &rt);
+    assert_eq!(
+        DenyReason::CodeSpent.description(),
+        "authorization code was already used",
+        "says nothing was revoked"
+    );
+}
+
+/// Regression: a replay to another redirect URI revoked the family; it
+/// would have failed the exchange (RFC 6749 §4.1.3), so it is now a plain
+/// `code_spent` denial.
+#[test]
+fn replay_to_another_redirect_uri_revokes_nothing() {
+    let h = Harness::new(PolicyOverrides::new());
+    let (c, rt) = exchanged(&h);
+    let d = exchange_by(
+        &h,
+        &c,
+        CLIENT,
+        "https://app.example/callback/",
+        Some(VERIFIER),
+        START,
+    );
+    assert_eq!(reason(d), DenyReason::CodeSpent);
+    assert_replay_revoked_nothing(&h);
+    assert_redeemable(&h, &rt);
+}
+
+/// A replay by another client is `client_mismatch`, checked first as for
+/// every token (README "The order of checks"): no revocation.
+#[test]
+fn replay_by_another_client_revokes_nothing() {
+    let h = Harness::new(PolicyOverrides::new());
+    let (c, rt) = exchanged(&h);
+    let d = exchange_by(&h, &c, "other", REDIRECT, Some(VERIFIER), START);
+    assert_eq!(reason(d), DenyReason::ClientMismatch);
+    let kinds: Vec<_> = h.sink.take().into_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [EventKind::ClientMismatch {
+            presented_client: "other".into()
+        }]
+    );
+    assert_redeemable(&h, &rt);
+}
+
+/// Regression: a replay revoked the family however old the code was.
+/// Once the code's lifetime (`code_ttl`, counted from its issue, not from
+/// the exchange) is over, even a replay passing every other check is a
+/// plain `code_spent` denial; one millisecond before, it revokes.
+#[test]
+fn replay_after_the_code_lifetime_revokes_nothing() {
+    let ttl = Duration::from_secs(60);
+    let h = Harness::new(PolicyOverrides::new().code_ttl(ttl));
+    let c = code(&h);
+    // Exchanged late in the code's life: the lifetime still ends at
+    // issue + ttl.
+    let exchanged_at = Timestamp::from_millis(START.as_millis() + 50_000);
+    let rt = exchange_by(&h, &c, CLIENT, REDIRECT, Some(VERIFIER), exchanged_at)
+        .accepted()
+        .expect("exchanged")
+        .token;
+    h.sink.take();
+    let end = START.saturating_add(ttl);
+    let d = exchange_by(&h, &c, CLIENT, REDIRECT, Some(VERIFIER), end);
+    assert_eq!(reason(d), DenyReason::CodeSpent);
+    assert_replay_revoked_nothing(&h);
+    assert_redeemable(&h, &rt);
+
+    // The same replay inside the lifetime revokes.
+    let h = Harness::new(PolicyOverrides::new().code_ttl(ttl));
+    let c = code(&h);
+    let rt = exchange_by(&h, &c, CLIENT, REDIRECT, Some(VERIFIER), exchanged_at)
+        .accepted()
+        .expect("exchanged")
+        .token;
+    let just_before = Timestamp::from_millis(end.as_millis() - 1);
+    let d = exchange_by(&h, &c, CLIENT, REDIRECT, Some(VERIFIER), just_before);
+    assert_eq!(reason(d), DenyReason::CodeReused);
+    assert_eq!(
+        h.engine
+            .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
+        Some(DenyReason::Revoked)
+    );
+}
+
+/// A replay is held to the policy in force when it comes, and the state
+/// it is judged against survives sweeps within the code's lifetime.
+#[test]
+fn replay_is_judged_by_the_policy_in_force_and_survives_sweeps() {
+    let h = Harness::new(PolicyOverrides::new().code_ttl(Duration::from_secs(30)));
+    let (c, rt) = exchanged(&h);
+    h.advance(40);
+    h.engine.sweep(100_000).unwrap();
+    let replay = || exchange_by(&h, &c, CLIENT, REDIRECT, Some(VERIFIER), h.engine.now());
+    assert_eq!(reason(replay()), DenyReason::CodeSpent);
+    // A longer `code_ttl` swapped in: the code is inside its lifetime again.
+    set_policy(
+        &h,
+        PolicyOverrides::new().code_ttl(Duration::from_secs(600)),
+    );
+    h.sink.take();
+    assert_eq!(reason(replay()), DenyReason::CodeReused);
+    assert_eq!(
+        h.engine
+            .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
+        Some(DenyReason::Revoked)
+    );
+}
+
+/// Past the longest possible code lifetime the sweeper drops the state, and
+/// a replay is a plain denial as before (dropping it decides nothing).
+#[test]
+fn replay_after_the_state_is_dropped_revokes_nothing() {
+    let h = Harness::new(PolicyOverrides::new().code_ttl(Duration::from_secs(600)));
+    let (c, rt) = exchanged(&h);
+    h.advance(600);
+    h.engine.sweep(100_000).unwrap();
+    let d = exchange_by(&h, &c, CLIENT, REDIRECT, Some(VERIFIER), h.engine.now());
+    assert_eq!(reason(d), DenyReason::CodeSpent);
+    assert_replay_revoked_nothing(&h);
+    assert_redeemable(&h, &rt);
+}
+
+fn set_policy(h: &Harness, client: PolicyOverrides) {
+    h.engine
+        .swap_policies(PolicySet::builder().client(CLIENT, client).build().unwrap());
+}
+
+/// Mutation guard: under `pkce = "s256_or_plain"` a code needs a
+/// challenge. Without one it is refused at authorize (`pkce_required`,
+/// nothing created); one issued under `optional` before a swap is refused
+/// at the exchange (`pkce_required`, or `pkce_verifier_unexpected` with a
+/// verifier: a downgrade) and stays exchangeable once `optional` is back;
+/// and a replay of an exchanged one does not pass the checks, so it revokes
+/// nothing, while the same replay under `optional` does.
+#[test]
+fn no_challenge_code_is_refused_under_s256_or_plain() {
+    let h = Harness::new(PolicyOverrides::new().pkce(Pkce::S256OrPlain));
+    assert_eq!(reason(authorize(&h, None, None)), DenyReason::PkceRequired);
+    assert_eq!(h.engine.stats().families, 0);
+
+    set_policy(&h, PolicyOverrides::new().pkce(Pkce::Optional));
+    let pending = authorize(&h, None, None).accepted().unwrap().token;
+    let spent = authorize(&h, None, None).accepted().unwrap().token;
+    let rt = exchange(&h, &spent, None).accepted().unwrap().token;
+
+    set_policy(&h, PolicyOverrides::new().pkce(Pkce::S256OrPlain));
+    assert_eq!(
+        reason(exchange(&h, &pending, None)),
+        DenyReason::PkceRequired
+    );
+    assert_eq!(
+        reason(exchange(&h, &pending, Some(VERIFIER))),
+        DenyReason::PkceVerifierUnexpected
+    );
+    h.sink.take();
+    assert_eq!(reason(exchange(&h, &spent, None)), DenyReason::CodeSpent);
+    assert_replay_revoked_nothing(&h);
+    assert_redeemable(&h, &rt);
+
+    set_policy(&h, PolicyOverrides::new().pkce(Pkce::Optional));
+    assert!(exchange(&h, &pending, None).accepted().is_some());
+    assert_eq!(reason(exchange(&h, &spent, None)), DenyReason::CodeReused);
+}
+
+/// The state a replay is judged against is persisted with the family, also
+/// through a compaction: after a restart within the code's lifetime a
+/// replay with the verifier still revokes, and one without still does not.
+#[cfg(feature = "durable")]
+#[test]
+fn replay_is_judged_the_same_after_a_restart() {
+    use std::sync::Arc;
+
+    use refresh_guard::{Engine, KeyId, KeyRing, KeySecret, LogOptions, LogStore, ManualClock};
+
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        Engine::builder()
+            .keys(KeyRing::new(KeyId(1), &KeySecret::from_bytes([7; 32])))
+            .clock(Arc::new(ManualClock::new(START)))
+            // A directory the store creates itself: private (0700).
+            .store(LogStore::open(dir.path().join("log"), LogOptions::default()).unwrap())
+            .build()
+            .unwrap()
+    };
+    let exchange = |e: &Engine, code: &str, verifier| {
+        e.exchange(&ExchangeRequest {
+            code,
+            code_verifier: verifier,
+            client: CLIENT,
+            redirect_uri: REDIRECT,
+            ip: Some(ip("10.0.0.1")),
+        })
+        .unwrap()
+    };
+    let (code, rt) = {
+        let e = open();
+        let code = e
+            .authorize(&AuthorizeRequest {
+                client: CLIENT,
+                subject: "alice",
+                scope: "openid",
+                redirect_uri: REDIRECT,
+                code_challenge: Some(CHALLENGE),
+                code_challenge_method: Some("S256"),
+                ip: Some(ip("10.0.0.1")),
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .token;
+        let rt = exchange(&e, &code, Some(VERIFIER))
+            .accepted()
+            .unwrap()
+            .token;
+        e.compact().unwrap();
+        e.flush().unwrap();
+        (code, rt)
+    };
+    let e = open();
+    assert_eq!(reason(exchange(&e, &code, None)), DenyReason::CodeSpent);
+    assert!(e.introspect(&rt).is_some_and(|i| i.active));
+    assert_eq!(
+        reason(exchange(&e, &code, Some(VERIFIER))),
+        DenyReason::CodeReused
+    );
+    drop(e);
+    let e = open();
+    assert!(e.introspect(&rt).is_some_and(|i| !i.active));
+}
+
+/// The allow-list is not one of the checks a revoking replay must pass: a
+/// replay proving the verifier from a foreign network is theft, as a
+/// rotated-out refresh token from one is (README "The order of checks").
+#[test]
+fn replay_with_the_verifier_from_outside_the_allow_list_revokes() {
+    let h = Harness::new(PolicyOverrides::new().ip_allowlist(vec!["10.0.0.0/8".parse().unwrap()]));
+    let (c, rt) = exchanged(&h);
+    let d = h
+        .engine
+        .exchange(&ExchangeRequest {
+            code: &c,
+            code_verifier: Some(VERIFIER),
+            client: CLIENT,
+            redirect_uri: REDIRECT,
+            ip: Some(ip("198.51.100.7")),
+        })
+        .unwrap();
+    assert_eq!(reason(d), DenyReason::CodeReused);
+    assert_eq!(
+        h.engine
+            .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .unwrap()
+            .deny_reason(),
+        Some(DenyReason::Revoked)
+    );
 }

@@ -57,6 +57,10 @@ async fn require_admin(State(app): State<Arc<App>>, req: Request, next: Next) ->
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"refresh-guard-admin\""),
     );
+    // An unauthenticated client keeps no admin connection: kept alive, it
+    // would hold one of the listener's few slots (README "Connections").
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
 

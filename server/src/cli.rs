@@ -114,6 +114,48 @@ pub(crate) struct ServeArgs {
         value_parser = RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
     )]
     max_connections: usize,
+    /// Open public connections one source may hold: an IPv4 address or an
+    /// IPv6 /64; trusted proxies are exempt; more are closed at once
+    #[arg(
+        long,
+        value_name = "N",
+        env = "REFRESH_GUARD_MAX_CONNECTIONS_PER_SOURCE",
+        hide_env_values = true,
+        default_value_t = Config::default().max_connections_per_source,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
+    max_connections_per_source: usize,
+    /// Open connections on the admin listener, a budget of its own
+    #[arg(
+        long,
+        value_name = "N",
+        env = "REFRESH_GUARD_ADMIN_MAX_CONNECTIONS",
+        hide_env_values = true,
+        default_value_t = Config::default().admin_max_connections,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
+    admin_max_connections: usize,
+    /// As --max-connections-per-source, on the admin listener
+    #[arg(
+        long,
+        value_name = "N",
+        env = "REFRESH_GUARD_ADMIN_MAX_CONNECTIONS_PER_SOURCE",
+        hide_env_values = true,
+        default_value_t = Config::default().admin_max_connections_per_source,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
+    admin_max_connections_per_source: usize,
+    /// Time a new connection has to send its first request's headers, on
+    /// both listeners: a whole number and ms, s or m, from 1ms to 10m
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "REFRESH_GUARD_FIRST_REQUEST_TIMEOUT",
+        hide_env_values = true,
+        default_value = "5s",
+        value_parser = timeout
+    )]
+    first_request_timeout: Duration,
     /// Runtime threads [default: one per core]
     #[arg(
         long,
@@ -163,6 +205,32 @@ fn proxy_list(v: &str) -> Result<ProxyList, String> {
         .map(ProxyList)
 }
 
+/// The longest timeout a flag accepts.
+const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// "500ms", "5s", "2m": a whole number and a unit, as in policy files,
+/// from 1 ms to [`MAX_TIMEOUT`].
+fn timeout(s: &str) -> Result<Duration, String> {
+    let parsed = (|| {
+        let split = s.find(|c: char| !c.is_ascii_digit())?;
+        let (n, unit) = s.split_at(split);
+        let n: u64 = n.parse().ok()?;
+        let ms: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            _ => return None,
+        };
+        n.checked_mul(ms).map(Duration::from_millis)
+    })();
+    parsed
+        .filter(|d| (Duration::from_millis(1)..=MAX_TIMEOUT).contains(d))
+        .ok_or_else(|| {
+            "not a duration from 1ms to 10m (a whole number and ms, s or m, like 500ms or 5s)"
+                .to_owned()
+        })
+}
+
 fn issuer(v: &str) -> Result<String, String> {
     if v.starts_with("https://") || v.starts_with("http://") {
         Ok(v.to_owned())
@@ -206,6 +274,10 @@ impl ServeArgs {
             admin_token,
             issuer: self.issuer,
             max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
+            admin_max_connections: self.admin_max_connections,
+            admin_max_connections_per_source: self.admin_max_connections_per_source,
+            first_request_timeout: self.first_request_timeout,
             ..Config::default()
         };
         Ok(Options {
@@ -316,7 +388,7 @@ mod tests {
         let Command::Serve(serve) = cli.command else {
             panic!("not serve");
         };
-        serve.options(env_token.map(str::to_owned))
+        (*serve).options(env_token.map(str::to_owned))
     }
 
     #[test]
@@ -332,6 +404,11 @@ mod tests {
         assert!(o.config.trusted_proxies.is_empty());
         assert!(o.config.issuer.is_none());
         assert!(matches!(o.config.admin_token, AdminTokenSource::Generate));
+        assert_eq!(o.config.max_connections_per_source, 32);
+        assert_eq!(o.config.first_request_timeout, Duration::from_secs(5));
+        assert_eq!(o.config.first_request_timeout, d.first_request_timeout);
+        assert_eq!(o.config.admin_max_connections, 64);
+        assert_eq!(o.config.admin_max_connections_per_source, 16);
         assert_eq!(o.workers, 0);
         assert!(!o.watch_policies);
     }
@@ -355,6 +432,12 @@ mod tests {
                 "--issuer",
                 "https://auth.example",
                 "--max-connections=10",
+                "--max-connections-per-source",
+                "3",
+                "--first-request-timeout=1500ms",
+                "--admin-max-connections=5",
+                "--admin-max-connections-per-source",
+                "4",
                 "--workers",
                 "2",
                 "--watch-policies",
@@ -371,6 +454,10 @@ mod tests {
         assert!(matches!(o.config.admin_token, AdminTokenSource::File(_)));
         assert_eq!(o.config.issuer.as_deref(), Some("https://auth.example"));
         assert_eq!(o.config.max_connections, 10);
+        assert_eq!(o.config.max_connections_per_source, 3);
+        assert_eq!(o.config.first_request_timeout, Duration::from_millis(1500));
+        assert_eq!(o.config.admin_max_connections, 5);
+        assert_eq!(o.config.admin_max_connections_per_source, 4);
         assert_eq!(o.workers, 2);
         assert!(o.watch_policies);
         let o = options(&["--durability=batched"], None).unwrap();
@@ -400,6 +487,25 @@ mod tests {
             ),
             (vec!["--max-connections", "0"], "--max-connections <N>"),
             (vec!["--workers", "1025"], "--workers <N>"),
+            (
+                vec!["--max-connections-per-source", "x"],
+                "--max-connections-per-source <N>",
+            ),
+            (
+                vec!["--first-request-timeout", "5"],
+                "invalid value '5' for '--first-request-timeout <DURATION>': not a duration",
+            ),
+            (vec!["--first-request-timeout", "0s"], "from 1ms to 10m"),
+            (vec!["--first-request-timeout", "11m"], "from 1ms to 10m"),
+            (vec!["--first-request-timeout=-1s"], "from 1ms to 10m"),
+            (
+                vec!["--admin-max-connections", "0"],
+                "--admin-max-connections <N>",
+            ),
+            (
+                vec!["--admin-max-connections-per-source=2000000"],
+                "--admin-max-connections-per-source <N>",
+            ),
             (vec!["--issuer", "auth.example"], "--issuer <URL>"),
             (vec!["--frobnicate"], "unexpected argument '--frobnicate'"),
         ] {

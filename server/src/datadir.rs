@@ -1,6 +1,9 @@
 //! The data directory: the MAC key ring, the access-token signing key and
 //! the generated admin token, each created on first start with mode 0600
-//! (the directory 0700), and read back on every later start.
+//! (the directory 0700), and read back on every later start. A directory
+//! other users can reach or another user owns is refused, and the files
+//! lose any access of other users (docs/store.md, "Permissions"; group
+//! access is allowed, for container volume groups).
 //!
 //! ```text
 //! <data>/mac-keys          "active <id>" and "<id> <64 hex>" lines
@@ -17,6 +20,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::ServerError;
+use refresh_guard::private_files::{self as private, Refusal};
 use refresh_guard::{Error, KeyId, KeyRing, KeySecret};
 
 /// File name of the MAC key ring.
@@ -26,7 +30,7 @@ pub const SIGNING_KEY: &str = "jwt-ed25519.key";
 /// File name of the generated admin token.
 pub const ADMIN_TOKEN: &str = "admin.token";
 /// Directory of the embedded store.
-pub const LOG_DIR: &str = "log";
+pub const LOG_DIR: &str = refresh_guard::LOG_SUBDIR;
 
 /// The admin API's bearer token, kept only as its SHA-256 so that nothing
 /// can print it; compared in constant time.
@@ -89,13 +93,18 @@ fn invalid(path: &Path, line: usize, detail: impl Into<String>) -> ServerError {
     }
 }
 
-/// Create `dir` (mode 0700) if missing.
+fn refused(r: Refusal) -> ServerError {
+    match r {
+        Refusal::Io { path, source } => io_error(&path, source),
+        Refusal::Exposed { path, detail } => ServerError::Exposed { path, detail },
+        other => ServerError::Engine(other.into()),
+    }
+}
+
+/// Create `dir` (mode 0700) if missing; refuse it if other users can reach
+/// it or another user owns it.
 pub fn ensure_dir(dir: &Path) -> Result<(), ServerError> {
-    let mut b = fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-    b.create(dir).map_err(|e| io_error(dir, e))
+    private::create_dir(dir).map_err(refused)
 }
 
 /// Read a secret file, or create it with `make()`'s contents and mode 0600
@@ -106,6 +115,9 @@ fn read_or_create(
 ) -> Result<(String, bool), ServerError> {
     match fs::read_to_string(path) {
         Ok(s) => {
+            // The server's own file: other users lose access, group
+            // access is reported.
+            private::tighten_file(path).map_err(refused)?;
             warn_if_exposed(path);
             return Ok((s, false));
         }
@@ -113,11 +125,11 @@ fn read_or_create(
         Err(e) => return Err(io_error(path, e)),
     }
     let contents = make()?;
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut file = match opts.open(path) {
+    let mut file = match private::file_options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
         Ok(f) => f,
         // Another process created it first: use theirs.
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -349,6 +361,41 @@ mod tests {
         let e = key_ring(&d).unwrap_err().to_string();
         assert!(e.contains("mac-keys:2"), "{e}");
         assert!(!e.contains("xyz"), "{e}");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// Regression: key files from before (or copied in) that every user
+    /// could read stayed so; only a warning was logged. The server now
+    /// takes other users' access away from the files it owns (group access
+    /// stays, for volume groups) and refuses a data directory open to
+    /// them, naming the fix.
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_lose_other_users_access_and_open_directories_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempdir("tighten");
+        key_ring(&d).unwrap();
+        signing_key(&d).unwrap();
+        for f in [MAC_KEYS, SIGNING_KEY] {
+            fs::set_permissions(d.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        key_ring(&d).unwrap();
+        signing_key(&d).unwrap();
+        for f in [MAC_KEYS, SIGNING_KEY] {
+            let mode = fs::metadata(d.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o640, "{f}");
+        }
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o701)).unwrap();
+        match ensure_dir(&d) {
+            Err(ServerError::Exposed { path, detail }) => {
+                assert_eq!(path, d);
+                assert!(
+                    detail.contains(&format!("chmod o-rwx {}", d.display())),
+                    "{detail}"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
         let _ = fs::remove_dir_all(&d);
     }
 

@@ -26,6 +26,7 @@ impl EventSink for LogSink {
             EventKind::CapEviction { cap } => format!("cap {cap}"),
             EventKind::PolicySwapped { from } => format!("replaced {from}"),
             EventKind::PolicyReloadFailed { errors } => errors.join("; "),
+            EventKind::CodeReplay { revoked } => format!("revoked {revoked}"),
             // `EventKind` is non-exhaustive: a kind added to the engine
             // is logged with its name and ids until it gets a detail here.
             _ => String::new(),

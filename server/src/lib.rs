@@ -40,10 +40,12 @@
 #![warn(missing_docs)]
 
 mod admin;
+mod budget;
 mod datadir;
 mod events;
 mod form;
 mod jwt;
+mod limits;
 mod metrics;
 mod net;
 mod oauth;
@@ -59,7 +61,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 pub use self::datadir::{AdminToken, AdminTokenSource};
 
@@ -78,13 +80,12 @@ use refresh_guard::{
     PolicyVersion,
 };
 
+use self::budget::Budget;
+use self::limits::Sources;
 use self::metrics::Metrics;
 
 /// Most bytes of a request body; larger bodies are answered 413.
 pub const MAX_BODY: usize = 16 * 1024;
-
-/// Concurrent connections the admin listener accepts.
-const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// How the server runs. [`Config::default`] is what `refresh-guard serve`
 /// does with no flags.
@@ -110,11 +111,28 @@ pub struct Config {
     /// Issuer identifier (`--issuer`); default `http://<listen>`.
     pub issuer: Option<String>,
     /// Most concurrent connections on the public listener
-    /// (`--max-connections`); further clients wait in the accept backlog.
+    /// (`--max-connections`). When all are open, a new connection takes
+    /// the slot of an idle one (one that never sent a request first); it
+    /// waits in the accept backlog only while every one is mid-request.
     pub max_connections: usize,
+    /// Most concurrent connections one source holds on the public listener
+    /// (`--max-connections-per-source`): an IPv4 address or an IPv6 /64;
+    /// trusted proxies are exempt. Connections beyond it are closed at once.
+    pub max_connections_per_source: usize,
+    /// Most concurrent connections on the admin listener
+    /// (`--admin-max-connections`): a budget of its own, so that the public
+    /// listener's clients cannot take it; shared as `max_connections` is.
+    pub admin_max_connections: usize,
+    /// Most concurrent admin connections one source holds
+    /// (`--admin-max-connections-per-source`), as on the public listener.
+    pub admin_max_connections_per_source: usize,
     /// Time a client has to send a request's headers; also the idle
     /// timeout of a keep-alive connection.
     pub header_timeout: Duration,
+    /// Time a new connection has to send its first request's headers
+    /// (`--first-request-timeout`), on both listeners; at most
+    /// `header_timeout` applies. Without a request by then it is closed.
+    pub first_request_timeout: Duration,
     /// Time a client has to send a request's body once its headers are in.
     pub body_timeout: Duration,
     /// How often the sweeper runs.
@@ -140,7 +158,11 @@ impl Default for Config {
             admin_token: AdminTokenSource::Generate,
             issuer: None,
             max_connections: 1024,
+            max_connections_per_source: 32,
+            admin_max_connections: 64,
+            admin_max_connections_per_source: 16,
             header_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(1),
             sweep_budget: 10_000,
@@ -168,6 +190,14 @@ pub enum ServerError {
         /// Its line (1-based; 0 = the file as a whole).
         line: usize,
         /// What is wrong (never the secret itself).
+        detail: String,
+    },
+    /// A data directory or file is open to every user of the machine or
+    /// owned by another user (it holds the MAC keys).
+    Exposed {
+        /// The directory or file.
+        path: PathBuf,
+        /// Its mode or owner, and the command that fixes it.
         detail: String,
     },
     /// A listener could not be bound.
@@ -199,6 +229,7 @@ impl fmt::Display for ServerError {
             ServerError::DataFile { path, line, detail } => {
                 write!(f, "{}:{line}: {detail}", path.display())
             }
+            ServerError::Exposed { path, detail } => write!(f, "{}: {detail}", path.display()),
             ServerError::Bind { addr, detail } => write!(f, "cannot listen on {addr}: {detail}"),
             ServerError::Policy { dir, errors } => {
                 write!(f, "policies in {} refused", dir.display())?;
@@ -295,9 +326,27 @@ impl Server {
     /// Prepare the data directory, build the engine (recovering the store),
     /// load the policies and bind both listeners.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        if config.max_connections == 0 || config.max_connections > 1_000_000 {
+        for (n, what) in [
+            (config.max_connections, "max connections"),
+            (
+                config.max_connections_per_source,
+                "max connections per source",
+            ),
+            (config.admin_max_connections, "admin max connections"),
+            (
+                config.admin_max_connections_per_source,
+                "admin max connections per source",
+            ),
+        ] {
+            if n == 0 || n > 1_000_000 {
+                return Err(ServerError::Config(format!(
+                    "{what} must be 1 to 1000000, not {n}"
+                )));
+            }
+        }
+        if config.first_request_timeout.is_zero() {
             return Err(ServerError::Config(
-                "max connections must be 1 to 1000000".into(),
+                "the first request timeout must be more than 0".into(),
             ));
         }
         let public = bind(config.listen).await?;
@@ -350,10 +399,43 @@ impl Server {
             config,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let public_limit = Arc::new(Semaphore::new(config.max_connections));
-        let admin_limit = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+        let open_files = limits::open_file_limit();
+        let (max_connections, admin_max_connections) = limits::fit_open_files(
+            open_files,
+            config.max_connections,
+            config.admin_max_connections,
+        );
+        if (max_connections, admin_max_connections)
+            != (config.max_connections, config.admin_max_connections)
+        {
+            tracing::warn!(
+                open_file_limit = open_files,
+                max_connections,
+                admin_max_connections,
+                "connection budgets lowered to fit the open-file limit; \
+                 raise it (ulimit -n, systemd LimitNOFILE) for more"
+            );
+        }
+        let public_budget = Budget::new(max_connections);
+        let admin_budget = Budget::new(admin_max_connections);
+        // An empty `AllowList` allows any address: exempt none then.
+        let trusted =
+            (!config.trusted_proxies.is_empty()).then(|| AllowList::new(&config.trusted_proxies));
+        let public_limits = net::Limits {
+            listener: "public",
+            budget: public_budget.clone(),
+            sources: Sources::new(config.max_connections_per_source, trusted.clone()),
+            counters: app.metrics.public_connections.clone(),
+        };
+        let admin_limits = net::Limits {
+            listener: "admin",
+            budget: admin_budget.clone(),
+            sources: Sources::new(config.admin_max_connections_per_source, trusted),
+            counters: app.metrics.admin_connections.clone(),
+        };
         let conn = net::ConnOptions {
             header_timeout: config.header_timeout,
+            first_request_timeout: config.first_request_timeout,
         };
         tracing::info!(
             addr = %public.local_addr().unwrap_or(config.listen),
@@ -361,23 +443,23 @@ impl Server {
             issuer = %app.issuer,
             durability = %app.engine.durability(),
             policy_version = %app.engine.policies().version(),
+            max_connections,
+            admin_max_connections,
             "listening"
         );
         let public_task = tokio::spawn(net::serve(
             public,
             oauth::router(app.clone()),
-            public_limit.clone(),
+            public_limits,
             conn.clone(),
             stop_rx.clone(),
-            Some(app.metrics.clone()),
         ));
         let admin_task = tokio::spawn(net::serve(
             admin,
             admin::router(app.clone()),
-            admin_limit.clone(),
+            admin_limits,
             conn,
             stop_rx.clone(),
-            None,
         ));
         let background = tokio::spawn(background(app.clone(), config.clone(), stop_rx));
 
@@ -387,12 +469,8 @@ impl Server {
         let _ = public_task.await;
         let _ = admin_task.await;
         let drained = tokio::time::timeout(config.shutdown_timeout, async {
-            let _ = public_limit
-                .acquire_many(permits(config.max_connections))
-                .await;
-            let _ = admin_limit
-                .acquire_many(permits(ADMIN_MAX_CONNECTIONS))
-                .await;
+            public_budget.drained().await;
+            admin_budget.drained().await;
         })
         .await;
         if drained.is_err() {
@@ -410,10 +488,6 @@ impl Server {
         tracing::info!("stopped; store flushed");
         Ok(())
     }
-}
-
-fn permits(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -450,7 +524,6 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
             &dir,
             LogOptions {
                 durability: config.durability,
-                repair: false,
             },
         )
         .map_err(ServerError::Engine)?;

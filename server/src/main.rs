@@ -47,10 +47,24 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the OAuth 2.0 token service on the engine
-    Serve(cli::ServeArgs),
+    Serve(Box<cli::ServeArgs>),
     /// Check a policy directory, or compare two
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Repair a damaged store
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Cut a damaged store back to what reads (the rest saved aside); list
+    /// the families lost
+    Repair {
+        /// A store directory, or a server data directory holding log/
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,9 +149,10 @@ fn main() -> ExitCode {
         err: &mut err,
     };
     let code = match cli.command {
-        Command::Serve(args) => cli::serve(args, &mut io),
+        Command::Serve(args) => cli::serve(*args, &mut io),
         Command::Policy(PolicyCommand::Check { dir }) => policy_check(&dir, &mut io),
         Command::Policy(PolicyCommand::Diff { old, new }) => policy_diff(&old, &new, &mut io),
+        Command::Store(StoreCommand::Repair { dir }) => store_repair(&dir, &mut io),
     };
     // A closed pipe (`| head`) is not worth a message.
     let _ = io.out.flush();
@@ -203,6 +218,21 @@ fn from_env(cmd: &clap::Command, invalid: &str, args: &[OsString]) -> Option<Str
         .find(|a| a.get_long() == Some(long))?;
     let var = arg.get_env()?.to_str()?;
     std::env::var_os(var).map(|_| format!("the value came from ${var}"))
+}
+
+/// `refresh-guard store repair DIR`: a thin wrapper of `LogStore::repair`
+/// (DIR is a store directory or a server data directory holding `log/`).
+fn store_repair(dir: &Path, io: &mut Io<'_>) -> u8 {
+    match refresh_guard::LogStore::repair(dir) {
+        Ok(report) => {
+            let _ = write!(io.out, "{report}");
+            0
+        }
+        Err(e) => {
+            let _ = writeln!(io.err, "error: {e}");
+            FAILED
+        }
+    }
 }
 
 /// Load a set, or list every error on stderr.

@@ -112,8 +112,24 @@ pub(crate) struct Metrics {
     pub(crate) redeem_latency: Histogram,
     /// OAuth error responses by (endpoint, error code).
     errors: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    pub(crate) connections_open: AtomicU64,
-    pub(crate) connections_total: AtomicU64,
+    /// Connections of the public listener.
+    pub(crate) public_connections: Arc<ConnCounters>,
+    /// Connections of the admin listener.
+    pub(crate) admin_connections: Arc<ConnCounters>,
+}
+
+/// Connection counts of one listener.
+#[derive(Default)]
+pub(crate) struct ConnCounters {
+    pub(crate) open: AtomicU64,
+    /// Connections given a slot.
+    pub(crate) accepted: AtomicU64,
+    /// Closed at accept: their source held its cap.
+    pub(crate) refused_per_source: AtomicU64,
+    /// Closed without a request by the first-request deadline.
+    pub(crate) first_request_timeouts: AtomicU64,
+    /// Idle connections closed to give their slot to a new one.
+    pub(crate) evicted: AtomicU64,
 }
 
 impl Metrics {
@@ -271,15 +287,14 @@ impl Collector for Scrape {
             ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
         }
 
-        ConstGauge::new(server.connections_open.load(Ordering::Relaxed)).encode(
-            enc.encode_descriptor(
-                "http_connections_open",
-                "Open connections on the public listener.",
-                None,
-                MetricType::Gauge,
-            )?,
-        )?;
-        ConstCounter::new(server.connections_total.load(Ordering::Relaxed)).encode(
+        let (public, admin) = (&server.public_connections, &server.admin_connections);
+        ConstGauge::new(public.open.load(Ordering::Relaxed)).encode(enc.encode_descriptor(
+            "http_connections_open",
+            "Open connections on the public listener.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstCounter::new(public.accepted.load(Ordering::Relaxed)).encode(
             enc.encode_descriptor(
                 "http_connections",
                 "Connections accepted on the public listener.",
@@ -287,6 +302,33 @@ impl Collector for Scrape {
                 MetricType::Counter,
             )?,
         )?;
+        let listeners = [("public", public), ("admin", admin)];
+        let mut m = enc.encode_descriptor(
+            "http_connections_refused",
+            "Connections closed as soon as accepted, by listener and reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, c) in listeners {
+            let labels = [("listener", listener), ("reason", "per_source_cap")];
+            let n = c.refused_per_source.load(Ordering::Relaxed);
+            ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "http_connections_closed",
+            "Connections the server closed before the client did, by listener and reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, c) in listeners {
+            for (reason, n) in [
+                ("first_request_timeout", &c.first_request_timeouts),
+                ("evicted", &c.evicted),
+            ] {
+                let labels = [("listener", listener), ("reason", reason)];
+                ConstCounter::new(n.load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }

@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use refresh_guard::PolicySet;
+use refresh_guard::{Engine, IssueRequest, LogOptions, LogStore, PolicySet};
 
 /// A path in the repository (the workspace root, above this crate).
 fn repo(path: &str) -> PathBuf {
@@ -160,7 +160,7 @@ fn cli_diff_fails_if_either_side_fails() {
 }
 
 /// Every `serve` flag, with the variable it can also come from.
-const SERVE_FLAGS: [(&str, &str); 11] = [
+const SERVE_FLAGS: [(&str, &str); 15] = [
     ("--listen <ADDR>", "REFRESH_GUARD_LISTEN"),
     ("--admin-listen <ADDR>", "REFRESH_GUARD_ADMIN_LISTEN"),
     ("--policies <DIR>", "REFRESH_GUARD_POLICIES"),
@@ -173,6 +173,22 @@ const SERVE_FLAGS: [(&str, &str); 11] = [
     ),
     ("--issuer <URL>", "REFRESH_GUARD_ISSUER"),
     ("--max-connections <N>", "REFRESH_GUARD_MAX_CONNECTIONS"),
+    (
+        "--max-connections-per-source <N>",
+        "REFRESH_GUARD_MAX_CONNECTIONS_PER_SOURCE",
+    ),
+    (
+        "--admin-max-connections <N>",
+        "REFRESH_GUARD_ADMIN_MAX_CONNECTIONS",
+    ),
+    (
+        "--admin-max-connections-per-source <N>",
+        "REFRESH_GUARD_ADMIN_MAX_CONNECTIONS_PER_SOURCE",
+    ),
+    (
+        "--first-request-timeout <DURATION>",
+        "REFRESH_GUARD_FIRST_REQUEST_TIMEOUT",
+    ),
     ("--workers <N>", "REFRESH_GUARD_WORKERS"),
     ("--watch-policies", "REFRESH_GUARD_WATCH_POLICIES"),
 ];
@@ -359,7 +375,9 @@ fn near_misses_are_suggested_and_other_names_hinted() {
 /// where they say, with their issuer and durability.
 #[test]
 fn serve_takes_its_flags_from_the_environment() {
-    let data = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    // A directory the server creates (0700): it refuses one others can read.
+    let data = scratch.path().join("data");
     let policies = tempfile::tempdir().unwrap();
     write(
         policies.path(),
@@ -370,7 +388,7 @@ fn serve_takes_its_flags_from_the_environment() {
         .arg("serve")
         .env("REFRESH_GUARD_LISTEN", "127.0.0.1:0")
         .env("REFRESH_GUARD_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("REFRESH_GUARD_DATA", data.path())
+        .env("REFRESH_GUARD_DATA", &data)
         .env("REFRESH_GUARD_POLICIES", policies.path())
         .env("REFRESH_GUARD_DURABILITY", "none")
         .env("REFRESH_GUARD_ISSUER", "https://auth.example")
@@ -411,5 +429,77 @@ fn serve_takes_its_flags_from_the_environment() {
     }
     assert!(!listening.contains(":8080"), "{listening}");
     // Nothing was written to ./data: the variable named the directory.
-    assert!(data.path().join("mac-keys").exists());
+    assert!(data.join("mac-keys").exists());
+}
+
+/// A server data directory whose store has bob's rotation damaged, after
+/// alice's second rotation was written: what `store repair` is for.
+fn damaged_store(data: &Path) {
+    let log = data.join("log");
+    {
+        let store = LogStore::open(&log, LogOptions::default()).unwrap();
+        let e = Engine::builder().store(store).build().unwrap();
+        let ip = Some("10.0.0.1".parse().unwrap());
+        let issue = |subject| {
+            let r = IssueRequest {
+                client: "app",
+                subject,
+                scope: "",
+                ip,
+            };
+            e.issue(&r).unwrap().accepted().unwrap().token
+        };
+        let rotate = |t: &str| e.redeem(t, "app", ip).unwrap().accepted().unwrap().token;
+        let (a1, b1) = (issue("alice"), issue("bob"));
+        let a2 = rotate(&a1);
+        rotate(&b1);
+        rotate(&a2);
+        e.flush().unwrap();
+    }
+    let seg = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "rgl"))
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Records are a 4-byte little-endian length, 4 more header bytes and
+    // the body (docs/store.md); the fourth of five is bob's rotation.
+    let mut records = Vec::new();
+    let mut off = 0;
+    while off + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        records.push((off, 8 + len));
+        off += 8 + len;
+    }
+    assert_eq!(records.len(), 5, "one record per change");
+    let (at, n) = records[3];
+    bytes[at + n - 1] ^= 0x55;
+    std::fs::write(&seg, &bytes).unwrap();
+}
+
+/// `refresh-guard store repair DIR` prints the report (exit 0), an error
+/// (exit 1), or its usage (exit 2).
+#[test]
+fn store_repair_prints_the_report() {
+    let data = tempfile::tempdir().unwrap();
+    damaged_store(data.path());
+    let dir = data.path().to_str().unwrap();
+    let (code, out, err) = cli(&["store", "repair", dir]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("repaired") && out.contains("\"alice\""),
+        "{out}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let (code, _, err) = cli(&["store", "repair", empty.path().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no store here"), "{err}");
+
+    let (code, _, err) = cli(&["store", "repair"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("Usage: refresh-guard store repair <DIR>"),
+        "{err}"
+    );
 }

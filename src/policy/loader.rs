@@ -19,9 +19,10 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use super::provenance::{Location, Locations};
 use super::{
     IpCheck, IpRange, KNOB_NAMES, OnReuse, Pkce, PolicyOverrides, PolicySet, PolicySetBuilder,
-    Rotation,
+    Rotation, UnknownClients,
 };
 use crate::error::Error;
 
@@ -246,6 +247,8 @@ struct Loader<'f> {
     knob_at: HashMap<(String, &'static str), (At, String)>,
     /// Where each builder scope was defined, and the scope as shown.
     scope_at: HashMap<String, (At, String)>,
+    /// The set-wide `unknown_clients` and where it was set.
+    unknown_clients: Option<(At, Option<UnknownClients>)>,
 }
 
 impl<'f> Loader<'f> {
@@ -258,6 +261,16 @@ impl<'f> Loader<'f> {
             client_index: HashMap::new(),
             knob_at: HashMap::new(),
             scope_at: HashMap::new(),
+            unknown_clients: None,
+        }
+    }
+
+    /// File and line of a place, for provenance.
+    fn location(&self, at: At) -> Location {
+        let (path, text) = self.files[at.file];
+        Location {
+            file: path.display().to_string(),
+            line: position(text, at.offset).line,
         }
     }
 
@@ -360,6 +373,49 @@ impl<'f> Loader<'f> {
                         self.clients.push((id.to_owned(), here, o));
                     }
                 }
+                "unknown_clients" => {
+                    let here = at(key.span());
+                    if let Some((first, _)) = self.unknown_clients {
+                        self.problem(
+                            here,
+                            Some(name.to_owned()),
+                            format!(
+                                "also set in {}; unknown_clients may be set in one file only",
+                                self.describe(first)
+                            ),
+                        );
+                        continue;
+                    }
+                    let mut bad = Vec::new();
+                    let u = choice(
+                        value.get_ref(),
+                        value.span(),
+                        UnknownClients::from_name,
+                        UnknownClients::NAMES,
+                        &mut |span: Range<usize>, msg| bad.push((span.start, msg)),
+                    );
+                    for (offset, msg) in bad {
+                        self.problem(At { file, offset }, Some(name.to_owned()), msg);
+                    }
+                    self.unknown_clients = Some((here, u));
+                }
+                other if !matches!(value.get_ref(), DeValue::Table(_)) => {
+                    // A bare key at the top of a file: the set-wide setting
+                    // misspelt, or a knob that belongs in a table.
+                    let message = if KNOB_NAMES.contains(&other) {
+                        "knob outside any table; put it under [defaults] or [clients.<client_id>]"
+                            .to_owned()
+                    } else {
+                        let hint = match closest(other, &["unknown_clients"]) {
+                            Some(s) => format!("did you mean `{s}`?"),
+                            None => {
+                                "outside tables a policy file sets only unknown_clients".to_owned()
+                            }
+                        };
+                        format!("unknown setting `{other}`; {hint}")
+                    };
+                    self.problem(at(key.span()), Some(toml_key(other)), message);
+                }
                 other => {
                     let message = if KNOB_NAMES.contains(&other) {
                         "knob outside any table; put it under [defaults] or [clients.<client_id>]"
@@ -413,6 +469,16 @@ impl<'f> Loader<'f> {
                 offset: key.span().start,
             };
             let Some(&knob) = KNOB_NAMES.iter().find(|k| **k == name) else {
+                if name == "unknown_clients" {
+                    self.problem(
+                        key_at,
+                        Some(format!("{}.{name}", scope.shown)),
+                        "unknown_clients is set for the whole set, not per table: \
+                         write it at the top of a file, before any [table]"
+                            .to_owned(),
+                    );
+                    continue;
+                }
                 let hint = match closest(name, KNOB_NAMES) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("knobs are {}", KNOB_NAMES.join(", ")),
@@ -458,6 +524,23 @@ impl<'f> Loader<'f> {
         for (id, _, o) in std::mem::take(&mut self.clients) {
             builder = builder.client(id, o);
         }
+        let mut locations = Locations::default();
+        if let Some((at, u)) = self.unknown_clients {
+            // A bad value is already a problem; the set will not load.
+            if let Some(u) = u {
+                builder = builder.unknown_clients(u);
+            }
+            locations.unknown_clients = Some(self.location(at));
+        }
+        for ((scope, knob), (at, _)) in &self.knob_at {
+            locations
+                .knobs
+                .insert((scope.clone(), *knob), self.location(*at));
+        }
+        for (scope, (at, _)) in &self.scope_at {
+            locations.tables.insert(scope.clone(), self.location(*at));
+        }
+        builder = builder.locations(locations);
         // Range checks live in the builder; run them even when other
         // problems were found, so one pass reports everything.
         let set = match builder.build() {
@@ -536,7 +619,7 @@ fn position(text: &str, offset: usize) -> Position {
 
 /// A key as TOML spells it: bare when it can be, else quoted, so an id
 /// with dots (`app.example.com`) is not mistaken for nested keys.
-fn toml_key(key: &str) -> String {
+pub(crate) fn toml_key(key: &str) -> String {
     let bare = !key.is_empty()
         && key
             .chars()
@@ -875,9 +958,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_knob_is_read() {
-        let text = "[defaults]\n\
+    /// Every knob, one a line from line 2, in `KNOB_NAMES` order.
+    const EVERY_KNOB: &str = "[defaults]\n\
             rotation = \"reuse\"\n\
             grace_period = \"1s\"\n\
             grace_max_replays = 2\n\
@@ -892,7 +974,10 @@ mod tests {
             max_families_per_subject = 3\n\
             access_token_ttl = \"1h\"\n\
             client_secret_sha256 = \"00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF\"\n";
-        let set = load(text).unwrap();
+
+    #[test]
+    fn every_knob_is_read() {
+        let set = load(EVERY_KNOB).unwrap();
         let p = set.defaults();
         let knobs = p.knobs();
         let expected = [
@@ -919,6 +1004,69 @@ mod tests {
         assert_eq!(h[0], 0x00);
         assert_eq!(h[5], 0x55);
         assert_eq!(h[31], 0xff);
+    }
+
+    /// Provenance names each knob's own line, and a client inherits what
+    /// its table leaves out.
+    #[test]
+    fn every_knob_has_the_line_that_set_it() {
+        use super::super::Origin;
+        let text = format!("{EVERY_KNOB}[clients.c]\nrotation = \"rotate\"\n");
+        let set = load(&text).unwrap();
+        let p = set.provenance();
+        let line = |n: usize| {
+            Some(Location {
+                file: "p.toml".to_owned(),
+                line: u32::try_from(n).unwrap(),
+            })
+        };
+        // Each knob alone: only it is set, so `set_flags` and `KNOB_NAMES`
+        // must agree on its place.
+        for (i, knob_line) in EVERY_KNOB.lines().skip(1).enumerate() {
+            let alone = load(&format!("[defaults]\n{knob_line}\n")).unwrap();
+            for (j, (k, origin)) in alone.provenance().defaults().knobs().enumerate() {
+                let want = if i == j {
+                    Origin::Set(line(2))
+                } else {
+                    Origin::Default
+                };
+                assert_eq!(origin, &want, "{knob_line}: {k}");
+            }
+        }
+        let knobs: Vec<_> = p.defaults().knobs().collect();
+        assert_eq!(knobs.len(), KNOB_NAMES.len());
+        for (i, (k, origin)) in knobs.into_iter().enumerate() {
+            assert_eq!(origin, &Origin::Set(line(i + 2)), "{k}");
+            let inherited = p.client("c").unwrap().knob(k).unwrap();
+            if k == "rotation" {
+                assert_eq!(inherited, &Origin::Set(line(KNOB_NAMES.len() + 3)));
+            } else {
+                assert_eq!(inherited, &Origin::Inherited(line(i + 2)), "{k}");
+            }
+        }
+        assert_eq!(p.defaults().table(), line(1).as_ref());
+        assert_eq!(p.unknown_clients(), &Origin::Default);
+    }
+
+    /// Where a knob is written is provenance, not content: moving it keeps
+    /// the version (README "Policy files").
+    #[test]
+    fn moving_lines_keeps_the_version_and_moves_the_provenance() {
+        let a = load("[defaults]\nidle_ttl = \"7d\"\n[clients.c]\npkce = \"s256\"\n").unwrap();
+        let b = load("# moved\n[clients.c]\n\npkce = \"s256\"\n\n[defaults]\nidle_ttl = \"7d\"\n")
+            .unwrap();
+        assert_eq!(a.version(), b.version());
+        let line = |set: &PolicySet| {
+            let origin = set
+                .provenance()
+                .client("c")
+                .unwrap()
+                .knob("idle_ttl")
+                .unwrap();
+            origin.location().unwrap().line
+        };
+        assert_eq!((line(&a), line(&b)), (2, 7));
+        assert_ne!(a.provenance(), b.provenance());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod allowlist;
 mod loader;
+mod provenance;
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -16,7 +17,11 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 pub use allowlist::{AllowList, AllowListError, IpRange};
+pub(crate) use loader::toml_key;
 pub use loader::{LoadError, LoadErrors, Position};
+pub use provenance::{Location, Origin, Provenance, ScopeProvenance};
+
+use provenance::Locations;
 
 use crate::error::Error;
 
@@ -49,6 +54,19 @@ pub enum IpCheck {
     EveryRefresh,
     /// Only when the family is born.
     IssuanceOnly,
+}
+
+/// Who is served when a client id the set does not list asks: the set-wide
+/// `unknown_clients` setting (README "Policy files").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum UnknownClients {
+    /// `[defaults]` governs every client id not listed (the behaviour of
+    /// sets without the setting).
+    #[default]
+    Defaults,
+    /// A client id not listed is refused (`unknown_client`) before anything
+    /// is read or written, so `[defaults]` governs nobody.
+    Refuse,
 }
 
 /// PKCE requirement at the code exchange (RFC 7636).
@@ -97,6 +115,7 @@ knob_names! {
     }
     IpCheck { EveryRefresh => "every_refresh", IssuanceOnly => "issuance_only" }
     Pkce { S256 => "s256", S256OrPlain => "s256_or_plain", Optional => "optional" }
+    UnknownClients { Defaults => "defaults", Refuse => "refuse" }
 }
 
 /// Longest grace period a policy may set.
@@ -405,6 +424,26 @@ impl PolicyOverrides {
         out
     }
 
+    /// Which knobs are set here, in [`KNOB_NAMES`] order (for provenance).
+    fn set_flags(&self) -> [bool; KNOB_NAMES.len()] {
+        [
+            self.rotation.is_some(),
+            self.grace_period.is_some(),
+            self.grace_max_replays.is_some(),
+            self.grace_same_ip.is_some(),
+            self.on_reuse.is_some(),
+            self.idle_ttl.is_some(),
+            self.absolute_ttl.is_some(),
+            self.ip_allowlist.is_some(),
+            self.ip_check.is_some(),
+            self.pkce.is_some(),
+            self.code_ttl.is_some(),
+            self.max_families_per_subject.is_some(),
+            self.access_token_ttl.is_some(),
+            self.client_secret_sha256.is_some(),
+        ]
+    }
+
     fn apply_to(&self, p: &mut ClientPolicy) {
         macro_rules! take {
             ($($f:ident),*) => {$( if let Some(v) = self.$f { p.$f = v; } )*};
@@ -480,6 +519,9 @@ pub struct PolicySet {
     version: PolicyVersion,
     defaults: Arc<ClientPolicy>,
     clients: HashMap<Box<str>, Arc<ClientPolicy>, ahash::RandomState>,
+    unknown_clients: UnknownClients,
+    /// Beside the set, outside its version: see [`Provenance`].
+    provenance: Arc<Provenance>,
 }
 
 impl PolicySet {
@@ -515,6 +557,25 @@ impl PolicySet {
     pub fn version(&self) -> PolicyVersion {
         self.version
     }
+
+    /// Whether client ids the set does not list are served by `[defaults]`
+    /// or refused.
+    pub fn unknown_clients(&self) -> UnknownClients {
+        self.unknown_clients
+    }
+
+    /// Whether `client` may be served at all: a listed client, or any client
+    /// unless `unknown_clients = "refuse"`. One comparison unless refusing.
+    #[inline]
+    pub fn admits_client(&self, client: &str) -> bool {
+        self.unknown_clients == UnknownClients::Defaults || self.clients.contains_key(client)
+    }
+
+    /// Where every knob was set: file and line, inherited from
+    /// `[defaults]`, or the built-in default. Not part of the version.
+    pub fn provenance(&self) -> &Provenance {
+        &self.provenance
+    }
 }
 
 impl Default for PolicySet {
@@ -530,6 +591,7 @@ impl fmt::Debug for PolicySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PolicySet")
             .field("version", &self.version)
+            .field("unknown_clients", &self.unknown_clients)
             .field("defaults", &self.defaults)
             .field("clients", &self.clients())
             .finish()
@@ -542,6 +604,9 @@ impl fmt::Debug for PolicySet {
 pub struct PolicySetBuilder {
     defaults: PolicyOverrides,
     clients: Vec<(String, PolicyOverrides)>,
+    unknown_clients: Option<UnknownClients>,
+    /// Where a loader found each setting; empty for sets built in code.
+    locations: Locations,
 }
 
 /// Longest client id accepted.
@@ -560,6 +625,19 @@ impl PolicySetBuilder {
         self
     }
 
+    /// Serve client ids the set does not list with `[defaults]` (the
+    /// default) or refuse them.
+    pub fn unknown_clients(mut self, u: UnknownClients) -> PolicySetBuilder {
+        self.unknown_clients = Some(u);
+        self
+    }
+
+    /// Where a policy file set each knob, table and `unknown_clients`.
+    pub(crate) fn locations(mut self, l: Locations) -> PolicySetBuilder {
+        self.locations = l;
+        self
+    }
+
     /// Check and compile the set.
     pub fn build(self) -> Result<PolicySet, Error> {
         let mut errors = Vec::new();
@@ -575,6 +653,8 @@ impl PolicySetBuilder {
         }
         let mut defaults = ClientPolicy::default();
         self.defaults.apply_to(&mut defaults);
+        let defaults_origin = self.locations.defaults(&self.defaults.set_flags());
+        let mut client_origins = HashMap::new();
 
         let mut clients: HashMap<Box<str>, Arc<ClientPolicy>, ahash::RandomState> =
             HashMap::default();
@@ -591,24 +671,48 @@ impl PolicySetBuilder {
             if clients.insert(id.as_str().into(), Arc::new(p)).is_some() {
                 push(&scope, None, "client defined twice".to_owned());
             }
+            let origin = self
+                .locations
+                .client(&scope, &o.set_flags(), &defaults_origin);
+            client_origins.insert(id.as_str().into(), origin);
         }
         if !errors.is_empty() {
             return Err(Error::Policy { errors });
         }
-        let version = content_version(&defaults, &clients);
+        let unknown_clients = self.unknown_clients.unwrap_or_default();
+        let version = content_version(&defaults, &clients, unknown_clients);
+        let provenance = Provenance {
+            defaults: defaults_origin,
+            clients: client_origins,
+            unknown_clients: match self.unknown_clients {
+                Some(_) => Origin::Set(self.locations.unknown_clients.clone()),
+                None => Origin::Default,
+            },
+        };
         Ok(PolicySet {
             version,
             defaults: Arc::new(defaults),
             clients,
+            unknown_clients,
+            provenance: Arc::new(provenance),
         })
     }
 }
 
+/// The hash of what decides, never of where it was written: provenance
+/// stays out, so moving lines keeps the version.
 fn content_version(
     defaults: &ClientPolicy,
     clients: &HashMap<Box<str>, Arc<ClientPolicy>, ahash::RandomState>,
+    unknown_clients: UnknownClients,
 ) -> PolicyVersion {
-    let mut text = String::from("defaults:");
+    let mut text = String::new();
+    // Only when it differs from the behaviour before the setting existed,
+    // so the versions of every set without it are unchanged.
+    if unknown_clients != UnknownClients::Defaults {
+        let _ = writeln!(text, "unknown_clients={unknown_clients}");
+    }
+    text.push_str("defaults:");
     defaults.write_canonical(&mut text);
     let mut ids: Vec<&Box<str>> = clients.keys().collect();
     ids.sort();

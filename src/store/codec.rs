@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::clock::Timestamp;
-use crate::code::{Challenge, CodeState};
+use crate::code::{self, Challenge, CodeState};
 use crate::family::{Family, Grant, RevokeReason, Status, SubjectName};
 use crate::token::{FamilyId, FamilySecret, Generation, KeyId, KeyUid};
 
@@ -75,21 +75,24 @@ pub(crate) fn encode(f: &Family, out: &mut Vec<u8>) {
             out.extend_from_slice(&at.as_millis().to_le_bytes());
         }
     }
+    // Code state: 0 none; 4, 5, 6 (no challenge, S256, plain), then the
+    // issue time, the redirect URI's digest and the challenge's. 1-3 are
+    // the earlier form (verbatim redirect URI and plain challenge), still
+    // read.
     match f.code.as_deref() {
         None => out.push(0),
         Some(c) => {
-            match &c.challenge {
-                None => out.push(1),
-                Some(Challenge::S256(h)) => {
-                    out.push(2);
-                    out.extend_from_slice(h);
-                }
-                Some(Challenge::Plain(p)) => {
-                    out.push(3);
-                    put_str(out, p);
-                }
+            let (tag, challenge) = match &c.challenge {
+                None => (4, None),
+                Some(Challenge::S256(h)) => (5, Some(h)),
+                Some(Challenge::Plain(h)) => (6, Some(h)),
+            };
+            out.push(tag);
+            out.extend_from_slice(&c.issued.as_millis().to_le_bytes());
+            out.extend_from_slice(&c.redirect_uri);
+            if let Some(h) = challenge {
+                out.extend_from_slice(h);
             }
-            put_str(out, &c.redirect_uri);
         }
     }
     put_str(out, f.client());
@@ -154,19 +157,32 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Family> {
     };
     let code = match r.u8()? {
         0 => None,
-        c => {
+        // The earlier form, written only before an exchange (when the
+        // family's `created` is the code's issue time).
+        c @ 1..=3 => {
             let challenge = match c {
                 1 => None,
                 2 => Some(Challenge::S256(r.arr()?)),
-                3 => Some(Challenge::Plain(r.str()?.into())),
-                _ => return None,
+                _ => Some(Challenge::Plain(code::sha256(r.str()?))),
             };
-            let redirect_uri = r.str()?.into();
+            let redirect_uri = r.str()?;
+            Some(Box::new(CodeState::new(created, redirect_uri, challenge)))
+        }
+        c @ 4..=6 => {
+            let issued = Timestamp::from_millis(r.u64()?);
+            let redirect_uri = r.arr()?;
+            let challenge = match c {
+                4 => None,
+                5 => Some(Challenge::S256(r.arr()?)),
+                _ => Some(Challenge::Plain(r.arr()?)),
+            };
             Some(Box::new(CodeState {
-                challenge,
+                issued,
                 redirect_uri,
+                challenge,
             }))
         }
+        _ => return None,
     };
     let client = r.str()?;
     let subject = SubjectName::new(r.str()?);
@@ -216,10 +232,11 @@ mod tests {
             grace_used: 2,
             rotation_ip: Some("2001:db8::1".parse().unwrap()),
             revoked: Some(RevokeReason::CapEviction),
-            code: Some(Box::new(CodeState {
-                challenge: Some(Challenge::Plain("x".repeat(43).into())),
-                redirect_uri: "https://a/cb".into(),
-            })),
+            code: Some(Box::new(CodeState::new(
+                Timestamp::from_millis(1),
+                "https://a/cb",
+                Some(Challenge::Plain(code::sha256(&"x".repeat(43)))),
+            ))),
             lsn: 0,
         }
     }
@@ -263,6 +280,44 @@ mod tests {
                 at: Timestamp::from_millis(4)
             }
         );
+    }
+
+    /// Records written before code state was kept past the exchange (a
+    /// verbatim redirect URI and plain challenge, tags 1-3) still decode,
+    /// with the family's `created` as the code's issue time: an existing
+    /// data directory must still start.
+    #[test]
+    fn records_with_the_earlier_code_form_still_decode() {
+        let mut f = sample();
+        f.code = None;
+        f.created = Timestamp::from_millis(7);
+        let mut none = Vec::new();
+        encode(&f, &mut none);
+        // The code byte comes right before client, subject and scope.
+        let tail = 6 + f.client().len() + f.subject.as_str().len() + f.scope().len();
+        let at = none.len() - tail - 1;
+        assert_eq!(none[at], 0);
+        let plain = "p".repeat(43);
+        let with = |challenge: &[u8]| {
+            let mut b = none[..at].to_vec();
+            b.extend_from_slice(challenge);
+            put_str(&mut b, "https://a/cb");
+            b.extend_from_slice(&none[at + 1..]);
+            decode(&b).expect("decodes").code.expect("code state")
+        };
+        let mut s256 = vec![2];
+        s256.extend_from_slice(&[9; 32]);
+        let mut old_plain = vec![3];
+        put_str(&mut old_plain, &plain);
+        let issued = Timestamp::from_millis(7);
+        for (bytes, challenge) in [
+            (vec![1], None),
+            (s256, Some(Challenge::S256([9; 32]))),
+            (old_plain, Some(Challenge::Plain(code::sha256(&plain)))),
+        ] {
+            let want = CodeState::new(issued, "https://a/cb", challenge);
+            assert_eq!(*with(&bytes), want);
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The embedded store: an append-only log of CRC-checked records with
-//! snapshot compaction, in one local directory.
+//! snapshot compaction, in one local directory (format, torn tails,
+//! repair and permissions: docs/store.md).
 //!
 //! Files: `log-<first lsn>.rgl` segments and `snapshot-<lsn>.rgs`
 //! snapshots, both sequences of records
@@ -9,17 +10,24 @@
 //! record only if its LSN is newer than what it replaces, so a snapshot
 //! taken while writes continue is still exact.
 //!
-//! One writer thread owns the file: appenders copy their record into a
-//! shared buffer and return; the writer takes the whole buffer, writes it,
-//! fsyncs and publishes the durable LSN. Everyone who appended while the
-//! previous fsync ran shares the next one. In `Batched(interval)` mode the
-//! writer first lets records gather for up to `interval` from the first of
-//! them (appenders do not wait for durability there), so a crash loses at
-//! most the last interval's changes; `flush` and shutdown cut it short.
+//! One writer thread owns the open segment and is the only one to write,
+//! sync and publish: appenders copy their record into a shared buffer and
+//! return; the writer takes the whole buffer, writes it, fsyncs and only
+//! then publishes its last LSN as durable. Everyone who appended while the
+//! previous fsync ran shares the next one. A compaction asks the writer to
+//! start a new segment after its next batch and waits for it, so nothing
+//! but the writer ever publishes, and nothing is published before it is on
+//! disk. Any failure to write fails the store closed. In
+//! `Batched(interval)` mode the writer first lets records gather for up to
+//! `interval` from the first of them (appenders do not wait for durability
+//! there), so a crash loses at most the last interval's changes; `flush`,
+//! compaction and shutdown cut it short.
 
-use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+mod recover;
+mod repair;
+
+use std::fs::{self, File};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,9 +37,12 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::private;
 use super::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 use crate::error::Error;
 use crate::token::FamilyId;
+
+pub use repair::{Dropped, RepairReport, RolledBack};
 
 const PUT: u8 = 1;
 const REMOVE: u8 = 2;
@@ -40,30 +51,55 @@ const HEADER: usize = 8;
 /// not a torn write.
 const MAX_RECORD: usize = 64 * 1024;
 
+/// The server keeps its store in this subdirectory of its data directory;
+/// `LogStore::repair` accepts either.
+pub const LOG_SUBDIR: &str = "log";
+
 /// How the embedded store opens.
 #[derive(Clone, Debug)]
 pub struct LogOptions {
     /// When a change counts as done; `Durability::None` is refused (use no
     /// store at all).
     pub durability: Durability,
-    /// Start even if a file is corrupt in the middle, dropping everything
-    /// from the corrupt record on (and logging what was dropped).
-    pub repair: bool,
 }
 
 impl Default for LogOptions {
     fn default() -> LogOptions {
         LogOptions {
             durability: Durability::Sync,
-            repair: false,
         }
     }
+}
+
+/// Failpoints in the log writer, for tests that must act at an exact step
+/// of it (pause it between taking a batch and writing it, fail a write,
+/// see what is on disk before an acknowledgement). Not a stable interface.
+#[doc(hidden)]
+pub trait LogHooks: Send + Sync + 'static {
+    /// The writer took the records up to LSN `last` from the buffer and is
+    /// about to write them. Blocking here pauses the writer at that step;
+    /// an error is taken as the write's failure.
+    fn before_write(&self, last: u64) -> io::Result<()> {
+        let _ = last;
+        Ok(())
+    }
+    /// Records up to `last` are written and synced, not yet published.
+    fn synced(&self, last: u64) {
+        let _ = last;
+    }
+    /// A compaction asked the writer for a new segment and now waits.
+    fn rotation_requested(&self) {}
 }
 
 struct Pending {
     buf: Vec<u8>,
     spare: Vec<u8>,
     next_lsn: u64,
+    /// First LSN of the open segment: every record before it is in older
+    /// segments, written and synced.
+    segment_first: u64,
+    /// A compaction waits for a new segment after the next batch.
+    rotate: bool,
     shutdown: bool,
     /// `flush` asks the batched writer not to wait out its interval.
     flush: bool,
@@ -75,16 +111,30 @@ struct Shared {
     pending: Mutex<Pending>,
     /// Signals the writer that there is work.
     work: Condvar,
-    /// Cuts a batched writer's interval short: `flush` and shutdown.
+    /// Cuts a batched writer's interval short: `flush`, compaction and
+    /// shutdown.
     urgent: Condvar,
+    /// Signals a waiting compaction that the segment changed or the store
+    /// failed.
+    rotated: Condvar,
     durable: AtomicU64,
     /// Who waits for which LSN: woken one by one when it is durable, so a
     /// batch wakes exactly the callers it completes.
-    waiters: Mutex<Vec<(u64, Waiter)>>,
+    waiters: Mutex<Waiters>,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
-    /// The open segment; the writer and compaction take turns.
-    file: Mutex<Segment>,
+    /// Bytes in the open segment (the writer's count).
+    segment_bytes: AtomicU64,
+    /// One compaction at a time.
+    compacting: Mutex<()>,
+    hooks: Option<Arc<dyn LogHooks>>,
+}
+
+struct Waiters {
+    list: Vec<(u64, Waiter)>,
+    /// Set by `fail` under this lock, so a waiter registering after the
+    /// failure's wake-up sees it instead of waiting forever.
+    failed: bool,
 }
 
 enum Waiter {
@@ -101,10 +151,10 @@ impl Waiter {
     }
 }
 
+/// The open segment, owned by the writer thread.
 struct Segment {
     file: File,
     path: PathBuf,
-    bytes: u64,
 }
 
 /// The embedded, durable store. See the module docs for the format.
@@ -147,64 +197,96 @@ fn frame(out: &mut Vec<u8>, kind: u8, lsn: u64, payload: impl FnOnce(&mut Vec<u8
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Replay state: per family the newest record seen, or a tombstone.
-type Replay = HashMap<FamilyId, (u64, Option<crate::family::Family>), ahash::RandomState>;
-
 fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_err(dir, e))
 }
 
+/// Create (0600) or reopen the segment whose first LSN is `first`, and make
+/// its directory entry durable before any record in it can be
+/// acknowledged.
+fn open_segment(dir: &Path, first: u64) -> Result<Segment, Error> {
+    let path = dir.join(seq_name("log", first, "rgl"));
+    let file = private::file_options()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    sync_dir(dir)?;
+    Ok(Segment { file, path })
+}
+
 impl LogStore {
     /// Open (creating if needed) the store in `dir` and recover its state.
-    /// A torn last record is dropped with a log line; a corrupt record
-    /// elsewhere refuses to open, naming file and offset, unless
-    /// `options.repair`.
+    ///
+    /// The directory is created 0700 and its files 0600; a directory other
+    /// users can reach, or that another user owns, is refused
+    /// ([`Error::Exposed`]). A torn tail of the last segment (an append
+    /// cut short by a crash or power loss) is dropped with a log line; any
+    /// other unreadable record refuses to open ([`Error::Corrupt`], naming
+    /// file and offset and the `refresh-guard store repair` command to
+    /// run).
     pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore, Error> {
-        let dir = dir.as_ref().to_path_buf();
+        LogStore::open_inner(dir.as_ref(), options, None)
+    }
+
+    /// [`open`](Self::open) with failpoints in the writer (tests only).
+    #[doc(hidden)]
+    pub fn open_with_hooks(
+        dir: impl AsRef<Path>,
+        options: LogOptions,
+        hooks: Arc<dyn LogHooks>,
+    ) -> Result<LogStore, Error> {
+        LogStore::open_inner(dir.as_ref(), options, Some(hooks))
+    }
+
+    fn open_inner(
+        dir: &Path,
+        options: LogOptions,
+        hooks: Option<Arc<dyn LogHooks>>,
+    ) -> Result<LogStore, Error> {
         if options.durability == Durability::None {
             return Err(Error::InvalidArgument {
                 name: "durability",
                 expected: "sync or batched for a store (none means no store)",
             });
         }
-        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-        let (records, max_lsn) = recover_dir(&dir, options.repair)?;
+        private::create_dir(dir)?;
+        let (records, max_lsn) = recover::recover_dir(dir)?;
         let next_lsn = max_lsn + 1;
-        let path = dir.join(seq_name("log", next_lsn, "rgl"));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err(&path, e))?;
-        sync_dir(&dir)?;
+        let segment = open_segment(dir, next_lsn)?;
+        let bytes = segment.file.metadata().map_or(0, |m| m.len());
         let shared = Arc::new(Shared {
-            dir,
+            dir: dir.to_owned(),
             durability: options.durability,
             pending: Mutex::new(Pending {
                 buf: Vec::with_capacity(1 << 16),
                 spare: Vec::with_capacity(1 << 16),
                 next_lsn,
+                segment_first: next_lsn,
+                rotate: false,
                 shutdown: false,
                 flush: false,
             }),
             work: Condvar::new(),
             urgent: Condvar::new(),
+            rotated: Condvar::new(),
             durable: AtomicU64::new(max_lsn),
-            waiters: Mutex::new(Vec::with_capacity(256)),
+            waiters: Mutex::new(Waiters {
+                list: Vec::with_capacity(256),
+                failed: false,
+            }),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
-            file: Mutex::new(Segment {
-                file,
-                path,
-                bytes: 0,
-            }),
+            segment_bytes: AtomicU64::new(bytes),
+            compacting: Mutex::new(()),
+            hooks,
         });
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("refresh-guard-log".into())
-            .spawn(move || writer_loop(&writer_shared))
+            .spawn(move || writer_loop(&writer_shared, segment))
             .map_err(|e| Error::Store {
                 detail: format!("cannot start log writer: {e}"),
             })?;
@@ -217,7 +299,7 @@ impl LogStore {
 
     /// Bytes in the open log segment (for deciding when to compact).
     pub fn segment_bytes(&self) -> u64 {
-        self.shared.file.lock().bytes
+        self.shared.segment_bytes.load(Ordering::Relaxed)
     }
 
     fn check(&self) -> Result<(), Error> {
@@ -237,6 +319,29 @@ impl LogStore {
         self.shared.work.notify_one();
         Ok(lsn)
     }
+
+    /// Have the writer start a new segment; returns its first LSN, before
+    /// which every record is written and synced in older segments.
+    fn rotate(&self) -> Result<u64, Error> {
+        let s = &self.shared;
+        let mut p = s.pending.lock();
+        if p.next_lsn > p.segment_first {
+            let want = p.next_lsn;
+            p.rotate = true;
+            s.work.notify_one();
+            s.urgent.notify_one();
+            if let Some(h) = &s.hooks {
+                h.rotation_requested();
+            }
+            while p.segment_first < want && !s.failed.load(Ordering::Acquire) {
+                s.rotated.wait(&mut p);
+            }
+        }
+        if s.failed.load(Ordering::Acquire) {
+            return Err(s.failure_error());
+        }
+        Ok(p.segment_first)
+    }
 }
 
 impl Shared {
@@ -250,23 +355,34 @@ impl Shared {
         }
     }
 
+    /// Fail closed: every waiter, every later change and a waiting
+    /// compaction get an error from now on; nothing more is published.
     fn fail(&self, detail: String) {
         tracing::error!(%detail, "store failed; refusing all changes until restart");
         *self.failure.lock() = Some(detail);
         self.failed.store(true, Ordering::Release);
-        for (_, w) in self.waiters.lock().drain(..) {
+        let woken = {
+            let mut w = self.waiters.lock();
+            w.failed = true;
+            std::mem::take(&mut w.list)
+        };
+        for (_, w) in woken {
             w.wake();
         }
+        // A compaction checks `failed` under this lock before it waits.
+        let _p = self.pending.lock();
+        self.rotated.notify_all();
     }
 
+    /// Only the writer calls this, after `lsn` is written and synced.
     fn publish(&self, lsn: u64) {
-        // fetch_max: compaction may publish ahead of the writer.
         self.durable.fetch_max(lsn, Ordering::AcqRel);
         let mut waiters = self.waiters.lock();
+        let list = &mut waiters.list;
         let mut i = 0;
-        while i < waiters.len() {
-            if waiters[i].0 <= lsn {
-                waiters.swap_remove(i).1.wake();
+        while i < list.len() {
+            if list[i].0 <= lsn {
+                list.swap_remove(i).1.wake();
             } else {
                 i += 1;
             }
@@ -274,49 +390,82 @@ impl Shared {
     }
 }
 
-fn writer_loop(s: &Shared) {
+fn writer_loop(s: &Shared, mut seg: Segment) {
     loop {
-        let (mut batch, last) = {
+        let (mut batch, last, rotate) = {
             let mut p = s.pending.lock();
-            while p.buf.is_empty() && !p.shutdown {
+            while p.buf.is_empty() && !p.rotate && !p.shutdown {
                 s.work.wait(&mut p);
             }
-            if let Durability::Batched(interval) = s.durability {
+            if let Durability::Batched(interval) = s.durability
+                && !p.buf.is_empty()
+            {
                 // Let changes accumulate for one interval from the first of
                 // them, so none waits longer than that to be durable; a
-                // flush or shutdown ends the wait early.
+                // flush, compaction or shutdown ends the wait early.
                 let deadline = Instant::now() + interval;
-                while !p.shutdown && !p.flush {
+                while !p.shutdown && !p.flush && !p.rotate {
                     if s.urgent.wait_until(&mut p, deadline).timed_out() {
                         break;
                     }
                 }
             }
             p.flush = false;
-            if p.buf.is_empty() && p.shutdown {
+            if p.buf.is_empty() && !p.rotate && p.shutdown {
                 return;
             }
             let spare = std::mem::take(&mut p.spare);
             let batch = std::mem::replace(&mut p.buf, spare);
-            (batch, p.next_lsn - 1)
+            (batch, p.next_lsn - 1, std::mem::take(&mut p.rotate))
         };
-        let result = {
-            let mut seg = s.file.lock();
-            let r = seg
-                .file
-                .write_all(&batch)
-                .and_then(|()| seg.file.sync_data());
-            seg.bytes += batch.len() as u64;
-            r.map_err(|e| format!("{}: {e}", seg.path.display()))
-        };
-        if let Err(detail) = result {
+        if let Err(detail) = write_batch(s, &mut seg, &batch, last, rotate) {
             s.fail(detail);
             return;
         }
         batch.clear();
-        s.pending.lock().spare = batch;
+        {
+            let mut p = s.pending.lock();
+            p.spare = batch;
+            if rotate {
+                p.segment_first = last + 1;
+                s.rotated.notify_all();
+            }
+        }
         s.publish(last);
     }
+}
+
+/// Write and sync the records up to `last`, then, if asked, start the next
+/// segment at `last + 1`. Any error leaves the store to fail closed: a
+/// partly written batch may be on disk, and nothing after it may be
+/// published.
+fn write_batch(
+    s: &Shared,
+    seg: &mut Segment,
+    batch: &[u8],
+    last: u64,
+    rotate: bool,
+) -> Result<(), String> {
+    let at = |path: &Path, e: io::Error| format!("{}: {e}", path.display());
+    if !batch.is_empty() {
+        if let Some(h) = &s.hooks {
+            h.before_write(last).map_err(|e| at(&seg.path, e))?;
+        }
+        seg.file
+            .write_all(batch)
+            .and_then(|()| seg.file.sync_data())
+            .map_err(|e| at(&seg.path, e))?;
+        s.segment_bytes
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if let Some(h) = &s.hooks {
+            h.synced(last);
+        }
+    }
+    if rotate {
+        *seg = open_segment(&s.dir, last + 1).map_err(|e| e.to_string())?;
+        s.segment_bytes.store(0, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 impl Store for LogStore {
@@ -337,9 +486,13 @@ impl Store for LogStore {
         if s.durable.load(Ordering::Acquire) >= lsn {
             return Ok(());
         }
-        s.waiters
-            .lock()
-            .push((lsn, Waiter::Thread(std::thread::current())));
+        {
+            let mut w = s.waiters.lock();
+            if w.failed {
+                return Err(s.failure_error());
+            }
+            w.list.push((lsn, Waiter::Thread(std::thread::current())));
+        }
         loop {
             // Registered before this check, so a publish after it unparks us.
             if s.durable.load(Ordering::Acquire) >= lsn {
@@ -357,10 +510,13 @@ impl Store for LogStore {
         if s.durable.load(Ordering::Acquire) >= lsn {
             return Poll::Ready(Ok(()));
         }
-        if s.failed.load(Ordering::Acquire) {
-            return Poll::Ready(Err(s.failure_error()));
+        {
+            let mut w = s.waiters.lock();
+            if w.failed {
+                return Poll::Ready(Err(s.failure_error()));
+            }
+            w.list.push((lsn, Waiter::Task(waker.clone())));
         }
-        s.waiters.lock().push((lsn, Waiter::Task(waker.clone())));
         // Re-check: the writer may have published between the load and the push.
         if s.durable.load(Ordering::Acquire) >= lsn {
             return Poll::Ready(Ok(()));
@@ -373,61 +529,26 @@ impl Store for LogStore {
     }
 
     fn compact(&self, snapshot: &mut Snapshot<'_>) -> Result<(), Error> {
-        self.check()?;
         let s = &self.shared;
-        // 1. Start a new segment at the next LSN; everything before it is in
-        //    older segments, which the snapshot will replace.
-        let boundary = {
-            // Appenders wait here for the switch (rare, one fsync long).
-            let mut p = s.pending.lock();
-            let mut seg = s.file.lock();
-            let boundary = p.next_lsn;
-            // Pending records belong to the old segment: write them here
-            // rather than leave them to the writer.
-            let pending = std::mem::take(&mut p.buf);
-            seg.file
-                .write_all(&pending)
-                .and_then(|()| seg.file.sync_data())
-                .map_err(|e| io_err(&seg.path, e))?;
-            p.buf = pending;
-            p.buf.clear();
-            let path = s.dir.join(seq_name("log", boundary, "rgl"));
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| io_err(&path, e))?;
-            *seg = Segment {
-                file,
-                path,
-                bytes: 0,
-            };
-            boundary
-        };
-        s.publish(boundary - 1);
-        sync_dir(&s.dir)?;
-        // 2. Dump every family with its LSN.
+        let _one = s.compacting.lock();
+        self.check()?;
+        // 1. The writer starts a new segment; every record before it is
+        //    written and synced in older segments, which the snapshot will
+        //    replace.
+        let boundary = self.rotate()?;
+        // 2. Dump every family with its LSN. The table may already be
+        //    newer than `boundary`; recovery applies what is newest.
         let tmp = s.dir.join(seq_name("snapshot", boundary, "tmp"));
-        let mut out = Vec::with_capacity(1 << 20);
-        let mut file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        let mut write_err = None;
-        snapshot(&mut |r: RecordRef<'_>| {
-            frame(&mut out, PUT, r.lsn(), |o| r.encode(o));
-            if out.len() >= 1 << 20 && write_err.is_none() {
-                if let Err(e) = file.write_all(&out) {
-                    write_err = Some(e);
-                }
-                out.clear();
-            }
-        });
-        if let Some(e) = write_err {
-            return Err(io_err(&tmp, e));
+        let written = write_snapshot(&tmp, snapshot);
+        if let Err(e) = written {
+            // Nothing durable depends on the partial file; recovery would
+            // remove it too.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
         }
-        file.write_all(&out)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_err(&tmp, e))?;
         let fin = s.dir.join(seq_name("snapshot", boundary, "rgs"));
         fs::rename(&tmp, &fin).map_err(|e| io_err(&fin, e))?;
+        // Older files go only once the snapshot's name is durable.
         sync_dir(&s.dir)?;
         // 3. Older segments and snapshots are now redundant.
         for entry in fs::read_dir(&s.dir).map_err(|e| io_err(&s.dir, e))? {
@@ -459,164 +580,41 @@ impl Store for LogStore {
     }
 }
 
+/// Write the snapshot to `tmp` (0600) and sync it.
+fn write_snapshot(tmp: &Path, snapshot: &mut Snapshot<'_>) -> Result<(), Error> {
+    let mut out = Vec::with_capacity(1 << 20);
+    let mut file = private::file_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(|e| io_err(tmp, e))?;
+    let mut write_err = None;
+    snapshot(&mut |r: RecordRef<'_>| {
+        frame(&mut out, PUT, r.lsn(), |o| r.encode(o));
+        if out.len() >= 1 << 20 && write_err.is_none() {
+            if let Err(e) = file.write_all(&out) {
+                write_err = Some(e);
+            }
+            out.clear();
+        }
+    });
+    if let Some(e) = write_err {
+        return Err(io_err(tmp, e));
+    }
+    file.write_all(&out)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_err(tmp, e))
+}
+
 impl Drop for LogStore {
     fn drop(&mut self) {
         self.shared.pending.lock().shutdown = true;
         self.shared.work.notify_all();
         self.shared.urgent.notify_all();
+        // The writer writes and syncs what is pending before it returns.
         if let Some(w) = self.writer.lock().take() {
             let _ = w.join();
         }
-        let _ = self.shared.file.lock().file.sync_data();
     }
-}
-
-/// Read every snapshot and segment in `dir`; return the live families and
-/// the highest LSN seen.
-fn recover_dir(dir: &Path, repair: bool) -> Result<(Vec<StoredRecord>, u64), Error> {
-    let mut snapshots = Vec::new();
-    let mut segments = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
-        let name = entry.map_err(|e| io_err(dir, e))?.file_name();
-        let name = name.to_string_lossy().into_owned();
-        if let Some(l) = parse_seq(&name, "snapshot", "rgs") {
-            snapshots.push((l, name));
-        } else if let Some(l) = parse_seq(&name, "log", "rgl") {
-            segments.push((l, name));
-        } else if name.ends_with(".tmp") {
-            // An interrupted compaction: the segments it would replace are
-            // all still there.
-            let p = dir.join(&name);
-            fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
-        }
-    }
-    snapshots.sort();
-    segments.sort();
-    let mut replay: Replay = HashMap::default();
-    let mut max_lsn = 0;
-    if let Some((_, name)) = snapshots.last() {
-        read_file(&dir.join(name), false, repair, &mut replay, &mut max_lsn)?;
-    }
-    let n = segments.len();
-    for (i, (_, name)) in segments.iter().enumerate() {
-        read_file(
-            &dir.join(name),
-            i + 1 == n,
-            repair,
-            &mut replay,
-            &mut max_lsn,
-        )?;
-    }
-    let records = replay
-        .into_values()
-        .filter_map(|(lsn, f)| {
-            f.map(|mut family| {
-                family.lsn = lsn;
-                StoredRecord { family }
-            })
-        })
-        .collect();
-    Ok((records, max_lsn))
-}
-
-fn read_file(
-    path: &Path,
-    last: bool,
-    repair: bool,
-    replay: &mut Replay,
-    max_lsn: &mut u64,
-) -> Result<(), Error> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| io_err(path, e))?;
-    let mut off = 0usize;
-    while off < bytes.len() {
-        match next_record(&bytes, off) {
-            Ok((kind, lsn, payload, end)) => {
-                apply(kind, lsn, payload, replay).ok_or_else(|| Error::Corrupt {
-                    file: path.to_path_buf(),
-                    offset: off as u64,
-                    detail: "record does not decode".into(),
-                })?;
-                *max_lsn = (*max_lsn).max(lsn);
-                off = end;
-            }
-            Err(torn) => {
-                let dropped = bytes.len() - off;
-                if torn && last {
-                    tracing::warn!(
-                        file = %path.display(),
-                        offset = off,
-                        bytes = dropped,
-                        "dropping a torn last record: a write interrupted by a crash"
-                    );
-                } else if repair {
-                    tracing::warn!(
-                        file = %path.display(),
-                        offset = off,
-                        bytes = dropped,
-                        "repair: dropping everything from a corrupt record"
-                    );
-                } else {
-                    return Err(Error::Corrupt {
-                        file: path.to_path_buf(),
-                        offset: off as u64,
-                        detail: "checksum mismatch or bad length; start with repair to drop the rest of this file".into(),
-                    });
-                }
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| io_err(path, e))?;
-                f.set_len(off as u64)
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| io_err(path, e))?;
-                break;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The record at `off`: (kind, lsn, payload, end offset), or whether the
-/// failure looks like a torn tail (`true`) rather than corruption.
-fn next_record(b: &[u8], off: usize) -> Result<(u8, u64, &[u8], usize), bool> {
-    let rest = &b[off..];
-    if rest.len() < HEADER {
-        return Err(true);
-    }
-    let len = u32::from_le_bytes(rest[..4].try_into().map_err(|_| true)?) as usize;
-    let crc = u32::from_le_bytes(rest[4..8].try_into().map_err(|_| true)?);
-    if !(9..=MAX_RECORD).contains(&len) {
-        return Err(false);
-    }
-    if rest.len() < HEADER + len {
-        return Err(true);
-    }
-    let body = &rest[HEADER..HEADER + len];
-    if crc32fast::hash(body) != crc {
-        // A bad checksum on the very last record is a torn write.
-        return Err(HEADER + len == rest.len());
-    }
-    let lsn = u64::from_le_bytes(body[1..9].try_into().map_err(|_| false)?);
-    Ok((body[0], lsn, &body[9..], off + HEADER + len))
-}
-
-fn apply(kind: u8, lsn: u64, payload: &[u8], replay: &mut Replay) -> Option<()> {
-    let (id, state) = match kind {
-        PUT => {
-            let f = crate::store::codec::decode(payload)?;
-            (f.id, Some(f))
-        }
-        REMOVE => (FamilyId::from_bytes(payload.try_into().ok()?), None),
-        _ => return None,
-    };
-    match replay.get(&id) {
-        Some((seen, _)) if *seen >= lsn => {}
-        _ => {
-            replay.insert(id, (lsn, state));
-        }
-    }
-    Some(())
 }

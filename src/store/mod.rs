@@ -16,6 +16,8 @@
 pub(crate) mod codec;
 #[cfg(feature = "durable")]
 mod log;
+#[cfg(feature = "durable")]
+pub mod private;
 
 use std::fmt;
 use std::task::{Poll, Waker};
@@ -26,7 +28,12 @@ use crate::family::Family;
 use crate::token::{FamilyId, Generation};
 
 #[cfg(feature = "durable")]
-pub use log::{LogOptions, LogStore};
+pub use log::LOG_SUBDIR;
+#[cfg(feature = "durable")]
+#[doc(hidden)]
+pub use log::LogHooks;
+#[cfg(feature = "durable")]
+pub use log::{Dropped, LogOptions, LogStore, RepairReport, RolledBack};
 
 /// How long a caller waits for its write to be durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

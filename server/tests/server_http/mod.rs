@@ -33,7 +33,10 @@ impl TempDir {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let d = std::env::temp_dir().join(format!("rg-server-{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+        // 0700: the server refuses a data directory other users can reach.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&d)
+            .unwrap();
         TempDir(d)
     }
 
