@@ -163,7 +163,7 @@ impl DenyReason {
     }
 
     /// Every reason, for metrics tables.
-    pub const ALL: [DenyReason; 19] = [
+    pub const ALL: [DenyReason; 20] = [
         DenyReason::InvalidToken,
         DenyReason::ClientMismatch,
         DenyReason::Revoked,
