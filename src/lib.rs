@@ -90,6 +90,7 @@ pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 /// (docs/store.md, "Permissions"): created 0700 and 0600, refused when
 /// other users can reach them or another user owns them. The server's data
 /// directory uses them; so can an embedder's own secret files.
+#[cfg(feature = "durable")]
 pub mod private_files {
     pub use crate::store::private::{Refusal, check_dir, create_dir, file_options, tighten_file};
 }
