@@ -242,7 +242,7 @@ fn cli_bad_usage_is_explained_on_stderr_with_status_2() {
 #[test]
 fn every_subcommand_has_help_listing_its_flags_within_80_columns() {
     for (args, must) in [
-        (&[][..], &["serve", "policy"][..]),
+        (&[][..], &["serve", "policy", "store"][..]),
         (
             &["serve"][..],
             &["--listen <ADDR>", "REFRESH_GUARD_LISTEN"][..],
@@ -250,6 +250,8 @@ fn every_subcommand_has_help_listing_its_flags_within_80_columns() {
         (&["policy"][..], &["check", "diff"][..]),
         (&["policy", "check"][..], &["<DIR>"][..]),
         (&["policy", "diff"][..], &["<OLD_DIR>", "<NEW_DIR>"][..]),
+        (&["store"][..], &["repair"][..]),
+        (&["store", "repair"][..], &["<DIR>"][..]),
     ] {
         for flag in ["-h", "--help"] {
             let mut a = args.to_vec();
