@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let before = e.stats().families;
-    let d = e.redeem(s, "c", "10.0.0.1".parse().expect("ip")).expect("no store");
+    let d = e.redeem(s, "c", "10.0.0.1".parse::<std::net::IpAddr>().expect("ip")).expect("no store");
     assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
     assert!(e.introspect(s).is_none());
     assert_eq!(e.stats().families, before);
