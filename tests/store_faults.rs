@@ -25,7 +25,7 @@ fn hooked(dir: &std::path::Path) -> (Arc<Failpoint>, Arc<LogStore>, Recording, E
 /// it. Then the writer's write succeeds (`fail: false`) or fails.
 fn compaction_races_a_taken_batch(fail: bool) {
     let dir = temp_dir("compact-race");
-    let (fp, store, _rec, e) = hooked(&dir);
+    let (fp, store, rec, e) = hooked(&dir);
     let unpause = fp.release_on_drop();
     let t1 = issue(&e, "alice");
     fp.pause_next_batch();
@@ -56,7 +56,8 @@ fn compaction_races_a_taken_batch(fail: bool) {
         (answer, compact.join().unwrap())
     });
     drop(unpause);
-    drop(e);
+    // Every handle, so the store's directory lock is released.
+    drop((e, rec));
     drop(store);
     let e = open(&dir);
     match (fail, answer) {
@@ -152,7 +153,8 @@ fn a_failed_write_during_compaction_fails_the_store_closed() {
     assert!(e.flush().is_err());
     assert!(e.compact().is_err());
     drop(unpause);
-    drop(e);
+    // Every handle, so the store's directory lock is released.
+    drop((e, rec));
     drop(store);
     // What was acknowledged is there; what was not, was not done.
     let e = open(&dir);
@@ -178,7 +180,8 @@ fn a_failed_write_fails_the_store_closed() {
         std::task::Poll::Ready(Err(_))
     ));
     assert!(e.redeem(&tb, CLIENT, ip()).is_err());
-    drop(e);
+    // Every handle, so the store's directory lock is released.
+    drop((e, rec));
     drop(store);
     let e = open(&dir);
     rotate(&e, &ta);

@@ -162,6 +162,36 @@ pub struct LogStore {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
     recovered: Mutex<Option<Vec<StoredRecord>>>,
+    /// Held for the store's life: see [`lock_dir`].
+    _lock: File,
+}
+
+/// File name of the store's lock.
+const LOCK: &str = "LOCK";
+
+/// Take the store directory's exclusive lock, or refuse: two processes
+/// appending to one log, or a repair cutting a segment a live writer is
+/// still appending to, would each lose acknowledged changes. The lock is
+/// advisory (`flock`) and the kernel drops it when the process dies, so a
+/// crash never leaves the store locked.
+fn lock_dir(dir: &Path) -> Result<File, Error> {
+    let path = dir.join(LOCK);
+    let file = private::file_options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Store {
+            detail: format!(
+                "{} is in use by another process (a running server?): stop it first",
+                dir.display()
+            ),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path, e)),
+    }
 }
 
 fn io_err(path: &Path, e: io::Error) -> Error {
@@ -253,6 +283,7 @@ impl LogStore {
             });
         }
         private::create_dir(dir)?;
+        let lock = lock_dir(dir)?;
         let (records, max_lsn) = recover::recover_dir(dir)?;
         let next_lsn = max_lsn + 1;
         let segment = open_segment(dir, next_lsn)?;
@@ -294,6 +325,7 @@ impl LogStore {
             shared,
             writer: Mutex::new(Some(writer)),
             recovered: Mutex::new(Some(records)),
+            _lock: lock,
         })
     }
 

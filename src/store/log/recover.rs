@@ -152,6 +152,8 @@ pub(super) struct Files {
     pub(super) segments: Vec<PathBuf>,
     /// Snapshots an interrupted compaction left half written.
     pub(super) partial: Vec<PathBuf>,
+    /// Complete snapshots older than `snapshot`: superseded, never read.
+    pub(super) stale: Vec<PathBuf>,
 }
 
 impl Files {
@@ -185,10 +187,12 @@ pub(super) fn list(dir: &Path) -> Result<Files, Error> {
     }
     snapshots.sort();
     segments.sort();
+    let snapshot = snapshots.pop().map(|(_, n)| dir.join(n));
     Ok(Files {
-        snapshot: snapshots.pop().map(|(_, n)| dir.join(n)),
+        snapshot,
         segments: segments.into_iter().map(|(_, n)| dir.join(n)).collect(),
         partial,
+        stale: snapshots.into_iter().map(|(_, n)| dir.join(n)).collect(),
     })
 }
 
@@ -201,6 +205,11 @@ pub(super) fn recover_dir(dir: &Path) -> Result<(Vec<StoredRecord>, u64), Error>
         // still there.
         fs::remove_file(p).map_err(|e| io_err(p, e))?;
     }
+    for p in &files.stale {
+        // Never read, but they hold families' secrets like the rest: the
+        // same rule for every file the store owns (docs/store.md).
+        private::tighten_file(p)?;
+    }
     let mut replay = Replay::default();
     let mut max_lsn = 0;
     for (path, last) in files.in_order() {
@@ -210,6 +219,14 @@ pub(super) fn recover_dir(dir: &Path) -> Result<(Vec<StoredRecord>, u64), Error>
             apply(&mut replay, lsn, id, state);
             max_lsn = max_lsn.max(lsn);
         });
+        if last {
+            // What a killed process wrote may still be only in the page
+            // cache. Recovery is about to treat it as durable and start a
+            // new segment after it, so it must reach the disk first: a
+            // power loss could otherwise tear a segment that is no longer
+            // the last, which no start would accept (docs/store.md).
+            sync_file(path)?;
+        }
         let Some((off, bad)) = bad else { continue };
         if !(last && is_torn(&bytes, off, bad)) {
             return Err(Error::Corrupt {
@@ -257,6 +274,14 @@ fn refusal(dir: &Path, bad: Bad, last: bool) -> String {
 }
 
 /// Cut `path` to `len` bytes, durably.
+fn sync_file(path: &Path) -> Result<(), Error> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(path, e))
+}
+
 pub(super) fn truncate(path: &Path, len: u64) -> Result<(), Error> {
     let f = OpenOptions::new()
         .write(true)

@@ -99,6 +99,8 @@ impl LogStore {
     pub fn repair(dir: impl AsRef<Path>) -> Result<RepairReport, Error> {
         let dir = store_dir(dir.as_ref())?;
         private::check_dir(&dir)?;
+        // Held until the repair is done: no live writer may append behind it.
+        let _lock = super::lock_dir(&dir)?;
         let files = recover::list(&dir)?;
         let mut replay = Replay::default();
         let mut plans = Vec::new();
