@@ -1022,7 +1022,7 @@ mod tests {
             while round < 20_000 || prunes.load(Relaxed) < 20_000 {
                 let held = i.grant("app", "openid");
                 // A pair only this round uses, dropped at once.
-                drop(i.grant("app", if round % 2 == 0 { "a" } else { "b" }));
+                drop(i.grant("app", if round.is_multiple_of(2) { "a" } else { "b" }));
                 let again = i.grant("app", "openid");
                 if !Arc::ptr_eq(&held, &again) || !Arc::ptr_eq(&held.scope, &i.intern("openid")) {
                     forgotten = Some(round);

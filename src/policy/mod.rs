@@ -309,12 +309,12 @@ pub const KNOB_NAMES: &[&str] = &[
 /// Write a duration the way policy files spell it ("45s", "10m", "30d").
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = ms / 1000;
     for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if s != 0 && s % n == 0 {
+        if s != 0 && s.is_multiple_of(n) {
             return format!("{}{unit}", s / n);
         }
     }
@@ -392,13 +392,13 @@ impl PolicyOverrides {
                 format!("{} is longer than the maximum 5m", format_duration(g)),
             ));
         }
-        if let Some(c) = self.code_ttl {
-            if c.is_zero() || c > MAX_CODE_TTL {
-                out.push((
-                    "code_ttl",
-                    format!("{} is outside 1ms..=10m", format_duration(c)),
-                ));
-            }
+        if let Some(c) = self.code_ttl
+            && (c.is_zero() || c > MAX_CODE_TTL)
+        {
+            out.push((
+                "code_ttl",
+                format!("{} is outside 1ms..=10m", format_duration(c)),
+            ));
         }
         for (knob, v) in [
             ("idle_ttl", self.idle_ttl),
