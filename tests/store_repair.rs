@@ -133,6 +133,40 @@ fn zeros_that_are_not_a_torn_tail_refuse_to_open() {
     }
 }
 
+/// Found in review: the checksum does not cover the length field, so a
+/// length flipped to point past the end of the last segment made every
+/// whole record after it look like one record cut short, and start-up
+/// dropped them all as a torn tail: acknowledged rotations lost without a
+/// word. A record cut short with whole records behind it is corruption.
+#[test]
+fn a_length_pointing_past_the_end_over_whole_records_refuses_to_open() {
+    let dir = temp_dir("length-flip");
+    {
+        let e = open(&dir);
+        let t = issue(&e, "alice");
+        let t = rotate(&e, &t);
+        rotate(&e, &t);
+    }
+    let seg = segments(&dir).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let recs = records(&bytes);
+    assert!(recs.len() >= 3, "{recs:?}");
+    let (off, _) = recs[recs.len() - 3];
+    let past_end = (bytes.len() - off - 8 + 100) as u32;
+    bytes[off..off + 4].copy_from_slice(&past_end.to_le_bytes());
+    std::fs::write(&seg, &bytes).unwrap();
+    match LogStore::open(&*dir, Default::default()) {
+        Err(Error::Corrupt { file, offset, .. }) => {
+            assert_eq!((file, offset), (seg.clone(), off as u64));
+        }
+        other => panic!(
+            "expected corruption, got {:?}",
+            other.err().map(|e| e.to_string())
+        ),
+    }
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "nothing cut");
+}
+
 /// Regression: the refusal told the operator to "start with repair" (a
 /// `serve` flag that then stays in a unit file forever). It names the
 /// one-shot command to run instead, with the directory.

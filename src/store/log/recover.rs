@@ -85,7 +85,11 @@ fn all_zero(b: &[u8]) -> bool {
 pub(super) fn is_torn(b: &[u8], off: usize, bad: Bad) -> bool {
     let rest = &b[off..];
     match bad {
-        Bad::CutShort => true,
+        // The checksum does not cover the length field: a flipped length
+        // that points past the end looks cut short while whole records
+        // follow it. An interrupted append leaves no whole record behind
+        // its start, so one found there means corruption, not a tear.
+        Bad::CutShort => !record_starts_after(b, off),
         Bad::Length => all_zero(rest),
         Bad::Checksum => {
             let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
@@ -93,6 +97,15 @@ pub(super) fn is_torn(b: &[u8], off: usize, bad: Bad) -> bool {
         }
         Bad::Decode => false,
     }
+}
+
+/// Whether a whole, decodable record starts anywhere after `off`.
+fn record_starts_after(b: &[u8], off: usize) -> bool {
+    (off + 1..b.len()).any(|at| {
+        next_record(b, at)
+            .ok()
+            .is_some_and(|(r, _)| decode(&r).is_some())
+    })
 }
 
 /// What a record does: the family it is about and its new state (`None`:
