@@ -58,3 +58,28 @@ fn repair_refuses_a_store_in_use() {
     let e = open(&dir);
     rotate(&e, &t);
 }
+
+/// The lock is held by a file description, which a child forked by any
+/// thread shares until it reaches `exec`; a store dropped just before such
+/// a fork is briefly still locked. Regression (seen as flaky restarts in
+/// tests/durability.rs beside its SIGKILL child processes): an open waits
+/// a moment for the holder to let go instead of refusing at once.
+#[test]
+fn an_open_waits_briefly_for_the_previous_holder_to_let_go() {
+    let dir = temp_dir("lock-wait");
+    drop(open(&dir));
+    let held = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("LOCK"))
+        .unwrap();
+    held.lock().unwrap();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        drop(open(&dir));
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    });
+}

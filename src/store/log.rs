@@ -169,6 +169,12 @@ pub struct LogStore {
 /// File name of the store's lock.
 const LOCK: &str = "LOCK";
 
+/// How long an open waits for the previous holder of the lock to let go:
+/// a process that is exiting, or a child forked by another thread of this
+/// one that has not yet reached `exec` (the lock's file description is
+/// shared with it until then).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Take the store directory's exclusive lock, or refuse: two processes
 /// appending to one log, or a repair cutting a segment a live writer is
 /// still appending to, would each lose acknowledged changes. The lock is
@@ -182,7 +188,13 @@ fn lock_dir(dir: &Path) -> Result<File, Error> {
         .write(true)
         .open(&path)
         .map_err(|e| io_err(&path, e))?;
-    match file.try_lock() {
+    let started = Instant::now();
+    let mut held = file.try_lock();
+    while matches!(held, Err(std::fs::TryLockError::WouldBlock)) && started.elapsed() < LOCK_WAIT {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        held = file.try_lock();
+    }
+    match held {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::Store {
             detail: format!(
