@@ -89,6 +89,26 @@ pub trait LogHooks: Send + Sync + 'static {
     }
     /// A compaction asked the writer for a new segment and now waits.
     fn rotation_requested(&self) {}
+    /// Write `buf` to `file` (a segment, or a snapshot's `.tmp`, at
+    /// `path`): the file layer, where a test makes a write fail part way
+    /// (`ENOSPC` after some bytes landed).
+    fn write(&self, path: &Path, file: &mut File, buf: &[u8]) -> io::Result<()> {
+        let _ = path;
+        file.write_all(buf)
+    }
+}
+
+/// Every write of records, through the hooks' file layer when there is one.
+fn write_file(
+    hooks: Option<&dyn LogHooks>,
+    path: &Path,
+    file: &mut File,
+    buf: &[u8],
+) -> io::Result<()> {
+    match hooks {
+        Some(h) => h.write(path, file, buf),
+        None => file.write_all(buf),
+    }
 }
 
 struct Pending {
@@ -451,8 +471,7 @@ fn write_batch(
         if let Some(h) = &s.hooks {
             h.before_write(last).map_err(|e| at(&seg.path, e))?;
         }
-        seg.file
-            .write_all(batch)
+        write_file(s.hooks.as_deref(), &seg.path, &mut seg.file, batch)
             .and_then(|()| seg.file.sync_data())
             .map_err(|e| at(&seg.path, e))?;
         s.segment_bytes
@@ -539,7 +558,7 @@ impl Store for LogStore {
         // 2. Dump every family with its LSN. The table may already be
         //    newer than `boundary`; recovery applies what is newest.
         let tmp = s.dir.join(seq_name("snapshot", boundary, "tmp"));
-        let written = write_snapshot(&tmp, snapshot);
+        let written = write_snapshot(&tmp, snapshot, s.hooks.as_deref());
         if let Err(e) = written {
             // Nothing durable depends on the partial file; recovery would
             // remove it too.
@@ -581,7 +600,11 @@ impl Store for LogStore {
 }
 
 /// Write the snapshot to `tmp` (0600) and sync it.
-fn write_snapshot(tmp: &Path, snapshot: &mut Snapshot<'_>) -> Result<(), Error> {
+fn write_snapshot(
+    tmp: &Path,
+    snapshot: &mut Snapshot<'_>,
+    hooks: Option<&dyn LogHooks>,
+) -> Result<(), Error> {
     let mut out = Vec::with_capacity(1 << 20);
     let mut file = private::file_options()
         .write(true)
@@ -593,7 +616,7 @@ fn write_snapshot(tmp: &Path, snapshot: &mut Snapshot<'_>) -> Result<(), Error> 
     snapshot(&mut |r: RecordRef<'_>| {
         frame(&mut out, PUT, r.lsn(), |o| r.encode(o));
         if out.len() >= 1 << 20 && write_err.is_none() {
-            if let Err(e) = file.write_all(&out) {
+            if let Err(e) = write_file(hooks, tmp, &mut file, &out) {
                 write_err = Some(e);
             }
             out.clear();
@@ -602,7 +625,7 @@ fn write_snapshot(tmp: &Path, snapshot: &mut Snapshot<'_>) -> Result<(), Error> 
     if let Some(e) = write_err {
         return Err(io_err(tmp, e));
     }
-    file.write_all(&out)
+    write_file(hooks, tmp, &mut file, &out)
         .and_then(|()| file.sync_all())
         .map_err(|e| io_err(tmp, e))
 }
