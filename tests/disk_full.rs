@@ -9,33 +9,76 @@ mod store_support;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
-use refresh_guard::{Engine, Error, IssueRequest, LogHooks, LogOptions, LogStore};
+use refresh_guard::{DenyReason, Engine, Error, IssueRequest, LogHooks, LogOptions, LogStore};
 use store_support::*;
 
-/// A disk with a given number of bytes left.
+/// A disk with a given number of bytes left, and a writer that can be
+/// paused after it takes a batch.
 #[derive(Default)]
 struct Disk {
     state: Mutex<DiskState>,
+    changed: Condvar,
 }
 
 #[derive(Default)]
 struct DiskState {
     /// Bytes that still fit; `None`: plenty.
     room: Option<usize>,
+    /// Bytes of the last write asked for.
+    last_write: usize,
+    pause_next: bool,
+    paused: bool,
+    release: bool,
 }
 
 impl Disk {
     fn room(&self, room: Option<usize>) {
         self.state.lock().unwrap().room = room;
     }
+
+    fn last_write(&self) -> usize {
+        self.state.lock().unwrap().last_write
+    }
+
+    fn pause_next_batch(&self) {
+        self.state.lock().unwrap().pause_next = true;
+    }
+
+    fn wait_paused(&self) {
+        let s = self.state.lock().unwrap();
+        let (_s, t) = self
+            .changed
+            .wait_timeout_while(s, Duration::from_secs(30), |s| !s.paused)
+            .unwrap();
+        assert!(!t.timed_out(), "the writer never paused");
+    }
+
+    fn release(&self) {
+        self.state.lock().unwrap().release = true;
+        self.changed.notify_all();
+    }
 }
 
 impl LogHooks for Disk {
+    fn before_write(&self, _last: u64) -> io::Result<()> {
+        let mut s = self.state.lock().unwrap();
+        if std::mem::take(&mut s.pause_next) {
+            s.paused = true;
+            self.changed.notify_all();
+            s = self.changed.wait_while(s, |s| !s.release).unwrap();
+            s.release = false;
+            s.paused = false;
+        }
+        Ok(())
+    }
+
     /// What fits lands; the rest fails as write(2) fails on a full disk.
     fn write(&self, _path: &Path, file: &mut File, buf: &[u8]) -> io::Result<()> {
         let mut s = self.state.lock().unwrap();
+        s.last_write = buf.len();
         let Some(room) = s.room else {
             return file.write_all(buf);
         };
@@ -111,6 +154,51 @@ fn a_full_disk_fails_the_store_closed_and_loses_nothing_acknowledged() {
     rotate(&e, &tb);
 }
 
+/// Regression: a batch that a full disk cut short left its whole records
+/// in the segment. Their callers were answered with an error and kept
+/// their previous tokens, yet a restart replayed those records, so the
+/// previous tokens were spent: presenting them was reuse, and revoked the
+/// family. The failed batch is now cut off the segment.
+#[test]
+fn a_batch_cut_short_by_a_full_disk_leaves_nothing_behind() {
+    let dir = temp_dir("disk-full-cut");
+    let (disk, rec, e) = on_disk(&dir);
+    let (ta, tb, tc) = (issue(&e, "s-a"), issue(&e, "s-b"), issue(&e, "s-c"));
+    let ta = rotate(&e, &ta);
+    let record = disk.last_write();
+    let unpause = ReleaseOnDrop(&disk);
+    disk.pause_next_batch();
+    let (a, b, c) = std::thread::scope(|s| {
+        let a = s.spawn(|| e.redeem(&ta, CLIENT, ip()));
+        disk.wait_paused();
+        let held = rec.appended();
+        // Bob's and carol's rotations make the next batch.
+        let b = s.spawn(|| e.redeem(&tb, CLIENT, ip()));
+        until("bob's rotation appended", || rec.appended() > held);
+        let c = s.spawn(|| e.redeem(&tc, CLIENT, ip()));
+        until("carol's rotation appended", || rec.appended() > held + 1);
+        // Room for alice's batch, bob's record and half of carol's.
+        disk.room(Some(2 * record + record / 2));
+        disk.release();
+        (a.join().unwrap(), b.join().unwrap(), c.join().unwrap())
+    });
+    let ta = a.unwrap().accepted().expect("alice's batch fit").token;
+    assert_no_space("bob's rotation, in the cut batch", b, ".rgl");
+    assert_no_space("carol's rotation, in the cut batch", c, ".rgl");
+    drop(unpause);
+    drop(e);
+    drop(rec);
+    let e = open(&dir);
+    rotate(&e, &ta);
+    // Bob and carol were refused, so they still hold their tokens: these
+    // must be current, not spent.
+    for (who, t) in [("bob", &tb), ("carol", &tc)] {
+        let d = e.redeem(t, CLIENT, ip()).unwrap();
+        assert_ne!(d.deny_reason(), Some(DenyReason::ReuseDetected), "{who}");
+        assert!(d.accepted().is_some(), "{who}: {d:?}");
+    }
+}
+
 /// A compaction whose snapshot does not fit fails alone: its error names
 /// ENOSPC and the snapshot file, no partial snapshot is left, and the
 /// store goes on once space returns, without a restart; a restart then
@@ -137,4 +225,14 @@ fn a_snapshot_that_does_not_fit_fails_only_its_compaction() {
     let e = open(&dir);
     rotate(&e, &ta);
     rotate(&e, &tb);
+}
+
+/// Lets a paused writer go if the test fails while it is paused, so the
+/// store's drop (which waits for the writer) does not hang.
+struct ReleaseOnDrop<'a>(&'a Disk);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
 }

@@ -175,6 +175,8 @@ impl Waiter {
 struct Segment {
     file: File,
     path: PathBuf,
+    /// Bytes written and synced: what a failed batch is cut back to.
+    len: u64,
 }
 
 /// The embedded, durable store. See the module docs for the format.
@@ -233,8 +235,9 @@ fn open_segment(dir: &Path, first: u64) -> Result<Segment, Error> {
         .append(true)
         .open(&path)
         .map_err(|e| io_err(&path, e))?;
+    let len = file.metadata().map_err(|e| io_err(&path, e))?.len();
     sync_dir(dir)?;
-    Ok(Segment { file, path })
+    Ok(Segment { file, path, len })
 }
 
 impl LogStore {
@@ -276,7 +279,7 @@ impl LogStore {
         let (records, max_lsn) = recover::recover_dir(dir)?;
         let next_lsn = max_lsn + 1;
         let segment = open_segment(dir, next_lsn)?;
-        let bytes = segment.file.metadata().map_or(0, |m| m.len());
+        let bytes = segment.len;
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             durability: options.durability,
@@ -471,11 +474,14 @@ fn write_batch(
         if let Some(h) = &s.hooks {
             h.before_write(last).map_err(|e| at(&seg.path, e))?;
         }
-        write_file(s.hooks.as_deref(), &seg.path, &mut seg.file, batch)
-            .and_then(|()| seg.file.sync_data())
-            .map_err(|e| at(&seg.path, e))?;
-        s.segment_bytes
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let written = write_file(s.hooks.as_deref(), &seg.path, &mut seg.file, batch)
+            .and_then(|()| seg.file.sync_data());
+        if let Err(e) = written {
+            cut_failed_batch(seg);
+            return Err(at(&seg.path, e));
+        }
+        seg.len += batch.len() as u64;
+        s.segment_bytes.store(seg.len, Ordering::Relaxed);
         if let Some(h) = &s.hooks {
             h.synced(last);
         }
@@ -485,6 +491,23 @@ fn write_batch(
         s.segment_bytes.store(0, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// A failed write or sync may have left part of the batch in the file (a
+/// write `ENOSPC` cut short, or one whose sync failed): cut it off, so a
+/// restart finds only what may have been acknowledged. The batch's callers
+/// are answered with an error and still hold their previous tokens
+/// (docs/store.md "Writing and acknowledging"); whole records of it left
+/// behind would make those tokens spent. Best effort: if this fails too, a
+/// restart meets the leftovers as it meets a crash's.
+fn cut_failed_batch(seg: &Segment) {
+    if let Err(e) = seg.file.set_len(seg.len).and_then(|()| seg.file.sync_all()) {
+        tracing::error!(
+            file = %seg.path.display(),
+            error = %e,
+            "cannot cut a failed batch off the log"
+        );
+    }
 }
 
 impl Store for LogStore {
