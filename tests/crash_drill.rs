@@ -75,8 +75,8 @@ fn worker_fail(what: String) -> ! {
 /// lines, after a `next ID` line) and starts one new chain per thread,
 /// rotating each round-robin until killed; compacts every 200 ms.
 fn worker(work: &Path) {
-    let e = drill_engine(&work.join("log"))
-        .unwrap_or_else(|err| worker_fail(format!("open: {err}")));
+    let e =
+        drill_engine(&work.join("log")).unwrap_or_else(|err| worker_fail(format!("open: {err}")));
     let list = std::fs::read_to_string(work.join("chains")).unwrap();
     let mut lines = list.lines();
     let next: usize = lines
@@ -210,7 +210,9 @@ fn check_chain(e: &Engine, run: usize, id: usize, chain: &[String], tally: &mut 
     for k in present.into_iter().filter(|&k| k < older.len()) {
         let d = redeem(e, &older[k]);
         if k + 1 == older.len() && c == g {
-            let a = d.accepted().unwrap_or_else(|| panic!("{}", at(&format!("{d:?}"))));
+            let a = d
+                .accepted()
+                .unwrap_or_else(|| panic!("{}", at(&format!("{d:?}"))));
             assert_eq!(a.kind, AcceptKind::GraceReplay, "{}", at("predecessor"));
             assert_eq!(a.token.as_str(), last, "{}", at("replay's successor"));
         } else {
@@ -232,7 +234,12 @@ fn check_chain(e: &Engine, run: usize, id: usize, chain: &[String], tally: &mut 
     } else {
         // Persisted, never answered: the client retries with what it
         // holds and gets the successor that was persisted.
-        assert_eq!(a.kind, AcceptKind::GraceReplay, "{}", at("last acknowledged"));
+        assert_eq!(
+            a.kind,
+            AcceptKind::GraceReplay,
+            "{}",
+            at("last acknowledged")
+        );
         assert_eq!(a.generation.get(), c, "{}", at("replay's successor"));
         let s = e.introspect(a.token.as_str()).unwrap();
         assert!(s.active, "{}", at("replay's successor is not current"));
@@ -313,8 +320,8 @@ fn acknowledged_tokens_survive_sigkill_through_compaction() {
             .any(|f| f.unwrap().path().extension().is_some_and(|x| x == "tmp"));
         tally.mid_snapshot += usize::from(snapshot_tmp);
         // Restart: must open without repair, whatever the kill interrupted.
-        let e = drill_engine(&store)
-            .unwrap_or_else(|err| panic!("kill {run}: restart failed: {err}"));
+        let e =
+            drill_engine(&store).unwrap_or_else(|err| panic!("kill {run}: restart failed: {err}"));
         for (id, chain) in chains.iter_mut() {
             let now = check_chain(&e, run, *id, chain, &mut tally);
             chain.push(now);
