@@ -89,6 +89,26 @@ pub trait LogHooks: Send + Sync + 'static {
     }
     /// A compaction asked the writer for a new segment and now waits.
     fn rotation_requested(&self) {}
+    /// Write `buf` to `file` (a segment, or a snapshot's `.tmp`, at
+    /// `path`): the file layer, where a test makes a write fail part way
+    /// (`ENOSPC` after some bytes landed).
+    fn write(&self, path: &Path, file: &mut File, buf: &[u8]) -> io::Result<()> {
+        let _ = path;
+        file.write_all(buf)
+    }
+}
+
+/// Every write of records, through the hooks' file layer when there is one.
+fn write_file(
+    hooks: Option<&dyn LogHooks>,
+    path: &Path,
+    file: &mut File,
+    buf: &[u8],
+) -> io::Result<()> {
+    match hooks {
+        Some(h) => h.write(path, file, buf),
+        None => file.write_all(buf),
+    }
 }
 
 struct Pending {
@@ -155,6 +175,8 @@ impl Waiter {
 struct Segment {
     file: File,
     path: PathBuf,
+    /// Bytes written and synced: what a failed batch is cut back to.
+    len: u64,
 }
 
 /// The embedded, durable store. See the module docs for the format.
@@ -255,8 +277,9 @@ fn open_segment(dir: &Path, first: u64) -> Result<Segment, Error> {
         .append(true)
         .open(&path)
         .map_err(|e| io_err(&path, e))?;
+    let len = file.metadata().map_err(|e| io_err(&path, e))?.len();
     sync_dir(dir)?;
-    Ok(Segment { file, path })
+    Ok(Segment { file, path, len })
 }
 
 impl LogStore {
@@ -299,7 +322,7 @@ impl LogStore {
         let (records, max_lsn) = recover::recover_dir(dir)?;
         let next_lsn = max_lsn + 1;
         let segment = open_segment(dir, next_lsn)?;
-        let bytes = segment.file.metadata().map_or(0, |m| m.len());
+        let bytes = segment.len;
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             durability: options.durability,
@@ -495,12 +518,14 @@ fn write_batch(
         if let Some(h) = &s.hooks {
             h.before_write(last).map_err(|e| at(&seg.path, e))?;
         }
-        seg.file
-            .write_all(batch)
-            .and_then(|()| seg.file.sync_data())
-            .map_err(|e| at(&seg.path, e))?;
-        s.segment_bytes
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let written = write_file(s.hooks.as_deref(), &seg.path, &mut seg.file, batch)
+            .and_then(|()| seg.file.sync_data());
+        if let Err(e) = written {
+            cut_failed_batch(seg);
+            return Err(at(&seg.path, e));
+        }
+        seg.len += batch.len() as u64;
+        s.segment_bytes.store(seg.len, Ordering::Relaxed);
         if let Some(h) = &s.hooks {
             h.synced(last);
         }
@@ -510,6 +535,23 @@ fn write_batch(
         s.segment_bytes.store(0, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// A failed write or sync may have left part of the batch in the file (a
+/// write `ENOSPC` cut short, or one whose sync failed): cut it off, so a
+/// restart finds only what may have been acknowledged. The batch's callers
+/// are answered with an error and still hold their previous tokens
+/// (docs/store.md "Writing and acknowledging"); whole records of it left
+/// behind would make those tokens spent. Best effort: if this fails too, a
+/// restart meets the leftovers as it meets a crash's.
+fn cut_failed_batch(seg: &Segment) {
+    if let Err(e) = seg.file.set_len(seg.len).and_then(|()| seg.file.sync_all()) {
+        tracing::error!(
+            file = %seg.path.display(),
+            error = %e,
+            "cannot cut a failed batch off the log"
+        );
+    }
 }
 
 impl Store for LogStore {
@@ -583,7 +625,7 @@ impl Store for LogStore {
         // 2. Dump every family with its LSN. The table may already be
         //    newer than `boundary`; recovery applies what is newest.
         let tmp = s.dir.join(seq_name("snapshot", boundary, "tmp"));
-        let written = write_snapshot(&tmp, snapshot);
+        let written = write_snapshot(&tmp, snapshot, s.hooks.as_deref());
         if let Err(e) = written {
             // Nothing durable depends on the partial file; recovery would
             // remove it too.
@@ -625,7 +667,11 @@ impl Store for LogStore {
 }
 
 /// Write the snapshot to `tmp` (0600) and sync it.
-fn write_snapshot(tmp: &Path, snapshot: &mut Snapshot<'_>) -> Result<(), Error> {
+fn write_snapshot(
+    tmp: &Path,
+    snapshot: &mut Snapshot<'_>,
+    hooks: Option<&dyn LogHooks>,
+) -> Result<(), Error> {
     let mut out = Vec::with_capacity(1 << 20);
     let mut file = private::file_options()
         .write(true)
@@ -637,7 +683,7 @@ fn write_snapshot(tmp: &Path, snapshot: &mut Snapshot<'_>) -> Result<(), Error> 
     snapshot(&mut |r: RecordRef<'_>| {
         frame(&mut out, PUT, r.lsn(), |o| r.encode(o));
         if out.len() >= 1 << 20 && write_err.is_none() {
-            if let Err(e) = file.write_all(&out) {
+            if let Err(e) = write_file(hooks, tmp, &mut file, &out) {
                 write_err = Some(e);
             }
             out.clear();
@@ -646,7 +692,7 @@ fn write_snapshot(tmp: &Path, snapshot: &mut Snapshot<'_>) -> Result<(), Error> 
     if let Some(e) = write_err {
         return Err(io_err(tmp, e));
     }
-    file.write_all(&out)
+    write_file(hooks, tmp, &mut file, &out)
         .and_then(|()| file.sync_all())
         .map_err(|e| io_err(tmp, e))
 }
