@@ -8,6 +8,7 @@ use crate::event::EventKind;
 use crate::family::RevokeReason;
 use crate::token::{self, Generation, KeyUid, TokenKind};
 
+use super::revoke::Revocation;
 use super::stats::outcome_slot;
 use super::{Durable, Engine, ExchangeRequest, Who, deny, mint_current};
 
@@ -108,25 +109,27 @@ impl Engine {
                 ))
             }
             Err(reason) => {
-                let who = Who::of(f, self.table.loc(&parsed.family, slot));
-                let revoked =
-                    reason == DenyReason::CodeReused && f.revoke(RevokeReason::CodeReplay, now);
-                let persisted = if revoked { self.persist(f) } else { Ok(0) };
+                let loc = self.table.loc(&parsed.family, slot);
+                let revocation = match reason {
+                    DenyReason::CodeReused => {
+                        Revocation::under_lock(self, f, loc, RevokeReason::CodeReplay, now)
+                    }
+                    _ => None,
+                };
+                let who = match &revocation {
+                    Some(r) => r.who().clone(),
+                    None => Who::of(f, loc),
+                };
                 shard.outcomes[outcome_slot(Verdict::Deny(reason))] += 1;
                 drop(shard);
-                // Revoked by this call: unindexed even if the store failed.
-                if revoked {
-                    self.subjects.remove(&who.subject, who.loc);
-                }
-                let lsn = persisted?;
                 let ip = req.ip;
+                let mut lsn = 0;
                 match reason {
                     DenyReason::CodeReused | DenyReason::CodeSpent => {
-                        let replay = EventKind::CodeReplay { revoked };
+                        let replay = EventKind::CodeReplay {
+                            revoked: revocation.is_some(),
+                        };
                         self.emit(replay, Some(&who), ip, version, now);
-                        if revoked {
-                            self.report_revoked(&who, RevokeReason::CodeReplay, ip, now);
-                        }
                     }
                     DenyReason::ClientMismatch => self.emit(
                         EventKind::ClientMismatch {
@@ -141,6 +144,10 @@ impl Engine {
                         self.emit(EventKind::IpNotAllowed, Some(&who), ip, version, now)
                     }
                     _ => {}
+                }
+                if let Some(r) = revocation {
+                    let version = self.policies.load().version();
+                    lsn = r.finish(self, ip, version, now)?;
                 }
                 Ok((deny(reason, Some(who.family), version), lsn))
             }

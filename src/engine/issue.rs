@@ -9,12 +9,13 @@ use crate::error::Error;
 use crate::event::{Event, EventKind};
 use crate::family::{Family, RevokeReason, SubjectName};
 use crate::policy::{ClientPolicy, PolicyVersion};
-use crate::table::{Loc, SubjectEntries};
+use crate::table::Loc;
 use crate::token::{self, FamilyId, FamilySecret, Generation, KeyUid, TokenKind};
 
+use super::revoke::Revocation;
 use super::stats::outcome_slot;
 use super::{
-    AuthorizeRequest, Engine, IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, Who, cache_tag, deny,
+    AuthorizeRequest, Engine, IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, cache_tag, deny,
 };
 
 impl Engine {
@@ -65,8 +66,6 @@ impl Engine {
             None => (AcceptKind::Issued, TokenKind::Refresh, Generation::FIRST),
         };
         let cap = policy.max_families_per_subject;
-        let mut evicted = Vec::new();
-        let mut wait_lsn = 0;
         let mut f = Family {
             id: FamilyId::from_bytes([0; 16]),
             secret: FamilySecret([0; 16]),
@@ -85,65 +84,68 @@ impl Engine {
             code,
             lsn: 0,
         };
-        let (id, tag, collapse) = {
+        let (evicted, mut created) = {
             let mut subjects = self.subjects.lock(req.subject);
-            if cap > 0 {
-                wait_lsn = self.evict_over_cap(
+            let evicted = match cap {
+                0 => Vec::new(),
+                cap => self.revoke_in_subject(
                     &mut subjects,
                     req.subject,
-                    f.client(),
-                    cap,
+                    Some(req.client),
+                    RevokeReason::CapEviction,
                     now,
-                    &mut evicted,
-                )?;
-            }
-            let (id, tag, loc, collapse) = {
-                let mut rnd = [0u8; 28];
-                crate::random::fill(&mut rnd)?;
-                let (random, secret) = rnd.split_at(12);
-                let random: [u8; 12] = random.try_into().expect("12 bytes");
-                f.secret = FamilySecret(secret.try_into().expect("16 bytes"));
-                // The random part picks the shard; the id then names the
-                // free slot it takes there, so it cannot collide.
-                let mut shard = self.table.lock(&FamilyId::new(0, random));
-                f.id = FamilyId::new(shard.vacant_slot(), random);
-                let tag = keys
-                    .tag(token_kind, f.key, &f.id, generation, &f.secret)
-                    .expect("the active key is always in the ring");
-                if token_kind == TokenKind::Refresh {
-                    cache_tag(&mut f, &keys, tag);
-                }
-                let id = f.id;
-                wait_lsn = wait_lsn.max(self.persist(&mut f)?);
-                let (slot, collapse) = shard.insert(f);
-                shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
-                (id, tag, self.table.loc(&id, slot), collapse)
+                    |live| oldest_over_cap(live, cap),
+                ),
             };
-            subjects.push(loc);
-            (id, tag, collapse)
+            // A failed eviction write refuses the new family too: the
+            // engine fails closed (README "Durability").
+            let created = match evicted.iter().find_map(Revocation::error) {
+                Some(e) => Err(e.clone()),
+                None => (|| -> Result<_, Error> {
+                    let mut rnd = [0u8; 28];
+                    crate::random::fill(&mut rnd)?;
+                    let (random, secret) = rnd.split_at(12);
+                    let random: [u8; 12] = random.try_into().expect("12 bytes");
+                    f.secret = FamilySecret(secret.try_into().expect("16 bytes"));
+                    // The random part picks the shard; the id then names the
+                    // free slot it takes there, so it cannot collide.
+                    let mut shard = self.table.lock(&FamilyId::new(0, random));
+                    f.id = FamilyId::new(shard.vacant_slot(), random);
+                    let tag = keys
+                        .tag(token_kind, f.key, &f.id, generation, &f.secret)
+                        .expect("the active key is always in the ring");
+                    if token_kind == TokenKind::Refresh {
+                        cache_tag(&mut f, &keys, tag);
+                    }
+                    let id = f.id;
+                    let lsn = self.persist(&mut f)?;
+                    let (slot, collapse) = shard.insert(f);
+                    shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
+                    let loc = self.table.loc(&id, slot);
+                    drop(shard);
+                    subjects.push(loc);
+                    Ok((id, tag, collapse, lsn))
+                })(),
+            };
+            (evicted, created)
         };
-        // Milliseconds of kernel work, so with no lock held (see `huge`).
-        if let Some(c) = collapse {
-            c.run();
+        if let Ok((_, _, collapse, _)) = &mut created
+            && let Some(collapse) = collapse.take()
+        {
+            // Milliseconds of kernel work, so with no lock held (see `huge`).
+            collapse.run();
         }
-        for w in &evicted {
+        let evicted = self.finish_all(evicted, req.ip, version, now, |w| {
             self.emit(
                 EventKind::CapEviction { cap },
                 Some(w),
                 req.ip,
                 version,
                 now,
-            );
-            self.emit(
-                EventKind::FamilyRevoked {
-                    reason: RevokeReason::CapEviction,
-                },
-                Some(w),
-                req.ip,
-                version,
-                now,
-            );
-        }
+            )
+        });
+        let (id, tag, _, lsn) = created?;
+        let wait_lsn = lsn.max(evicted?);
         self.settle(wait_lsn)?;
         let token = token::assemble(token_kind, keys.active(), &id, generation, &tag);
         Ok(Decision::Accept(Accepted {
@@ -196,61 +198,6 @@ impl Engine {
         };
         self.start_family(&issue, policy, version, Some(state), now)
     }
-
-    /// Revoke the oldest families of `client` in `subject`'s `entries` until
-    /// one more fits under `cap`.
-    pub(super) fn evict_over_cap(
-        &self,
-        entries: &mut SubjectEntries<'_>,
-        subject: &str,
-        client: &Arc<str>,
-        cap: u32,
-        now: Timestamp,
-        evicted: &mut Vec<Who>,
-    ) -> Result<u64, Error> {
-        let mut mine: Vec<(Timestamp, FamilyId, Loc)> = Vec::new();
-        for loc in entries.candidates() {
-            let (shard, slot) = self.table.lock_loc(loc);
-            match shard.at(slot) {
-                Some(f)
-                    if f.is_active() && f.subject.as_str() == subject && f.client() == client =>
-                {
-                    mine.push((f.created, f.id, loc));
-                }
-                // Another client's or subject's, or an entry whose family
-                // left and whose removal is pending: not this walk's to
-                // remove.
-                _ => {}
-            }
-        }
-        let cap = cap as usize;
-        let mut lsn = 0;
-        if mine.len() < cap {
-            return Ok(lsn);
-        }
-        mine.sort();
-        let excess = mine.len() + 1 - cap;
-        for (_, id, loc) in mine.into_iter().take(excess) {
-            // The same family, still this subject's and client's: a restore
-            // may have replaced the record since it was listed.
-            let (mut shard, slot) = self.table.lock_loc(loc);
-            if let Some(f) = shard.at_mut(slot)
-                && f.id == id
-                && f.subject.as_str() == subject
-                && f.client() == client
-                && f.revoke(RevokeReason::CapEviction, now)
-            {
-                let persisted = self.persist(f);
-                evicted.push(Who::of(f, loc));
-                drop(shard);
-                // Revoked by this call, so its entry is this call's, even if
-                // the store failed.
-                entries.remove(loc);
-                lsn = lsn.max(persisted?);
-            }
-        }
-        Ok(lsn)
-    }
 }
 
 fn check_identity(client: &str, subject: &str, scope: &str) -> Result<(), Error> {
@@ -276,4 +223,18 @@ fn check_len(name: &'static str, v: &str, max: usize) -> Result<(), Error> {
         });
     }
     Ok(())
+}
+
+/// Narrow a subject's live families of one client, listed as (created, id,
+/// location), to the oldest that must go for one more to fit under `cap`
+/// (README "Policy knobs", `max_families_per_subject`).
+fn oldest_over_cap(live: &mut Vec<(Timestamp, FamilyId, Loc)>, cap: u32) {
+    let cap = cap as usize;
+    if live.len() < cap {
+        live.clear();
+        return;
+    }
+    live.sort();
+    let excess = live.len() + 1 - cap;
+    live.truncate(excess);
 }

@@ -241,6 +241,7 @@ pub struct Engine {
 }
 
 /// A family's identity, copied out of the lock for events and follow-ups.
+#[derive(Clone)]
 struct Who {
     family: FamilyId,
     client: Arc<str>,

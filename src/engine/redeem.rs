@@ -11,6 +11,7 @@ use crate::family::RevokeReason;
 use crate::policy::{OnReuse, PolicyVersion};
 use crate::token::{self, Generation, TokenKind};
 
+use super::revoke::Revocation;
 use super::stats::outcome_slot;
 use super::{Durable, Engine, Who, deny, mint_current};
 
@@ -178,36 +179,37 @@ impl Engine {
                 // client's families, and the subject is copied into a new
                 // allocation: only for a sink, or for reuse, whose response
                 // needs the subject.
-                let who = (reason == DenyReason::ReuseDetected || self.events.delivers())
-                    .then(|| Who::of(f, self.table.loc(&parsed.family, slot.slot)));
-                let mut revoked = false;
+                let loc = self.table.loc(&parsed.family, slot.slot);
                 let on_reuse = policy.on_reuse;
-                if reason == DenyReason::ReuseDetected && on_reuse != OnReuse::ReportOnly {
-                    revoked = f.revoke(RevokeReason::ReuseDetected, now);
-                }
-                let persisted = if revoked { self.persist(f) } else { Ok(0) };
+                let revocation = match reason {
+                    DenyReason::ReuseDetected if on_reuse != OnReuse::ReportOnly => {
+                        Revocation::under_lock(self, f, loc, RevokeReason::ReuseDetected, now)
+                    }
+                    _ => None,
+                };
+                let who = match &revocation {
+                    Some(r) => Some(r.who().clone()),
+                    None => (reason == DenyReason::ReuseDetected || self.events.delivers())
+                        .then(|| Who::of(f, loc)),
+                };
                 drop(shard);
-                // Revoked by this call, so its index entry is this call's to
-                // remove (see `SubjectIndex`), even if the store failed.
-                if revoked && let Some(who) = &who {
-                    self.subjects.remove(&who.subject, who.loc);
-                }
-                let mut lsn = persisted?;
-                lsn = lsn.max(self.after_denial(
+                let lsn = self.after_denial(
                     reason,
                     &req,
                     who.as_ref(),
                     current,
                     on_reuse,
-                    revoked,
+                    revocation,
                     version,
-                )?);
+                )?;
                 Ok((deny(reason, Some(family), version), lsn))
             }
         }
     }
 
     /// Events and cross-family follow-ups of a denial, outside every lock.
+    /// `revocation` is the family's own, made under its lock: only reuse
+    /// revokes, so for any other denial it is `None`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn after_denial(
         &self,
@@ -216,7 +218,7 @@ impl Engine {
         who: Option<&Who>,
         current: Generation,
         on_reuse: OnReuse,
-        revoked: bool,
+        revocation: Option<Revocation>,
         version: PolicyVersion,
     ) -> Result<u64, Error> {
         let (ip, now) = (req.ip, req.now);
@@ -234,16 +236,10 @@ impl Engine {
                     version,
                     now,
                 );
-                if revoked {
-                    self.emit(
-                        EventKind::FamilyRevoked {
-                            reason: RevokeReason::ReuseDetected,
-                        },
-                        who,
-                        ip,
-                        version,
-                        now,
-                    );
+                // Revoked by this call, so its index entry is this call's to
+                // remove (see `SubjectIndex`), even if the store failed.
+                if let Some(r) = revocation {
+                    lsn = r.finish(self, ip, version, now)?;
                 }
                 // The caller copies client and subject for every reuse.
                 let Some(who) = who else {
@@ -251,26 +247,28 @@ impl Engine {
                 };
                 match on_reuse {
                     OnReuse::RevokeSubjectClient => {
-                        lsn = self
-                            .revoke_subject_with(
+                        lsn = lsn.max(
+                            self.revoke_subject_with(
                                 &who.subject,
                                 Some(&who.client),
                                 RevokeReason::SubjectReuse,
                                 ip,
                                 now,
                             )?
-                            .1;
+                            .1,
+                        );
                     }
                     OnReuse::RevokeSubject => {
-                        lsn = self
-                            .revoke_subject_with(
+                        lsn = lsn.max(
+                            self.revoke_subject_with(
                                 &who.subject,
                                 None,
                                 RevokeReason::SubjectReuse,
                                 ip,
                                 now,
                             )?
-                            .1;
+                            .1,
+                        );
                     }
                     OnReuse::RevokeFamily | OnReuse::ReportOnly => {}
                 }

@@ -1,5 +1,7 @@
 use super::stats::{ACCEPT_KINDS, slot_name};
 use super::*;
+use crate::event::{EventKind, MemorySink};
+use crate::family::RevokeReason;
 use crate::family::SubjectName;
 use crate::store::{Durability, RecordRef};
 use std::sync::atomic::Ordering;
@@ -378,4 +380,105 @@ fn recovery_into_fewer_shards_overflows_only_collisions() {
     }
     drop(e);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An engine capped at `cap` whose store fails once armed, and its events.
+fn failing(cap: u32) -> (Engine, Arc<std::sync::atomic::AtomicBool>, Arc<MemorySink>) {
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sink = Arc::new(MemorySink::new());
+    let e = capped(cap)
+        .store(FailingStore {
+            armed: armed.clone(),
+            lsn: AtomicU64::new(0),
+        })
+        .events(sink.clone())
+        .build()
+        .unwrap();
+    (e, armed, sink)
+}
+
+/// Whether `events` hold `kind` for family `id`.
+fn reported(events: &[crate::event::Event], id: FamilyId, kind: &EventKind) -> bool {
+    events
+        .iter()
+        .any(|ev| ev.family == Some(id) && ev.kind == *kind)
+}
+
+/// A family revoked for reuse whose store write fails still reports
+/// `family_revoked`: every revocation leaves its lock through one
+/// `Revocation::finish`, which unindexes and emits before it returns the
+/// store's error. Reuse used to return the error first and emit nothing.
+#[test]
+fn failed_reuse_revocation_write_still_reports_family_revoked() {
+    let ip: IpAddr = "10.0.0.1".parse().unwrap();
+    let (e, armed, sink) = failing(0);
+    let (old, id) = issue_to(&e, "alice");
+    e.redeem(&old, "app", ip).unwrap().accepted().unwrap();
+    armed.store(true, Ordering::SeqCst);
+    assert!(e.redeem(&old, "app", ip).is_err());
+    let revoked = EventKind::FamilyRevoked {
+        reason: RevokeReason::ReuseDetected,
+    };
+    assert!(reported(&sink.take(), id, &revoked));
+}
+
+/// A cap eviction whose store write fails still reports `cap_eviction`
+/// and `family_revoked` (see
+/// `failed_reuse_revocation_write_still_reports_family_revoked`); it used
+/// to return the error first and emit nothing for the evicted family.
+#[test]
+fn failed_cap_eviction_write_still_reports_the_eviction() {
+    let (e, armed, sink) = failing(1);
+    let (_, id) = issue_to(&e, "alice");
+    armed.store(true, Ordering::SeqCst);
+    let again = e.issue(&IssueRequest {
+        client: "app",
+        subject: "alice",
+        scope: "openid",
+        ip: None,
+    });
+    assert!(again.is_err());
+    let events = sink.take();
+    assert!(reported(&events, id, &EventKind::CapEviction { cap: 1 }));
+    let revoked = EventKind::FamilyRevoked {
+        reason: RevokeReason::CapEviction,
+    };
+    assert!(reported(&events, id, &revoked), "{events:?}");
+}
+
+/// A code replay whose revocation write fails still reports
+/// `family_revoked` (see
+/// `failed_reuse_revocation_write_still_reports_family_revoked`); it used
+/// to return the error first and emit nothing.
+#[test]
+fn failed_code_replay_revocation_write_still_reports_family_revoked() {
+    const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+    const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+    let (e, armed, sink) = failing(0);
+    let code = e
+        .authorize(&AuthorizeRequest {
+            client: "app",
+            subject: "alice",
+            scope: "openid",
+            redirect_uri: "https://a/cb",
+            code_challenge: Some(CHALLENGE),
+            code_challenge_method: Some("S256"),
+            ip: None,
+        })
+        .unwrap();
+    let code = code.accepted().unwrap();
+    let exchange = ExchangeRequest {
+        code: &code.token,
+        code_verifier: Some(VERIFIER),
+        client: "app",
+        redirect_uri: "https://a/cb",
+        ip: None,
+    };
+    e.exchange(&exchange).unwrap().accepted().unwrap();
+    armed.store(true, Ordering::SeqCst);
+    assert!(e.exchange(&exchange).is_err());
+    let revoked = EventKind::FamilyRevoked {
+        reason: RevokeReason::CodeReplay,
+    };
+    assert!(reported(&sink.take(), code.family, &revoked));
 }
