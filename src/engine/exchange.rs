@@ -6,6 +6,7 @@ use crate::decision::{AcceptKind, Accepted, Decision, DenyReason, Verdict};
 use crate::error::Error;
 use crate::event::EventKind;
 use crate::family::RevokeReason;
+use crate::store::Lsn;
 use crate::token::{self, Generation, KeyUid, TokenKind};
 
 use super::revoke::Revocation;
@@ -47,16 +48,16 @@ impl Engine {
         &self,
         req: &ExchangeRequest<'_>,
         now: Timestamp,
-    ) -> Result<(Decision, u64), Error> {
+    ) -> Result<(Decision, Option<Lsn>), Error> {
         let policies = self.policies.load();
         if let Some(refused) = self.refuse_unlisted(&policies, req.client) {
-            return Ok((refused, 0));
+            return Ok((refused, None));
         }
         let version = policies.version();
         let invalid = || {
             self.unsharded_outcomes
                 .add(outcome_slot(Verdict::Deny(DenyReason::InvalidToken)));
-            Ok((deny(DenyReason::InvalidToken, None, version), 0))
+            Ok((deny(DenyReason::InvalidToken, None, version), None))
         };
         let Some(parsed) = token::parse(req.code, TokenKind::Code) else {
             return invalid();
@@ -123,7 +124,7 @@ impl Engine {
                 shard.outcomes[outcome_slot(Verdict::Deny(reason))] += 1;
                 drop(shard);
                 let ip = req.ip;
-                let mut lsn = 0;
+                let mut lsn = None;
                 match reason {
                     DenyReason::CodeReused | DenyReason::CodeSpent => {
                         let replay = EventKind::CodeReplay {

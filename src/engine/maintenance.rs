@@ -5,6 +5,7 @@ use crate::code::{self};
 use crate::decision::{self};
 use crate::error::Error;
 use crate::family::{Family, Status};
+use crate::store::Lsn;
 use crate::store::{Durability, RecordRef};
 use crate::token::{FamilyId, Generation, KeyUid};
 
@@ -108,7 +109,7 @@ impl Engine {
             let mut shard = self.table.lock(&id);
             match shard.get_mut(&id) {
                 Some(f) => self.persist(f)?,
-                None => 0,
+                None => None,
             }
         };
         self.settle(lsn)
@@ -149,22 +150,22 @@ impl Engine {
     }
 
     /// Append `f`'s new state to the store, under its lock. Returns the LSN
-    /// to settle (0 without a store).
-    pub(super) fn persist(&self, f: &mut Family) -> Result<u64, Error> {
+    /// to settle (`None` without a store).
+    pub(super) fn persist(&self, f: &mut Family) -> Result<Option<Lsn>, Error> {
         match &self.store {
-            None => Ok(0),
+            None => Ok(None),
             Some(store) => {
                 let lsn = store.put(RecordRef(f))?;
                 f.lsn = lsn;
-                Ok(lsn)
+                Ok(Lsn::new(lsn))
             }
         }
     }
 
     /// In `Sync` durability, wait until `lsn` is durable.
-    pub(super) fn settle(&self, lsn: u64) -> Result<(), Error> {
-        match &self.store {
-            Some(store) if lsn != 0 && self.sync => store.wait_durable(lsn),
+    pub(super) fn settle(&self, lsn: Option<Lsn>) -> Result<(), Error> {
+        match (&self.store, lsn) {
+            (Some(store), Some(lsn)) if self.sync => store.wait_durable(lsn.get()),
             _ => Ok(()),
         }
     }

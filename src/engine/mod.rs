@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::event::{Dispatcher, Event, EventKind};
 use crate::family::{Family, Status};
 use crate::policy::{PolicySet, PolicyVersion};
+use crate::store::Lsn;
 use crate::store::Store;
 use crate::striped::Striped;
 use crate::table::{Interner, Loc, OUTCOMES, SubjectIndex, Table};
@@ -181,7 +182,7 @@ impl FamilyRecord {
 pub struct Durable<'a> {
     engine: &'a Engine,
     decision: Option<Decision>,
-    lsn: u64,
+    lsn: Option<Lsn>,
 }
 
 impl Durable<'_> {
@@ -203,11 +204,11 @@ impl std::future::Future for Durable<'_> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         use std::task::Poll;
-        if self.lsn != 0
+        if let Some(lsn) = self.lsn
             && self.engine.sync
             && let Some(store) = &self.engine.store
         {
-            match store.poll_durable(self.lsn, cx.waker()) {
+            match store.poll_durable(lsn.get(), cx.waker()) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}

@@ -9,6 +9,7 @@ use crate::error::Error;
 use crate::event::EventKind;
 use crate::family::RevokeReason;
 use crate::policy::{OnReuse, PolicyVersion};
+use crate::store::Lsn;
 use crate::token::{self, Generation, TokenKind};
 
 use super::revoke::Revocation;
@@ -69,16 +70,16 @@ impl Engine {
         client: &str,
         ip: Option<IpAddr>,
         now: Timestamp,
-    ) -> Result<(Decision, u64), Error> {
+    ) -> Result<(Decision, Option<Lsn>), Error> {
         let policies = self.policies.load();
         if let Some(refused) = self.refuse_unlisted(&policies, client) {
-            return Ok((refused, 0));
+            return Ok((refused, None));
         }
         let version = policies.version();
         let invalid = || {
             self.unsharded_outcomes
                 .add(outcome_slot(Verdict::Deny(DenyReason::InvalidToken)));
-            Ok((deny(DenyReason::InvalidToken, None, version), 0))
+            Ok((deny(DenyReason::InvalidToken, None, version), None))
         };
         // 1. Parse; unknown key ids are malformed too.
         let Some(parsed) = token::parse(token, TokenKind::Refresh) else {
@@ -157,7 +158,7 @@ impl Engine {
                 // A `reuse`-rotation acceptance only moves last use: losing
                 // it to a crash makes the family look idle sooner, which is
                 // the safe direction, so it is not waited for.
-                let wait = if kind == AcceptKind::Kept { 0 } else { lsn };
+                let wait = if kind == AcceptKind::Kept { None } else { lsn };
                 match token {
                     Some(token) => Ok((
                         Decision::Accept(Accepted {
@@ -220,9 +221,9 @@ impl Engine {
         on_reuse: OnReuse,
         revocation: Option<Revocation>,
         version: PolicyVersion,
-    ) -> Result<u64, Error> {
+    ) -> Result<Option<Lsn>, Error> {
         let (ip, now) = (req.ip, req.now);
-        let mut lsn = 0;
+        let mut lsn = None;
         match reason {
             DenyReason::ReuseDetected => {
                 self.emit(

@@ -8,6 +8,7 @@ use crate::error::Error;
 use crate::event::EventKind;
 use crate::family::{Family, RevokeReason};
 use crate::policy::PolicyVersion;
+use crate::store::Lsn;
 use crate::table::{Loc, SubjectEntries};
 use crate::token::{self, FamilyId, TokenKind};
 
@@ -26,7 +27,7 @@ pub(super) struct Revocation {
     /// Whether its subject-index entry is still there for `finish` to
     /// remove; a subject walk removes it under the index lock it holds.
     indexed: bool,
-    persisted: Result<u64, Error>,
+    persisted: Result<Option<Lsn>, Error>,
 }
 
 impl Revocation {
@@ -69,7 +70,7 @@ impl Revocation {
         ip: Option<IpAddr>,
         version: PolicyVersion,
         now: Timestamp,
-    ) -> Result<u64, Error> {
+    ) -> Result<Option<Lsn>, Error> {
         if self.indexed {
             engine.subjects.remove(&self.who.subject, self.who.loc);
         }
@@ -173,7 +174,7 @@ impl Engine {
         reason: RevokeReason,
         ip: Option<IpAddr>,
         now: Timestamp,
-    ) -> Result<(usize, u64), Error> {
+    ) -> Result<(usize, Option<Lsn>), Error> {
         let version = self.policies.load().version();
         let revocations = {
             let mut entries = self.subjects.lock(subject);
@@ -252,8 +253,8 @@ impl Engine {
         version: PolicyVersion,
         now: Timestamp,
         mut before: impl FnMut(&Who),
-    ) -> Result<u64, Error> {
-        let mut lsn = Ok(0);
+    ) -> Result<Option<Lsn>, Error> {
+        let mut lsn = Ok(None);
         for revocation in revocations {
             before(revocation.who());
             let finished = revocation.finish(self, ip, version, now);
