@@ -214,9 +214,7 @@ impl Store for FailingStore {
     }
     fn put(&self, _: RecordRef<'_>) -> Result<u64, Error> {
         if self.armed.load(Ordering::SeqCst) {
-            return Err(Error::Store {
-                detail: "test: disk full".into(),
-            });
+            return Err(Error::store("test: disk full"));
         }
         Ok(self.lsn.fetch_add(1, Ordering::SeqCst) + 1)
     }

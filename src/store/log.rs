@@ -165,9 +165,7 @@ pub struct LogStore {
 }
 
 fn io_err(path: &Path, e: io::Error) -> Error {
-    Error::Store {
-        detail: format!("{}: {e}", path.display()),
-    }
+    Error::store_io(format!("{}: {e}", path.display()), e)
 }
 
 fn seq_name(prefix: &str, lsn: u64, ext: &str) -> String {
@@ -287,9 +285,7 @@ impl LogStore {
         let writer = std::thread::Builder::new()
             .name("refresh-guard-log".into())
             .spawn(move || writer_loop(&writer_shared, segment))
-            .map_err(|e| Error::Store {
-                detail: format!("cannot start log writer: {e}"),
-            })?;
+            .map_err(|e| Error::store_io(format!("cannot start log writer: {e}"), e))?;
         Ok(LogStore {
             shared,
             writer: Mutex::new(Some(writer)),
@@ -346,13 +342,12 @@ impl LogStore {
 
 impl Shared {
     fn failure_error(&self) -> Error {
-        Error::Store {
-            detail: self
-                .failure
+        Error::store(
+            self.failure
                 .lock()
                 .clone()
                 .unwrap_or_else(|| "store failed".into()),
-        }
+        )
     }
 
     /// Fail closed: every waiter, every later change and a waiting
