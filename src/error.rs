@@ -3,6 +3,8 @@
 //! A denied refresh is not an error: it is a [`Decision`](crate::Decision).
 
 use std::fmt;
+use std::io;
+use std::sync::Arc;
 
 use crate::policy::{LoadError, PolicyError};
 use crate::token::KeyId;
@@ -47,6 +49,9 @@ pub enum Error {
     Store {
         /// What failed, with the file.
         detail: String,
+        /// The operating system's error underneath, when there is one; also
+        /// [`source`](std::error::Error::source).
+        cause: Option<IoCause>,
     },
     /// A store file is corrupt in the middle (not a torn last write).
     Corrupt {
@@ -109,7 +114,7 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
-            Error::Store { detail } => write!(f, "store failed: {detail}"),
+            Error::Store { detail, .. } => write!(f, "store failed: {detail}"),
             Error::Corrupt {
                 file,
                 offset,
@@ -127,4 +132,51 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Store {
+                cause: Some(cause), ..
+            } => Some(cause.get()),
+            _ => None,
+        }
+    }
+}
+
+impl Error {
+    /// A store failure with no operating-system error underneath.
+    pub(crate) fn store(detail: impl Into<String>) -> Error {
+        Error::Store {
+            detail: detail.into(),
+            cause: None,
+        }
+    }
+
+    /// A store failure caused by `cause`.
+    pub(crate) fn store_io(detail: impl Into<String>, cause: io::Error) -> Error {
+        Error::Store {
+            detail: detail.into(),
+            cause: Some(IoCause(Arc::new(cause))),
+        }
+    }
+}
+
+/// An `io::Error` kept as the cause of an [`Error`], shared so that the
+/// error stays `Clone`. Two are equal when their kind and text are.
+#[derive(Clone, Debug)]
+pub struct IoCause(Arc<io::Error>);
+
+impl IoCause {
+    /// The error itself.
+    pub fn get(&self) -> &io::Error {
+        &self.0
+    }
+}
+
+impl PartialEq for IoCause {
+    fn eq(&self, other: &IoCause) -> bool {
+        self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for IoCause {}

@@ -52,7 +52,7 @@ pub use crate::engine::{
     AuthorizeRequest, Durable, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
     IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, ShadowReport, ShadowRow, Stats, SweepReport,
 };
-pub use crate::error::Error;
+pub use crate::error::{Error, IoCause};
 pub use crate::event::{
     EVENT_KINDS, Event, EventCounts, EventKind, EventSink, MemorySink, NoopSink,
 };

@@ -187,3 +187,24 @@ fn a_failed_write_fails_the_store_closed() {
     rotate(&e, &ta);
     rotate(&e, &tb);
 }
+
+/// A store error from the operating system keeps that error as its
+/// `source()`: `Error::Store` used to hold only its text, so an embedder
+/// could not tell a full disk from a permission problem without parsing it.
+#[test]
+fn store_errors_keep_their_io_cause() {
+    use std::error::Error as _;
+    let dir = temp_dir("io-cause");
+    // A regular file where the store's directory should be.
+    let blocker = dir.join("blocker");
+    std::fs::write(&blocker, b"").unwrap();
+    let err = match LogStore::open(blocker.join("store"), LogOptions::default()) {
+        Ok(_) => panic!("a store under a regular file opened"),
+        Err(e) => e,
+    };
+    let cause = err
+        .source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .unwrap_or_else(|| panic!("no io::Error under {err:?}"));
+    assert!(err.to_string().contains(&cause.to_string()), "{err}");
+}

@@ -8,7 +8,7 @@ use store_support::*;
 
 fn in_use(r: Result<impl Sized, Error>) -> String {
     match r {
-        Err(Error::Store { detail }) => detail,
+        Err(Error::Store { detail, .. }) => detail,
         Err(e) => panic!("expected the in-use refusal, got {e}"),
         Ok(_) => panic!("expected the in-use refusal, got a store"),
     }

@@ -218,20 +218,16 @@ fn lock_dir(dir: &Path) -> Result<File, Error> {
     }
     match held {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Store {
-            detail: format!(
-                "{} is in use by another process (a running server?): stop it first",
-                dir.display()
-            ),
-        }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::store(format!(
+            "{} is in use by another process (a running server?): stop it first",
+            dir.display()
+        ))),
         Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path, e)),
     }
 }
 
 fn io_err(path: &Path, e: io::Error) -> Error {
-    Error::Store {
-        detail: format!("{}: {e}", path.display()),
-    }
+    Error::store_io(format!("{}: {e}", path.display()), e)
 }
 
 fn seq_name(prefix: &str, lsn: u64, ext: &str) -> String {
@@ -353,9 +349,7 @@ impl LogStore {
         let writer = std::thread::Builder::new()
             .name("refresh-guard-log".into())
             .spawn(move || writer_loop(&writer_shared, segment))
-            .map_err(|e| Error::Store {
-                detail: format!("cannot start log writer: {e}"),
-            })?;
+            .map_err(|e| Error::store_io(format!("cannot start log writer: {e}"), e))?;
         Ok(LogStore {
             shared,
             writer: Mutex::new(Some(writer)),
@@ -413,13 +407,12 @@ impl LogStore {
 
 impl Shared {
     fn failure_error(&self) -> Error {
-        Error::Store {
-            detail: self
-                .failure
+        Error::store(
+            self.failure
                 .lock()
                 .clone()
                 .unwrap_or_else(|| "store failed".into()),
-        }
+        )
     }
 
     /// Fail closed: every waiter, every later change and a waiting

@@ -60,6 +60,25 @@ impl fmt::Display for Durability {
     }
 }
 
+/// The log sequence number of one acknowledged write. Never zero: the
+/// [`Store`] trait's `u64` LSNs use 0 for "nothing written" (the
+/// [`RecordRef::lsn`] of a new family); inside the crate that is
+/// `Option<Lsn>::None`, converted where the trait is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Lsn(std::num::NonZeroU64);
+
+impl Lsn {
+    /// A store's `u64` LSN; `None` for 0, "nothing written".
+    pub(crate) fn new(raw: u64) -> Option<Lsn> {
+        std::num::NonZeroU64::new(raw).map(Lsn)
+    }
+
+    /// The `u64` the [`Store`] trait speaks.
+    pub(crate) fn get(self) -> u64 {
+        self.0.get()
+    }
+}
+
 /// A family's state as handed to a store: read-only, and able to encode
 /// itself (without the tag cache: a store never holds a redeemable token).
 pub struct RecordRef<'a>(pub(crate) &'a Family);

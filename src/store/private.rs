@@ -54,9 +54,9 @@ impl std::error::Error for Refusal {
 impl From<Refusal> for Error {
     fn from(r: Refusal) -> Error {
         match r {
-            Refusal::Io { path, source } => Error::Store {
-                detail: format!("{}: {source}", path.display()),
-            },
+            Refusal::Io { path, source } => {
+                Error::store_io(format!("{}: {source}", path.display()), source)
+            }
             Refusal::Exposed { path, detail } => Error::Exposed { path, detail },
         }
     }

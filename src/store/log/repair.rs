@@ -173,21 +173,17 @@ fn store_dir(dir: &Path) -> Result<PathBuf, Error> {
     match (holds_store(dir)?, nested) {
         (true, false) => Ok(dir.to_owned()),
         (false, true) => Ok(sub),
-        (true, true) => Err(Error::Store {
-            detail: format!(
-                "{} holds store files and so does {}: name the one to repair",
-                dir.display(),
-                sub.display()
-            ),
-        }),
-        (false, false) => Err(Error::Store {
-            detail: format!(
-                "{}: no store here: expected log-*.rgl or snapshot-*.rgs files in it \
+        (true, true) => Err(Error::store(format!(
+            "{} holds store files and so does {}: name the one to repair",
+            dir.display(),
+            sub.display()
+        ))),
+        (false, false) => Err(Error::store(format!(
+            "{}: no store here: expected log-*.rgl or snapshot-*.rgs files in it \
                  (a store directory) or in {} (a server data directory)",
-                dir.display(),
-                sub.display()
-            ),
-        }),
+            dir.display(),
+            sub.display()
+        ))),
     }
 }
 

@@ -16,15 +16,20 @@
 //! never the reverse.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 
-use hashbrown::HashTable;
-
-use crate::family::{Family, Grant};
+use crate::family::Family;
 use crate::huge::{Collapse, Collapsed};
 use crate::token::FamilyId;
+
+mod interner;
+mod shadow;
+mod subjects;
+
+pub(crate) use interner::Interner;
+pub(crate) use shadow::ShadowCounts;
+pub(crate) use subjects::{SubjectEntries, SubjectIndex};
 
 type Hasher = ahash::RandomState;
 
@@ -53,39 +58,6 @@ pub(crate) struct ShardInner {
     huge: Collapsed,
     pub(crate) outcomes: [u64; OUTCOMES],
     shadow: ShadowCounts,
-}
-
-/// (active outcome, candidate outcome) counts per client for the shadow
-/// policy set of one epoch; a new candidate starts a new epoch.
-#[derive(Default)]
-pub(crate) struct ShadowCounts {
-    epoch: u64,
-    by_client: HashMap<Arc<str>, Vec<(u8, u8, u64)>, Hasher>,
-}
-
-impl ShadowCounts {
-    pub(crate) fn record(
-        &mut self,
-        epoch: u64,
-        client: &Arc<str>,
-        active: usize,
-        candidate: usize,
-    ) {
-        if self.epoch != epoch {
-            self.by_client.clear();
-            self.epoch = epoch;
-        }
-        // Outcome slots are < OUTCOMES (32), so they fit a u8.
-        let (a, c) = (active as u8, candidate as u8);
-        if let Some(pairs) = self.by_client.get_mut(&**client) {
-            match pairs.iter_mut().find(|p| p.0 == a && p.1 == c) {
-                Some(p) => p.2 += 1,
-                None => pairs.push((a, c, 1)),
-            }
-            return;
-        }
-        self.by_client.insert(client.clone(), vec![(a, c, 1)]);
-    }
 }
 
 /// A family together with its shard's counters, borrowed at once.
@@ -395,24 +367,6 @@ impl Table {
         total
     }
 
-    /// Shadow counts of `epoch`, summed over shards: (client, active outcome
-    /// slot, candidate outcome slot) → count.
-    pub(crate) fn shadow_counts(&self, epoch: u64) -> HashMap<(Arc<str>, u8, u8), u64, Hasher> {
-        let mut total: HashMap<(Arc<str>, u8, u8), u64, Hasher> = HashMap::default();
-        for s in self.shards.iter() {
-            let g = s.0.lock();
-            if g.shadow.epoch != epoch {
-                continue;
-            }
-            for (client, pairs) in &g.shadow.by_client {
-                for &(a, c, n) in pairs {
-                    *total.entry((client.clone(), a, c)).or_default() += n;
-                }
-            }
-        }
-        total
-    }
-
     /// Examine at most `budget` slots (an empty shard costs one), resuming
     /// where the last call stopped, and remove the families `dead` picks.
     /// Returns how many slots were examined and the removed families, each
@@ -462,249 +416,6 @@ pub(crate) struct Swept {
     pub(crate) removed: Vec<(Loc, Family)>,
     /// Whether it finished a pass over the whole table.
     pub(crate) wrapped: bool,
-}
-
-/// Subject → locations of its families, for subject-wide revocation and
-/// the per-subject cap. Holds only families that are not known revoked;
-/// swept and revoked families are removed from it.
-///
-/// It keeps no subject strings and no ids: an entry is a family's [`Loc`]
-/// and 32 bits of the subject's keyed hash (8 bytes), and a subject's
-/// entries are those under its hash. The record at a location says whose
-/// it is, so callers check each candidate's subject: another subject may
-/// share the hash.
-///
-/// An entry is removed exactly once, by the call that took its family
-/// out: the one whose `revoke` succeeded, the sweep that removed it while
-/// active, or the restore that replaced it while active. That removal
-/// comes after the family's lock is dropped (the lock order), so for a
-/// moment the entry outlives its family, and the slot may already hold a
-/// new family, even of the same subject, with an equal entry of its own.
-/// Walks therefore skip what is not theirs (empty slots, revoked families,
-/// other subjects) and never remove it: a second removal of an equal entry
-/// would take the new family's. Entries are a multiset; `candidates` lists
-/// each location once.
-pub(crate) struct SubjectIndex {
-    shards: Box<[Mutex<SubjectShard>]>,
-    hasher: Hasher,
-    /// Every subject gets the same hash, so tests can check that callers
-    /// tell colliding subjects apart.
-    #[cfg(test)]
-    collide: bool,
-}
-
-#[derive(Default)]
-pub(crate) struct SubjectShard {
-    entries: HashTable<SubjectEntry>,
-}
-
-#[derive(Clone, Copy)]
-struct SubjectEntry {
-    tag: u32,
-    loc: Loc,
-}
-
-/// The table hash of an entry, rebuilt from its 32 stored bits (the shard
-/// was picked by other bits of the same hash).
-fn entry_hash(tag: u32) -> u64 {
-    (u64::from(tag) << 32) | u64::from(tag)
-}
-
-/// One subject's entries, under its shard's lock.
-pub(crate) struct SubjectEntries<'a> {
-    shard: MutexGuard<'a, SubjectShard>,
-    tag: u32,
-}
-
-impl SubjectEntries<'_> {
-    /// Locations indexed under this subject's hash, each once: its
-    /// families, and possibly some of another subject.
-    pub(crate) fn candidates(&self) -> Vec<Loc> {
-        let tag = self.tag;
-        let mut locs: Vec<Loc> = self
-            .shard
-            .entries
-            .iter_hash(entry_hash(tag))
-            .filter(|e| e.tag == tag)
-            .map(|e| e.loc)
-            .collect();
-        // A location can be listed twice for a moment: a family's entry is
-        // removed after its lock is dropped, and its slot may be reused by
-        // then.
-        locs.sort_unstable();
-        locs.dedup();
-        locs
-    }
-
-    /// Index the family at `loc` under this subject.
-    pub(crate) fn push(&mut self, loc: Loc) {
-        let tag = self.tag;
-        self.shard
-            .entries
-            .insert_unique(entry_hash(tag), SubjectEntry { tag, loc }, |e| {
-                entry_hash(e.tag)
-            });
-    }
-
-    /// Forget one entry for `loc`; `false` if there was none under this
-    /// subject's hash.
-    pub(crate) fn remove(&mut self, loc: Loc) -> bool {
-        let tag = self.tag;
-        let entries = &mut self.shard.entries;
-        match entries.find_entry(entry_hash(tag), |e| e.tag == tag && e.loc == loc) {
-            Ok(e) => {
-                e.remove();
-                // Give back what a burst of revocations left behind.
-                if entries.capacity() > 64 && entries.len() < entries.capacity() / 4 {
-                    entries.shrink_to_fit(|e| entry_hash(e.tag));
-                }
-                true
-            }
-            Err(_) => false,
-        }
-    }
-}
-
-impl SubjectIndex {
-    pub(crate) fn new(shards: usize) -> SubjectIndex {
-        let n = shards.clamp(1, 1 << 16).next_power_of_two();
-        SubjectIndex {
-            shards: (0..n).map(|_| Mutex::default()).collect(),
-            hasher: Hasher::new(),
-            #[cfg(test)]
-            collide: false,
-        }
-    }
-
-    /// An index in which all subjects collide.
-    #[cfg(test)]
-    pub(crate) fn colliding(shards: usize) -> SubjectIndex {
-        SubjectIndex {
-            collide: true,
-            ..SubjectIndex::new(shards)
-        }
-    }
-
-    fn hash(&self, subject: &str) -> u64 {
-        #[cfg(test)]
-        if self.collide {
-            return 0;
-        }
-        self.hasher.hash_one(subject)
-    }
-
-    /// Lock the entries of `subject` (and of subjects sharing its shard).
-    pub(crate) fn lock(&self, subject: &str) -> SubjectEntries<'_> {
-        let h = self.hash(subject);
-        SubjectEntries {
-            shard: self.shards[(h as usize) & (self.shards.len() - 1)].lock(),
-            // The high half: the shard used the low bits.
-            tag: (h >> 32) as u32,
-        }
-    }
-
-    /// Forget the family of `subject` at `loc`.
-    pub(crate) fn remove(&self, subject: &str, loc: Loc) {
-        self.lock(subject).remove(loc);
-    }
-
-    /// The shard `subject`'s entries are in.
-    #[cfg(test)]
-    pub(crate) fn shard_of(&self, subject: &str) -> usize {
-        (self.hash(subject) as usize) & (self.shards.len() - 1)
-    }
-
-    /// Entries in all shards.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().entries.len()).sum()
-    }
-}
-
-/// Shares one allocation per distinct client id and scope string, and one
-/// [`Grant`] per distinct pair.
-///
-/// Grows with the number of distinct values: client ids and granted
-/// scopes. Scopes come from authorization requests, so the sweeper calls
-/// [`prune`](Interner::prune) once per pass over the table: what no
-/// family (nor anything else) holds any more is forgotten, and the
-/// interner stays bounded by the live families' pairs.
-pub(crate) struct Interner {
-    strings: parking_lot::RwLock<std::collections::HashSet<Arc<str>, Hasher>>,
-    grants: parking_lot::RwLock<HashTable<Arc<Grant>>>,
-    hasher: Hasher,
-}
-
-impl Interner {
-    pub(crate) fn new() -> Interner {
-        Interner {
-            strings: Default::default(),
-            grants: Default::default(),
-            hasher: Hasher::new(),
-        }
-    }
-
-    pub(crate) fn intern(&self, s: &str) -> Arc<str> {
-        if let Some(a) = self.strings.read().get(s) {
-            return a.clone();
-        }
-        let mut w = self.strings.write();
-        if let Some(a) = w.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = Arc::from(s);
-        w.insert(a.clone());
-        a
-    }
-
-    /// Forget the pairs and strings that nothing but the interner holds.
-    /// Returns how many pairs went. Under the write lock nobody can take a
-    /// new reference, so a count of one (the interner's own) stays one
-    /// until the entry is gone; a pair dropped here releases its strings
-    /// before they are looked at.
-    pub(crate) fn prune(&self) -> usize {
-        let hash = |g: &Arc<Grant>| self.hasher.hash_one((&*g.client, &*g.scope));
-        let mut grants = self.grants.write();
-        let before = grants.len();
-        grants.retain(|g| Arc::strong_count(g) > 1);
-        let pruned = before - grants.len();
-        if grants.capacity() > 64 && grants.len() < grants.capacity() / 4 {
-            grants.shrink_to_fit(hash);
-        }
-        drop(grants);
-        let mut strings = self.strings.write();
-        strings.retain(|s| Arc::strong_count(s) > 1);
-        if strings.capacity() > 64 && strings.len() < strings.capacity() / 4 {
-            strings.shrink_to_fit();
-        }
-        pruned
-    }
-
-    /// Pairs and strings held.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> (usize, usize) {
-        (self.grants.read().len(), self.strings.read().len())
-    }
-
-    /// The shared grant of `client` with `scope`.
-    pub(crate) fn grant(&self, client: &str, scope: &str) -> Arc<Grant> {
-        let hash = |c: &str, s: &str| self.hasher.hash_one((c, s));
-        let h = hash(client, scope);
-        let same = |g: &Arc<Grant>| *g.client == *client && *g.scope == *scope;
-        if let Some(g) = self.grants.read().find(h, same) {
-            return g.clone();
-        }
-        let g = Arc::new(Grant {
-            client: self.intern(client),
-            scope: self.intern(scope),
-        });
-        let mut w = self.grants.write();
-        if let Some(g) = w.find(h, same) {
-            return g.clone();
-        }
-        w.insert_unique(h, g.clone(), |g| hash(&g.client, &g.scope));
-        g
-    }
 }
 
 #[cfg(test)]
@@ -848,70 +559,6 @@ mod tests {
         assert_eq!(s.len(), 10);
     }
 
-    fn loc(l: u32) -> Loc {
-        Loc(l)
-    }
-
-    /// A subject's entries are found under its hash, removed one by one,
-    /// and other subjects' entries stay.
-    #[test]
-    fn subject_index_is_a_multimap_by_subject() {
-        let index = SubjectIndex::new(4);
-        index.lock("alice").push(loc(2));
-        index.lock("alice").push(loc(1));
-        index.lock("bob").push(loc(3));
-        assert_eq!(index.lock("alice").candidates(), [loc(1), loc(2)]);
-        assert_eq!(index.lock("bob").candidates(), [loc(3)]);
-        assert!(index.lock("carol").candidates().is_empty());
-        assert!(!index.lock("bob").remove(loc(1)), "not bob's");
-        index.remove("alice", loc(1));
-        assert_eq!(index.lock("alice").candidates(), [loc(2)]);
-        assert_eq!(index.len(), 2);
-    }
-
-    /// A location entered twice (a slot reused before the old entry's
-    /// removal) is one candidate, and each removal takes one entry.
-    #[test]
-    fn subject_index_lists_a_location_once() {
-        let index = SubjectIndex::new(1);
-        index.lock("alice").push(loc(5));
-        index.lock("alice").push(loc(5));
-        assert_eq!(index.lock("alice").candidates(), [loc(5)]);
-        assert!(index.lock("alice").remove(loc(5)));
-        assert_eq!(index.lock("alice").candidates(), [loc(5)]);
-        assert!(index.lock("alice").remove(loc(5)));
-        assert!(index.lock("alice").candidates().is_empty());
-    }
-
-    /// Entries of subjects that share a shard and a hash tag are told apart
-    /// by the caller; the index returns both and removes only the one asked.
-    #[test]
-    fn subject_index_keeps_colliding_entries_apart() {
-        let index = SubjectIndex::colliding(4);
-        index.lock("x").push(loc(1));
-        index.lock("y").push(loc(2));
-        assert_eq!(index.lock("x").candidates(), [loc(1), loc(2)]);
-        let mut e = index.lock("y");
-        assert!(e.remove(loc(1)));
-        assert!(!e.remove(loc(1)));
-        assert_eq!(e.candidates(), [loc(2)]);
-    }
-
-    /// Mass removal gives memory back.
-    #[test]
-    fn subject_index_shrinks_after_removals() {
-        let index = SubjectIndex::new(1);
-        for i in 0..10_000u32 {
-            index.lock(&format!("user-{i}")).push(loc(i));
-        }
-        let grown = index.shards[0].lock().entries.capacity();
-        for i in 100..10_000u32 {
-            index.remove(&format!("user-{i}"), loc(i));
-        }
-        assert_eq!(index.len(), 100);
-        assert!(index.shards[0].lock().entries.capacity() < grown / 8);
-    }
-
     /// Filling whole 2 MiB pages of slab under the lock only returns the
     /// collapses, for the caller to run after unlocking.
     #[test]
@@ -966,74 +613,5 @@ mod tests {
         assert_eq!(s.len(), 4);
         let full = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.vacant_slot()));
         assert!(full.is_err(), "a fifth slot in a shard of four");
-    }
-
-    /// One grant per distinct pair, sharing the interned strings.
-    #[test]
-    fn grants_are_shared_per_pair() {
-        let i = Interner::new();
-        let a = i.grant("app", "openid");
-        assert!(Arc::ptr_eq(&a, &i.grant("app", "openid")));
-        let b = i.grant("app", "email");
-        assert!(!Arc::ptr_eq(&a, &b));
-        assert!(Arc::ptr_eq(&a.client, &b.client));
-        assert_eq!((&*b.client, &*b.scope), ("app", "email"));
-    }
-
-    /// Pruning forgets exactly what nothing else holds: a pair in use keeps
-    /// its identity and its strings; a dropped one goes with the strings
-    /// only it used.
-    #[test]
-    fn pruning_keeps_what_is_held() {
-        let i = Interner::new();
-        let kept = i.grant("app", "openid");
-        let gone = i.grant("app", "email");
-        let event_client = i.intern("other");
-        assert_eq!(i.len(), (2, 4));
-        assert_eq!(i.prune(), 0, "all held");
-        drop(gone);
-        assert_eq!(i.prune(), 1);
-        assert_eq!(i.len(), (1, 3), "\"email\" went with its pair");
-        assert!(Arc::ptr_eq(&kept, &i.grant("app", "openid")));
-        drop((kept, event_client));
-        i.prune();
-        assert_eq!(i.len(), (0, 0));
-    }
-
-    /// Raced on real threads: a pair held by one thread is never forgotten
-    /// by another's prune (it would come back as a second, distinct pair),
-    /// while pairs nobody holds come and go.
-    #[test]
-    fn pruning_never_forgets_a_held_pair() {
-        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-        let i = Interner::new();
-        let prunes = AtomicUsize::new(0);
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        let mut forgotten = None;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                while !stop.load(Relaxed) {
-                    i.prune();
-                    prunes.fetch_add(1, Relaxed);
-                }
-            });
-            let mut round = 0u64;
-            // Until the pruner has run many times during the rounds.
-            while round < 20_000 || prunes.load(Relaxed) < 20_000 {
-                let held = i.grant("app", "openid");
-                // A pair only this round uses, dropped at once.
-                drop(i.grant("app", if round.is_multiple_of(2) { "a" } else { "b" }));
-                let again = i.grant("app", "openid");
-                if !Arc::ptr_eq(&held, &again) || !Arc::ptr_eq(&held.scope, &i.intern("openid")) {
-                    forgotten = Some(round);
-                    break;
-                }
-                round += 1;
-            }
-            stop.store(true, Relaxed);
-        });
-        assert_eq!(forgotten, None, "a held pair was forgotten in this round");
-        i.prune();
-        assert_eq!(i.len(), (0, 0));
     }
 }

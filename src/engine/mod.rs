@@ -1,0 +1,420 @@
+//! The engine: the shell around the pure decision. It owns the table, the key
+//! ring, the policy set in force, the clock and the event sink.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+
+use crate::clock::{Clock, Timestamp};
+use crate::decision::{self, Decision, Denied, DenyReason, Verdict};
+use crate::error::Error;
+use crate::event::{Dispatcher, Event, EventKind};
+use crate::family::{Family, Status};
+use crate::policy::{PolicySet, PolicyVersion};
+use crate::store::Lsn;
+use crate::store::Store;
+use crate::striped::Striped;
+use crate::table::{Interner, Loc, OUTCOMES, SubjectIndex, Table};
+use crate::token::{self, FamilyId, Generation, KeyRing, KeyUid, Token, TokenKind};
+
+mod builder;
+mod exchange;
+mod issue;
+mod maintenance;
+mod redeem;
+mod revoke;
+mod shadow;
+mod stats;
+
+pub use builder::EngineBuilder;
+pub use maintenance::SweepReport;
+use shadow::Shadow;
+pub use shadow::{ShadowReport, ShadowRow};
+pub use stats::Stats;
+use stats::outcome_slot;
+
+/// Longest subject accepted at issuance.
+pub const MAX_SUBJECT_LEN: usize = 1024;
+/// Longest scope string accepted at issuance.
+pub const MAX_SCOPE_LEN: usize = 4096;
+
+/// Who a new family is for.
+#[derive(Clone, Copy, Debug)]
+pub struct IssueRequest<'a> {
+    /// The OAuth client.
+    pub client: &'a str,
+    /// The end user.
+    pub subject: &'a str,
+    /// The granted scope, space-separated.
+    pub scope: &'a str,
+    /// The client's IP address; `None` when it could not be determined
+    /// (an unreadable forwarding chain), which no non-empty allow-list
+    /// admits.
+    pub ip: Option<IpAddr>,
+}
+
+/// An authorization request the embedding server has authenticated and
+/// the user has consented to.
+#[derive(Clone, Copy)]
+pub struct AuthorizeRequest<'a> {
+    /// The OAuth client.
+    pub client: &'a str,
+    /// The end user.
+    pub subject: &'a str,
+    /// The granted scope, space-separated.
+    pub scope: &'a str,
+    /// The redirect URI of the request; the exchange must present the same.
+    pub redirect_uri: &'a str,
+    /// RFC 7636 `code_challenge`.
+    pub code_challenge: Option<&'a str>,
+    /// RFC 7636 `code_challenge_method` (`S256` or `plain`; absent = plain).
+    pub code_challenge_method: Option<&'a str>,
+    /// The user agent's IP address, if known (recorded; the allow-list
+    /// applies at the exchange).
+    pub ip: Option<IpAddr>,
+}
+
+impl std::fmt::Debug for AuthorizeRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A `plain` challenge is the verifier itself: not printed.
+        f.debug_struct("AuthorizeRequest")
+            .field("client", &self.client)
+            .field("subject", &self.subject)
+            .field("scope", &self.scope)
+            .field("redirect_uri", &self.redirect_uri)
+            .field("code_challenge_method", &self.code_challenge_method)
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A token request with `grant_type=authorization_code`.
+#[derive(Clone, Copy)]
+pub struct ExchangeRequest<'a> {
+    /// The authorization code.
+    pub code: &'a str,
+    /// RFC 7636 `code_verifier`.
+    pub code_verifier: Option<&'a str>,
+    /// The client presenting the code.
+    pub client: &'a str,
+    /// Must equal the authorization request's.
+    pub redirect_uri: &'a str,
+    /// The client's IP address; `None` when it could not be determined,
+    /// which no non-empty allow-list admits.
+    pub ip: Option<IpAddr>,
+}
+
+impl std::fmt::Debug for ExchangeRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeRequest")
+            .field("client", &self.client)
+            .field("redirect_uri", &self.redirect_uri)
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Engine::introspect`] reports of a token, changing nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Introspection {
+    /// Whether redeeming this token now would be accepted as the current
+    /// generation (grace replays are not "active": they are a retry).
+    pub active: bool,
+    /// The family.
+    pub family: FamilyId,
+    /// The family's client.
+    pub client: Arc<str>,
+    /// The family's subject.
+    pub subject: Arc<str>,
+    /// The family's scope.
+    pub scope: Arc<str>,
+    /// The presented token's generation.
+    pub generation: Generation,
+    /// The family's current generation.
+    pub current_generation: Generation,
+    /// When the family was born.
+    pub issued_at: Timestamp,
+    /// When the family was last used.
+    pub last_used: Timestamp,
+    /// When it expires if unused, under the policy in force.
+    pub idle_expires_at: Option<Timestamp>,
+    /// When it expires regardless, under the policy in force.
+    pub absolute_expires_at: Option<Timestamp>,
+    /// Active, or revoked with why and when.
+    pub status: Status,
+}
+
+impl Introspection {
+    /// The earlier of the two expiries, if any.
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        match (self.idle_expires_at, self.absolute_expires_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// One family's complete state, as a store persists it. `Debug` shows no
+/// secret.
+#[derive(Clone, Debug)]
+pub struct FamilyRecord(pub(crate) Family);
+
+impl FamilyRecord {
+    /// The family's id.
+    pub fn id(&self) -> FamilyId {
+        self.0.id
+    }
+    /// The family's current generation.
+    pub fn generation(&self) -> Generation {
+        self.0.generation
+    }
+    /// Active or revoked.
+    pub fn status(&self) -> Status {
+        self.0.status()
+    }
+}
+
+/// A decision whose state change is on its way to durable storage; await
+/// it (or call [`Durable::wait`]) before handing the token out.
+pub struct Durable<'a> {
+    engine: &'a Engine,
+    decision: Option<Decision>,
+    lsn: Option<Lsn>,
+}
+
+impl Durable<'_> {
+    /// Block until durable.
+    pub fn wait(mut self) -> Result<Decision, Error> {
+        self.engine.settle(self.lsn)?;
+        self.decision.take().ok_or(Error::InvalidArgument {
+            name: "durable decision",
+            expected: "a decision not yet taken",
+        })
+    }
+}
+
+impl std::future::Future for Durable<'_> {
+    type Output = Result<Decision, Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        if let Some(lsn) = self.lsn
+            && self.engine.sync
+            && let Some(store) = &self.engine.store
+        {
+            match store.poll_durable(lsn.get(), cx.waker()) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+        }
+        Poll::Ready(self.decision.take().ok_or(Error::InvalidArgument {
+            name: "durable decision",
+            expected: "a future polled once after completion",
+        }))
+    }
+}
+
+/// The refresh-token lifecycle engine. Share it by reference or `Arc`; every
+/// method takes `&self`.
+pub struct Engine {
+    keys: ArcSwap<KeyRing>,
+    policies: ArcSwap<PolicySet>,
+    table: Table,
+    subjects: SubjectIndex,
+    interner: Interner,
+    clock: Box<dyn Clock>,
+    events: Dispatcher,
+    revoked_retention: Duration,
+    shadow: ArcSwapOption<Shadow>,
+    shadow_epoch: AtomicU64,
+    store: Option<Box<dyn Store>>,
+    /// Whether answers wait for durability (`Durability::Sync`).
+    sync: bool,
+    /// Outcomes decided before a shard is locked (malformed tokens).
+    unsharded_outcomes: Striped<OUTCOMES>,
+}
+
+/// A family's identity, copied out of the lock for events and follow-ups.
+#[derive(Clone)]
+struct Who {
+    family: FamilyId,
+    client: Arc<str>,
+    subject: Arc<str>,
+    /// Where the record is, to drop its subject-index entry.
+    loc: Loc,
+}
+
+impl Who {
+    fn of(f: &Family, loc: Loc) -> Who {
+        Who {
+            family: f.id,
+            client: f.client().clone(),
+            subject: Arc::from(f.subject.as_str()),
+            loc,
+        }
+    }
+}
+
+impl Engine {
+    /// The current time on the engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// The policy set in force.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies.load_full()
+    }
+
+    /// Put `set` in force atomically; returns the set it replaced. Every
+    /// redemption is decided wholly under one set or the other.
+    pub fn swap_policies(&self, set: PolicySet) -> Arc<PolicySet> {
+        let to = set.version();
+        let old = self.policies.swap(Arc::new(set));
+        self.emit(
+            EventKind::PolicySwapped {
+                from: old.version(),
+            },
+            None,
+            None,
+            to,
+            self.clock.now(),
+        );
+        old
+    }
+
+    /// Report a failed policy reload: an event naming every problem, under
+    /// the version that stays in force.
+    pub fn report_reload_failure(&self, errors: Vec<String>) {
+        let version = self.policies.load().version();
+        self.emit(
+            EventKind::PolicyReloadFailed { errors },
+            None,
+            None,
+            version,
+            self.clock.now(),
+        );
+    }
+
+    /// The MAC key ring in use.
+    pub fn key_ring(&self) -> Arc<KeyRing> {
+        self.keys.load_full()
+    }
+
+    /// Replace the key ring (after adding, activating or removing a key).
+    pub fn set_key_ring(&self, keys: KeyRing) {
+        self.keys.store(Arc::new(keys));
+    }
+
+    fn emit(
+        &self,
+        kind: EventKind,
+        who: Option<&Who>,
+        ip: Option<IpAddr>,
+        version: PolicyVersion,
+        at: Timestamp,
+    ) {
+        if !self.events.delivers() {
+            self.events.count(&kind);
+            return;
+        }
+        self.events.emit(&Event {
+            kind,
+            family: who.map(|w| w.family),
+            client: who.map(|w| w.client.clone()),
+            subject: who.map(|w| w.subject.clone()),
+            ip,
+            policy_version: version,
+            at,
+        });
+    }
+
+    /// `unknown_clients = "refuse"` and `client` is not listed: the
+    /// denial, decided before any record is read or written (README "Policy
+    /// files"). A decision, not an `Error`: the id comes from the wire, and
+    /// RFC 6749 §5.2 names "unknown client" an `invalid_client` answer.
+    fn refuse_unlisted(&self, policies: &PolicySet, client: &str) -> Option<Decision> {
+        if policies.admits_client(client) {
+            return None;
+        }
+        let reason = DenyReason::UnknownClient;
+        self.unsharded_outcomes
+            .add(outcome_slot(Verdict::Deny(reason)));
+        Some(deny(reason, None, policies.version()))
+    }
+
+    /// Describe a refresh token without changing anything. `None` for a
+    /// malformed or forged token, or an unknown family.
+    pub fn introspect(&self, token: &str) -> Option<Introspection> {
+        self.introspect_at(token, self.clock.now())
+    }
+
+    /// [`introspect`](Self::introspect) at a given time.
+    pub fn introspect_at(&self, token: &str, now: Timestamp) -> Option<Introspection> {
+        let parsed = token::parse(token, TokenKind::Refresh)?;
+        let keys = self.keys.load();
+        let policies = self.policies.load();
+        let shard = self.table.lock(&parsed.family);
+        let f = shard.get(&parsed.family)?;
+        if !keys.verify(&parsed, &f.secret) {
+            return None;
+        }
+        let policy = policies.policy(f.client());
+        let expired = decision::expiry(f, policy, now).is_some();
+        Some(Introspection {
+            active: f.is_active() && !expired && parsed.generation == f.generation,
+            family: f.id,
+            client: f.client().clone(),
+            subject: Arc::from(f.subject.as_str()),
+            scope: f.scope().clone(),
+            generation: parsed.generation,
+            current_generation: f.generation,
+            issued_at: f.created,
+            last_used: f.last_used,
+            idle_expires_at: policy.idle_ttl.map(|t| f.last_used.saturating_add(t)),
+            absolute_expires_at: policy.absolute_ttl.map(|t| f.created.saturating_add(t)),
+            status: f.status(),
+        })
+    }
+}
+
+/// Store a freshly computed tag of the current generation in the cache.
+fn cache_tag(f: &mut Family, keys: &KeyRing, tag: [u8; 16]) {
+    f.tag = tag;
+    f.tag_uid = keys.uid(f.key).unwrap_or(KeyUid::NONE);
+}
+
+/// The family's current refresh token, from the tag cache when it is valid
+/// for the ring, else computed (and cached). `None` if its key is gone.
+fn mint_current(f: &mut Family, keys: &KeyRing) -> Option<Token> {
+    let uid = keys.uid(f.key)?;
+    if uid != f.tag_uid {
+        let tag = keys.tag(TokenKind::Refresh, f.key, &f.id, f.generation, &f.secret)?;
+        cache_tag(f, keys, tag);
+    }
+    Some(token::assemble(
+        TokenKind::Refresh,
+        f.key,
+        &f.id,
+        f.generation,
+        &f.tag,
+    ))
+}
+
+fn deny(reason: DenyReason, family: Option<FamilyId>, version: PolicyVersion) -> Decision {
+    Decision::Deny(Denied {
+        reason,
+        family,
+        policy_version: version,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+//! Interned client ids, scopes and grants, shared by the families that
+//! hold them.
+
+use std::sync::Arc;
+
+use hashbrown::HashTable;
+
+use crate::family::Grant;
+
+use super::Hasher;
+
+/// Shares one allocation per distinct client id and scope string, and one
+/// [`Grant`] per distinct pair.
+///
+/// Grows with the number of distinct values: client ids and granted
+/// scopes. Scopes come from authorization requests, so the sweeper calls
+/// [`prune`](Interner::prune) once per pass over the table: what no
+/// family (nor anything else) holds any more is forgotten, and the
+/// interner stays bounded by the live families' pairs.
+pub(crate) struct Interner {
+    strings: parking_lot::RwLock<std::collections::HashSet<Arc<str>, Hasher>>,
+    grants: parking_lot::RwLock<HashTable<Arc<Grant>>>,
+    hasher: Hasher,
+}
+
+impl Interner {
+    pub(crate) fn new() -> Interner {
+        Interner {
+            strings: Default::default(),
+            grants: Default::default(),
+            hasher: Hasher::new(),
+        }
+    }
+
+    pub(crate) fn intern(&self, s: &str) -> Arc<str> {
+        if let Some(a) = self.strings.read().get(s) {
+            return a.clone();
+        }
+        let mut w = self.strings.write();
+        if let Some(a) = w.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        w.insert(a.clone());
+        a
+    }
+
+    /// Forget the pairs and strings that nothing but the interner holds.
+    /// Returns how many pairs went. Under the write lock nobody can take a
+    /// new reference, so a count of one (the interner's own) stays one
+    /// until the entry is gone; a pair dropped here releases its strings
+    /// before they are looked at.
+    pub(crate) fn prune(&self) -> usize {
+        let hash = |g: &Arc<Grant>| self.hasher.hash_one((&*g.client, &*g.scope));
+        let mut grants = self.grants.write();
+        let before = grants.len();
+        grants.retain(|g| Arc::strong_count(g) > 1);
+        let pruned = before - grants.len();
+        if grants.capacity() > 64 && grants.len() < grants.capacity() / 4 {
+            grants.shrink_to_fit(hash);
+        }
+        drop(grants);
+        let mut strings = self.strings.write();
+        strings.retain(|s| Arc::strong_count(s) > 1);
+        if strings.capacity() > 64 && strings.len() < strings.capacity() / 4 {
+            strings.shrink_to_fit();
+        }
+        pruned
+    }
+
+    /// Pairs and strings held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> (usize, usize) {
+        (self.grants.read().len(), self.strings.read().len())
+    }
+
+    /// The shared grant of `client` with `scope`.
+    pub(crate) fn grant(&self, client: &str, scope: &str) -> Arc<Grant> {
+        let hash = |c: &str, s: &str| self.hasher.hash_one((c, s));
+        let h = hash(client, scope);
+        let same = |g: &Arc<Grant>| *g.client == *client && *g.scope == *scope;
+        if let Some(g) = self.grants.read().find(h, same) {
+            return g.clone();
+        }
+        let g = Arc::new(Grant {
+            client: self.intern(client),
+            scope: self.intern(scope),
+        });
+        let mut w = self.grants.write();
+        if let Some(g) = w.find(h, same) {
+            return g.clone();
+        }
+        w.insert_unique(h, g.clone(), |g| hash(&g.client, &g.scope));
+        g
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One grant per distinct pair, sharing the interned strings.
+    #[test]
+    fn grants_are_shared_per_pair() {
+        let i = Interner::new();
+        let a = i.grant("app", "openid");
+        assert!(Arc::ptr_eq(&a, &i.grant("app", "openid")));
+        let b = i.grant("app", "email");
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&a.client, &b.client));
+        assert_eq!((&*b.client, &*b.scope), ("app", "email"));
+    }
+
+    /// Pruning forgets exactly what nothing else holds: a pair in use keeps
+    /// its identity and its strings; a dropped one goes with the strings
+    /// only it used.
+    #[test]
+    fn pruning_keeps_what_is_held() {
+        let i = Interner::new();
+        let kept = i.grant("app", "openid");
+        let gone = i.grant("app", "email");
+        let event_client = i.intern("other");
+        assert_eq!(i.len(), (2, 4));
+        assert_eq!(i.prune(), 0, "all held");
+        drop(gone);
+        assert_eq!(i.prune(), 1);
+        assert_eq!(i.len(), (1, 3), "\"email\" went with its pair");
+        assert!(Arc::ptr_eq(&kept, &i.grant("app", "openid")));
+        drop((kept, event_client));
+        i.prune();
+        assert_eq!(i.len(), (0, 0));
+    }
+
+    /// Raced on real threads: a pair held by one thread is never forgotten
+    /// by another's prune (it would come back as a second, distinct pair),
+    /// while pairs nobody holds come and go.
+    #[test]
+    fn pruning_never_forgets_a_held_pair() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        let i = Interner::new();
+        let prunes = AtomicUsize::new(0);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let mut forgotten = None;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Relaxed) {
+                    i.prune();
+                    prunes.fetch_add(1, Relaxed);
+                }
+            });
+            let mut round = 0u64;
+            // Until the pruner has run many times during the rounds.
+            while round < 20_000 || prunes.load(Relaxed) < 20_000 {
+                let held = i.grant("app", "openid");
+                // A pair only this round uses, dropped at once.
+                drop(i.grant("app", if round.is_multiple_of(2) { "a" } else { "b" }));
+                let again = i.grant("app", "openid");
+                if !Arc::ptr_eq(&held, &again) || !Arc::ptr_eq(&held.scope, &i.intern("openid")) {
+                    forgotten = Some(round);
+                    break;
+                }
+                round += 1;
+            }
+            stop.store(true, Relaxed);
+        });
+        assert_eq!(forgotten, None, "a held pair was forgotten in this round");
+        i.prune();
+        assert_eq!(i.len(), (0, 0));
+    }
+}
