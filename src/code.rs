@@ -278,6 +278,24 @@ fn check_pkce(
 mod tests {
     use super::*;
 
+    /// `Debug` names the PKCE method and nothing else: never a digest of
+    /// the challenge (a plain one is the verifier's S256 challenge) nor of
+    /// the redirect URI. (A mutant printing nothing passed every test.)
+    #[test]
+    fn debug_names_the_method_and_hides_the_digests() {
+        assert_eq!(format!("{:?}", Challenge::S256([7; 32])), "S256(..)");
+        assert_eq!(format!("{:?}", Challenge::Plain([7; 32])), "Plain(..)");
+        let state = CodeState::new(
+            Timestamp::from_secs(5),
+            "https://app.example/cb",
+            Some(Challenge::Plain([7; 32])),
+        );
+        let d = format!("{state:?}");
+        assert!(d.starts_with("CodeState {"), "{d}");
+        assert!(d.contains("challenge_method: \"plain\""), "{d}");
+        assert!(!d.contains("app.example") && !d.contains("[7"), "{d}");
+    }
+
     const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
     const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
 

@@ -429,6 +429,16 @@ pub(crate) fn apply_accept(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Display` is the stable snake_case name that logs and metrics key
+    /// on. (A mutant printing nothing passed every test.)
+    #[test]
+    fn deny_reasons_display_as_their_stable_names() {
+        for r in DenyReason::ALL {
+            assert_eq!(r.to_string(), r.as_str());
+        }
+        assert_eq!(DenyReason::ReuseDetected.to_string(), "reuse_detected");
+    }
     use crate::family::RevokeReason;
     use crate::policy::{AllowList, IpRange};
     use crate::token::KeyId;

@@ -122,7 +122,7 @@ fn assert_no_space(what: &str, r: Result<impl std::fmt::Debug, Error>, file: &st
 #[test]
 fn a_full_disk_fails_the_store_closed_and_loses_nothing_acknowledged() {
     let dir = temp_dir("disk-full");
-    let (disk, _rec, e) = on_disk(&dir);
+    let (disk, rec, e) = on_disk(&dir);
     let (ta, tb) = (issue(&e, "alice"), issue(&e, "bob"));
     let ta = rotate(&e, &ta);
     disk.room(Some(0));
@@ -148,7 +148,8 @@ fn a_full_disk_fails_the_store_closed_and_loses_nothing_acknowledged() {
         e.redeem(&tb, CLIENT, ip()),
         ".rgl",
     );
-    drop(e);
+    // Every handle, so the store's directory lock is released.
+    drop((e, rec));
     let e = open(&dir);
     rotate(&e, &ta);
     rotate(&e, &tb);
@@ -206,7 +207,7 @@ fn a_batch_cut_short_by_a_full_disk_leaves_nothing_behind() {
 #[test]
 fn a_snapshot_that_does_not_fit_fails_only_its_compaction() {
     let dir = temp_dir("disk-full-snapshot");
-    let (disk, _rec, e) = on_disk(&dir);
+    let (disk, rec, e) = on_disk(&dir);
     let ta = issue(&e, "alice");
     let ta = rotate(&e, &ta);
     disk.room(Some(0));
@@ -221,7 +222,8 @@ fn a_snapshot_that_does_not_fit_fails_only_its_compaction() {
     let ta = rotate(&e, &ta);
     e.compact().unwrap();
     let tb = issue(&e, "bob");
-    drop(e);
+    // Every handle, so the store's directory lock is released.
+    drop((e, rec));
     let e = open(&dir);
     rotate(&e, &ta);
     rotate(&e, &tb);
