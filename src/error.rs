@@ -143,6 +143,8 @@ impl std::error::Error for Error {
     }
 }
 
+// Only the durable store builds store errors.
+#[cfg_attr(not(feature = "durable"), allow(dead_code))]
 impl Error {
     /// A store failure with no operating-system error underneath.
     pub(crate) fn store(detail: impl Into<String>) -> Error {
