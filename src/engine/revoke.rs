@@ -119,9 +119,7 @@ impl Engine {
             return Ok(false);
         };
         drop(shard);
-        let version = self.policies.load().version();
-        self.settle(revocation.finish(self, None, version, now)?)?;
-        Ok(true)
+        self.finish_requested(revocation, now)
     }
 
     /// Revoke one family by id. Returns whether this call revoked it.
@@ -141,6 +139,13 @@ impl Engine {
             return Ok(false);
         };
         drop(shard);
+        self.finish_requested(revocation, now)
+    }
+
+    /// Finish a revocation an operator or client asked for (the shard lock
+    /// already dropped) and wait until it is durable: `true`, this call
+    /// revoked.
+    fn finish_requested(&self, revocation: Revocation, now: Timestamp) -> Result<bool, Error> {
         let version = self.policies.load().version();
         self.settle(revocation.finish(self, None, version, now)?)?;
         Ok(true)
