@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::clock::Timestamp;
-use crate::decision::DenyReason;
-use crate::family::Family;
+use crate::decision::{AcceptKind, Cascade, Change, DenyReason, Plan, Signal};
+use crate::family::{Family, RevokeReason};
 use crate::policy::{ClientPolicy, MAX_CODE_TTL, Pkce};
 use crate::token::Generation;
 
@@ -177,7 +177,7 @@ pub(crate) struct ExchangeCheck<'a> {
 }
 
 /// The exchange decision, in order: client binding, revoked, replay,
-/// redirect URI, expiry, PKCE, allow-list. `Ok` means exchange.
+/// redirect URI, expiry, PKCE, allow-list.
 ///
 /// A replay (the family is past generation 0) is `CodeReused`, and revokes
 /// the family (RFC 6749 §4.1.2), only if it passes the redirect URI, expiry
@@ -188,7 +188,30 @@ pub(crate) struct ExchangeCheck<'a> {
 /// of those checks: as with a rotated-out refresh token (README "The order
 /// of checks"), a replay proving the verifier from a foreign network is the
 /// strongest sign of theft.
-pub(crate) fn decide_exchange(
+///
+/// The plan says what each outcome sets off: an exchange makes the code
+/// generation 1; a revoking replay revokes the family with a `code_replay`
+/// event saying so, any other replay emits one saying it did not; another
+/// client's code and a caller outside the allow-list emit their events.
+pub(crate) fn decide_exchange(f: &Family, req: &ExchangeCheck<'_>, policy: &ClientPolicy) -> Plan {
+    let reason = match check_exchange(f, req, policy) {
+        Ok(()) => return Plan::accept(AcceptKind::Exchanged, Change::Exchange),
+        Err(reason) => reason,
+    };
+    let plan = Plan::deny(reason);
+    match reason {
+        DenyReason::CodeReused => plan
+            .emitting(Signal::CodeReplay { revoked: true })
+            .cascading(Cascade::Family(RevokeReason::CodeReplay)),
+        DenyReason::CodeSpent => plan.emitting(Signal::CodeReplay { revoked: false }),
+        DenyReason::ClientMismatch => plan.emitting(Signal::ClientMismatch),
+        DenyReason::IpNotAllowed => plan.emitting(Signal::IpNotAllowed),
+        _ => plan,
+    }
+}
+
+/// The checks of [`decide_exchange`], in its order.
+fn check_exchange(
     f: &Family,
     req: &ExchangeCheck<'_>,
     policy: &ClientPolicy,
