@@ -11,6 +11,8 @@ use crate::policy::{ClientPolicy, IpCheck, PolicyVersion, Rotation};
 use crate::token::{FamilyId, Generation, Token};
 
 mod plan;
+#[cfg(test)]
+mod reference;
 
 pub(crate) use plan::{Cascade, Change, Plan, Signal, apply};
 
