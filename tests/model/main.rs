@@ -1,7 +1,8 @@
 //! Model-based property test: random sequences of operations run against a
-//! real [`Engine`] and against a plain reference model written from DESIGN §3
-//! (the order of checks) and §4 (policies evaluated at redemption time, keyed
-//! by the family's client). Every decision, revocation count, sweep result,
+//! real [`Engine`] and against a plain reference model written from the
+//! README's "The order of checks" and docs/design.md ("The refresh
+//! decision", and "Policies": evaluated at redemption time, keyed by the
+//! family's client). Every decision, revocation count, sweep result,
 //! event and introspection must agree with the model.
 //!
 //! Families are born two ways: issued directly (generation 1), or as an
@@ -228,7 +229,8 @@ fn cases() -> u32 {
         .unwrap_or(10_000)
 }
 
-/// The engine agrees with the reference model of DESIGN §3–§4 on every
+/// The engine agrees with the reference model (README "The order of checks",
+/// docs/design.md "The refresh decision" and "Policies") on every
 /// decision, revocation, sweep, event and introspection over random
 /// operation sequences, and the strategy reaches every interesting path.
 #[test]
