@@ -16,8 +16,11 @@ use crate::token::{Generation, KeyId, KeyUid};
 use super::{AcceptKind, DenyReason, Verdict};
 
 /// The change to the family's own record, applied under its lock by
-/// [`apply`]. A denial changes nothing; a change that is not a rotation
-/// (as binding a key to the family would be) is a variant of its own.
+/// [`apply`]. A denial changes nothing. A change that is not a rotation
+/// and can come alone is a variant of its own; one that goes with an
+/// accepting change (binding a sender key on its first proof goes with a
+/// rotation, a keep or a grace replay) is a field beside `change` in
+/// [`Plan`], applied together with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Change {
     /// Nothing: the record stays as it is.
