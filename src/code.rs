@@ -467,6 +467,71 @@ mod tests {
         assert_eq!(has_state(kept.family), Some(false));
     }
 
+    /// What each exchange outcome sets off: the exchange makes generation
+    /// 1; a proven replay revokes the family and says so, any other replay
+    /// says it did not; another client and a foreign network are reported;
+    /// every other refusal is quiet.
+    #[test]
+    fn exchange_plans_say_what_follows() {
+        use crate::policy::{AllowList, IpRange};
+        use crate::token::FamilyId;
+
+        let now = Timestamp::from_secs(1010);
+        let challenge = challenge_for(&policy(Pkce::S256), Some(CHALLENGE), Some("S256")).unwrap();
+        let code = Family {
+            generation: Generation::CODE,
+            code: Some(Box::new(CodeState::new(
+                Timestamp::from_secs(1000),
+                "https://a/cb",
+                challenge,
+            ))),
+            ..Family::for_test(FamilyId::from_bytes([1; 16]))
+        };
+        let exchanged = Family {
+            generation: Generation::FIRST,
+            ..code.clone()
+        };
+        let req = |client, verifier| ExchangeCheck {
+            client,
+            redirect_uri: "https://a/cb",
+            verifier: Some(verifier),
+            ip: Some("192.0.2.1".parse().unwrap()),
+            now,
+        };
+        let open = ClientPolicy::default();
+        let ten = ClientPolicy {
+            ip_allowlist: AllowList::new(&["10.0.0.0/8".parse::<IpRange>().unwrap()]),
+            ..ClientPolicy::default()
+        };
+        let plan = decide_exchange(&code, &req("c", VERIFIER), &open);
+        assert_eq!(plan, Plan::accept(AcceptKind::Exchanged, Change::Exchange));
+        let plan = decide_exchange(&exchanged, &req("c", VERIFIER), &open);
+        assert_eq!(
+            plan,
+            Plan::deny(DenyReason::CodeReused)
+                .emitting(Signal::CodeReplay { revoked: true })
+                .cascading(Cascade::Family(RevokeReason::CodeReplay))
+        );
+        let wrong = "x".repeat(43);
+        let plan = decide_exchange(&exchanged, &req("c", &wrong), &open);
+        assert_eq!(
+            plan,
+            Plan::deny(DenyReason::CodeSpent).emitting(Signal::CodeReplay { revoked: false })
+        );
+        let plan = decide_exchange(&code, &req("d", VERIFIER), &open);
+        assert_eq!(
+            plan,
+            Plan::deny(DenyReason::ClientMismatch).emitting(Signal::ClientMismatch)
+        );
+        let plan = decide_exchange(&code, &req("c", VERIFIER), &ten);
+        assert_eq!(
+            plan,
+            Plan::deny(DenyReason::IpNotAllowed).emitting(Signal::IpNotAllowed)
+        );
+        let plan = decide_exchange(&code, &req("c", &wrong), &open);
+        assert_eq!(plan, Plan::deny(DenyReason::PkceMismatch));
+    }
+
     #[test]
     fn verifier_syntax() {
         assert!(is_valid_verifier(VERIFIER));
