@@ -1,6 +1,7 @@
 //! The refresh decision: a pure function of (family state, presented
-//! generation, request, policy, now). Tables, keys, clocks and events are the
-//! engine's business; this module only says what should happen.
+//! generation, request, policy, now) to a [`Plan`] of what should happen
+//! (`plan.rs`). Tables, keys, clocks and delivering events are the engine's
+//! business; `reference.rs` checks the decision against plain rules.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -311,7 +312,7 @@ pub(crate) struct Request<'a> {
     pub(crate) now: Timestamp,
 }
 
-/// What should happen, before anything has.
+/// Accept how, or deny why: the outcome part of a [`Plan`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
     Accept(AcceptKind),
