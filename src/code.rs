@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::clock::Timestamp;
-use crate::decision::DenyReason;
-use crate::family::Family;
+use crate::decision::{AcceptKind, Cascade, Change, DenyReason, Plan, Signal};
+use crate::family::{Family, RevokeReason};
 use crate::policy::{ClientPolicy, MAX_CODE_TTL, Pkce};
 use crate::token::Generation;
 
@@ -177,7 +177,7 @@ pub(crate) struct ExchangeCheck<'a> {
 }
 
 /// The exchange decision, in order: client binding, revoked, replay,
-/// redirect URI, expiry, PKCE, allow-list. `Ok` means exchange.
+/// redirect URI, expiry, PKCE, allow-list.
 ///
 /// A replay (the family is past generation 0) is `CodeReused`, and revokes
 /// the family (RFC 6749 §4.1.2), only if it passes the redirect URI, expiry
@@ -188,7 +188,30 @@ pub(crate) struct ExchangeCheck<'a> {
 /// of those checks: as with a rotated-out refresh token (README "The order
 /// of checks"), a replay proving the verifier from a foreign network is the
 /// strongest sign of theft.
-pub(crate) fn decide_exchange(
+///
+/// The plan says what each outcome sets off: an exchange makes the code
+/// generation 1; a revoking replay revokes the family with a `code_replay`
+/// event saying so, any other replay emits one saying it did not; another
+/// client's code and a caller outside the allow-list emit their events.
+pub(crate) fn decide_exchange(f: &Family, req: &ExchangeCheck<'_>, policy: &ClientPolicy) -> Plan {
+    let reason = match check_exchange(f, req, policy) {
+        Ok(()) => return Plan::accept(AcceptKind::Exchanged, Change::Exchange),
+        Err(reason) => reason,
+    };
+    let plan = Plan::deny(reason);
+    match reason {
+        DenyReason::CodeReused => plan
+            .emitting(Signal::CodeReplay { revoked: true })
+            .cascading(Cascade::Family(RevokeReason::CodeReplay)),
+        DenyReason::CodeSpent => plan.emitting(Signal::CodeReplay { revoked: false }),
+        DenyReason::ClientMismatch => plan.emitting(Signal::ClientMismatch),
+        DenyReason::IpNotAllowed => plan.emitting(Signal::IpNotAllowed),
+        _ => plan,
+    }
+}
+
+/// The checks of [`decide_exchange`], in its order.
+fn check_exchange(
     f: &Family,
     req: &ExchangeCheck<'_>,
     policy: &ClientPolicy,
@@ -442,6 +465,71 @@ mod tests {
             .sweep_at(100_000, start.saturating_add(MAX_CODE_TTL))
             .unwrap();
         assert_eq!(has_state(kept.family), Some(false));
+    }
+
+    /// What each exchange outcome sets off: the exchange makes generation
+    /// 1; a proven replay revokes the family and says so, any other replay
+    /// says it did not; another client and a foreign network are reported;
+    /// every other refusal is quiet.
+    #[test]
+    fn exchange_plans_say_what_follows() {
+        use crate::policy::{AllowList, IpRange};
+        use crate::token::FamilyId;
+
+        let now = Timestamp::from_secs(1010);
+        let challenge = challenge_for(&policy(Pkce::S256), Some(CHALLENGE), Some("S256")).unwrap();
+        let code = Family {
+            generation: Generation::CODE,
+            code: Some(Box::new(CodeState::new(
+                Timestamp::from_secs(1000),
+                "https://a/cb",
+                challenge,
+            ))),
+            ..Family::for_test(FamilyId::from_bytes([1; 16]))
+        };
+        let exchanged = Family {
+            generation: Generation::FIRST,
+            ..code.clone()
+        };
+        let req = |client, verifier| ExchangeCheck {
+            client,
+            redirect_uri: "https://a/cb",
+            verifier: Some(verifier),
+            ip: Some("192.0.2.1".parse().unwrap()),
+            now,
+        };
+        let open = ClientPolicy::default();
+        let ten = ClientPolicy {
+            ip_allowlist: AllowList::new(&["10.0.0.0/8".parse::<IpRange>().unwrap()]),
+            ..ClientPolicy::default()
+        };
+        let plan = decide_exchange(&code, &req("c", VERIFIER), &open);
+        assert_eq!(plan, Plan::accept(AcceptKind::Exchanged, Change::Exchange));
+        let plan = decide_exchange(&exchanged, &req("c", VERIFIER), &open);
+        assert_eq!(
+            plan,
+            Plan::deny(DenyReason::CodeReused)
+                .emitting(Signal::CodeReplay { revoked: true })
+                .cascading(Cascade::Family(RevokeReason::CodeReplay))
+        );
+        let wrong = "x".repeat(43);
+        let plan = decide_exchange(&exchanged, &req("c", &wrong), &open);
+        assert_eq!(
+            plan,
+            Plan::deny(DenyReason::CodeSpent).emitting(Signal::CodeReplay { revoked: false })
+        );
+        let plan = decide_exchange(&code, &req("d", VERIFIER), &open);
+        assert_eq!(
+            plan,
+            Plan::deny(DenyReason::ClientMismatch).emitting(Signal::ClientMismatch)
+        );
+        let plan = decide_exchange(&code, &req("c", VERIFIER), &ten);
+        assert_eq!(
+            plan,
+            Plan::deny(DenyReason::IpNotAllowed).emitting(Signal::IpNotAllowed)
+        );
+        let plan = decide_exchange(&code, &req("c", &wrong), &open);
+        assert_eq!(plan, Plan::deny(DenyReason::PkceMismatch));
     }
 
     #[test]

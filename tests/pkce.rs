@@ -2,13 +2,14 @@
 
 mod common;
 
-use std::sync::Barrier;
+use std::sync::{Arc, Barrier, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use common::{CLIENT, Harness, START, ip};
 use refresh_guard::{
-    AcceptKind, AuthorizeRequest, Decision, DenyReason, EventKind, ExchangeRequest, Generation,
-    IpCheck, Pkce, PolicyOverrides, PolicySet, RevokeReason, Timestamp, Token,
+    AcceptKind, AuthorizeRequest, Decision, DenyReason, Engine, Event, EventKind, EventSink,
+    ExchangeRequest, Generation, IpCheck, Pkce, PolicyOverrides, PolicySet, RevokeReason,
+    Timestamp, Token,
 };
 
 const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
@@ -282,6 +283,102 @@ fn code_replay_revokes_the_family() {
     assert_eq!(
         reason(exchange(&h, &c, Some(VERIFIER))),
         DenyReason::Revoked
+    );
+}
+
+/// A sink that swaps in another policy set when it sees a code replay:
+/// the swap lands exactly between the replay's decision and its
+/// revocation's `family_revoked` event.
+struct SwapOnReplay {
+    engine: OnceLock<Weak<Engine>>,
+    events: Mutex<Vec<Event>>,
+}
+
+impl EventSink for SwapOnReplay {
+    fn emit(&self, event: &Event) {
+        self.events.lock().unwrap().push(event.clone());
+        if let EventKind::CodeReplay { .. } = event.kind
+            && let Some(engine) = self.engine.get().and_then(Weak::upgrade)
+        {
+            let other = PolicySet::builder()
+                .client(
+                    CLIENT,
+                    PolicyOverrides::new().grace_period(Duration::from_secs(1)),
+                )
+                .build()
+                .unwrap();
+            engine.swap_policies(other);
+        }
+    }
+}
+
+/// Regression: a code replay's `family_revoked` event named the policy set
+/// in force when the revocation was finished, not the one that decided the
+/// replay (a reuse's names the deciding one), so a swap in between made
+/// the two events of one replay disagree.
+#[test]
+fn a_code_replays_events_name_the_policy_version_that_decided_it() {
+    let sink = Arc::new(SwapOnReplay {
+        engine: OnceLock::new(),
+        events: Mutex::new(Vec::new()),
+    });
+    let set = PolicySet::builder()
+        .client(CLIENT, PolicyOverrides::new())
+        .build()
+        .unwrap();
+    let deciding = set.version();
+    let engine = Arc::new(
+        Engine::builder()
+            .policies(set)
+            .events(sink.clone())
+            .build()
+            .unwrap(),
+    );
+    assert!(sink.engine.set(Arc::downgrade(&engine)).is_ok());
+    let exchange_code = |code: &str| {
+        engine
+            .exchange(&ExchangeRequest {
+                code,
+                code_verifier: Some(VERIFIER),
+                client: CLIENT,
+                redirect_uri: REDIRECT,
+                ip: Some(ip("10.0.0.1")),
+            })
+            .unwrap()
+    };
+    let c = engine
+        .authorize(&AuthorizeRequest {
+            client: CLIENT,
+            subject: "alice",
+            scope: "openid",
+            redirect_uri: REDIRECT,
+            code_challenge: Some(CHALLENGE),
+            code_challenge_method: Some("S256"),
+            ip: None,
+        })
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .token;
+    assert!(exchange_code(&c).accepted().is_some());
+    let replay = exchange_code(&c);
+    assert_eq!(replay.deny_reason(), Some(DenyReason::CodeReused));
+    assert_eq!(replay.policy_version(), deciding);
+    assert_ne!(engine.policies().version(), deciding, "the sink swapped");
+    let events = sink.events.lock().unwrap();
+    let of_replay: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                EventKind::CodeReplay { .. } | EventKind::FamilyRevoked { .. }
+            )
+        })
+        .map(|e| (e.kind.as_str(), e.policy_version))
+        .collect();
+    assert_eq!(
+        of_replay,
+        [("code_replay", deciding), ("family_revoked", deciding)]
     );
 }
 

@@ -2,16 +2,13 @@
 
 use crate::clock::Timestamp;
 use crate::code::{self, ExchangeCheck};
-use crate::decision::{AcceptKind, Accepted, Decision, DenyReason, Verdict};
+use crate::decision::{self, Accepted, Decision, DenyReason, Verdict};
 use crate::error::Error;
-use crate::event::EventKind;
-use crate::family::RevokeReason;
 use crate::store::Lsn;
-use crate::token::{self, Generation, KeyUid, TokenKind};
+use crate::token::{self, Generation, TokenKind};
 
-use super::revoke::Revocation;
 use super::stats::outcome_slot;
-use super::{Durable, Engine, ExchangeRequest, Who, deny, mint_current};
+use super::{Durable, Engine, ExchangeRequest, deny, mint_current};
 
 impl Engine {
     /// Exchange an authorization code for the family's first refresh token
@@ -82,75 +79,34 @@ impl Engine {
             ip: req.ip,
             now,
         };
-        match code::decide_exchange(f, &check, policy) {
-            Ok(()) => {
-                // `f.code` stays until the code's lifetime ends (the sweeper
-                // drops it then): a replay is judged against it.
-                f.generation = Generation::FIRST;
-                f.created = now;
-                f.last_used = now;
-                f.rotated_at = now;
-                f.rotation_ip = req.ip.map(|a| a.to_canonical());
-                f.key = keys.active();
-                f.tag_uid = KeyUid::NONE;
+        let plan = code::decide_exchange(f, &check, policy);
+        decision::apply(f, plan.change, now, req.ip, keys.active());
+        match plan.verdict {
+            Verdict::Accept(kind) => {
                 let token = mint_current(f, &keys).expect("the active key is always in the ring");
                 let id = f.id;
                 let lsn = self.persist(f)?;
-                shard.outcomes[outcome_slot(Verdict::Accept(AcceptKind::Exchanged))] += 1;
+                shard.outcomes[outcome_slot(plan.verdict)] += 1;
                 drop(shard);
                 Ok((
                     Decision::Accept(Accepted {
                         token,
                         family: id,
                         generation: Generation::FIRST,
-                        kind: AcceptKind::Exchanged,
+                        kind,
                         policy_version: version,
                     }),
                     lsn,
                 ))
             }
-            Err(reason) => {
+            Verdict::Deny(reason) => {
+                let family = f.id;
                 let loc = self.table.loc(&parsed.family, slot);
-                let revocation = match reason {
-                    DenyReason::CodeReused => {
-                        Revocation::under_lock(self, f, loc, RevokeReason::CodeReplay, now)
-                    }
-                    _ => None,
-                };
-                let who = match &revocation {
-                    Some(r) => r.who().clone(),
-                    None => Who::of(f, loc),
-                };
-                shard.outcomes[outcome_slot(Verdict::Deny(reason))] += 1;
+                let done = self.revoke_planned(f, loc, &plan, now);
+                shard.outcomes[outcome_slot(plan.verdict)] += 1;
                 drop(shard);
-                let ip = req.ip;
-                let mut lsn = None;
-                match reason {
-                    DenyReason::CodeReused | DenyReason::CodeSpent => {
-                        let replay = EventKind::CodeReplay {
-                            revoked: revocation.is_some(),
-                        };
-                        self.emit(replay, Some(&who), ip, version, now);
-                    }
-                    DenyReason::ClientMismatch => self.emit(
-                        EventKind::ClientMismatch {
-                            presented_client: req.client.into(),
-                        },
-                        Some(&who),
-                        ip,
-                        version,
-                        now,
-                    ),
-                    DenyReason::IpNotAllowed => {
-                        self.emit(EventKind::IpNotAllowed, Some(&who), ip, version, now)
-                    }
-                    _ => {}
-                }
-                if let Some(r) = revocation {
-                    let version = self.policies.load().version();
-                    lsn = r.finish(self, ip, version, now)?;
-                }
-                Ok((deny(reason, Some(who.family), version), lsn))
+                let lsn = self.carry_out(&plan, done, req.client, req.ip, version, now)?;
+                Ok((deny(reason, Some(family), version), lsn))
             }
         }
     }

@@ -22,6 +22,7 @@ use crate::token::{self, FamilyId, Generation, KeyRing, KeyUid, Token, TokenKind
 
 mod builder;
 mod exchange;
+mod execute;
 mod issue;
 mod maintenance;
 mod redeem;

@@ -1,20 +1,19 @@
 //! Refresh-token redemption, in the order of checks of docs/design.md ("The
-//! refresh decision") and the README, and what a denial sets off.
+//! refresh decision") and the README: the shell around `decide`, which
+//! carries out the plan it returns.
 
 use std::net::IpAddr;
 
 use crate::clock::Timestamp;
-use crate::decision::{self, AcceptKind, Accepted, Decision, DenyReason, Request, Verdict};
+use crate::decision::{
+    self, AcceptKind, Accepted, Change, Decision, DenyReason, Plan, Request, Verdict,
+};
 use crate::error::Error;
-use crate::event::EventKind;
-use crate::family::RevokeReason;
-use crate::policy::{OnReuse, PolicyVersion};
 use crate::store::Lsn;
-use crate::token::{self, Generation, TokenKind};
+use crate::token::{self, TokenKind};
 
-use super::revoke::Revocation;
 use super::stats::outcome_slot;
-use super::{Durable, Engine, Who, deny, mint_current};
+use super::{Durable, Engine, deny, mint_current};
 
 impl Engine {
     /// Redeem a refresh token presented by `client` from `ip`: an address,
@@ -118,39 +117,41 @@ impl Engine {
             ip,
             now,
         };
-        let mut verdict = decision::decide(f, &req, policy);
-        if let Verdict::Accept(kind) = verdict {
+        let mut plan = decision::decide(f, &req, policy);
+        if let Verdict::Accept(kind) = plan.verdict {
             // The token to return is minted with the active key on rotation,
             // else with the key of the current generation. If that key was
-            // removed, the current token is dead; refuse rather than fork.
+            // removed, the current token is dead: refuse rather than fork,
+            // as for a token whose key is unknown (nothing changes, nothing
+            // is revoked or reported).
             let mint_key = if kind == AcceptKind::Rotated {
                 keys.active()
             } else {
                 f.key
             };
             if !keys.contains(mint_key) {
-                verdict = Verdict::Deny(DenyReason::InvalidToken);
+                plan = Plan::deny(DenyReason::InvalidToken);
             }
         }
-        slot.outcomes[outcome_slot(verdict)] += 1;
+        slot.outcomes[outcome_slot(plan.verdict)] += 1;
         // Shadow: the same pure decision on the same state under the
         // candidate set, counted and otherwise discarded.
         if let Some(shadow) = &*self.shadow.load() {
             // A candidate that would refuse the client counts as such.
             let candidate = match shadow.set.admits_client(client) {
-                true => decision::decide(f, &req, shadow.set.policy(f.client())),
+                true => decision::decide(f, &req, shadow.set.policy(f.client())).verdict,
                 false => Verdict::Deny(DenyReason::UnknownClient),
             };
             slot.shadow.record(
                 shadow.epoch,
                 f.client(),
-                outcome_slot(verdict),
+                outcome_slot(plan.verdict),
                 outcome_slot(candidate),
             );
         }
-        match verdict {
+        decision::apply(f, plan.change, now, ip, keys.active());
+        match plan.verdict {
             Verdict::Accept(kind) => {
-                decision::apply_accept(f, kind, &req, keys.active());
                 let token = mint_current(f, &keys);
                 let (family, generation) = (f.id, f.generation);
                 let lsn = self.persist(f)?;
@@ -158,7 +159,11 @@ impl Engine {
                 // A `reuse`-rotation acceptance only moves last use: losing
                 // it to a crash makes the family look idle sooner, which is
                 // the safe direction, so it is not waited for.
-                let wait = if kind == AcceptKind::Kept { None } else { lsn };
+                let wait = if plan.change == Change::Keep {
+                    None
+                } else {
+                    lsn
+                };
                 match token {
                     Some(token) => Ok((
                         Decision::Accept(Accepted {
@@ -175,127 +180,13 @@ impl Engine {
                 }
             }
             Verdict::Deny(reason) => {
-                let (current, family) = (f.generation, f.id);
-                // Copying the client bumps a count shared by all of a
-                // client's families, and the subject is copied into a new
-                // allocation: only for a sink, or for reuse, whose response
-                // needs the subject.
+                let family = f.id;
                 let loc = self.table.loc(&parsed.family, slot.slot);
-                let on_reuse = policy.on_reuse;
-                let revocation = match reason {
-                    DenyReason::ReuseDetected if on_reuse != OnReuse::ReportOnly => {
-                        Revocation::under_lock(self, f, loc, RevokeReason::ReuseDetected, now)
-                    }
-                    _ => None,
-                };
-                let who = match &revocation {
-                    Some(r) => Some(r.who().clone()),
-                    None => (reason == DenyReason::ReuseDetected || self.events.delivers())
-                        .then(|| Who::of(f, loc)),
-                };
+                let done = self.revoke_planned(f, loc, &plan, now);
                 drop(shard);
-                let lsn = self.after_denial(
-                    reason,
-                    &req,
-                    who.as_ref(),
-                    current,
-                    on_reuse,
-                    revocation,
-                    version,
-                )?;
+                let lsn = self.carry_out(&plan, done, client, ip, version, now)?;
                 Ok((deny(reason, Some(family), version), lsn))
             }
         }
-    }
-
-    /// Events and cross-family follow-ups of a denial, outside every lock.
-    /// `revocation` is the family's own, made under its lock: only reuse
-    /// revokes, so for any other denial it is `None`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn after_denial(
-        &self,
-        reason: DenyReason,
-        req: &Request<'_>,
-        who: Option<&Who>,
-        current: Generation,
-        on_reuse: OnReuse,
-        revocation: Option<Revocation>,
-        version: PolicyVersion,
-    ) -> Result<Option<Lsn>, Error> {
-        let (ip, now) = (req.ip, req.now);
-        let mut lsn = None;
-        match reason {
-            DenyReason::ReuseDetected => {
-                self.emit(
-                    EventKind::ReuseDetected {
-                        presented: req.generation,
-                        current,
-                        response: on_reuse,
-                    },
-                    who,
-                    ip,
-                    version,
-                    now,
-                );
-                // Revoked by this call, so its index entry is this call's to
-                // remove (see `SubjectIndex`), even if the store failed.
-                if let Some(r) = revocation {
-                    lsn = r.finish(self, ip, version, now)?;
-                }
-                // The caller copies client and subject for every reuse.
-                let Some(who) = who else {
-                    return Ok(lsn);
-                };
-                match on_reuse {
-                    OnReuse::RevokeSubjectClient => {
-                        lsn = lsn.max(
-                            self.revoke_subject_with(
-                                &who.subject,
-                                Some(&who.client),
-                                RevokeReason::SubjectReuse,
-                                ip,
-                                now,
-                            )?
-                            .1,
-                        );
-                    }
-                    OnReuse::RevokeSubject => {
-                        lsn = lsn.max(
-                            self.revoke_subject_with(
-                                &who.subject,
-                                None,
-                                RevokeReason::SubjectReuse,
-                                ip,
-                                now,
-                            )?
-                            .1,
-                        );
-                    }
-                    OnReuse::RevokeFamily | OnReuse::ReportOnly => {}
-                }
-            }
-            DenyReason::ClientMismatch => self.emit(
-                EventKind::ClientMismatch {
-                    presented_client: req.client.into(),
-                },
-                who,
-                ip,
-                version,
-                now,
-            ),
-            DenyReason::StateRollback => self.emit(
-                EventKind::StateRollback {
-                    presented: req.generation,
-                    current,
-                },
-                who,
-                ip,
-                version,
-                now,
-            ),
-            DenyReason::IpNotAllowed => self.emit(EventKind::IpNotAllowed, who, ip, version, now),
-            _ => {}
-        }
-        Ok(lsn)
     }
 }

@@ -1,6 +1,7 @@
 //! The refresh decision: a pure function of (family state, presented
-//! generation, request, policy, now). Tables, keys, clocks and events are the
-//! engine's business; this module only says what should happen.
+//! generation, request, policy, now) to a [`Plan`] of what should happen
+//! (`plan.rs`). Tables, keys, clocks and delivering events are the engine's
+//! business; `reference.rs` checks the decision against plain rules.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -9,6 +10,12 @@ use crate::clock::Timestamp;
 use crate::family::Family;
 use crate::policy::{ClientPolicy, IpCheck, PolicyVersion, Rotation};
 use crate::token::{FamilyId, Generation, Token};
+
+mod plan;
+#[cfg(test)]
+mod reference;
+
+pub(crate) use plan::{Cascade, Change, Plan, Signal, apply};
 
 /// Why a redemption was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -305,57 +312,69 @@ pub(crate) struct Request<'a> {
     pub(crate) now: Timestamp,
 }
 
-/// What should happen, before anything has.
+/// Accept how, or deny why: the outcome part of a [`Plan`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
     Accept(AcceptKind),
     Deny(DenyReason),
 }
 
-/// Steps 4–8 of the README's "The order of checks", in order. Steps 1–3
-/// (parse, look up, verify the tag) need the key ring and the table, so the
-/// engine does them first; a family only reaches this function with a valid
-/// tag.
-pub(crate) fn decide(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> Verdict {
+/// Steps 4–8 of the README's "The order of checks", in order, and what
+/// each outcome sets off: the family's change, the revocations, the events.
+/// Steps 1–3 (parse, look up, verify the tag) need the key ring and the
+/// table, so the engine does them first; a family only reaches this
+/// function with a valid tag.
+pub(crate) fn decide(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> Plan {
     // 4. Client binding.
     if **f.client() != *req.client {
-        return Verdict::Deny(DenyReason::ClientMismatch);
+        return Plan::deny(DenyReason::ClientMismatch).emitting(Signal::ClientMismatch);
     }
     // 5. Revoked, then absolute, then idle lifetime.
     if !f.is_active() {
-        return Verdict::Deny(DenyReason::Revoked);
+        return Plan::deny(DenyReason::Revoked);
     }
     if let Some(reason) = expiry(f, policy, req.now) {
-        return Verdict::Deny(reason);
+        return Plan::deny(reason);
     }
     // 6. Classify the presented generation against the current one.
     let (g, c) = (req.generation, f.generation);
     if g > c {
-        return Verdict::Deny(DenyReason::StateRollback);
+        let rollback = Signal::StateRollback {
+            presented: g,
+            current: c,
+        };
+        return Plan::deny(DenyReason::StateRollback).emitting(rollback);
     }
     if g < c {
         if !in_grace(f, req, policy) {
-            return Verdict::Deny(DenyReason::ReuseDetected);
+            let reuse = Signal::ReuseDetected {
+                presented: g,
+                current: c,
+                response: policy.on_reuse,
+            };
+            return Plan::deny(DenyReason::ReuseDetected)
+                .emitting(reuse)
+                .cascading(Cascade::of_reuse(policy.on_reuse));
         }
         // A grace replay hands out the successor: it is a redemption, and
         // every check that guards one guards it, the allow-list included.
         // Outside the list it is denied like the current token would be,
         // without revocation (the grace window says this is no theft).
         if !ip_admitted(req, policy) {
-            return Verdict::Deny(DenyReason::IpNotAllowed);
+            return Plan::deny(DenyReason::IpNotAllowed).emitting(Signal::IpNotAllowed);
         }
-        return Verdict::Accept(AcceptKind::GraceReplay);
+        return Plan::accept(AcceptKind::GraceReplay, Change::GraceReplay);
     }
     // 7. Allow-list, after reuse: a replay from a foreign network is theft,
-    //    not travel.
+    //    not travel. No revocation: the owner may be travelling.
     if !ip_admitted(req, policy) {
-        return Verdict::Deny(DenyReason::IpNotAllowed);
+        return Plan::deny(DenyReason::IpNotAllowed).emitting(Signal::IpNotAllowed);
     }
     // 8. Accept.
     match policy.rotation {
-        Rotation::Reuse => Verdict::Accept(AcceptKind::Kept),
-        Rotation::Rotate if c.next().is_none() => Verdict::Deny(DenyReason::GenerationsExhausted),
-        Rotation::Rotate => Verdict::Accept(AcceptKind::Rotated),
+        Rotation::Reuse => Plan::accept(AcceptKind::Kept, Change::Keep),
+        Rotation::Rotate if c.next().is_none() => Plan::deny(DenyReason::GenerationsExhausted),
+        Rotation::Rotate => Plan::accept(AcceptKind::Rotated, Change::Rotate),
     }
 }
 
@@ -399,33 +418,6 @@ fn in_grace(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> bool {
                     == req.ip.map(|a| a.to_canonical())))
 }
 
-/// Apply an accepting verdict's state change. `key` is the active key, which
-/// mints the new generation on rotation.
-pub(crate) fn apply_accept(
-    f: &mut Family,
-    kind: AcceptKind,
-    req: &Request<'_>,
-    key: crate::token::KeyId,
-) {
-    match kind {
-        AcceptKind::Rotated => {
-            // decide() refused exhausted generations; keep the old one if
-            // that ever changes rather than wrapping to 0.
-            f.generation = f.generation.next().unwrap_or(f.generation);
-            // Never before the previous rotation (see `in_grace`).
-            f.rotated_at = req.now.max(f.rotated_at);
-            f.rotation_ip = req.ip.map(|a| a.to_canonical());
-            f.grace_used = 0;
-            f.key = key;
-            // The cached tag is the old generation's.
-            f.tag_uid = crate::token::KeyUid::NONE;
-        }
-        AcceptKind::GraceReplay => f.grace_used = f.grace_used.saturating_add(1),
-        AcceptKind::Kept | AcceptKind::Issued | AcceptKind::CodeIssued | AcceptKind::Exchanged => {}
-    }
-    f.last_used = req.now.max(f.last_used);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +451,12 @@ mod tests {
             ip: Some("10.0.0.1".parse().unwrap()),
             now: Timestamp::from_secs(secs),
         }
+    }
+
+    /// The verdict of the plan; the plans' other parts are checked
+    /// against the reference in `reference.rs`.
+    fn decide(f: &Family, r: &Request<'_>, p: &ClientPolicy) -> Verdict {
+        super::decide(f, r, p).verdict
     }
 
     fn deny(v: Verdict) -> DenyReason {
@@ -673,14 +671,14 @@ mod tests {
         let mut f = fam(3);
         let mut r = req(3, 999);
         r.ip = Some("::ffff:192.0.2.1".parse().unwrap());
-        apply_accept(&mut f, AcceptKind::Rotated, &r, KeyId(0));
+        apply(&mut f, Change::Rotate, r.now, r.ip, KeyId(0));
         assert_eq!(f.rotation_ip, Some("192.0.2.1".parse().unwrap()));
         assert_eq!(f.rotated_at, Timestamp::from_secs(1000));
         assert_eq!(f.last_used, Timestamp::from_secs(1000));
         r.ip = None;
         r.now = Timestamp::from_secs(2000);
         r.generation = Generation::new(4);
-        apply_accept(&mut f, AcceptKind::Rotated, &r, KeyId(0));
+        apply(&mut f, Change::Rotate, r.now, r.ip, KeyId(0));
         assert_eq!(f.rotation_ip, None, "an unknown address is not kept");
         let same_ip = ClientPolicy {
             grace_period: Duration::from_secs(10),
@@ -718,7 +716,7 @@ mod tests {
         let mut f = fam(3);
         f.grace_used = 1;
         let r = req(3, 2000);
-        apply_accept(&mut f, AcceptKind::Rotated, &r, KeyId(5));
+        apply(&mut f, Change::Rotate, r.now, r.ip, KeyId(5));
         assert_eq!(f.generation, Generation::new(4));
         assert_eq!(f.grace_used, 0);
         assert_eq!(f.rotated_at, r.now);
