@@ -188,6 +188,7 @@ fn authorize(e: &Engine, subject: &str) -> (Token, FamilyId) {
             code_challenge: Some(CHALLENGE),
             code_challenge_method: Some("S256"),
             ip: Some(inside()),
+            dpop_jkt: None,
         })
         .expect("no store");
     match d {
@@ -204,6 +205,7 @@ fn exchange(e: &Engine, code: &Token) -> FamilyId {
             client: CLIENT,
             redirect_uri: REDIRECT_URI,
             ip: Some(inside()),
+            dpop: None,
         })
         .expect("no store");
     match d {

@@ -20,6 +20,7 @@ use subtle::ConstantTimeEq;
 
 use crate::clock::Timestamp;
 use crate::decision::DenyReason;
+use crate::dpop::{self, Jkt};
 use crate::family::Family;
 use crate::policy::{ClientPolicy, MAX_CODE_TTL, Pkce};
 use crate::token::Generation;
@@ -173,11 +174,18 @@ pub(crate) struct ExchangeCheck<'a> {
     pub(crate) redirect_uri: &'a str,
     pub(crate) verifier: Option<&'a str>,
     pub(crate) ip: Option<std::net::IpAddr>,
+    /// The key of the verified DPoP proof sent with the exchange.
+    pub(crate) jkt: Option<&'a Jkt>,
     pub(crate) now: Timestamp,
 }
 
-/// The exchange decision, in order: client binding, revoked, replay,
-/// redirect URI, expiry, PKCE, allow-list. `Ok` means exchange.
+/// The exchange decision, in order: client binding, revoked, DPoP key,
+/// replay, redirect URI, expiry, PKCE, allow-list. `Ok` means exchange.
+///
+/// The DPoP check is the refresh decision's (README "The order of
+/// checks", step 6), against the code's `dpop_jkt` (RFC 9449 §10) or, for
+/// a replay, the key the family was bound to since: a replay without that
+/// key is denied before it is classified, so it revokes nothing.
 ///
 /// A replay (the family is past generation 0) is `CodeReused`, and revokes
 /// the family (RFC 6749 §4.1.2), only if it passes the redirect URI, expiry
@@ -199,6 +207,7 @@ pub(crate) fn decide_exchange(
     if !f.is_active() {
         return Err(DenyReason::Revoked);
     }
+    dpop::check(f.jkt(), req.jkt, policy.dpop, policy.is_public())?;
     if f.generation != Generation::CODE {
         let proven = f
             .code
@@ -407,6 +416,7 @@ mod tests {
                         code_challenge: Some(CHALLENGE),
                         code_challenge_method: Some("S256"),
                         ip,
+                        dpop_jkt: None,
                     },
                     start,
                 )
@@ -420,6 +430,7 @@ mod tests {
                 client: "c",
                 redirect_uri: "https://a/cb",
                 ip,
+                dpop: None,
             };
             engine.exchange_at(&req, start).unwrap();
         };

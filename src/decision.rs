@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::clock::Timestamp;
+use crate::dpop::{self, Jkt};
 use crate::family::Family;
 use crate::policy::{ClientPolicy, IpCheck, PolicyVersion, Rotation};
 use crate::token::{FamilyId, Generation, Token};
@@ -63,6 +64,14 @@ pub enum DenyReason {
     /// The set has `unknown_clients = "refuse"` and does not list the
     /// presenting client. Nothing was read or changed.
     UnknownClient,
+    /// No DPoP proof came with a token bound to a DPoP key, or under
+    /// `dpop = "required"` (RFC 9449 §5). Nothing is revoked.
+    DpopProofRequired,
+    /// The DPoP proof is from another key than the one the token (or the
+    /// code's `dpop_jkt`) is bound to (RFC 9449 §5, §10). Nothing is
+    /// revoked: the holder of a stolen token without the key cannot log
+    /// the owner out.
+    DpopKeyMismatch,
 }
 
 /// The OAuth error code a denial is reported as (RFC 6749 §5.2).
@@ -111,6 +120,8 @@ impl DenyReason {
             DenyReason::PkceVerifierUnexpected => "pkce_verifier_unexpected",
             DenyReason::PkceMismatch => "pkce_mismatch",
             DenyReason::UnknownClient => "unknown_client",
+            DenyReason::DpopProofRequired => "dpop_proof_required",
+            DenyReason::DpopKeyMismatch => "dpop_key_mismatch",
         }
     }
 
@@ -119,7 +130,10 @@ impl DenyReason {
     /// failed client authentication, which is the server's, not the engine's,
     /// save the one case RFC 6749 §5.2 names that the engine decides: an
     /// unknown client (`unknown_clients = "refuse"`).
-    /// A malformed PKCE challenge is a bad authorization request.
+    /// A malformed PKCE challenge is a bad authorization request. The DPoP
+    /// denials are `invalid_grant`: the proof itself was valid (a bad one
+    /// is the server's `invalid_dpop_proof`, RFC 9449 §5), the grant is
+    /// bound to another key or needs one.
     pub fn oauth_error(self) -> OAuthError {
         match self {
             DenyReason::PkceChallengeInvalid => OAuthError::InvalidRequest,
@@ -159,11 +173,15 @@ impl DenyReason {
             }
             DenyReason::PkceMismatch => "code_verifier does not match code_challenge",
             DenyReason::UnknownClient => "client is not registered with this server",
+            DenyReason::DpopProofRequired => "a DPoP proof is required for this grant",
+            DenyReason::DpopKeyMismatch => {
+                "the DPoP proof is not from the key this grant is bound to"
+            }
         }
     }
 
     /// Every reason, for metrics tables.
-    pub const ALL: [DenyReason; 20] = [
+    pub const ALL: [DenyReason; 22] = [
         DenyReason::InvalidToken,
         DenyReason::ClientMismatch,
         DenyReason::Revoked,
@@ -184,6 +202,8 @@ impl DenyReason {
         DenyReason::PkceVerifierUnexpected,
         DenyReason::PkceMismatch,
         DenyReason::UnknownClient,
+        DenyReason::DpopProofRequired,
+        DenyReason::DpopKeyMismatch,
     ];
 }
 
@@ -302,6 +322,9 @@ pub(crate) struct Request<'a> {
     /// `None` when the caller's address could not be determined (an
     /// unreadable forwarding chain): outside every non-empty allow-list.
     pub(crate) ip: Option<IpAddr>,
+    /// The thumbprint of the key of the verified DPoP proof sent with the
+    /// request, if one was.
+    pub(crate) jkt: Option<&'a Jkt>,
     pub(crate) now: Timestamp,
 }
 
@@ -312,7 +335,7 @@ pub(crate) enum Verdict {
     Deny(DenyReason),
 }
 
-/// Steps 4–8 of the README's "The order of checks", in order. Steps 1–3
+/// Steps 4–9 of the README's "The order of checks", in order. Steps 1–3
 /// (parse, look up, verify the tag) need the key ring and the table, so the
 /// engine does them first; a family only reaches this function with a valid
 /// tag.
@@ -328,7 +351,12 @@ pub(crate) fn decide(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> Ve
     if let Some(reason) = expiry(f, policy, req.now) {
         return Verdict::Deny(reason);
     }
-    // 6. Classify the presented generation against the current one.
+    // 6. Sender constraint (RFC 9449 §5), before the generation is looked
+    //    at: without the key, neither a grace replay nor a revocation.
+    if let Err(reason) = dpop::check(f.jkt(), req.jkt, policy.dpop, policy.is_public()) {
+        return Verdict::Deny(reason);
+    }
+    // 7. Classify the presented generation against the current one.
     let (g, c) = (req.generation, f.generation);
     if g > c {
         return Verdict::Deny(DenyReason::StateRollback);
@@ -346,12 +374,12 @@ pub(crate) fn decide(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> Ve
         }
         return Verdict::Accept(AcceptKind::GraceReplay);
     }
-    // 7. Allow-list, after reuse: a replay from a foreign network is theft,
+    // 8. Allow-list, after reuse: a replay from a foreign network is theft,
     //    not travel.
     if !ip_admitted(req, policy) {
         return Verdict::Deny(DenyReason::IpNotAllowed);
     }
-    // 8. Accept.
+    // 9. Accept.
     match policy.rotation {
         Rotation::Reuse => Verdict::Accept(AcceptKind::Kept),
         Rotation::Rotate if c.next().is_none() => Verdict::Deny(DenyReason::GenerationsExhausted),
@@ -457,6 +485,7 @@ mod tests {
             generation: Generation::new(g),
             client: "c",
             ip: Some("10.0.0.1".parse().unwrap()),
+            jkt: None,
             now: Timestamp::from_secs(secs),
         }
     }

@@ -1656,6 +1656,7 @@ impl<'a> Run<'a> {
                 code_challenge: challenge.as_deref(),
                 code_challenge_method: pkce.method,
                 ip: Some(ip_addr(ip)),
+                dpop_jkt: None,
             })
             .map_err(fail)?;
         self.count(format!("authorize:{}", d.outcome()));
@@ -1724,6 +1725,7 @@ impl<'a> Run<'a> {
                 client,
                 redirect_uri: REDIRECTS[redirect],
                 ip: Some(ip_addr(ip)),
+                dpop: None,
             })
             .map_err(fail)?;
         self.count(format!("exchange:{}", d.outcome()));
@@ -1897,6 +1899,7 @@ impl<'a> Run<'a> {
                         client: CLIENTS[self.model.families[fam].client],
                         redirect_uri: REDIRECTS[real.redirect],
                         ip: Some(ip_addr(0)),
+                        dpop: None,
                     })
                     .map_err(fail)?;
                 prop_assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
@@ -2261,6 +2264,7 @@ impl<'a> Run<'a> {
                 client: CLIENTS[client],
                 redirect_uri: REDIRECTS[redirect],
                 ip: Some(ip_addr(ip)),
+                dpop: None,
             })
             .map_err(fail)?;
         prop_assert_eq!(

@@ -25,6 +25,7 @@ fn authorize(h: &Harness, challenge: Option<&str>, method: Option<&str>) -> Deci
             code_challenge: challenge,
             code_challenge_method: method,
             ip: Some(ip("203.0.113.5")),
+            dpop_jkt: None,
         })
         .unwrap()
 }
@@ -46,6 +47,7 @@ fn exchange(h: &Harness, code: &str, verifier: Option<&str>) -> Decision {
             client: CLIENT,
             redirect_uri: REDIRECT,
             ip: Some(ip("10.0.0.1")),
+            dpop: None,
         })
         .unwrap()
 }
@@ -131,6 +133,7 @@ fn code_of_another_client_is_refused() {
             client: "other",
             redirect_uri: REDIRECT,
             ip: Some(ip("10.0.0.1")),
+            dpop: None,
         })
         .unwrap();
     assert_eq!(reason(d), DenyReason::ClientMismatch);
@@ -150,6 +153,7 @@ fn redirect_uri_must_match() {
             client: CLIENT,
             redirect_uri: "https://app.example/callback/",
             ip: Some(ip("10.0.0.1")),
+            dpop: None,
         })
         .unwrap();
     assert_eq!(reason(d), DenyReason::RedirectUriMismatch);
@@ -240,6 +244,7 @@ fn allow_list_applies_at_exchange_in_both_modes() {
                 client: CLIENT,
                 redirect_uri: REDIRECT,
                 ip: Some(ip("192.0.2.10")),
+                dpop: None,
             })
             .unwrap();
         assert!(d.accepted().is_some(), "{mode:?}");
@@ -390,6 +395,7 @@ fn requests_debug_without_secrets() {
         code_challenge: Some(VERIFIER),
         code_challenge_method: Some("plain"),
         ip: Some(ip("10.0.0.1")),
+        dpop_jkt: None,
     };
     let x = ExchangeRequest {
         code: "rgc_secretcode",
@@ -397,6 +403,7 @@ fn requests_debug_without_secrets() {
         client: CLIENT,
         redirect_uri: REDIRECT,
         ip: Some(ip("10.0.0.1")),
+        dpop: None,
     };
     let d = format!("{a:?} {x:?}");
     assert!(!d.contains(VERIFIER), "{d}");
@@ -420,6 +427,7 @@ fn exchange_by(
                 client,
                 redirect_uri,
                 ip: Some(ip("10.0.0.1")),
+                dpop: None,
             },
             now,
         )
@@ -665,6 +673,7 @@ fn replay_is_judged_the_same_after_a_restart() {
             client: CLIENT,
             redirect_uri: REDIRECT,
             ip: Some(ip("10.0.0.1")),
+            dpop: None,
         })
         .unwrap()
     };
@@ -679,6 +688,7 @@ fn replay_is_judged_the_same_after_a_restart() {
                 code_challenge: Some(CHALLENGE),
                 code_challenge_method: Some("S256"),
                 ip: Some(ip("10.0.0.1")),
+                dpop_jkt: None,
             })
             .unwrap()
             .accepted()
@@ -719,6 +729,7 @@ fn replay_with_the_verifier_from_outside_the_allow_list_revokes() {
             client: CLIENT,
             redirect_uri: REDIRECT,
             ip: Some(ip("198.51.100.7")),
+            dpop: None,
         })
         .unwrap();
     assert_eq!(reason(d), DenyReason::CodeReused);

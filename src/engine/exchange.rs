@@ -3,6 +3,7 @@
 use crate::clock::Timestamp;
 use crate::code::{self, ExchangeCheck};
 use crate::decision::{AcceptKind, Accepted, Decision, DenyReason, Verdict};
+use crate::dpop;
 use crate::error::Error;
 use crate::event::EventKind;
 use crate::family::RevokeReason;
@@ -80,6 +81,7 @@ impl Engine {
             redirect_uri: req.redirect_uri,
             verifier: req.code_verifier,
             ip: req.ip,
+            jkt: req.dpop.as_ref(),
             now,
         };
         match code::decide_exchange(f, &check, policy) {
@@ -93,6 +95,18 @@ impl Engine {
                 f.rotation_ip = req.ip.map(|a| a.to_canonical());
                 f.key = keys.active();
                 f.tag_uid = KeyUid::NONE;
+                // The family's binding for life (RFC 9449 §5): a public
+                // client's, to the exchange's proof where its policy allows
+                // DPoP; a confidential client's refresh tokens are never
+                // bound, also when its code was (`dpop_jkt`).
+                match dpop::at_exchange(req.dpop.as_ref(), policy.dpop, policy.is_public()) {
+                    Some(jkt) => f.bind(jkt),
+                    None if f.jkt().is_some() => {
+                        let unbound = self.interner.grant(f.client(), f.scope());
+                        f.grant = unbound;
+                    }
+                    None => {}
+                }
                 let token = mint_current(f, &keys).expect("the active key is always in the ring");
                 let id = f.id;
                 let lsn = self.persist(f)?;
@@ -143,6 +157,12 @@ impl Engine {
                     ),
                     DenyReason::IpNotAllowed => {
                         self.emit(EventKind::IpNotAllowed, Some(&who), ip, version, now)
+                    }
+                    DenyReason::DpopProofRequired => {
+                        self.emit(EventKind::DpopProofRequired, Some(&who), ip, version, now)
+                    }
+                    DenyReason::DpopKeyMismatch => {
+                        self.emit(EventKind::DpopKeyMismatch, Some(&who), ip, version, now)
                     }
                     _ => {}
                 }

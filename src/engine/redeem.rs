@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use crate::clock::Timestamp;
 use crate::decision::{self, AcceptKind, Accepted, Decision, DenyReason, Request, Verdict};
+use crate::dpop::{self, Binding};
 use crate::error::Error;
 use crate::event::EventKind;
 use crate::family::RevokeReason;
@@ -14,7 +15,7 @@ use crate::token::{self, Generation, TokenKind};
 
 use super::revoke::Revocation;
 use super::stats::outcome_slot;
-use super::{Durable, Engine, Who, deny, mint_current};
+use super::{Durable, Engine, Redemption, Who, deny, mint_current};
 
 impl Engine {
     /// Redeem a refresh token presented by `client` from `ip`: an address,
@@ -43,9 +44,7 @@ impl Engine {
         ip: impl Into<Option<IpAddr>>,
         now: Timestamp,
     ) -> Result<Decision, Error> {
-        let (decision, lsn) = self.redeem_inner(token, client, ip.into(), now)?;
-        self.settle(lsn)?;
-        Ok(decision)
+        self.redeem_with_at(&Redemption::new(token, client).ip(ip), now)
     }
 
     /// [`redeem`](Self::redeem) without blocking: the decision is made at
@@ -56,7 +55,27 @@ impl Engine {
         client: &str,
         ip: impl Into<Option<IpAddr>>,
     ) -> Result<Durable<'_>, Error> {
-        let (decision, lsn) = self.redeem_inner(token, client, ip.into(), self.clock.now())?;
+        self.redeem_with_async(&Redemption::new(token, client).ip(ip))
+    }
+
+    /// [`redeem`](Self::redeem) of a [`Redemption`], which can also carry
+    /// the thumbprint of a verified DPoP proof's key (RFC 9449): a family
+    /// bound to a key is redeemed only with a proof from that key.
+    pub fn redeem_with(&self, req: &Redemption<'_>) -> Result<Decision, Error> {
+        self.redeem_with_at(req, self.clock.now())
+    }
+
+    /// [`redeem_with`](Self::redeem_with) at a given time.
+    pub fn redeem_with_at(&self, req: &Redemption<'_>, now: Timestamp) -> Result<Decision, Error> {
+        let (decision, lsn) = self.redeem_inner(req, now)?;
+        self.settle(lsn)?;
+        Ok(decision)
+    }
+
+    /// [`redeem_with`](Self::redeem_with) without blocking, as
+    /// [`redeem_async`](Self::redeem_async).
+    pub fn redeem_with_async(&self, req: &Redemption<'_>) -> Result<Durable<'_>, Error> {
+        let (decision, lsn) = self.redeem_inner(req, self.clock.now())?;
         Ok(Durable {
             engine: self,
             decision: Some(decision),
@@ -66,11 +85,12 @@ impl Engine {
 
     pub(super) fn redeem_inner(
         &self,
-        token: &str,
-        client: &str,
-        ip: Option<IpAddr>,
+        redemption: &Redemption<'_>,
         now: Timestamp,
     ) -> Result<(Decision, Option<Lsn>), Error> {
+        let Redemption {
+            token, client, ip, ..
+        } = *redemption;
         let policies = self.policies.load();
         if let Some(refused) = self.refuse_unlisted(&policies, client) {
             return Ok((refused, None));
@@ -116,6 +136,7 @@ impl Engine {
             generation: parsed.generation,
             client,
             ip,
+            jkt: redemption.dpop.as_ref(),
             now,
         };
         let mut verdict = decision::decide(f, &req, policy);
@@ -150,6 +171,14 @@ impl Engine {
         }
         match verdict {
             Verdict::Accept(kind) => {
+                // Under `dpop = "required"`, an unbound family of a public
+                // client is bound to the key of its first accepted proof
+                // (README "Policy knobs"); decide() has passed the check.
+                if let Ok(Binding::Bind(jkt)) =
+                    dpop::check(f.jkt(), req.jkt, policy.dpop, policy.is_public())
+                {
+                    f.bind(jkt);
+                }
                 decision::apply_accept(f, kind, &req, keys.active());
                 let token = mint_current(f, &keys);
                 let (family, generation) = (f.id, f.generation);
@@ -294,6 +323,12 @@ impl Engine {
                 now,
             ),
             DenyReason::IpNotAllowed => self.emit(EventKind::IpNotAllowed, who, ip, version, now),
+            DenyReason::DpopProofRequired => {
+                self.emit(EventKind::DpopProofRequired, who, ip, version, now)
+            }
+            DenyReason::DpopKeyMismatch => {
+                self.emit(EventKind::DpopKeyMismatch, who, ip, version, now)
+            }
             _ => {}
         }
         Ok(lsn)
