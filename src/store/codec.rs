@@ -343,6 +343,33 @@ mod tests {
         }
     }
 
+    /// A DPoP-bound family's thumbprint is an optional trailer: an
+    /// unbound family's record is what the format wrote before binding
+    /// existed (so both directions read the other's unbound records), and
+    /// a bound one round-trips with its key.
+    #[test]
+    fn the_dpop_thumbprint_is_an_optional_trailer() {
+        let mut f = sample();
+        let mut unbound = Vec::new();
+        encode(&f, &mut unbound);
+        assert!(decode(&unbound).unwrap().jkt().is_none());
+        f.bind(Jkt::from_bytes([0xa5; 32]));
+        let mut bound = Vec::new();
+        encode(&f, &mut bound);
+        assert_eq!(bound.len(), unbound.len() + 33);
+        assert_eq!(bound[..unbound.len()], unbound[..]);
+        let g = decode(&bound).unwrap();
+        assert_eq!(g.jkt(), Some(&Jkt::from_bytes([0xa5; 32])));
+        // An unknown trailer, or a cut one, is refused, not guessed at.
+        let mut other = unbound.clone();
+        other.push(2);
+        other.extend_from_slice(&[0xa5; 32]);
+        assert!(decode(&other).is_none());
+        for n in unbound.len() + 1..bound.len() {
+            assert!(decode(&bound[..n]).is_none(), "cut at {n}");
+        }
+    }
+
     #[test]
     fn truncated_or_padded_records_are_rejected() {
         let mut b = Vec::new();
