@@ -303,6 +303,10 @@ mod tests {
     fn record_stays_within_its_budget() {
         assert!(std::mem::size_of::<Option<Family>>() <= 152);
         assert_eq!(std::mem::size_of::<SubjectName>(), 24);
+        // A DPoP-bound family's own grant (docs/design.md
+        // "Sender-constrained families"): 72 bytes, 88 with the `Arc`'s
+        // counts; unbound families share their pair's.
+        assert_eq!(std::mem::size_of::<Grant>(), 72);
     }
 
     /// `EventCounts::revocations` is indexed by `index()` in the order of
