@@ -452,6 +452,8 @@ fn backups_restores_and_snapshots_keep_the_binding() {
     let t1 = h.family(PUBLIC, Some(A));
     let family = h.redeem(&t1, PUBLIC, Some(A)).accepted().copied().unwrap();
     let backup = h.engine.family_record(family.family).unwrap();
+    assert_eq!(backup.jkt(), Some(A));
+    assert_eq!(h.engine.introspect(&family.token).unwrap().jkt, Some(A));
     let other = harness(Dpop::Off);
     other.engine.restore_family(backup).unwrap();
     assert_eq!(

@@ -2445,6 +2445,7 @@ impl<'a> Run<'a> {
                     idle_expires_at: p.idle_ms().map(|t| ts(m.last_used + t)),
                     absolute_expires_at: p.absolute_ms().map(|t| ts(m.created + t)),
                     status: model_status(m),
+                    jkt: None,
                 };
                 prop_assert_eq!(
                     &got,

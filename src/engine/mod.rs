@@ -206,6 +206,9 @@ pub struct Introspection {
     pub absolute_expires_at: Option<Timestamp>,
     /// Active, or revoked with why and when.
     pub status: Status,
+    /// The DPoP key the family is bound to: RFC 9449 §6 `cnf.jkt` for
+    /// introspection responses and the access tokens minted for it.
+    pub jkt: Option<Jkt>,
 }
 
 impl Introspection {
@@ -235,6 +238,10 @@ impl FamilyRecord {
     /// Active or revoked.
     pub fn status(&self) -> Status {
         self.0.status()
+    }
+    /// The DPoP key the family is bound to, if any.
+    pub fn jkt(&self) -> Option<Jkt> {
+        self.0.jkt().copied()
     }
 }
 
@@ -442,6 +449,7 @@ impl Engine {
             idle_expires_at: policy.idle_ttl.map(|t| f.last_used.saturating_add(t)),
             absolute_expires_at: policy.absolute_ttl.map(|t| f.created.saturating_add(t)),
             status: f.status(),
+            jkt: f.jkt().copied(),
         })
     }
 }
