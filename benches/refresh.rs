@@ -7,7 +7,9 @@
 //! - `redeem`: `rotate` (the current token), `grace_replay` (the predecessor
 //!   inside the grace window: the same successor again), `reuse_revoke` (an
 //!   older token: the family is revoked), `ip_denied` (from outside the
-//!   client's allow-list), `forged` (valid shape, wrong tag); beside them
+//!   client's allow-list), `forged` (valid shape, wrong tag), `rotate_dpop`
+//!   (`rotate` of families bound to a DPoP key, presented with a proof
+//!   from it: the same rotation plus the thumbprint compare); beside them
 //!   `floor`, `oxide_auth` and `naive` (see `refresh/baselines.rs`);
 //! - `issue`: `issue` (a family's first refresh token) and `authorize` (an
 //!   authorization code with an S256 challenge);
@@ -51,9 +53,12 @@ use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
 };
 use refresh_guard::{
-    AcceptKind, AuthorizeRequest, Decision, DenyReason, Engine, ExchangeRequest, FamilyId,
-    IssueRequest, PolicyOverrides, PolicySet, TOKEN_LEN, Token,
+    AcceptKind, AuthorizeRequest, Decision, DenyReason, Dpop, Engine, ExchangeRequest, FamilyId,
+    IssueRequest, Jkt, PolicyOverrides, PolicySet, Redemption, TOKEN_LEN, Token,
 };
+
+/// The DPoP key thumbprint `rotate_dpop` binds every family to.
+const JKT: Jkt = Jkt::from_bytes([0xa1; 32]);
 
 #[path = "refresh/baselines.rs"]
 mod baselines;
@@ -188,6 +193,7 @@ fn authorize(e: &Engine, subject: &str) -> (Token, FamilyId) {
             code_challenge: Some(CHALLENGE),
             code_challenge_method: Some("S256"),
             ip: Some(inside()),
+            dpop_jkt: None,
         })
         .expect("no store");
     match d {
@@ -204,6 +210,7 @@ fn exchange(e: &Engine, code: &Token) -> FamilyId {
             client: CLIENT,
             redirect_uri: REDIRECT_URI,
             ip: Some(inside()),
+            dpop: None,
         })
         .expect("no store");
     match d {
@@ -380,15 +387,18 @@ enum Path {
     ReuseRevoke,
     IpDenied,
     Forged,
+    /// Last: it binds every family of the fleet to [`JKT`] for good.
+    RotateDpop,
 }
 
 impl Path {
-    const ALL: [Path; 5] = [
+    const ALL: [Path; 6] = [
         Path::Rotate,
         Path::GraceReplay,
         Path::ReuseRevoke,
         Path::IpDenied,
         Path::Forged,
+        Path::RotateDpop,
     ];
 
     fn name(self) -> &'static str {
@@ -398,6 +408,7 @@ impl Path {
             Path::ReuseRevoke => "reuse_revoke",
             Path::IpDenied => "ip_denied",
             Path::Forged => "forged",
+            Path::RotateDpop => "rotate_dpop",
         }
     }
 
@@ -405,6 +416,7 @@ impl Path {
         match self {
             Path::GraceReplay => grace(),
             Path::IpDenied => allowlist(),
+            Path::RotateDpop => policies(PolicyOverrides::new().dpop(Dpop::Required)),
             _ => plain(),
         }
     }
@@ -424,6 +436,7 @@ fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
                 let d = e.redeem(&p.tokens[i], CLIENT, inside()).expect("no store");
                 p.tokens[i] = accepted(d, AcceptKind::Rotated);
             }
+            Path::RotateDpop => p.tokens[i] = redeem_bound(e, &p.tokens[i]),
             Path::IpDenied => {
                 let d = e.redeem(&p.tokens[i], CLIENT, outside()).expect("no store");
                 denied(d, DenyReason::IpNotAllowed);
@@ -445,6 +458,13 @@ fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
         }
     }
     p.cursor = i;
+}
+
+/// Rotate a family bound to [`JKT`] with a proof from it (the first call
+/// binds it, under `dpop = "required"`).
+fn redeem_bound(e: &Engine, token: &Token) -> Token {
+    let r = Redemption::new(token, CLIENT).ip(inside()).dpop(JKT);
+    accepted(e.redeem_with(&r).expect("no store"), AcceptKind::Rotated)
 }
 
 /// Replace the families `reuse_revoke` revoked with fresh ones, then rotate
@@ -610,7 +630,7 @@ fn rounds(
 fn redeem_path(e: &Engine, parts: &mut [Part<'_>], path: Path, iters: u64) -> Duration {
     let per = iters.div_ceil(parts.len() as u64) as usize;
     match path {
-        Path::Rotate | Path::IpDenied | Path::Forged => {
+        Path::Rotate | Path::IpDenied | Path::Forged | Path::RotateDpop => {
             run_parts(parts, |p| stateless(e, p, path, per))
         }
         Path::GraceReplay => rounds(
@@ -746,6 +766,14 @@ fn lifecycle(c: &mut Criterion) {
         tune(&mut g, n);
         for path in Path::ALL {
             engine.swap_policies(path.policies());
+            if path == Path::RotateDpop {
+                // Bind every family outside the timed part: the bench
+                // measures the steady state, one allocation per family
+                // earlier.
+                for t in tokens.iter_mut() {
+                    *t = redeem_bound(engine, t);
+                }
+            }
             for threads in [1, 2] {
                 let mut parts = split(tokens, threads, 7 + threads as u64);
                 g.bench_function(id(path.name(), threads, n), |b| {

@@ -19,7 +19,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::clock::Timestamp;
-use crate::decision::{AcceptKind, Cascade, Change, DenyReason, Plan, Signal};
+use crate::decision::{AcceptKind, Bind, Cascade, Change, DenyReason, Plan, Signal};
+use crate::dpop::{self, Jkt};
 use crate::family::{Family, RevokeReason};
 use crate::policy::{ClientPolicy, MAX_CODE_TTL, Pkce};
 use crate::token::Generation;
@@ -173,11 +174,18 @@ pub(crate) struct ExchangeCheck<'a> {
     pub(crate) redirect_uri: &'a str,
     pub(crate) verifier: Option<&'a str>,
     pub(crate) ip: Option<std::net::IpAddr>,
+    /// The key of the verified DPoP proof sent with the exchange.
+    pub(crate) jkt: Option<&'a Jkt>,
     pub(crate) now: Timestamp,
 }
 
-/// The exchange decision, in order: client binding, revoked, replay,
-/// redirect URI, expiry, PKCE, allow-list.
+/// The exchange decision, in order: client binding, revoked, DPoP key,
+/// replay, redirect URI, expiry, PKCE, allow-list.
+///
+/// The DPoP check is the refresh decision's (README "The order of
+/// checks", step 6), against the code's `dpop_jkt` (RFC 9449 §10) or, for
+/// a replay, the key the family was bound to since: a replay without that
+/// key is denied before it is classified, so it revokes nothing.
 ///
 /// A replay (the family is past generation 0) is `CodeReused`, and revokes
 /// the family (RFC 6749 §4.1.2), only if it passes the redirect URI, expiry
@@ -195,7 +203,18 @@ pub(crate) struct ExchangeCheck<'a> {
 /// client's code and a caller outside the allow-list emit their events.
 pub(crate) fn decide_exchange(f: &Family, req: &ExchangeCheck<'_>, policy: &ClientPolicy) -> Plan {
     let reason = match check_exchange(f, req, policy) {
-        Ok(()) => return Plan::accept(AcceptKind::Exchanged, Change::Exchange),
+        Ok(()) => {
+            // The family's binding for life (RFC 9449 §5): a public
+            // client's, to the exchange's proof where its policy allows
+            // DPoP; a confidential client's refresh tokens are never bound,
+            // also when its code was (`dpop_jkt`).
+            let bind = match dpop::at_exchange(req.jkt, policy.dpop, policy.is_public()) {
+                Some(_) => Bind::Presented,
+                None if f.jkt().is_some() => Bind::Clear,
+                None => Bind::Keep,
+            };
+            return Plan::accept(AcceptKind::Exchanged, Change::Exchange).binding(bind);
+        }
         Err(reason) => reason,
     };
     let plan = Plan::deny(reason);
@@ -206,6 +225,9 @@ pub(crate) fn decide_exchange(f: &Family, req: &ExchangeCheck<'_>, policy: &Clie
         DenyReason::CodeSpent => plan.emitting(Signal::CodeReplay { revoked: false }),
         DenyReason::ClientMismatch => plan.emitting(Signal::ClientMismatch),
         DenyReason::IpNotAllowed => plan.emitting(Signal::IpNotAllowed),
+        DenyReason::DpopProofRequired | DenyReason::DpopKeyMismatch => {
+            plan.emitting(Signal::of_dpop(reason))
+        }
         _ => plan,
     }
 }
@@ -222,6 +244,7 @@ fn check_exchange(
     if !f.is_active() {
         return Err(DenyReason::Revoked);
     }
+    dpop::check(f.jkt(), req.jkt, policy.dpop, policy.is_public())?;
     if f.generation != Generation::CODE {
         let proven = f
             .code
@@ -430,6 +453,7 @@ mod tests {
                         code_challenge: Some(CHALLENGE),
                         code_challenge_method: Some("S256"),
                         ip,
+                        dpop_jkt: None,
                     },
                     start,
                 )
@@ -443,6 +467,7 @@ mod tests {
                 client: "c",
                 redirect_uri: "https://a/cb",
                 ip,
+                dpop: None,
             };
             engine.exchange_at(&req, start).unwrap();
         };
@@ -496,6 +521,7 @@ mod tests {
             redirect_uri: "https://a/cb",
             verifier: Some(verifier),
             ip: Some("192.0.2.1".parse().unwrap()),
+            jkt: None,
             now,
         };
         let open = ClientPolicy::default();

@@ -68,6 +68,12 @@ pub enum EventKind {
         /// Every problem, each naming file, line, column and key.
         errors: Vec<String>,
     },
+    /// A DPoP-bound family (or, under `dpop = "required"`, any) was
+    /// presented without a proof. Nothing was revoked.
+    DpopProofRequired,
+    /// A DPoP-bound family's token (or a code bound by `dpop_jkt`) came
+    /// with a proof from another key. Nothing was revoked.
+    DpopKeyMismatch,
 }
 
 impl EventKind {
@@ -83,6 +89,8 @@ impl EventKind {
             EventKind::CodeReplay { .. } => "code_replay",
             EventKind::PolicySwapped { .. } => "policy_swapped",
             EventKind::PolicyReloadFailed { .. } => "policy_reload_failed",
+            EventKind::DpopProofRequired => "dpop_proof_required",
+            EventKind::DpopKeyMismatch => "dpop_key_mismatch",
         }
     }
 
@@ -97,6 +105,8 @@ impl EventKind {
             EventKind::PolicySwapped { .. } => 6,
             EventKind::PolicyReloadFailed { .. } => 7,
             EventKind::CodeReplay { .. } => 8,
+            EventKind::DpopProofRequired => 9,
+            EventKind::DpopKeyMismatch => 10,
         }
     }
 }
@@ -112,9 +122,11 @@ pub const EVENT_KINDS: [&str; N_KINDS] = [
     "policy_swapped",
     "policy_reload_failed",
     "code_replay",
+    "dpop_proof_required",
+    "dpop_key_mismatch",
 ];
 
-const N_KINDS: usize = 9;
+const N_KINDS: usize = 11;
 const N_REASONS: usize = RevokeReason::ALL.len();
 
 /// One security-relevant outcome, with everything an operator needs to act.

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::clock::Timestamp;
+use crate::dpop::Jkt;
 use crate::token::{FamilyId, FamilySecret, Generation, KeyId, KeyUid};
 
 /// Why a family was revoked.
@@ -153,6 +154,26 @@ impl Family {
         &self.grant.scope
     }
 
+    /// The DPoP key thumbprint the family is bound to, if any (RFC 9449
+    /// §5): kept in its grant, so an unbound family holds nothing more.
+    pub(crate) fn jkt(&self) -> Option<&Jkt> {
+        self.grant.jkt.as_ref()
+    }
+
+    /// Bind the family to a DPoP key. A bound family holds a grant of its
+    /// own (one allocation, docs/design.md "Sender-constrained families"):
+    /// this runs once per family, at its exchange or first binding, never
+    /// on the steady refresh path.
+    pub(crate) fn bind(&mut self, jkt: Jkt) {
+        if self.grant.jkt != Some(jkt) {
+            self.grant = Arc::new(Grant {
+                client: self.grant.client.clone(),
+                scope: self.grant.scope.clone(),
+                jkt: Some(jkt),
+            });
+        }
+    }
+
     pub(crate) fn is_active(&self) -> bool {
         self.revoked.is_none()
     }
@@ -198,16 +219,22 @@ impl fmt::Debug for Family {
             .field("subject", &self.subject.as_str())
             .field("generation", &self.generation)
             .field("status", &self.status())
+            .field("dpop_bound", &self.jkt().is_some())
             .finish_non_exhaustive()
     }
 }
 
 /// A client and the scope it was granted: few distinct pairs, many
-/// families, so families hold one pointer to a shared pair.
+/// families, so families hold one pointer to a shared pair. A family bound
+/// to a DPoP key holds a grant of its own that also names the key: the
+/// thumbprint lives out of line, and unbound families, sharing their
+/// pair's grant, do not grow.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Grant {
     pub(crate) client: Arc<str>,
     pub(crate) scope: Arc<str>,
+    /// The DPoP key (RFC 7638 thumbprint) the family's tokens are bound to.
+    pub(crate) jkt: Option<Jkt>,
 }
 
 impl Grant {
@@ -215,6 +242,7 @@ impl Grant {
         Grant {
             client: Arc::from(client),
             scope: Arc::from(scope),
+            jkt: None,
         }
     }
 }
@@ -275,6 +303,10 @@ mod tests {
     fn record_stays_within_its_budget() {
         assert!(std::mem::size_of::<Option<Family>>() <= 152);
         assert_eq!(std::mem::size_of::<SubjectName>(), 24);
+        // A DPoP-bound family's own grant (docs/design.md
+        // "Sender-constrained families"): 72 bytes, 88 with the `Arc`'s
+        // counts; unbound families share their pair's.
+        assert_eq!(std::mem::size_of::<Grant>(), 72);
     }
 
     /// `EventCounts::revocations` is indexed by `index()` in the order of

@@ -48,9 +48,11 @@ pub use crate::compliance::{
     ScopeReport, StatusChange, UnknownProfile,
 };
 pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
+pub use crate::dpop::{Dpop, Jkt, JktError};
 pub use crate::engine::{
     AuthorizeRequest, Durable, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
-    IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, ShadowReport, ShadowRow, Stats, SweepReport,
+    IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, Redemption, ShadowReport, ShadowRow, Stats,
+    SweepReport,
 };
 pub use crate::error::{Error, IoCause};
 pub use crate::event::{
@@ -99,6 +101,7 @@ mod clock;
 mod code;
 mod compliance;
 mod decision;
+mod dpop;
 mod engine;
 mod error;
 mod event;

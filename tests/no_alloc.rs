@@ -132,3 +132,52 @@ fn redeem_of_existing_family_does_not_allocate() {
     assert_eq!(d.accepted().unwrap().kind, AcceptKind::Kept);
     assert_eq!(n, 0, "reuse rotation allocated");
 }
+
+/// A DPoP-bound family's rotation and grace replay allocate nothing
+/// either: binding allocates once (its own grant), checking never.
+#[test]
+fn redeem_of_a_dpop_bound_family_does_not_allocate() {
+    use refresh_guard::{Dpop, Jkt, Redemption};
+    let set = PolicySet::builder()
+        .client(
+            "spa",
+            PolicyOverrides::new()
+                .dpop(Dpop::Required)
+                .grace_period(Duration::from_secs(30)),
+        )
+        .build()
+        .unwrap();
+    let engine = Engine::builder().policies(set).build().unwrap();
+    let ip: IpAddr = "10.1.2.3".parse().unwrap();
+    let key = Jkt::from_bytes([0xa1; 32]);
+    let mut tok = engine
+        .issue(&IssueRequest {
+            client: "spa",
+            subject: "alice",
+            scope: "openid",
+            ip: Some(ip),
+        })
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .token;
+    let redeem = |t: &str| {
+        engine
+            .redeem_with(&Redemption::new(t, "spa").ip(ip).dpop(key))
+            .unwrap()
+    };
+    // The first proof binds (one allocation); then warm up.
+    let (n, d) = allocations(|| redeem(&tok));
+    assert!(n > 0, "binding allocates the family's own grant");
+    tok = d.accepted().unwrap().token;
+    for _ in 0..3 {
+        tok = redeem(&tok).accepted().unwrap().token;
+    }
+    let prev = tok;
+    let (n, d) = allocations(|| redeem(&prev));
+    assert_eq!(d.accepted().unwrap().kind, AcceptKind::Rotated);
+    assert_eq!(n, 0, "bound rotation allocated");
+    let (n, d) = allocations(|| redeem(&prev));
+    assert_eq!(d.accepted().unwrap().kind, AcceptKind::GraceReplay);
+    assert_eq!(n, 0, "bound grace replay allocated");
+}

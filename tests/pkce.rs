@@ -26,6 +26,7 @@ fn authorize(h: &Harness, challenge: Option<&str>, method: Option<&str>) -> Deci
             code_challenge: challenge,
             code_challenge_method: method,
             ip: Some(ip("203.0.113.5")),
+            dpop_jkt: None,
         })
         .unwrap()
 }
@@ -47,6 +48,7 @@ fn exchange(h: &Harness, code: &str, verifier: Option<&str>) -> Decision {
             client: CLIENT,
             redirect_uri: REDIRECT,
             ip: Some(ip("10.0.0.1")),
+            dpop: None,
         })
         .unwrap()
 }
@@ -132,6 +134,7 @@ fn code_of_another_client_is_refused() {
             client: "other",
             redirect_uri: REDIRECT,
             ip: Some(ip("10.0.0.1")),
+            dpop: None,
         })
         .unwrap();
     assert_eq!(reason(d), DenyReason::ClientMismatch);
@@ -151,6 +154,7 @@ fn redirect_uri_must_match() {
             client: CLIENT,
             redirect_uri: "https://app.example/callback/",
             ip: Some(ip("10.0.0.1")),
+            dpop: None,
         })
         .unwrap();
     assert_eq!(reason(d), DenyReason::RedirectUriMismatch);
@@ -241,6 +245,7 @@ fn allow_list_applies_at_exchange_in_both_modes() {
                 client: CLIENT,
                 redirect_uri: REDIRECT,
                 ip: Some(ip("192.0.2.10")),
+                dpop: None,
             })
             .unwrap();
         assert!(d.accepted().is_some(), "{mode:?}");
@@ -343,6 +348,7 @@ fn a_code_replays_events_name_the_policy_version_that_decided_it() {
                 client: CLIENT,
                 redirect_uri: REDIRECT,
                 ip: Some(ip("10.0.0.1")),
+                dpop: None,
             })
             .unwrap()
     };
@@ -355,6 +361,7 @@ fn a_code_replays_events_name_the_policy_version_that_decided_it() {
             code_challenge: Some(CHALLENGE),
             code_challenge_method: Some("S256"),
             ip: None,
+            dpop_jkt: None,
         })
         .unwrap()
         .accepted()
@@ -487,6 +494,7 @@ fn requests_debug_without_secrets() {
         code_challenge: Some(VERIFIER),
         code_challenge_method: Some("plain"),
         ip: Some(ip("10.0.0.1")),
+        dpop_jkt: None,
     };
     let x = ExchangeRequest {
         code: "rgc_secretcode",
@@ -494,6 +502,7 @@ fn requests_debug_without_secrets() {
         client: CLIENT,
         redirect_uri: REDIRECT,
         ip: Some(ip("10.0.0.1")),
+        dpop: None,
     };
     let d = format!("{a:?} {x:?}");
     assert!(!d.contains(VERIFIER), "{d}");
@@ -517,6 +526,7 @@ fn exchange_by(
                 client,
                 redirect_uri,
                 ip: Some(ip("10.0.0.1")),
+                dpop: None,
             },
             now,
         )
@@ -762,6 +772,7 @@ fn replay_is_judged_the_same_after_a_restart() {
             client: CLIENT,
             redirect_uri: REDIRECT,
             ip: Some(ip("10.0.0.1")),
+            dpop: None,
         })
         .unwrap()
     };
@@ -776,6 +787,7 @@ fn replay_is_judged_the_same_after_a_restart() {
                 code_challenge: Some(CHALLENGE),
                 code_challenge_method: Some("S256"),
                 ip: Some(ip("10.0.0.1")),
+                dpop_jkt: None,
             })
             .unwrap()
             .accepted()
@@ -816,6 +828,7 @@ fn replay_with_the_verifier_from_outside_the_allow_list_revokes() {
             client: CLIENT,
             redirect_uri: REDIRECT,
             ip: Some(ip("198.51.100.7")),
+            dpop: None,
         })
         .unwrap();
     assert_eq!(reason(d), DenyReason::CodeReused);

@@ -164,10 +164,12 @@ fn fapi2_sender_constraint_is_not_met_for_any_client_without_dpop() {
             .find(|c| c.control == "sender-constrained")
             .unwrap();
         assert_eq!(row.status, ControlStatus::NotMet);
-        assert_eq!(
-            row.note.as_deref(),
-            Some("DPoP binding is not available in this version")
-        );
+        // The app binds when it can (`allowed`); FAPI 2.0 wants `required`.
+        let note = match s.client.as_deref() {
+            Some("spa") => "dpop = allowed: an exchange or refresh without a proof is still served",
+            _ => "dpop = off: tokens are not sender-constrained",
+        };
+        assert_eq!(row.note.as_deref(), Some(note));
         for name in ["client-authentication", "par"] {
             let row = s.controls.iter().find(|c| c.control == name).unwrap();
             assert_eq!(row.status, ControlStatus::NotApplicable, "{name}");
@@ -179,6 +181,27 @@ fn fapi2_sender_constraint_is_not_met_for_any_client_without_dpop() {
             );
         }
     }
+}
+
+/// FAPI 2.0's sender constraint is met by `dpop = "required"`, with the
+/// file and line that set it as evidence; RFC 9700 then accepts a kept
+/// (not rotated) public token as DPoP-bound.
+#[test]
+fn dpop_required_meets_fapi2_sender_constraint_with_its_line_as_evidence() {
+    let text = "[clients.app]\nrotation = \"reuse\"\ndpop = \"required\"\n";
+    let set = load(&[("app.toml", text)]);
+    let fapi = check(&set, "fapi2-refresh");
+    let c = row(&fapi, Some("app"), "sender-constrained");
+    assert_eq!(c.status, ControlStatus::Met);
+    assert_eq!(
+        c.evidence[0].origin,
+        Origin::Set(at("policies/app.toml", 3))
+    );
+    let rfc = check(&set, "rfc9700");
+    assert_eq!(
+        row(&rfc, Some("app"), "public-client-refresh").status,
+        ControlStatus::Met
+    );
 }
 
 // ---- provenance ----

@@ -48,6 +48,7 @@ fn authorize(e: &Engine, client: &str) -> refresh_guard::Decision {
         code_challenge: Some(CHALLENGE),
         code_challenge_method: Some("S256"),
         ip: Some(ip("10.0.0.1")),
+        dpop_jkt: None,
     })
     .unwrap()
 }
@@ -59,6 +60,7 @@ fn exchange(e: &Engine, code: &str, client: &str) -> refresh_guard::Decision {
         client,
         redirect_uri: "https://app.example/cb",
         ip: Some(ip("10.0.0.1")),
+        dpop: None,
     })
     .unwrap()
 }

@@ -14,6 +14,7 @@ fuzz_target!(|data: (&str, Option<&str>, &str)| {
             client: "c",
             redirect_uri: redirect,
             ip: Some("10.0.0.1".parse().expect("ip")),
+            dpop: None,
         })
         .expect("no store");
     assert!(d.accepted().is_none());

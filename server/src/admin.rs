@@ -141,6 +141,7 @@ async fn authorize(
             code_challenge: b.code_challenge.as_deref(),
             code_challenge_method: b.code_challenge_method.as_deref(),
             ip,
+            dpop_jkt: None,
         })?;
         let ttl = engine.policies().policy(&b.client_id).code_ttl();
         Ok::<_, Error>((decision, ttl))

@@ -396,6 +396,7 @@ async fn code_grant(
         client: &client.id,
         redirect_uri,
         ip,
+        dpop: None,
     };
     let decision = match app.engine.exchange_async(&req) {
         Ok(pending) => pending.await,

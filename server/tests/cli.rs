@@ -82,6 +82,41 @@ fn cli_check_prints_version_and_effective_knobs() {
     assert_eq!(out.matches("client_secret_sha256").count(), 2);
 }
 
+/// The `dpop` knob shows in `policy check` (marked where it differs from
+/// `[defaults]`), `policy diff` reports switching it, and a bad value is
+/// refused with its file, line and the values allowed.
+#[test]
+fn cli_shows_and_diffs_the_dpop_knob() {
+    let old = tempfile::tempdir().unwrap();
+    let new = tempfile::tempdir().unwrap();
+    write(old.path(), "p.toml", "[clients.spa]\ndpop = \"allowed\"\n");
+    write(new.path(), "p.toml", "[clients.spa]\ndpop = \"required\"\n");
+    let (o, n) = (old.path().to_str().unwrap(), new.path().to_str().unwrap());
+    let (code, out, err) = cli(&["policy", "check", n]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\n  dpop                      off\n"), "{out}");
+    assert!(
+        out.contains("\n* dpop                      required\n"),
+        "{out}"
+    );
+    let (code, out, err) = cli(&["policy", "diff", o, n]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.ends_with("\nclients.spa.dpop: allowed -> required\n"),
+        "{out}"
+    );
+    write(new.path(), "p.toml", "[clients.spa]\ndpop = \"on\"\n");
+    let (code, _, err) = cli(&["policy", "check", n]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with(&format!(
+            "{n}/p.toml:2:8: clients.spa.dpop: \"on\" is not allowed; \
+             use one of \"off\", \"allowed\", \"required\""
+        )),
+        "{err}"
+    );
+}
+
 #[test]
 fn cli_check_lists_every_error_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::{Control, ControlLevel, Finding, Profile};
+use crate::dpop::Dpop;
 use crate::policy::{ClientPolicy, IpRange, OnReuse, Pkce, Rotation, format_duration};
 
 /// Every shipped profile, in the order the README lists them.
@@ -82,7 +83,7 @@ const RFC9700: Profile = Profile {
             title: "a public client's refresh tokens are rotated or DPoP-bound",
             source: "RFC 9700 §2.2.2 and §4.14.2",
             level: ControlLevel::Required,
-            knobs: &["rotation", "client_secret_sha256"],
+            knobs: &["rotation", "dpop", "client_secret_sha256"],
             check: public_client_rotated,
         },
         Control {
@@ -129,7 +130,7 @@ const FAPI2: Profile = Profile {
             title: "sender-constrained tokens: DPoP binding required",
             source: "FAPI 2.0 Security Profile §5.3.2.1; RFC 9449",
             level: ControlLevel::Required,
-            knobs: &[],
+            knobs: &["dpop"],
             check: dpop_required,
         },
         Control {
@@ -258,11 +259,19 @@ fn public_client_rotated(p: &ClientPolicy) -> Finding {
             "confidential client: its refresh token is bound to its client authentication",
         );
     }
-    match p.rotation() {
-        Rotation::Rotate => Finding::met(),
-        Rotation::Reuse => Finding::not_met(
-            "a public client's token is kept, and DPoP binding is not available in this version",
+    // Rotated, or sender-constrained: under `required` every family is
+    // bound (at its exchange, or at its next refresh if older) and nothing
+    // is redeemed without the key; `allowed` binds only the families whose
+    // exchange came with a proof.
+    match (p.rotation(), p.dpop()) {
+        (Rotation::Rotate, _) | (Rotation::Reuse, Dpop::Required) => Finding::met(),
+        (Rotation::Reuse, Dpop::Allowed) => Finding::not_met(
+            "a public client's token is kept, and dpop = allowed leaves families \
+             exchanged without a proof unbound; use dpop = required or rotation = rotate",
         ),
+        (Rotation::Reuse, Dpop::Off) => {
+            Finding::not_met("a public client's token is kept and not DPoP-bound")
+        }
     }
 }
 
@@ -297,8 +306,14 @@ fn client_bound(_: &ClientPolicy) -> Finding {
     )
 }
 
-fn dpop_required(_: &ClientPolicy) -> Finding {
-    Finding::not_met("DPoP binding is not available in this version")
+fn dpop_required(p: &ClientPolicy) -> Finding {
+    match p.dpop() {
+        Dpop::Required => Finding::met(),
+        Dpop::Allowed => Finding::not_met(
+            "dpop = allowed: an exchange or refresh without a proof is still served",
+        ),
+        Dpop::Off => Finding::not_met("dpop = off: tokens are not sender-constrained"),
+    }
 }
 
 fn code_ttl_60s(p: &ClientPolicy) -> Finding {
@@ -432,6 +447,13 @@ mod tests {
                 ControlStatus::NotMet,
             ),
             (
+                &FAPI2,
+                "sender-constrained",
+                n().dpop(Dpop::Required),
+                n().dpop(Dpop::Allowed),
+                ControlStatus::NotMet,
+            ),
+            (
                 &RFC9700,
                 "reuse-revokes",
                 n(),
@@ -493,7 +515,6 @@ mod tests {
     /// The controls whose outcome no knob changes, with that outcome.
     const FIXED: &[(&str, &str, ControlStatus)] = &[
         ("rfc9700", "client-binding", ControlStatus::Met),
-        ("fapi2-refresh", "sender-constrained", ControlStatus::NotMet),
         (
             "fapi2-refresh",
             "client-authentication",
@@ -516,13 +537,27 @@ mod tests {
                 assert_eq!(status(p, id, o), *want, "{name} {id}");
             }
         }
-        let c = FAPI2
-            .controls
-            .iter()
-            .find(|c| c.id == "sender-constrained")
-            .unwrap();
-        let note = (c.check)(&ClientPolicy::default()).note.unwrap();
-        assert_eq!(note, "DPoP binding is not available in this version");
+    }
+
+    /// RFC 9700 §2.2.2: a public client's refresh token rotated *or*
+    /// sender-constrained; `allowed` does not constrain every family.
+    #[test]
+    fn a_kept_public_token_is_compliant_only_when_dpop_is_required() {
+        let kept = || PolicyOverrides::new().rotation(Rotation::Reuse);
+        let id = "public-client-refresh";
+        assert_eq!(
+            status(&RFC9700, id, kept().dpop(Dpop::Required)),
+            ControlStatus::Met
+        );
+        assert_eq!(
+            status(&RFC9700, id, kept().dpop(Dpop::Allowed)),
+            ControlStatus::NotMet
+        );
+        assert_eq!(
+            status(&FAPI2, "sender-constrained", PolicyOverrides::new()),
+            ControlStatus::NotMet,
+            "off by default"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::clock::Timestamp;
+use crate::dpop::{self, Binding, Jkt};
 use crate::family::Family;
 use crate::policy::{ClientPolicy, IpCheck, PolicyVersion, Rotation};
 use crate::token::{FamilyId, Generation, Token};
@@ -15,7 +16,7 @@ mod plan;
 #[cfg(test)]
 mod reference;
 
-pub(crate) use plan::{Cascade, Change, Plan, Signal, apply};
+pub(crate) use plan::{Bind, Cascade, Change, Plan, Signal, apply};
 
 /// Why a redemption was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +71,14 @@ pub enum DenyReason {
     /// The set has `unknown_clients = "refuse"` and does not list the
     /// presenting client. Nothing was read or changed.
     UnknownClient,
+    /// No DPoP proof came with a token bound to a DPoP key, or under
+    /// `dpop = "required"` (RFC 9449 §5). Nothing is revoked.
+    DpopProofRequired,
+    /// The DPoP proof is from another key than the one the token (or the
+    /// code's `dpop_jkt`) is bound to (RFC 9449 §5, §10). Nothing is
+    /// revoked: the holder of a stolen token without the key cannot log
+    /// the owner out.
+    DpopKeyMismatch,
 }
 
 /// The OAuth error code a denial is reported as (RFC 6749 §5.2).
@@ -118,6 +127,8 @@ impl DenyReason {
             DenyReason::PkceVerifierUnexpected => "pkce_verifier_unexpected",
             DenyReason::PkceMismatch => "pkce_mismatch",
             DenyReason::UnknownClient => "unknown_client",
+            DenyReason::DpopProofRequired => "dpop_proof_required",
+            DenyReason::DpopKeyMismatch => "dpop_key_mismatch",
         }
     }
 
@@ -126,7 +137,10 @@ impl DenyReason {
     /// failed client authentication, which is the server's, not the engine's,
     /// save the one case RFC 6749 §5.2 names that the engine decides: an
     /// unknown client (`unknown_clients = "refuse"`).
-    /// A malformed PKCE challenge is a bad authorization request.
+    /// A malformed PKCE challenge is a bad authorization request. The DPoP
+    /// denials are `invalid_grant`: the proof itself was valid (a bad one
+    /// is the server's `invalid_dpop_proof`, RFC 9449 §5), the grant is
+    /// bound to another key or needs one.
     pub fn oauth_error(self) -> OAuthError {
         match self {
             DenyReason::PkceChallengeInvalid => OAuthError::InvalidRequest,
@@ -166,11 +180,15 @@ impl DenyReason {
             }
             DenyReason::PkceMismatch => "code_verifier does not match code_challenge",
             DenyReason::UnknownClient => "client is not registered with this server",
+            DenyReason::DpopProofRequired => "a DPoP proof is required for this grant",
+            DenyReason::DpopKeyMismatch => {
+                "the DPoP proof is not from the key this grant is bound to"
+            }
         }
     }
 
     /// Every reason, for metrics tables.
-    pub const ALL: [DenyReason; 20] = [
+    pub const ALL: [DenyReason; 22] = [
         DenyReason::InvalidToken,
         DenyReason::ClientMismatch,
         DenyReason::Revoked,
@@ -191,6 +209,8 @@ impl DenyReason {
         DenyReason::PkceVerifierUnexpected,
         DenyReason::PkceMismatch,
         DenyReason::UnknownClient,
+        DenyReason::DpopProofRequired,
+        DenyReason::DpopKeyMismatch,
     ];
 }
 
@@ -309,6 +329,9 @@ pub(crate) struct Request<'a> {
     /// `None` when the caller's address could not be determined (an
     /// unreadable forwarding chain): outside every non-empty allow-list.
     pub(crate) ip: Option<IpAddr>,
+    /// The thumbprint of the key of the verified DPoP proof sent with the
+    /// request, if one was.
+    pub(crate) jkt: Option<&'a Jkt>,
     pub(crate) now: Timestamp,
 }
 
@@ -319,7 +342,7 @@ pub(crate) enum Verdict {
     Deny(DenyReason),
 }
 
-/// Steps 4–8 of the README's "The order of checks", in order, and what
+/// Steps 4–9 of the README's "The order of checks", in order, and what
 /// each outcome sets off: the family's change, the revocations, the events.
 /// Steps 1–3 (parse, look up, verify the tag) need the key ring and the
 /// table, so the engine does them first; a family only reaches this
@@ -336,7 +359,16 @@ pub(crate) fn decide(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> Pl
     if let Some(reason) = expiry(f, policy, req.now) {
         return Plan::deny(reason);
     }
-    // 6. Classify the presented generation against the current one.
+    // 6. Sender constraint (RFC 9449 §5), before the generation is looked
+    //    at: without the key, neither a grace replay nor a revocation.
+    //    Under `required`, a live unbound family of a public client binds
+    //    to the key of its first accepted proof.
+    let bind = match dpop::check(f.jkt(), req.jkt, policy.dpop, policy.is_public()) {
+        Ok(Binding::Bind(_)) => Bind::Presented,
+        Ok(Binding::Bound | Binding::Unbound) => Bind::Keep,
+        Err(reason) => return Plan::deny(reason).emitting(Signal::of_dpop(reason)),
+    };
+    // 7. Classify the presented generation against the current one.
     let (g, c) = (req.generation, f.generation);
     if g > c {
         let rollback = Signal::StateRollback {
@@ -363,18 +395,18 @@ pub(crate) fn decide(f: &Family, req: &Request<'_>, policy: &ClientPolicy) -> Pl
         if !ip_admitted(req, policy) {
             return Plan::deny(DenyReason::IpNotAllowed).emitting(Signal::IpNotAllowed);
         }
-        return Plan::accept(AcceptKind::GraceReplay, Change::GraceReplay);
+        return Plan::accept(AcceptKind::GraceReplay, Change::GraceReplay).binding(bind);
     }
-    // 7. Allow-list, after reuse: a replay from a foreign network is theft,
+    // 8. Allow-list, after reuse: a replay from a foreign network is theft,
     //    not travel. No revocation: the owner may be travelling.
     if !ip_admitted(req, policy) {
         return Plan::deny(DenyReason::IpNotAllowed).emitting(Signal::IpNotAllowed);
     }
-    // 8. Accept.
+    // 9. Accept.
     match policy.rotation {
-        Rotation::Reuse => Plan::accept(AcceptKind::Kept, Change::Keep),
+        Rotation::Reuse => Plan::accept(AcceptKind::Kept, Change::Keep).binding(bind),
         Rotation::Rotate if c.next().is_none() => Plan::deny(DenyReason::GenerationsExhausted),
-        Rotation::Rotate => Plan::accept(AcceptKind::Rotated, Change::Rotate),
+        Rotation::Rotate => Plan::accept(AcceptKind::Rotated, Change::Rotate).binding(bind),
     }
 }
 
@@ -449,6 +481,7 @@ mod tests {
             generation: Generation::new(g),
             client: "c",
             ip: Some("10.0.0.1".parse().unwrap()),
+            jkt: None,
             now: Timestamp::from_secs(secs),
         }
     }

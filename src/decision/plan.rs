@@ -36,6 +36,23 @@ pub(crate) enum Change {
     Exchange,
 }
 
+/// What a plan does to the family's DPoP key binding (RFC 9449 §5;
+/// docs/design.md "Sender-constrained families"), beside its change. It
+/// names no key: the only key a decision binds is the one the request
+/// presented, which the shell holds, so the plan stays small.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bind {
+    /// The binding stays as it is.
+    Keep,
+    /// Bind the family to the key of the request's proof: a public
+    /// client's exchange under `allowed`/`required`, or the first accepted
+    /// proof of a live unbound family under `required`.
+    Presented,
+    /// Drop the binding a code's `dpop_jkt` gave: a confidential client's
+    /// refresh tokens are never bound.
+    Clear,
+}
+
 /// What a decision revokes. The family's own revocation is made under its
 /// lock; a reach across the subject's families follows outside it. The
 /// `on_reuse = "report_only"` response and every other denial revoke
@@ -109,6 +126,21 @@ pub(crate) enum Signal {
     IpNotAllowed,
     /// An exchanged code was presented again; whether that revoked.
     CodeReplay { revoked: bool },
+    /// A DPoP-bound grant (or one under `dpop = "required"`) came without
+    /// a proof.
+    DpopProofRequired,
+    /// A DPoP-bound grant came with a proof from another key.
+    DpopKeyMismatch,
+}
+
+impl Signal {
+    /// The event of a DPoP denial (`reason` is one of the two).
+    pub(crate) const fn of_dpop(reason: DenyReason) -> Signal {
+        match reason {
+            DenyReason::DpopKeyMismatch => Signal::DpopKeyMismatch,
+            _ => Signal::DpopProofRequired,
+        }
+    }
 }
 
 /// The events of one plan, in order, inline (no allocation). Every
@@ -148,6 +180,8 @@ pub(crate) struct Plan {
     pub(crate) cascade: Cascade,
     /// The events to emit, before the cascade's own.
     pub(crate) events: Signals,
+    /// The DPoP key binding, changed together with `change`.
+    pub(crate) bind: Bind,
 }
 
 impl Plan {
@@ -158,6 +192,7 @@ impl Plan {
             change,
             cascade: Cascade::None,
             events: Signals::NONE,
+            bind: Bind::Keep,
         }
     }
 
@@ -168,12 +203,19 @@ impl Plan {
             change: Change::None,
             cascade: Cascade::None,
             events: Signals::NONE,
+            bind: Bind::Keep,
         }
     }
 
     /// The same plan, emitting `signal`.
     pub(crate) const fn emitting(mut self, signal: Signal) -> Plan {
         self.events = Signals::one(signal);
+        self
+    }
+
+    /// The same plan, changing the DPoP binding as `bind` says.
+    pub(crate) const fn binding(mut self, bind: Bind) -> Plan {
+        self.bind = bind;
         self
     }
 

@@ -77,10 +77,12 @@ impl Engine {
             redirect_uri: req.redirect_uri,
             verifier: req.code_verifier,
             ip: req.ip,
+            jkt: req.dpop.as_ref(),
             now,
         };
         let plan = code::decide_exchange(f, &check, policy);
         decision::apply(f, plan.change, now, req.ip, keys.active());
+        self.rebind(f, plan.bind, req.dpop.as_ref());
         match plan.verdict {
             Verdict::Accept(kind) => {
                 let token = mint_current(f, &keys).expect("the active key is always in the ring");

@@ -6,7 +6,8 @@
 use std::net::IpAddr;
 
 use crate::clock::Timestamp;
-use crate::decision::{Plan, Signal};
+use crate::decision::{Bind, Plan, Signal};
+use crate::dpop::Jkt;
 use crate::error::Error;
 use crate::event::EventKind;
 use crate::family::Family;
@@ -108,5 +109,27 @@ fn event_of(signal: Signal, client: &str) -> EventKind {
         }
         Signal::IpNotAllowed => EventKind::IpNotAllowed,
         Signal::CodeReplay { revoked } => EventKind::CodeReplay { revoked },
+        Signal::DpopProofRequired => EventKind::DpopProofRequired,
+        Signal::DpopKeyMismatch => EventKind::DpopKeyMismatch,
+    }
+}
+
+impl Engine {
+    /// Change the family's DPoP key binding as its plan says, under its
+    /// lock, with the change (docs/design.md "Sender-constrained
+    /// families"). `presented` is the key of the request's proof, the only
+    /// one a plan binds.
+    pub(super) fn rebind(&self, f: &mut Family, bind: Bind, presented: Option<&Jkt>) {
+        match bind {
+            Bind::Presented => {
+                if let Some(jkt) = presented {
+                    f.bind(*jkt);
+                }
+            }
+            Bind::Clear if f.jkt().is_some() => {
+                f.grant = self.interner.grant(f.client(), f.scope());
+            }
+            Bind::Clear | Bind::Keep => {}
+        }
     }
 }

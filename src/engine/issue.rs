@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::clock::Timestamp;
 use crate::code::{self, CodeState, MAX_REDIRECT_URI_LEN};
 use crate::decision::{AcceptKind, Accepted, Decision, DenyReason, Verdict};
+use crate::dpop::Jkt;
 use crate::error::Error;
 use crate::event::{Event, EventKind};
 use crate::family::{Family, RevokeReason, SubjectName};
@@ -46,7 +47,7 @@ impl Engine {
             });
             return Ok(deny(DenyReason::IpNotAllowed, None, version));
         }
-        self.start_family(req, policy, version, None, now)
+        self.start_family(req, policy, version, None, None, now)
     }
 
     /// Create a family at generation 1 (a direct issue) or 0 (an
@@ -58,6 +59,7 @@ impl Engine {
         policy: &ClientPolicy,
         version: PolicyVersion,
         code: Option<Box<CodeState>>,
+        jkt: Option<Jkt>,
         now: Timestamp,
     ) -> Result<Decision, Error> {
         let keys = self.keys.load();
@@ -69,7 +71,7 @@ impl Engine {
         let mut f = Family {
             id: FamilyId::from_bytes([0; 16]),
             secret: FamilySecret([0; 16]),
-            grant: self.interner.grant(req.client, req.scope),
+            grant: self.interner.grant_for(req.client, req.scope, jkt.as_ref()),
             subject: SubjectName::new(req.subject),
             created: now,
             last_used: now,
@@ -196,7 +198,11 @@ impl Engine {
             scope: req.scope,
             ip: req.ip,
         };
-        self.start_family(&issue, policy, version, Some(state), now)
+        // RFC 9449 §10: a code requested with `dpop_jkt` is bound to that
+        // key from birth, whatever the client's `dpop` knob: the client
+        // asked for the binding, and the exchange must then present a
+        // proof from the key (see `Engine::exchange`).
+        self.start_family(&issue, policy, version, Some(state), req.dpop_jkt, now)
     }
 }
 

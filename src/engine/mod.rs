@@ -10,6 +10,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::clock::{Clock, Timestamp};
 use crate::decision::{self, Decision, Denied, DenyReason, Verdict};
+use crate::dpop::Jkt;
 use crate::error::Error;
 use crate::event::{Dispatcher, Event, EventKind};
 use crate::family::{Family, Status};
@@ -76,6 +77,9 @@ pub struct AuthorizeRequest<'a> {
     /// The user agent's IP address, if known (recorded; the allow-list
     /// applies at the exchange).
     pub ip: Option<IpAddr>,
+    /// RFC 9449 §10 `dpop_jkt`: the code is bound to this DPoP key, and
+    /// its exchange needs a proof from it.
+    pub dpop_jkt: Option<Jkt>,
 }
 
 impl std::fmt::Debug for AuthorizeRequest<'_> {
@@ -88,6 +92,7 @@ impl std::fmt::Debug for AuthorizeRequest<'_> {
             .field("redirect_uri", &self.redirect_uri)
             .field("code_challenge_method", &self.code_challenge_method)
             .field("ip", &self.ip)
+            .field("dpop_jkt", &self.dpop_jkt)
             .finish_non_exhaustive()
     }
 }
@@ -106,6 +111,10 @@ pub struct ExchangeRequest<'a> {
     /// The client's IP address; `None` when it could not be determined,
     /// which no non-empty allow-list admits.
     pub ip: Option<IpAddr>,
+    /// The RFC 7638 thumbprint of the key of the DPoP proof sent with the
+    /// request, once the server verified the proof (RFC 9449 §4.3); `None`
+    /// without one.
+    pub dpop: Option<Jkt>,
 }
 
 impl std::fmt::Debug for ExchangeRequest<'_> {
@@ -114,6 +123,58 @@ impl std::fmt::Debug for ExchangeRequest<'_> {
             .field("client", &self.client)
             .field("redirect_uri", &self.redirect_uri)
             .field("ip", &self.ip)
+            .field("dpop", &self.dpop)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refresh-token redemption: the token, who presents it, from where, and
+/// with which DPoP key. Built with [`Redemption::new`] and its setters, so
+/// that a new field never breaks a caller; redeemed by
+/// [`Engine::redeem_with`].
+#[derive(Clone, Copy)]
+#[non_exhaustive]
+pub struct Redemption<'a> {
+    pub(crate) token: &'a str,
+    pub(crate) client: &'a str,
+    pub(crate) ip: Option<IpAddr>,
+    pub(crate) dpop: Option<Jkt>,
+}
+
+impl<'a> Redemption<'a> {
+    /// `token` presented by `client`, from an address that could not be
+    /// determined and without a DPoP proof until the setters say otherwise.
+    pub fn new(token: &'a str, client: &'a str) -> Redemption<'a> {
+        Redemption {
+            token,
+            client,
+            ip: None,
+            dpop: None,
+        }
+    }
+
+    /// The caller's address; `None` when it could not be determined, which
+    /// no non-empty allow-list admits.
+    pub fn ip(mut self, ip: impl Into<Option<IpAddr>>) -> Redemption<'a> {
+        self.ip = ip.into();
+        self
+    }
+
+    /// The RFC 7638 thumbprint of the key of the DPoP proof sent with the
+    /// request, once the server verified the proof (RFC 9449 §4.3).
+    pub fn dpop(mut self, jkt: impl Into<Option<Jkt>>) -> Redemption<'a> {
+        self.dpop = jkt.into();
+        self
+    }
+}
+
+impl std::fmt::Debug for Redemption<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a bearer credential: not printed.
+        f.debug_struct("Redemption")
+            .field("client", &self.client)
+            .field("ip", &self.ip)
+            .field("dpop", &self.dpop)
             .finish_non_exhaustive()
     }
 }
@@ -146,6 +207,9 @@ pub struct Introspection {
     pub absolute_expires_at: Option<Timestamp>,
     /// Active, or revoked with why and when.
     pub status: Status,
+    /// The DPoP key the family is bound to: RFC 9449 §6 `cnf.jkt` for
+    /// introspection responses and the access tokens minted for it.
+    pub jkt: Option<Jkt>,
 }
 
 impl Introspection {
@@ -175,6 +239,10 @@ impl FamilyRecord {
     /// Active or revoked.
     pub fn status(&self) -> Status {
         self.0.status()
+    }
+    /// The DPoP key the family is bound to, if any.
+    pub fn jkt(&self) -> Option<Jkt> {
+        self.0.jkt().copied()
     }
 }
 
@@ -382,6 +450,7 @@ impl Engine {
             idle_expires_at: policy.idle_ttl.map(|t| f.last_used.saturating_add(t)),
             absolute_expires_at: policy.absolute_ttl.map(|t| f.created.saturating_add(t)),
             status: f.status(),
+            jkt: f.jkt().copied(),
         })
     }
 }

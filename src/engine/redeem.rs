@@ -6,14 +6,14 @@ use std::net::IpAddr;
 
 use crate::clock::Timestamp;
 use crate::decision::{
-    self, AcceptKind, Accepted, Change, Decision, DenyReason, Plan, Request, Verdict,
+    self, AcceptKind, Accepted, Bind, Change, Decision, DenyReason, Plan, Request, Verdict,
 };
 use crate::error::Error;
 use crate::store::Lsn;
 use crate::token::{self, TokenKind};
 
 use super::stats::outcome_slot;
-use super::{Durable, Engine, deny, mint_current};
+use super::{Durable, Engine, Redemption, deny, mint_current};
 
 impl Engine {
     /// Redeem a refresh token presented by `client` from `ip`: an address,
@@ -42,9 +42,7 @@ impl Engine {
         ip: impl Into<Option<IpAddr>>,
         now: Timestamp,
     ) -> Result<Decision, Error> {
-        let (decision, lsn) = self.redeem_inner(token, client, ip.into(), now)?;
-        self.settle(lsn)?;
-        Ok(decision)
+        self.redeem_with_at(&Redemption::new(token, client).ip(ip), now)
     }
 
     /// [`redeem`](Self::redeem) without blocking: the decision is made at
@@ -55,7 +53,27 @@ impl Engine {
         client: &str,
         ip: impl Into<Option<IpAddr>>,
     ) -> Result<Durable<'_>, Error> {
-        let (decision, lsn) = self.redeem_inner(token, client, ip.into(), self.clock.now())?;
+        self.redeem_with_async(&Redemption::new(token, client).ip(ip))
+    }
+
+    /// [`redeem`](Self::redeem) of a [`Redemption`], which can also carry
+    /// the thumbprint of a verified DPoP proof's key (RFC 9449): a family
+    /// bound to a key is redeemed only with a proof from that key.
+    pub fn redeem_with(&self, req: &Redemption<'_>) -> Result<Decision, Error> {
+        self.redeem_with_at(req, self.clock.now())
+    }
+
+    /// [`redeem_with`](Self::redeem_with) at a given time.
+    pub fn redeem_with_at(&self, req: &Redemption<'_>, now: Timestamp) -> Result<Decision, Error> {
+        let (decision, lsn) = self.redeem_inner(req, now)?;
+        self.settle(lsn)?;
+        Ok(decision)
+    }
+
+    /// [`redeem_with`](Self::redeem_with) without blocking, as
+    /// [`redeem_async`](Self::redeem_async).
+    pub fn redeem_with_async(&self, req: &Redemption<'_>) -> Result<Durable<'_>, Error> {
+        let (decision, lsn) = self.redeem_inner(req, self.clock.now())?;
         Ok(Durable {
             engine: self,
             decision: Some(decision),
@@ -65,11 +83,12 @@ impl Engine {
 
     pub(super) fn redeem_inner(
         &self,
-        token: &str,
-        client: &str,
-        ip: Option<IpAddr>,
+        redemption: &Redemption<'_>,
         now: Timestamp,
     ) -> Result<(Decision, Option<Lsn>), Error> {
+        let Redemption {
+            token, client, ip, ..
+        } = *redemption;
         let policies = self.policies.load();
         if let Some(refused) = self.refuse_unlisted(&policies, client) {
             return Ok((refused, None));
@@ -115,6 +134,7 @@ impl Engine {
             generation: parsed.generation,
             client,
             ip,
+            jkt: redemption.dpop.as_ref(),
             now,
         };
         let mut plan = decision::decide(f, &req, policy);
@@ -150,6 +170,7 @@ impl Engine {
             );
         }
         decision::apply(f, plan.change, now, ip, keys.active());
+        self.rebind(f, plan.bind, req.jkt);
         match plan.verdict {
             Verdict::Accept(kind) => {
                 let token = mint_current(f, &keys);
@@ -159,7 +180,9 @@ impl Engine {
                 // A `reuse`-rotation acceptance only moves last use: losing
                 // it to a crash makes the family look idle sooner, which is
                 // the safe direction, so it is not waited for.
-                let wait = if plan.change == Change::Keep {
+                // A first binding is waited for: lost, it would leave the
+                // family for the next proof's key to claim.
+                let wait = if plan.change == Change::Keep && plan.bind == Bind::Keep {
                     None
                 } else {
                     lsn

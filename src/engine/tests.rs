@@ -462,6 +462,7 @@ fn failed_code_replay_revocation_write_still_reports_family_revoked() {
             code_challenge: Some(CHALLENGE),
             code_challenge_method: Some("S256"),
             ip: None,
+            dpop_jkt: None,
         })
         .unwrap();
     let code = code.accepted().unwrap();
@@ -471,6 +472,7 @@ fn failed_code_replay_revocation_write_still_reports_family_revoked() {
         client: "app",
         redirect_uri: "https://a/cb",
         ip: None,
+        dpop: None,
     };
     e.exchange(&exchange).unwrap().accepted().unwrap();
     armed.store(true, Ordering::SeqCst);

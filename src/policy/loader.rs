@@ -24,6 +24,7 @@ use super::{
     IpCheck, IpRange, KNOB_NAMES, OnReuse, Pkce, PolicyOverrides, PolicySet, PolicySetBuilder,
     Rotation, UnknownClients,
 };
+use crate::dpop::Dpop;
 use crate::error::Error;
 
 /// A 1-based line and column (in characters) in a policy file.
@@ -657,6 +658,7 @@ fn set_knob(
         "on_reuse" => o.on_reuse = choice(v, span, OnReuse::from_name, OnReuse::NAMES, bad),
         "ip_check" => o.ip_check = choice(v, span, IpCheck::from_name, IpCheck::NAMES, bad),
         "pkce" => o.pkce = choice(v, span, Pkce::from_name, Pkce::NAMES, bad),
+        "dpop" => o.dpop = choice(v, span, Dpop::from_name, Dpop::NAMES, bad),
         "grace_period" => o.grace_period = duration(v, span, false, bad).flatten(),
         "code_ttl" => o.code_ttl = duration(v, span, false, bad).flatten(),
         "access_token_ttl" => o.access_token_ttl = duration(v, span, false, bad).flatten(),
@@ -973,7 +975,8 @@ mod tests {
             code_ttl = \"2m\"\n\
             max_families_per_subject = 3\n\
             access_token_ttl = \"1h\"\n\
-            client_secret_sha256 = \"00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF\"\n";
+            client_secret_sha256 = \"00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF\"\n\
+            dpop = \"required\"\n";
 
     #[test]
     fn every_knob_is_read() {
@@ -995,6 +998,7 @@ mod tests {
             "3",
             "1h",
             "set",
+            "required",
         ];
         assert_eq!(knobs.len(), KNOB_NAMES.len());
         for ((k, v), e) in knobs.iter().zip(expected) {
@@ -1004,6 +1008,29 @@ mod tests {
         assert_eq!(h[0], 0x00);
         assert_eq!(h[5], 0x55);
         assert_eq!(h[31], 0xff);
+    }
+
+    /// A bad `dpop` value is refused naming file, line, column and key,
+    /// with the values allowed.
+    #[test]
+    fn a_bad_dpop_value_names_file_line_and_the_values_allowed() {
+        let errors = load("[clients.spa]\npkce = \"s256\"\ndpop = \"require\"\n").unwrap_err();
+        let text = errors.to_string();
+        assert!(
+            text.contains("p.toml:3:8: clients.spa.dpop: \"require\" is not allowed; \
+                           use one of \"off\", \"allowed\", \"required\" (did you mean \"required\"?)"),
+            "{text}"
+        );
+        let errors = load("[defaults]\ndpop = true\n").unwrap_err();
+        assert!(
+            errors
+                .to_string()
+                .contains("p.toml:2:8: defaults.dpop: expected one of"),
+            "{errors}"
+        );
+        let set = load("[clients.spa]\ndpop = \"allowed\"\n").unwrap();
+        assert_eq!(set.policy("spa").dpop(), crate::Dpop::Allowed);
+        assert_eq!(set.defaults().dpop(), crate::Dpop::Off, "off by default");
     }
 
     /// Provenance names each knob's own line, and a client inherits what

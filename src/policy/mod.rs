@@ -23,6 +23,7 @@ pub use provenance::{Location, Origin, Provenance, ScopeProvenance};
 
 use provenance::Locations;
 
+use crate::dpop::Dpop;
 use crate::error::Error;
 
 /// What a successful refresh does to the token.
@@ -116,6 +117,7 @@ knob_names! {
     IpCheck { EveryRefresh => "every_refresh", IssuanceOnly => "issuance_only" }
     Pkce { S256 => "s256", S256OrPlain => "s256_or_plain", Optional => "optional" }
     UnknownClients { Defaults => "defaults", Refuse => "refuse" }
+    Dpop { Off => "off", Allowed => "allowed", Required => "required" }
 }
 
 /// Longest grace period a policy may set.
@@ -142,6 +144,7 @@ pub struct ClientPolicy {
     pub(crate) max_families_per_subject: u32,
     pub(crate) access_token_ttl: Duration,
     pub(crate) client_secret_sha256: Option<[u8; 32]>,
+    pub(crate) dpop: Dpop,
 }
 
 impl Default for ClientPolicy {
@@ -163,6 +166,7 @@ impl Default for ClientPolicy {
             max_families_per_subject: 0,
             access_token_ttl: Duration::from_secs(300),
             client_secret_sha256: None,
+            dpop: Dpop::Off,
         }
     }
 }
@@ -224,6 +228,17 @@ impl ClientPolicy {
     pub fn client_secret_sha256(&self) -> Option<&[u8; 32]> {
         self.client_secret_sha256.as_ref()
     }
+    /// DPoP key binding of the client's families (RFC 9449).
+    pub fn dpop(&self) -> Dpop {
+        self.dpop
+    }
+    /// Whether the client is public: it has no `client_secret_sha256`, so
+    /// nothing but the token (and, when bound, its DPoP key) constrains
+    /// who presents it. Only public clients' families are DPoP-bound (RFC
+    /// 9449 §5).
+    pub fn is_public(&self) -> bool {
+        self.client_secret_sha256.is_none()
+    }
 
     /// Each knob's name and its value as written in policy files, in the
     /// order of the README's "Policy knobs" table; used for display, diffs and the version hash.
@@ -263,11 +278,17 @@ impl ClientPolicy {
             ),
             ("access_token_ttl", format_duration(self.access_token_ttl)),
             ("client_secret_sha256", secret),
+            ("dpop", self.dpop.to_string()),
         ]
     }
 
     fn write_canonical(&self, out: &mut String) {
         for (k, v) in self.knobs() {
+            // A knob added later is left out at its default, so that a set
+            // which does not use it keeps the version it had before.
+            if k == "dpop" && self.dpop == Dpop::Off {
+                continue;
+            }
             let _ = write!(out, "{k}={v};");
         }
         if let Some(h) = &self.client_secret_sha256 {
@@ -304,6 +325,7 @@ pub const KNOB_NAMES: &[&str] = &[
     "max_families_per_subject",
     "access_token_ttl",
     "client_secret_sha256",
+    "dpop",
 ];
 
 /// Write a duration the way policy files spell it ("45s", "10m", "30d").
@@ -346,6 +368,7 @@ pub struct PolicyOverrides {
     pub max_families_per_subject: Option<u32>,
     pub access_token_ttl: Option<Duration>,
     pub client_secret_sha256: Option<Option<[u8; 32]>>,
+    pub dpop: Option<Dpop>,
 }
 
 macro_rules! setters {
@@ -379,6 +402,7 @@ impl PolicyOverrides {
         max_families_per_subject: u32,
         access_token_ttl: Duration,
         client_secret_sha256: Option<[u8; 32]>,
+        dpop: Dpop,
     }
 
     /// Range problems of the values set here, as (knob, what is allowed).
@@ -441,6 +465,7 @@ impl PolicyOverrides {
             self.max_families_per_subject.is_some(),
             self.access_token_ttl.is_some(),
             self.client_secret_sha256.is_some(),
+            self.dpop.is_some(),
         ]
     }
 
@@ -461,7 +486,8 @@ impl PolicyOverrides {
             code_ttl,
             max_families_per_subject,
             access_token_ttl,
-            client_secret_sha256
+            client_secret_sha256,
+            dpop
         );
         if let Some(list) = &self.ip_allowlist {
             p.ip_allowlist = AllowList::new(list);

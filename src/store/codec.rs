@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::clock::Timestamp;
 use crate::code::{self, Challenge, CodeState};
+use crate::dpop::Jkt;
 use crate::family::{Family, Grant, RevokeReason, Status, SubjectName};
 use crate::token::{FamilyId, FamilySecret, Generation, KeyId, KeyUid};
 
@@ -98,7 +99,18 @@ pub(crate) fn encode(f: &Family, out: &mut Vec<u8>) {
     put_str(out, f.client());
     put_str(out, f.subject.as_str());
     put_str(out, f.scope());
+    // Optional trailer, so that an unbound family's record is exactly what
+    // it was before DPoP binding existed, and a record written then still
+    // decodes (docs/store.md "Records"): `1` and the 32-byte RFC 7638
+    // thumbprint of the key the family is bound to.
+    if let Some(jkt) = f.jkt() {
+        out.push(JKT);
+        out.extend_from_slice(jkt.as_bytes());
+    }
 }
+
+/// The trailer tag of a DPoP-bound family's key thumbprint.
+const JKT: u8 = 1;
 
 struct Reader<'a> {
     b: &'a [u8],
@@ -187,13 +199,24 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Family> {
     let client = r.str()?;
     let subject = SubjectName::new(r.str()?);
     let scope = r.str()?;
+    let jkt = match r.b {
+        [] => None,
+        [JKT, ..] => {
+            r.take(1)?;
+            Some(Jkt::from_bytes(r.arr()?))
+        }
+        _ => return None,
+    };
     if !r.b.is_empty() {
         return None;
     }
     let mut f = Family {
         id,
         secret,
-        grant: Arc::new(Grant::new(client, scope)),
+        grant: Arc::new(Grant {
+            jkt,
+            ..Grant::new(client, scope)
+        }),
         subject,
         created,
         last_used,
@@ -317,6 +340,33 @@ mod tests {
         ] {
             let want = CodeState::new(issued, "https://a/cb", challenge);
             assert_eq!(*with(&bytes), want);
+        }
+    }
+
+    /// A DPoP-bound family's thumbprint is an optional trailer: an
+    /// unbound family's record is what the format wrote before binding
+    /// existed (so both directions read the other's unbound records), and
+    /// a bound one round-trips with its key.
+    #[test]
+    fn the_dpop_thumbprint_is_an_optional_trailer() {
+        let mut f = sample();
+        let mut unbound = Vec::new();
+        encode(&f, &mut unbound);
+        assert!(decode(&unbound).unwrap().jkt().is_none());
+        f.bind(Jkt::from_bytes([0xa5; 32]));
+        let mut bound = Vec::new();
+        encode(&f, &mut bound);
+        assert_eq!(bound.len(), unbound.len() + 33);
+        assert_eq!(bound[..unbound.len()], unbound[..]);
+        let g = decode(&bound).unwrap();
+        assert_eq!(g.jkt(), Some(&Jkt::from_bytes([0xa5; 32])));
+        // An unknown trailer, or a cut one, is refused, not guessed at.
+        let mut other = unbound.clone();
+        other.push(2);
+        other.extend_from_slice(&[0xa5; 32]);
+        assert!(decode(&other).is_none());
+        for n in unbound.len() + 1..bound.len() {
+            assert!(decode(&bound[..n]).is_none(), "cut at {n}");
         }
     }
 

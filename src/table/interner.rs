@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 
+use crate::dpop::Jkt;
 use crate::family::Grant;
 
 use super::Hasher;
@@ -74,6 +75,20 @@ impl Interner {
         (self.grants.read().len(), self.strings.read().len())
     }
 
+    /// The grant of `client` with `scope`, bound to the DPoP key `jkt`
+    /// when there is one: then a grant of the family's own (not kept
+    /// here), with the interned strings.
+    pub(crate) fn grant_for(&self, client: &str, scope: &str, jkt: Option<&Jkt>) -> Arc<Grant> {
+        match jkt {
+            None => self.grant(client, scope),
+            Some(&jkt) => Arc::new(Grant {
+                client: self.intern(client),
+                scope: self.intern(scope),
+                jkt: Some(jkt),
+            }),
+        }
+    }
+
     /// The shared grant of `client` with `scope`.
     pub(crate) fn grant(&self, client: &str, scope: &str) -> Arc<Grant> {
         let hash = |c: &str, s: &str| self.hasher.hash_one((c, s));
@@ -85,6 +100,7 @@ impl Interner {
         let g = Arc::new(Grant {
             client: self.intern(client),
             scope: self.intern(scope),
+            jkt: None,
         });
         let mut w = self.grants.write();
         if let Some(g) = w.find(h, same) {

@@ -443,6 +443,7 @@ impl<'a> Run<'a> {
                 code_challenge: challenge.as_deref(),
                 code_challenge_method: pkce.method,
                 ip: Some(ip_addr(ip)),
+                dpop_jkt: None,
             })
             .map_err(fail)?;
         self.count(format!("authorize:{}", d.outcome()));
@@ -511,6 +512,7 @@ impl<'a> Run<'a> {
                 client,
                 redirect_uri: REDIRECTS[redirect],
                 ip: Some(ip_addr(ip)),
+                dpop: None,
             })
             .map_err(fail)?;
         self.count(format!("exchange:{}", d.outcome()));
@@ -684,6 +686,7 @@ impl<'a> Run<'a> {
                         client: CLIENTS[self.model.families[fam].client],
                         redirect_uri: REDIRECTS[real.redirect],
                         ip: Some(ip_addr(0)),
+                        dpop: None,
                     })
                     .map_err(fail)?;
                 prop_assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
@@ -1059,6 +1062,7 @@ impl<'a> Run<'a> {
                 client: CLIENTS[client],
                 redirect_uri: REDIRECTS[redirect],
                 ip: Some(ip_addr(ip)),
+                dpop: None,
             })
             .map_err(fail)?;
         prop_assert_eq!(
@@ -1239,6 +1243,7 @@ impl<'a> Run<'a> {
                     idle_expires_at: p.idle_ms().map(|t| ts(m.last_used + t)),
                     absolute_expires_at: p.absolute_ms().map(|t| ts(m.created + t)),
                     status: model_status(m),
+                    jkt: None,
                 };
                 prop_assert_eq!(
                     &got,
