@@ -50,6 +50,7 @@ use criterion::measurement::WallTime;
 use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
 };
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, AuthorizeRequest, Decision, DenyReason, Engine, ExchangeRequest, FamilyId,
     IssueRequest, PolicyOverrides, PolicySet, TOKEN_LEN, Token,
@@ -421,11 +422,15 @@ fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
         i = if i + 1 < n { i + 1 } else { 0 };
         match path {
             Path::Rotate => {
-                let d = e.redeem(&p.tokens[i], CLIENT, inside()).expect("no store");
+                let d = e
+                    .redeem(&RedeemRequest::new(&p.tokens[i], CLIENT).ip(inside()))
+                    .expect("no store");
                 p.tokens[i] = accepted(d, AcceptKind::Rotated);
             }
             Path::IpDenied => {
-                let d = e.redeem(&p.tokens[i], CLIENT, outside()).expect("no store");
+                let d = e
+                    .redeem(&RedeemRequest::new(&p.tokens[i], CLIENT).ip(outside()))
+                    .expect("no store");
                 denied(d, DenyReason::IpNotAllowed);
             }
             Path::Forged => {
@@ -437,7 +442,8 @@ fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
                 forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
                 let forged = std::str::from_utf8(&forged).expect("ASCII");
                 denied(
-                    e.redeem(forged, CLIENT, inside()).expect("no store"),
+                    e.redeem(&RedeemRequest::new(forged, CLIENT).ip(inside()))
+                        .expect("no store"),
                     DenyReason::InvalidToken,
                 );
             }
@@ -461,7 +467,9 @@ fn prepare_replays(e: &Engine, p: &mut Part<'_>, replace_consumed: bool) {
     for _ in 0..p.queue_len {
         let i = p.walk.next();
         let old = p.tokens[i];
-        let d = e.redeem(&old, CLIENT, inside()).expect("no store");
+        let d = e
+            .redeem(&RedeemRequest::new(&old, CLIENT).ip(inside()))
+            .expect("no store");
         p.tokens[i] = accepted(d, AcceptKind::Rotated);
         p.queue.push((i, old));
     }
@@ -472,7 +480,9 @@ fn replay(e: &Engine, p: &mut Part<'_>, path: Path, k: usize) {
     let start = p.head;
     p.head += k;
     for &(_, old) in &p.queue[start..start + k] {
-        let d = e.redeem(&old, CLIENT, inside()).expect("no store");
+        let d = e
+            .redeem(&RedeemRequest::new(&old, CLIENT).ip(inside()))
+            .expect("no store");
         match path {
             Path::GraceReplay => {
                 black_box(accepted(d, AcceptKind::GraceReplay));

@@ -35,6 +35,7 @@ use proptest::sample::Index;
 use proptest::test_runner::{
     Config, FileFailurePersistence, TestCaseError, TestCaseResult, TestError, TestRunner,
 };
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, AuthorizeRequest, Decision, DenyReason, Engine, EventKind, ExchangeRequest,
     FamilyId, FamilyRecord, Generation, Introspection, IpCheck, IpRange, IssueRequest, ManualClock,
@@ -1873,7 +1874,7 @@ impl<'a> Run<'a> {
                 } else {
                     let d = self
                         .engine
-                        .redeem(&code, client, ip_addr(0))
+                        .redeem(&RedeemRequest::new(&code, client).ip(ip_addr(0)))
                         .map_err(fail)?;
                     prop_assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
                     if let Decision::Deny(d) = d {
@@ -1936,7 +1937,7 @@ impl<'a> Run<'a> {
         let (expect, revoked) = self.model.redeem(fam, generation, client, ip);
         let d = self
             .engine
-            .redeem(&token, client, ip_addr(ip))
+            .redeem(&RedeemRequest::new(&token, client).ip(ip_addr(ip)))
             .map_err(fail)?;
         self.count(format!("redeem:{}", d.outcome()));
         let context = || {
@@ -1950,7 +1951,7 @@ impl<'a> Run<'a> {
         prop_assert_eq!(d.policy_version(), self.version, "{}", context());
         let mut events: Vec<EventKey> = Vec::new();
         let mut reminted = false;
-        match (expect, d) {
+        match (expect, &d) {
             (
                 Expect::Accept {
                     kind,
@@ -2284,7 +2285,7 @@ impl<'a> Run<'a> {
         } else {
             let d = self
                 .engine
-                .redeem(&token, CLIENTS[client], ip_addr(ip))
+                .redeem(&RedeemRequest::new(&token, CLIENTS[client]).ip(ip_addr(ip)))
                 .map_err(fail)?;
             prop_assert_eq!(
                 d.deny_reason(),
@@ -2650,10 +2651,14 @@ fn grace_same_ip_treats_ipv4_mapped_as_the_same_ip() {
         .accepted()
         .expect("issued")
         .token;
-    let rotated = engine.redeem(&t1, CLIENTS[0], v4).expect("redeem");
+    let rotated = engine
+        .redeem(&RedeemRequest::new(&t1, CLIENTS[0]).ip(v4))
+        .expect("redeem");
     let t2 = rotated.accepted().expect("rotated").token;
     clock.advance(Duration::from_secs(1));
-    let retry = engine.redeem(&t1, CLIENTS[0], mapped).expect("redeem");
+    let retry = engine
+        .redeem(&RedeemRequest::new(&t1, CLIENTS[0]).ip(mapped))
+        .expect("redeem");
     assert_eq!(
         retry
             .accepted()

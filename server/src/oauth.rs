@@ -23,6 +23,7 @@ use super::form::{self, Form};
 use super::jwt::AccessClaims;
 use super::net::Peer;
 use super::{App, MAX_BODY};
+use refresh_guard::RedeemRequest;
 use refresh_guard::limits::MAX_CLIENT_ID_LEN;
 use refresh_guard::{Decision, DenyReason, ExchangeRequest, Generation};
 
@@ -444,7 +445,10 @@ async fn refresh_grant(
         },
     };
     let started = Instant::now();
-    let decision = match app.engine.redeem_async(token, &client.id, ip) {
+    let decision = match app
+        .engine
+        .redeem_async(&RedeemRequest::new(token, &client.id).ip(ip))
+    {
         Ok(pending) => pending.await,
         Err(e) => Err(e),
     };

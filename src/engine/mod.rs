@@ -20,6 +20,7 @@ use crate::striped::Striped;
 use crate::table::{Interner, Loc, OUTCOMES, SubjectIndex, Table};
 use crate::token::{self, FamilyId, Generation, KeyRing, KeyUid, Token, TokenKind};
 
+mod at;
 mod builder;
 mod exchange;
 mod issue;
@@ -29,6 +30,7 @@ mod revoke;
 mod shadow;
 mod stats;
 
+pub use at::At;
 pub use builder::EngineBuilder;
 pub use maintenance::SweepReport;
 use shadow::Shadow;
@@ -54,6 +56,51 @@ pub struct IssueRequest<'a> {
     /// (an unreadable forwarding chain), which no non-empty allow-list
     /// admits.
     pub ip: Option<IpAddr>,
+}
+
+/// A refresh-token redemption (`grant_type=refresh_token`). Build it with
+/// [`RedeemRequest::new`] and the builder methods; fields may be added
+/// (they default to "not presented"), so it cannot be built literally
+/// outside this crate.
+#[derive(Clone, Copy)]
+#[non_exhaustive]
+pub struct RedeemRequest<'a> {
+    /// The refresh token presented.
+    pub token: &'a str,
+    /// The client presenting it.
+    pub client: &'a str,
+    /// The client's IP address; `None` (the default) when it could not be
+    /// determined (an unreadable forwarding chain), which no non-empty
+    /// allow-list admits.
+    pub ip: Option<IpAddr>,
+}
+
+impl<'a> RedeemRequest<'a> {
+    /// `client` presents `token`, from an address not determined.
+    pub fn new(token: &'a str, client: &'a str) -> RedeemRequest<'a> {
+        RedeemRequest {
+            token,
+            client,
+            ip: None,
+        }
+    }
+
+    /// The client's IP address (`None`: could not be determined).
+    #[must_use]
+    pub fn ip(mut self, ip: impl Into<Option<IpAddr>>) -> RedeemRequest<'a> {
+        self.ip = ip.into();
+        self
+    }
+}
+
+impl std::fmt::Debug for RedeemRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a bearer secret: not printed.
+        f.debug_struct("RedeemRequest")
+            .field("client", &self.client)
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An authorization request the embedding server has authenticated and
@@ -223,6 +270,15 @@ impl std::future::Future for Durable<'_> {
 
 /// The refresh-token lifecycle engine. Share it by reference or `Arc`; every
 /// method takes `&self`.
+///
+/// Time: every operation acts at the engine's clock ([`Engine::now`]). To
+/// act at another time (tests, replays), take the view
+/// [`engine.at(now)`](Engine::at): it has the same operations, without a
+/// time argument, and `engine.op(..)` is `engine.at(engine.now()).op(..)`.
+/// Redemptions take one [`RedeemRequest`]; an acceptance carries the
+/// family's subject, scope and client ([`Accepted::subject`]).
+///
+/// [`Accepted::subject`]: crate::Accepted::subject
 pub struct Engine {
     keys: ArcSwap<KeyRing>,
     policies: ArcSwap<PolicySet>,
@@ -353,11 +409,11 @@ impl Engine {
     /// Describe a refresh token without changing anything. `None` for a
     /// malformed or forged token, or an unknown family.
     pub fn introspect(&self, token: &str) -> Option<Introspection> {
-        self.introspect_at(token, self.clock.now())
+        self.at(self.now()).introspect(token)
     }
 
-    /// [`introspect`](Self::introspect) at a given time.
-    pub fn introspect_at(&self, token: &str, now: Timestamp) -> Option<Introspection> {
+    /// [`introspect`](Self::introspect) at `now`; see [`At`].
+    fn introspect_at(&self, token: &str, now: Timestamp) -> Option<Introspection> {
         let parsed = token::parse(token, TokenKind::Refresh)?;
         let keys = self.keys.load();
         let policies = self.policies.load();

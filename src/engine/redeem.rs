@@ -1,8 +1,6 @@
 //! Refresh-token redemption, in the order of checks of docs/design.md ("The
 //! refresh decision") and the README, and what a denial sets off.
 
-use std::net::IpAddr;
-
 use crate::clock::Timestamp;
 use crate::decision::{self, AcceptKind, Accepted, Decision, DenyReason, Request, Verdict};
 use crate::error::Error;
@@ -14,49 +12,48 @@ use crate::token::{self, Generation, TokenKind};
 
 use super::revoke::Revocation;
 use super::stats::outcome_slot;
-use super::{Durable, Engine, Who, deny, mint_current};
+use super::{Durable, Engine, RedeemRequest, Who, deny, mint_current};
 
 impl Engine {
-    /// Redeem a refresh token presented by `client` from `ip`: an address,
-    /// or `None` when the caller's address could not be determined (no
-    /// non-empty allow-list admits it).
+    /// Redeem a refresh token: `req` names the token, the presenting
+    /// client and its address (`None` when the caller's address could not
+    /// be determined: no non-empty allow-list admits it).
     ///
     /// With a store in [`Durability::Sync`] this blocks until the change is
     /// durable (group commit: typically one fsync shared with concurrent
     /// callers). From an async runtime use [`redeem_async`](Self::redeem_async).
     /// An `Err` is a store failure: the engine then refuses every change
     /// until restarted (fail closed); nothing was acknowledged.
-    pub fn redeem(
-        &self,
-        token: &str,
-        client: &str,
-        ip: impl Into<Option<IpAddr>>,
-    ) -> Result<Decision, Error> {
-        self.redeem_at(token, client, ip, self.clock.now())
-    }
-
-    /// [`redeem`](Self::redeem) at a given time.
-    pub fn redeem_at(
-        &self,
-        token: &str,
-        client: &str,
-        ip: impl Into<Option<IpAddr>>,
-        now: Timestamp,
-    ) -> Result<Decision, Error> {
-        let (decision, lsn) = self.redeem_inner(token, client, ip.into(), now)?;
-        self.settle(lsn)?;
-        Ok(decision)
+    ///
+    /// [`Durability::Sync`]: crate::Durability::Sync
+    pub fn redeem(&self, req: &RedeemRequest<'_>) -> Result<Decision, Error> {
+        self.at(self.now()).redeem(req)
     }
 
     /// [`redeem`](Self::redeem) without blocking: the decision is made at
     /// once, and the returned future completes when it is durable.
-    pub fn redeem_async(
+    pub fn redeem_async(&self, req: &RedeemRequest<'_>) -> Result<Durable<'_>, Error> {
+        self.at(self.now()).redeem_async(req)
+    }
+
+    /// [`redeem`](Self::redeem) at `now`; see [`At`](super::At).
+    pub(super) fn redeem_at(
         &self,
-        token: &str,
-        client: &str,
-        ip: impl Into<Option<IpAddr>>,
+        req: &RedeemRequest<'_>,
+        now: Timestamp,
+    ) -> Result<Decision, Error> {
+        let (decision, lsn) = self.redeem_inner(req, now)?;
+        self.settle(lsn)?;
+        Ok(decision)
+    }
+
+    /// [`redeem_async`](Self::redeem_async) at `now`.
+    pub(super) fn redeem_async_at(
+        &self,
+        req: &RedeemRequest<'_>,
+        now: Timestamp,
     ) -> Result<Durable<'_>, Error> {
-        let (decision, lsn) = self.redeem_inner(token, client, ip.into(), self.clock.now())?;
+        let (decision, lsn) = self.redeem_inner(req, now)?;
         Ok(Durable {
             engine: self,
             decision: Some(decision),
@@ -66,11 +63,10 @@ impl Engine {
 
     pub(super) fn redeem_inner(
         &self,
-        token: &str,
-        client: &str,
-        ip: Option<IpAddr>,
+        req: &RedeemRequest<'_>,
         now: Timestamp,
     ) -> Result<(Decision, Option<Lsn>), Error> {
+        let (token, client, ip) = (req.token, req.client, req.ip);
         let policies = self.policies.load();
         if let Some(refused) = self.refuse_unlisted(&policies, client) {
             return Ok((refused, None));
@@ -153,6 +149,8 @@ impl Engine {
                 decision::apply_accept(f, kind, &req, keys.active());
                 let token = mint_current(f, &keys);
                 let (family, generation) = (f.id, f.generation);
+                // Refcount bumps (or an inline copy), not allocations.
+                let (grant, subject) = (f.grant.clone(), f.subject.clone());
                 let lsn = self.persist(f)?;
                 drop(shard);
                 // A `reuse`-rotation acceptance only moves last use: losing
@@ -167,6 +165,8 @@ impl Engine {
                             generation,
                             kind,
                             policy_version: version,
+                            grant,
+                            subject,
                         }),
                         wait,
                     )),
