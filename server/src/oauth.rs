@@ -682,10 +682,12 @@ mod tests {
 
     use refresh_guard::{IssueRequest, PolicySet, Timestamp};
 
+    type Hook = fn(&App, &Accepted);
+
     thread_local! {
         /// Run by `issue` between the redemption and the response: a
         /// deterministic stand-in for a request racing in between.
-        static BEFORE_RESPONSE: Cell<Option<fn(&App, &Accepted)>> = const { Cell::new(None) };
+        static BEFORE_RESPONSE: Cell<Option<Hook>> = const { Cell::new(None) };
     }
 
     pub(super) fn before_response(app: &App, accepted: &Accepted) {
