@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     Decision, Durability, Engine, IssueRequest, KeyId, KeyRing, KeySecret, LogOptions, LogStore,
     Token,
@@ -76,7 +77,10 @@ fn run(e: &Engine, tokens: &mut [Vec<Token>], iters: u64, lat: &Mutex<Vec<u32>>)
                 for k in 0..per as usize {
                     let i = k % mine.len();
                     let t0 = Instant::now();
-                    match e.redeem(&mine[i], CLIENT, ip()).expect("store") {
+                    match e
+                        .redeem(&RedeemRequest::new(&mine[i], CLIENT).ip(ip()))
+                        .expect("store")
+                    {
                         Decision::Accept(a) => mine[i] = a.token,
                         Decision::Deny(d) => panic!("denied: {}", d.reason),
                     }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AllowList, Decision, Engine, IpRange, IssueRequest, PolicyOverrides, PolicySet, Token,
 };
@@ -117,7 +118,10 @@ fn rotate(e: &Engine, tokens: &mut [Token], iters: u64, seed: u64) -> Duration {
     let start = Instant::now();
     for _ in 0..iters {
         let i = (next(&mut s) % tokens.len() as u64) as usize;
-        match e.redeem(&tokens[i], CLIENT, ip).expect("no store") {
+        match e
+            .redeem(&RedeemRequest::new(&tokens[i], CLIENT).ip(ip))
+            .expect("no store")
+        {
             Decision::Accept(a) => tokens[i] = a.token,
             Decision::Deny(d) => panic!("denied: {}", d.reason),
         }

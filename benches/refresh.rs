@@ -54,7 +54,7 @@ use criterion::{
 };
 use refresh_guard::{
     AcceptKind, AuthorizeRequest, Decision, DenyReason, Dpop, Engine, ExchangeRequest, FamilyId,
-    IssueRequest, Jkt, PolicyOverrides, PolicySet, Redemption, TOKEN_LEN, Token,
+    IssueRequest, Jkt, PolicyOverrides, PolicySet, RedeemRequest, TOKEN_LEN, Token,
 };
 
 /// The DPoP key thumbprint `rotate_dpop` binds every family to.
@@ -433,12 +433,16 @@ fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
         i = if i + 1 < n { i + 1 } else { 0 };
         match path {
             Path::Rotate => {
-                let d = e.redeem(&p.tokens[i], CLIENT, inside()).expect("no store");
+                let d = e
+                    .redeem(&RedeemRequest::new(&p.tokens[i], CLIENT).ip(inside()))
+                    .expect("no store");
                 p.tokens[i] = accepted(d, AcceptKind::Rotated);
             }
             Path::RotateDpop => p.tokens[i] = redeem_bound(e, &p.tokens[i]),
             Path::IpDenied => {
-                let d = e.redeem(&p.tokens[i], CLIENT, outside()).expect("no store");
+                let d = e
+                    .redeem(&RedeemRequest::new(&p.tokens[i], CLIENT).ip(outside()))
+                    .expect("no store");
                 denied(d, DenyReason::IpNotAllowed);
             }
             Path::Forged => {
@@ -450,7 +454,8 @@ fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
                 forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
                 let forged = std::str::from_utf8(&forged).expect("ASCII");
                 denied(
-                    e.redeem(forged, CLIENT, inside()).expect("no store"),
+                    e.redeem(&RedeemRequest::new(forged, CLIENT).ip(inside()))
+                        .expect("no store"),
                     DenyReason::InvalidToken,
                 );
             }
@@ -463,8 +468,8 @@ fn stateless(e: &Engine, p: &mut Part<'_>, path: Path, per: usize) {
 /// Rotate a family bound to [`JKT`] with a proof from it (the first call
 /// binds it, under `dpop = "required"`).
 fn redeem_bound(e: &Engine, token: &Token) -> Token {
-    let r = Redemption::new(token, CLIENT).ip(inside()).dpop(JKT);
-    accepted(e.redeem_with(&r).expect("no store"), AcceptKind::Rotated)
+    let r = RedeemRequest::new(token, CLIENT).ip(inside()).dpop(JKT);
+    accepted(e.redeem(&r).expect("no store"), AcceptKind::Rotated)
 }
 
 /// Replace the families `reuse_revoke` revoked with fresh ones, then rotate
@@ -481,7 +486,9 @@ fn prepare_replays(e: &Engine, p: &mut Part<'_>, replace_consumed: bool) {
     for _ in 0..p.queue_len {
         let i = p.walk.next();
         let old = p.tokens[i];
-        let d = e.redeem(&old, CLIENT, inside()).expect("no store");
+        let d = e
+            .redeem(&RedeemRequest::new(&old, CLIENT).ip(inside()))
+            .expect("no store");
         p.tokens[i] = accepted(d, AcceptKind::Rotated);
         p.queue.push((i, old));
     }
@@ -492,7 +499,9 @@ fn replay(e: &Engine, p: &mut Part<'_>, path: Path, k: usize) {
     let start = p.head;
     p.head += k;
     for &(_, old) in &p.queue[start..start + k] {
-        let d = e.redeem(&old, CLIENT, inside()).expect("no store");
+        let d = e
+            .redeem(&RedeemRequest::new(&old, CLIENT).ip(inside()))
+            .expect("no store");
         match path {
             Path::GraceReplay => {
                 black_box(accepted(d, AcceptKind::GraceReplay));

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     Decision, Durability, Engine, IssueRequest, KeyId, KeyRing, KeySecret, LogOptions, LogStore,
     Token,
@@ -190,7 +191,10 @@ fn issue(e: &Engine, i: usize) -> Token {
 fn rotate(e: &Engine, slot: &Mutex<Token>) {
     // Each caller owns its slots: the lock is never contended.
     let mut t = slot.lock().expect("token lock");
-    match e.redeem(&t, CLIENT, ip()).expect("store") {
+    match e
+        .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip()))
+        .expect("store")
+    {
         Decision::Accept(a) => *t = a.token,
         Decision::Deny(d) => panic!("denied: {}", d.reason),
     }

@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 
-use refresh_guard::{Dpop, Engine, IssueRequest, Jkt, PolicyOverrides, PolicySet, Redemption};
+use refresh_guard::{Dpop, Engine, IssueRequest, Jkt, PolicyOverrides, PolicySet, RedeemRequest};
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux /proc/self/statm");
@@ -65,7 +65,7 @@ fn main() -> Result<(), refresh_guard::Error> {
     if dpop {
         let key = Jkt::from_bytes([0xa1; 32]);
         for t in &mut tokens {
-            let d = engine.redeem_with(&Redemption::new(t, "app").ip(ip).dpop(key))?;
+            let d = engine.redeem(&RedeemRequest::new(t, "app").ip(ip).dpop(key))?;
             if let Some(a) = d.accepted() {
                 *t = a.token;
             }

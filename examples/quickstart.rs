@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     Decision, Engine, IssueRequest, ManualClock, MemorySink, PolicyOverrides, PolicySet, Timestamp,
 };
@@ -64,27 +65,27 @@ fn main() -> Result<(), refresh_guard::Error> {
     let t1 = d.accepted().expect("issued").token;
 
     clock.advance(Duration::from_secs(60));
-    let d = engine.redeem(&t1, client, home)?;
+    let d = engine.redeem(&RedeemRequest::new(&t1, client).ip(home))?;
     show("refresh with t1 (rotate)", &d);
     let t2 = d.accepted().expect("rotated").token;
 
     clock.advance(Duration::from_secs(2));
-    let d = engine.redeem(&t1, client, home)?;
+    let d = engine.redeem(&RedeemRequest::new(&t1, client).ip(home))?;
     show("retry t1 after a lost response (grace)", &d);
     assert_eq!(d.accepted().expect("grace").token, t2, "same successor");
 
-    let d = engine.redeem(&t2, client, abroad)?;
+    let d = engine.redeem(&RedeemRequest::new(&t2, client).ip(abroad))?;
     show("refresh t2 from outside the allow-list", &d);
 
     clock.advance(Duration::from_secs(60));
-    let d = engine.redeem(&t2, client, home)?;
+    let d = engine.redeem(&RedeemRequest::new(&t2, client).ip(home))?;
     show("refresh t2 from home (rotate)", &d);
     let t3 = d.accepted().expect("rotated").token;
 
-    let d = engine.redeem(&t1, client, abroad)?;
+    let d = engine.redeem(&RedeemRequest::new(&t1, client).ip(abroad))?;
     show("attacker replays stolen t1 (reuse)", &d);
 
-    let d = engine.redeem(&t3, client, home)?;
+    let d = engine.redeem(&RedeemRequest::new(&t3, client).ip(home))?;
     show("the owner's t3 after the reuse", &d);
 
     println!("\nevents:");

@@ -444,21 +444,19 @@ mod tests {
         let ip = Some("10.0.0.1".parse().unwrap());
         let authorize = || {
             let d = engine
-                .authorize_at(
-                    &AuthorizeRequest {
-                        client: "c",
-                        subject: "s",
-                        scope: "openid",
-                        redirect_uri: "https://a/cb",
-                        code_challenge: Some(CHALLENGE),
-                        code_challenge_method: Some("S256"),
-                        ip,
-                        dpop_jkt: None,
-                    },
-                    start,
-                )
+                .at(start)
+                .authorize(&AuthorizeRequest {
+                    client: "c",
+                    subject: "s",
+                    scope: "openid",
+                    redirect_uri: "https://a/cb",
+                    code_challenge: Some(CHALLENGE),
+                    code_challenge_method: Some("S256"),
+                    ip,
+                    dpop_jkt: None,
+                })
                 .unwrap();
-            *d.accepted().unwrap()
+            d.accepted().unwrap().clone()
         };
         let exchange = |code: &str| {
             let req = ExchangeRequest {
@@ -469,25 +467,26 @@ mod tests {
                 ip,
                 dpop: None,
             };
-            engine.exchange_at(&req, start).unwrap();
+            engine.at(start).exchange(&req).unwrap();
         };
         let has_state = |id: FamilyId| engine.family_record(id).map(|r| r.0.code.is_some());
         let kept = authorize();
         exchange(&kept.token);
         let revoked = authorize();
         exchange(&revoked.token);
-        engine.revoke_family_at(revoked.family, start).unwrap();
+        engine.at(start).revoke_family(revoked.family).unwrap();
         let pending = authorize();
 
         let just_before =
             Timestamp::from_millis(start.saturating_add(MAX_CODE_TTL).as_millis() - 1);
-        engine.sweep_at(100_000, just_before).unwrap();
+        engine.at(just_before).sweep(100_000).unwrap();
         assert_eq!(has_state(kept.family), Some(true), "needed until the end");
         assert_eq!(has_state(revoked.family), Some(false), "revoked: needless");
         assert_eq!(has_state(pending.family), None, "an unused code goes whole");
 
         engine
-            .sweep_at(100_000, start.saturating_add(MAX_CODE_TTL))
+            .at(start.saturating_add(MAX_CODE_TTL))
+            .sweep(100_000)
             .unwrap();
         assert_eq!(has_state(kept.family), Some(false));
     }

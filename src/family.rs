@@ -250,17 +250,19 @@ impl Grant {
 /// Longest subject kept inside the record itself.
 const INLINE_SUBJECT: usize = 22;
 
-/// A family's subject: kept inline when short (most user ids), boxed
+/// A family's subject: kept inline when short (most user ids), shared
 /// otherwise. Subjects are nearly as many as families, so a separate
 /// allocation each would cost more than the rest of the subject's
-/// bookkeeping.
+/// bookkeeping. The shared case is an `Arc` so that an acceptance can hand
+/// the subject out by bumping the family's own count, without allocating
+/// on the redemption path (README "API").
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum SubjectName {
     Inline {
         len: u8,
         bytes: [u8; INLINE_SUBJECT],
     },
-    Boxed(Box<str>),
+    Shared(Arc<str>),
 }
 
 impl SubjectName {
@@ -274,7 +276,7 @@ impl SubjectName {
                 bytes,
             }
         } else {
-            SubjectName::Boxed(s.into())
+            SubjectName::Shared(Arc::from(s))
         }
     }
 
@@ -282,7 +284,7 @@ impl SubjectName {
         match self {
             SubjectName::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)])
                 .expect("built from a str, cut at its length"),
-            SubjectName::Boxed(s) => s,
+            SubjectName::Shared(s) => s,
         }
     }
 }

@@ -3,17 +3,16 @@
 //! With ten million families a redemption's record is a random access into
 //! gigabytes of slab; with 4 KiB pages nearly every one also misses the TLB,
 //! and in a virtual machine the page walk itself costs several memory
-//! accesses. Backing the slabs with 2 MiB pages took a rotation at 10M
-//! families from 734 to 614 ns on the benchmark machine (BENCHMARKS.md).
+//! accesses. Backing the slabs with 2 MiB pages makes a rotation at 10M
+//! families markedly faster (BENCHMARKS.md, "Huge pages", has the figures).
 //!
 //! The slab asks for them with `MADV_COLLAPSE` (Linux 6.1+) on each 2 MiB
 //! of slab it has filled, rather than `MADV_HUGEPAGE` on its whole buffer:
 //! the latter makes the kernel fault in a whole 2 MiB page at the slab's
-//! growing end, which measured 31 bytes more per family at 10M. A collapse
-//! is synchronous and slow: 6 ms for 2 MiB at the median on the benchmark
-//! machine, 10 ms at the 99th percentile, 19 ms at most (`strace -T` of
-//! the memory example at 10M families), and the kernel may reclaim or
-//! compact memory to find a huge page. So an insert into the slab only
+//! growing end, which costs memory per family. A collapse is synchronous
+//! and slow (milliseconds per 2 MiB; BENCHMARKS.md, "Huge pages"), and the
+//! kernel may reclaim or compact memory to find a huge page. So an insert
+//! into the slab only
 //! returns what to collapse ([`Collapse`]), and its caller runs it after
 //! releasing the shard's lock: 2 MiB once per 2 MiB of slab filled (about
 //! 14,000 families), and the whole filled slab again after the slab is

@@ -15,7 +15,7 @@
 //!
 //! ```
 //! use std::net::IpAddr;
-//! use refresh_guard::{Decision, DenyReason, Engine, IssueRequest};
+//! use refresh_guard::{DenyReason, Engine, IssueRequest, RedeemRequest};
 //!
 //! let engine = Engine::builder().build()?;
 //! let ip: IpAddr = "203.0.113.7".parse().unwrap();
@@ -28,11 +28,13 @@
 //! let t1 = first.accepted().expect("issued").token;
 //!
 //! // A refresh rotates: a new token comes back, the old one is spent.
-//! let t2 = engine.redeem(&t1, "mobile-app", ip)?.accepted().expect("rotated").token;
+//! let refresh = RedeemRequest::new(&t1, "mobile-app").ip(ip);
+//! let t2 = engine.redeem(&refresh)?.accepted().expect("rotated").token;
 //!
 //! // Presenting the spent token again is reuse: the family is revoked.
-//! assert_eq!(engine.redeem(&t1, "mobile-app", ip)?.deny_reason(), Some(DenyReason::ReuseDetected));
-//! assert_eq!(engine.redeem(&t2, "mobile-app", ip)?.deny_reason(), Some(DenyReason::Revoked));
+//! assert_eq!(engine.redeem(&refresh)?.deny_reason(), Some(DenyReason::ReuseDetected));
+//! let next = RedeemRequest::new(&t2, "mobile-app").ip(ip);
+//! assert_eq!(engine.redeem(&next)?.deny_reason(), Some(DenyReason::Revoked));
 //! # Ok::<(), refresh_guard::Error>(())
 //! ```
 // Three exceptions, each one system call with its SAFETY note: `huge`
@@ -50,9 +52,9 @@ pub use crate::compliance::{
 pub use crate::decision::{AcceptKind, Accepted, Decision, Denied, DenyReason, OAuthError};
 pub use crate::dpop::{Dpop, Jkt, JktError};
 pub use crate::engine::{
-    AuthorizeRequest, Durable, Engine, EngineBuilder, ExchangeRequest, FamilyRecord, Introspection,
-    IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, Redemption, ShadowReport, ShadowRow, Stats,
-    SweepReport,
+    At, AuthorizeRequest, Durable, Engine, EngineBuilder, ExchangeRequest, FamilyRecord,
+    Introspection, IssueRequest, MAX_SCOPE_LEN, MAX_SUBJECT_LEN, RedeemRequest, ShadowReport,
+    ShadowRow, Stats, SweepReport,
 };
 pub use crate::error::{Error, IoCause};
 pub use crate::event::{

@@ -19,6 +19,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, Decision, DenyReason, Durability, Engine, Error, IssueRequest, LogOptions,
     LogStore, OnReuse, PolicyOverrides, PolicySet, Status,
@@ -119,7 +120,7 @@ fn worker(work: &Path) {
                 for i in (0..chains.len()).cycle() {
                     let (id, token) = &mut chains[i];
                     let d = e
-                        .redeem(token, CLIENT, ip())
+                        .redeem(&RedeemRequest::new(token, CLIENT).ip(ip()))
                         .unwrap_or_else(|err| worker_fail(format!("chain {id}: {err}")));
                     match d {
                         Decision::Accept(a) if a.kind == AcceptKind::Rotated => {
@@ -170,7 +171,8 @@ struct Tally {
 }
 
 fn redeem(e: &Engine, token: &str) -> Decision {
-    e.redeem(token, CLIENT, ip()).unwrap()
+    e.redeem(&RedeemRequest::new(token, CLIENT).ip(ip()))
+        .unwrap()
 }
 
 /// Check one chain after a restart and redeem its last acknowledged

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{CLIENT, Harness, ip};
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, DenyReason, Engine, EventKind, Generation, IpCheck, IssueRequest, OnReuse,
     PolicyOverrides, PolicySet, RevokeReason, Rotation, Status, Timestamp, Token,
@@ -20,17 +21,21 @@ fn allow(entries: &[&str]) -> Vec<refresh_guard::IpRange> {
 fn rotation_returns_the_next_generation() {
     let h = Harness::new(PolicyOverrides::new());
     let t1 = h.issue();
-    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     let a = d.accepted().unwrap();
     assert_eq!(a.kind, AcceptKind::Rotated);
     assert_eq!(a.generation, Generation::new(2));
     assert_ne!(a.token, t1);
-    let a3 = *h
+    let a3 = h
         .engine
-        .redeem(&a.token, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&a.token, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
-        .unwrap();
+        .unwrap()
+        .clone();
     assert_eq!(a3.generation, Generation::new(3));
 }
 
@@ -46,12 +51,15 @@ fn malformed_token_is_invalid() {
         &t[..t.len() - 1],
         &format!("{}x", &*t),
     ] {
-        let d = h.engine.redeem(bad, CLIENT, ip("10.0.0.1")).unwrap();
+        let d = h
+            .engine
+            .redeem(&RedeemRequest::new(bad, CLIENT).ip(ip("10.0.0.1")))
+            .unwrap();
         assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken), "{bad:?}");
     }
     assert!(
         h.engine
-            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
@@ -64,7 +72,10 @@ fn code_prefix_is_not_a_refresh_token() {
     let h = Harness::new(PolicyOverrides::new());
     let t = h.issue();
     let as_code = format!("rgc_{}", &t[4..]);
-    let d = h.engine.redeem(&as_code, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&as_code, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
 }
 
@@ -77,7 +88,7 @@ fn forged_token_never_revokes_a_live_family() {
     let t1 = h.issue();
     let t2 = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
@@ -88,14 +99,17 @@ fn forged_token_never_revokes_a_live_family() {
     let c = if &forged[i..=i] == "A" { "B" } else { "A" };
     forged.replace_range(i..=i, c);
     for _ in 0..3 {
-        let d = h.engine.redeem(&forged, CLIENT, ip("192.0.2.99")).unwrap();
+        let d = h
+            .engine
+            .redeem(&RedeemRequest::new(&forged, CLIENT).ip(ip("192.0.2.99")))
+            .unwrap();
         assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
         assert_eq!(d.accepted(), None);
     }
     assert!(h.sink.events().is_empty(), "a forgery raises no event");
     assert_eq!(
         h.engine
-            .redeem(&t2, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t2, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .unwrap()
@@ -110,7 +124,10 @@ fn unknown_family_is_invalid() {
     let h = Harness::new(PolicyOverrides::new());
     let other = Harness::new(PolicyOverrides::new());
     let t = other.issue();
-    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
 }
 
@@ -120,7 +137,10 @@ fn unknown_family_is_invalid() {
 fn client_mismatch_denies_and_reports() {
     let h = Harness::new(PolicyOverrides::new());
     let t = h.issue();
-    let d = h.engine.redeem(&t, "evil-client", ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t, "evil-client").ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ClientMismatch));
     let ev = h.sink.take();
     assert_eq!(ev.len(), 1);
@@ -133,7 +153,7 @@ fn client_mismatch_denies_and_reports() {
     assert_eq!(ev[0].client.as_deref(), Some(CLIENT));
     assert!(
         h.engine
-            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
@@ -147,7 +167,10 @@ fn client_binding_precedes_revocation() {
     let h = Harness::new(PolicyOverrides::new());
     let t = h.issue();
     assert!(h.engine.revoke_token(&t, None).unwrap());
-    let d = h.engine.redeem(&t, "evil-client", ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t, "evil-client").ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ClientMismatch));
 }
 
@@ -161,7 +184,10 @@ fn revoked_family_denies() {
         !h.engine.revoke_token(&t, Some(CLIENT)).unwrap(),
         "already revoked"
     );
-    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::Revoked));
 }
 
@@ -173,7 +199,7 @@ fn revoke_token_of_another_client_is_refused() {
     assert!(!h.engine.revoke_token(&t, Some("other")).unwrap());
     assert!(
         h.engine
-            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
@@ -193,14 +219,17 @@ fn absolute_lifetime_expires() {
         h.advance(30);
         t = h
             .engine
-            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .unwrap()
             .token;
     }
     h.advance(10);
-    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ExpiredAbsolute));
 }
 
@@ -214,14 +243,17 @@ fn idle_ttl_expires() {
         h.advance(59);
         t = h
             .engine
-            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .expect("each use pushes the idle expiry back")
             .token;
     }
     h.advance(60);
-    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ExpiredIdle));
 }
 
@@ -233,13 +265,16 @@ fn expiry_precedes_reuse_detection() {
     let t1 = h.issue();
     let _t2 = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
         .token;
     h.advance(61);
-    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ExpiredIdle));
     assert!(h.sink.events().is_empty());
 }
@@ -261,7 +296,10 @@ fn policy_in_force_at_redemption_decides() {
             .build()
             .unwrap(),
     );
-    let d = h.engine.redeem(&t, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ExpiredIdle));
     assert_ne!(d.policy_version(), v_old);
     assert_eq!(d.policy_version(), h.engine.policies().version());
@@ -274,16 +312,19 @@ fn reuse_revokes_family() {
     let t1 = h.issue();
     let t2 = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
         .token;
-    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.9")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.9")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
     assert_eq!(
         h.engine
-            .redeem(&t2, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t2, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::Revoked)
@@ -311,11 +352,14 @@ fn reuse_precedes_allow_list() {
     let t1 = h.issue();
     let _t2 = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap();
-    let d = h.engine.redeem(&t1, CLIENT, ip("198.51.100.7")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("198.51.100.7")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
 }
 
@@ -325,7 +369,10 @@ fn ip_outside_allow_list_is_denied_without_revocation() {
     let h =
         Harness::new(PolicyOverrides::new().ip_allowlist(allow(&["10.0.0.0/8", "2001:db8::/32"])));
     let t = h.issue();
-    let d = h.engine.redeem(&t, CLIENT, ip("198.51.100.7")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("198.51.100.7")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::IpNotAllowed));
     let ev = h.sink.take();
     assert_eq!(ev.len(), 1);
@@ -334,7 +381,7 @@ fn ip_outside_allow_list_is_denied_without_revocation() {
     // The owner came home: the same token still works.
     assert!(
         h.engine
-            .redeem(&t, CLIENT, ip("2001:db8::5"))
+            .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("2001:db8::5")))
             .unwrap()
             .accepted()
             .is_some()
@@ -364,7 +411,7 @@ fn allow_list_at_issuance_and_issuance_only_mode() {
     let t = h.issue();
     assert!(
         h.engine
-            .redeem(&t, CLIENT, ip("198.51.100.7"))
+            .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("198.51.100.7")))
             .unwrap()
             .accepted()
             .is_some()
@@ -408,7 +455,7 @@ fn family_restored_into_a_busy_engine_works_there() {
     }
     assert_eq!(b.stats().families, 70);
     let rotate = |e: &Engine, t: &Token| {
-        e.redeem(t, CLIENT, ip("10.0.0.1"))
+        e.redeem(&RedeemRequest::new(t, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .expect("accepted")
@@ -426,7 +473,9 @@ fn family_restored_into_a_busy_engine_works_there() {
     assert_eq!(b.stats().families, 51);
     for t in &moved {
         assert_eq!(
-            b.redeem(t, CLIENT, ip("10.0.0.1")).unwrap().deny_reason(),
+            b.redeem(&RedeemRequest::new(t, CLIENT).ip(ip("10.0.0.1")))
+                .unwrap()
+                .deny_reason(),
             Some(DenyReason::InvalidToken),
             "swept"
         );
@@ -446,13 +495,16 @@ fn newer_generation_is_state_rollback() {
     let backup = h.engine.family_record(id).unwrap();
     let t2 = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
         .token;
     h.engine.restore_family(backup).unwrap();
-    let d = h.engine.redeem(&t2, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t2, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::StateRollback));
     let ev = h.sink.take();
     assert_eq!(ev.len(), 1);
@@ -466,7 +518,7 @@ fn newer_generation_is_state_rollback() {
     // Nothing was revoked: the restored generation still works.
     assert!(
         h.engine
-            .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
@@ -479,25 +531,27 @@ fn newer_generation_is_state_rollback() {
 fn grace_replay_returns_the_same_successor() {
     let h = Harness::new(PolicyOverrides::new().grace_period(Duration::from_secs(10)));
     let t1 = h.issue();
-    let a = *h
+    let a = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
-        .unwrap();
+        .unwrap()
+        .clone();
     h.advance(5);
-    let b = *h
+    let b = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.2"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.2")))
         .unwrap()
         .accepted()
-        .unwrap();
+        .unwrap()
+        .clone();
     assert_eq!(b.kind, AcceptKind::GraceReplay);
     assert_eq!(b.token, a.token);
     assert_eq!(b.generation, a.generation);
     let c = h
         .engine
-        .redeem(&a.token, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&a.token, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
@@ -515,14 +569,14 @@ fn grace_replays_beyond_max_are_reuse() {
     );
     let t1 = h.issue();
     h.engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap();
     for _ in 0..2 {
         assert_eq!(
             h.engine
-                .redeem(&t1, CLIENT, ip("10.0.0.1"))
+                .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
                 .unwrap()
                 .accepted()
                 .unwrap()
@@ -530,7 +584,10 @@ fn grace_replays_beyond_max_are_reuse() {
             AcceptKind::GraceReplay
         );
     }
-    let d = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
 }
 
@@ -540,14 +597,14 @@ fn grace_period_ends() {
     let h = Harness::new(PolicyOverrides::new().grace_period(Duration::from_secs(10)));
     let t1 = h.issue();
     h.engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap();
     h.advance(10);
     assert_eq!(
         h.engine
-            .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::ReuseDetected)
@@ -561,19 +618,19 @@ fn grace_covers_only_the_predecessor() {
     let t1 = h.issue();
     let t2 = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
         .token;
     h.engine
-        .redeem(&t2, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t2, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap();
     assert_eq!(
         h.engine
-            .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::ReuseDetected)
@@ -591,13 +648,13 @@ fn grace_same_ip_refuses_other_ip() {
     );
     let t1 = h.issue();
     h.engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap();
     assert_eq!(
         h.engine
-            .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .unwrap()
@@ -606,7 +663,7 @@ fn grace_same_ip_refuses_other_ip() {
     );
     assert_eq!(
         h.engine
-            .redeem(&t1, CLIENT, ip("10.0.0.2"))
+            .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.2")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::ReuseDetected)
@@ -620,7 +677,7 @@ fn grace_replay_is_stable_across_key_rotation() {
     let t1 = h.issue();
     let a = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
@@ -635,7 +692,7 @@ fn grace_replay_is_stable_across_key_rotation() {
     h.engine.set_key_ring(ring);
     let b = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
@@ -660,7 +717,7 @@ fn removed_key_tokens_are_invalid() {
     h.engine.set_key_ring(ring);
     assert_eq!(
         h.engine
-            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::InvalidToken)
@@ -679,12 +736,13 @@ fn reuse_rotation_keeps_the_token() {
     let t = h.issue();
     for _ in 0..5 {
         h.advance(50);
-        let a = *h
+        let a = h
             .engine
-            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
-            .unwrap();
+            .unwrap()
+            .clone();
         assert_eq!(a.kind, AcceptKind::Kept);
         assert_eq!(a.token, t);
         assert_eq!(a.generation, Generation::FIRST);
@@ -720,32 +778,35 @@ fn on_reuse_subject_scopes() {
             .unwrap()
             .token;
         h.engine
-            .redeem(&a1, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&a1, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .unwrap();
         assert_eq!(
             h.engine
-                .redeem(&a1, CLIENT, ip("10.0.0.1"))
+                .redeem(&RedeemRequest::new(&a1, CLIENT).ip(ip("10.0.0.1")))
                 .unwrap()
                 .deny_reason(),
             Some(DenyReason::ReuseDetected)
         );
         assert_eq!(
             h.engine
-                .redeem(&a2, CLIENT, ip("10.0.0.1"))
+                .redeem(&RedeemRequest::new(&a2, CLIENT).ip(ip("10.0.0.1")))
                 .unwrap()
                 .deny_reason(),
             Some(DenyReason::Revoked)
         );
         assert!(
             h.engine
-                .redeem(&b1, CLIENT, ip("10.0.0.1"))
+                .redeem(&RedeemRequest::new(&b1, CLIENT).ip(ip("10.0.0.1")))
                 .unwrap()
                 .accepted()
                 .is_some()
         );
-        let o = h.engine.redeem(&other, "web", ip("10.0.0.1")).unwrap();
+        let o = h
+            .engine
+            .redeem(&RedeemRequest::new(&other, "web").ip(ip("10.0.0.1")))
+            .unwrap();
         assert_eq!(
             o.accepted().is_some(),
             other_client_survives,
@@ -772,21 +833,21 @@ fn report_only_revokes_nothing() {
     let t1 = h.issue();
     let t2 = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
         .token;
     assert_eq!(
         h.engine
-            .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::ReuseDetected)
     );
     assert!(
         h.engine
-            .redeem(&t2, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t2, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
@@ -806,21 +867,21 @@ fn cap_evicts_the_oldest_family() {
     let f3 = h.issue();
     assert_eq!(
         h.engine
-            .redeem(&f1, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&f1, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::Revoked)
     );
     assert!(
         h.engine
-            .redeem(&f2, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&f2, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
     );
     let f3 = h
         .engine
-        .redeem(&f3, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&f3, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
@@ -838,7 +899,7 @@ fn cap_evicts_the_oldest_family() {
     let _ = h.issue_for("bob");
     assert!(
         h.engine
-            .redeem(&f3, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&f3, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
@@ -874,7 +935,7 @@ fn the_cap_counts_only_its_own_clients_families() {
     let app2 = issue(CLIENT);
     let redeems = |t: &Token, client: &str| {
         h.engine
-            .redeem(t, client, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(t, client).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason()
     };
@@ -925,7 +986,7 @@ fn cap_eviction_takes_the_oldest_created_first() {
     // f1 is now the most recently used.
     let f1 = h
         .engine
-        .redeem(&f1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&f1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
@@ -934,7 +995,7 @@ fn cap_eviction_takes_the_oldest_created_first() {
     let f4 = h.issue();
     let status = |t: &Token| {
         h.engine
-            .redeem(t, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(t, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason()
     };
@@ -960,32 +1021,38 @@ fn each_rotation_records_its_address_for_grace_same_ip() {
     );
     let t1 = h.issue(); // from 10.0.0.1
     h.engine
-        .redeem(&t1, CLIENT, ip("10.0.0.2"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.2")))
         .unwrap()
         .accepted()
         .unwrap();
     h.advance(1);
     // The predecessor of t2 rotated from 10.0.0.2: a replay from the
     // issuing address is reuse...
-    let from_issuer = h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
+    let from_issuer = h
+        .engine
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(from_issuer.deny_reason(), Some(DenyReason::ReuseDetected));
     // ...which revoked the family; start again to check the other side.
     let t1 = h.issue();
     let t2b = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.2"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.2")))
         .unwrap()
         .accepted()
         .unwrap()
         .token;
     let t3 = h
         .engine
-        .redeem(&t2b, CLIENT, ip("10.0.0.3"))
+        .redeem(&RedeemRequest::new(&t2b, CLIENT).ip(ip("10.0.0.3")))
         .unwrap()
         .accepted()
         .unwrap()
         .token;
-    let replay = h.engine.redeem(&t2b, CLIENT, ip("10.0.0.3")).unwrap();
+    let replay = h
+        .engine
+        .redeem(&RedeemRequest::new(&t2b, CLIENT).ip(ip("10.0.0.3")))
+        .unwrap();
     let a = replay
         .accepted()
         .expect("same address as the latest rotation");
@@ -1006,34 +1073,38 @@ fn a_grace_replay_outside_the_allow_list_is_denied_with_its_event_and_no_revocat
     let t1 = h.issue();
     let t2 = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
         .token;
     h.advance(1);
     h.sink.take();
-    let d = h.engine.redeem(&t1, CLIENT, ip("198.51.100.7")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("198.51.100.7")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::IpNotAllowed));
     let ev = h.sink.take();
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_eq!(ev[0].kind, EventKind::IpNotAllowed);
     assert_eq!(ev[0].ip, Some(ip("198.51.100.7")));
     // An unknown address is outside too.
-    let d = h.engine.redeem(&t1, CLIENT, None).unwrap();
+    let d = h.engine.redeem(&RedeemRequest::new(&t1, CLIENT)).unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::IpNotAllowed));
     // Nothing revoked, no replay budget spent: from inside, the same
     // successor; and it still rotates.
-    let a = *h
+    let a = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.9"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.9")))
         .unwrap()
         .accepted()
-        .unwrap();
+        .unwrap()
+        .clone();
     assert_eq!((a.kind, a.token), (AcceptKind::GraceReplay, t2));
     assert!(
         h.engine
-            .redeem(&t2, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t2, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
@@ -1051,12 +1122,14 @@ fn zero_grace_denies_a_loser_whose_clock_precedes_the_rotation() {
     let later = Timestamp::from_millis(now.as_millis() + 5);
     let winner = h
         .engine
-        .redeem_at(&t1, CLIENT, ip("10.0.0.1"), later)
+        .at(later)
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap();
     assert_eq!(winner.accepted().unwrap().kind, AcceptKind::Rotated);
     let loser = h
         .engine
-        .redeem_at(&t1, CLIENT, ip("10.0.0.1"), now)
+        .at(now)
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap();
     assert_eq!(loser.deny_reason(), Some(DenyReason::ReuseDetected));
 }
@@ -1085,14 +1158,14 @@ fn revoke_by_subject_and_client() {
     assert_eq!(h.engine.revoke_subject("alice", Some("web")).unwrap(), 1);
     assert!(
         h.engine
-            .redeem(&a_m, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&a_m, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
     );
     assert_eq!(
         h.engine
-            .redeem(&a_w, "web", ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&a_w, "web").ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::Revoked)
@@ -1102,14 +1175,14 @@ fn revoke_by_subject_and_client() {
     assert_eq!(h.engine.revoke_client("web").unwrap(), 1);
     assert_eq!(
         h.engine
-            .redeem(&b_w, "web", ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&b_w, "web").ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::Revoked)
     );
     assert!(
         h.engine
-            .redeem(&b_m, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&b_m, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
@@ -1138,7 +1211,7 @@ fn introspection_has_no_side_effects() {
     h.advance(50);
     assert_eq!(
         h.engine
-            .redeem(&t1, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::ExpiredIdle)
@@ -1154,7 +1227,7 @@ fn rotated_out_token_is_inactive() {
     let t1 = h.issue();
     let t2 = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
@@ -1176,7 +1249,7 @@ fn sweep_removes_expired_and_old_revoked_families() {
         .iter()
         .map(|t| {
             h.engine
-                .redeem(t, CLIENT, ip("10.0.0.1"))
+                .redeem(&RedeemRequest::new(t, CLIENT).ip(ip("10.0.0.1")))
                 .unwrap()
                 .accepted()
                 .unwrap()
@@ -1200,7 +1273,7 @@ fn sweep_removes_expired_and_old_revoked_families() {
     for t in &keep {
         assert!(
             h.engine
-                .redeem(t, CLIENT, ip("10.0.0.1"))
+                .redeem(&RedeemRequest::new(t, CLIENT).ip(ip("10.0.0.1")))
                 .unwrap()
                 .accepted()
                 .is_some()
@@ -1209,7 +1282,7 @@ fn sweep_removes_expired_and_old_revoked_families() {
     // Revoked: still answers `revoked` until retention (1 day) passes.
     assert_eq!(
         h.engine
-            .redeem(&revoked, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&revoked, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::Revoked)
@@ -1221,7 +1294,7 @@ fn sweep_removes_expired_and_old_revoked_families() {
     assert_eq!(h.engine.stats().families, 0, "idle after a day too");
     assert_eq!(
         h.engine
-            .redeem(&revoked, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&revoked, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::InvalidToken)
@@ -1271,9 +1344,15 @@ fn issue_rejects_bad_arguments() {
 fn stats_count_outcomes() {
     let h = Harness::new(PolicyOverrides::new());
     let t1 = h.issue();
-    h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
-    h.engine.redeem(&t1, CLIENT, ip("10.0.0.1")).unwrap();
-    h.engine.redeem("junk", CLIENT, ip("10.0.0.1")).unwrap();
+    h.engine
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
+    h.engine
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
+    h.engine
+        .redeem(&RedeemRequest::new("junk", CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     let s = h.engine.stats();
     assert_eq!(s.outcome("issued"), 1);
     assert_eq!(s.outcome("rotated"), 1);
@@ -1300,7 +1379,7 @@ fn re_added_key_id_with_new_material_kills_old_tokens() {
     h.engine.set_key_ring(ring);
     assert_eq!(
         h.engine
-            .redeem(&t, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::InvalidToken)

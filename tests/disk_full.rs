@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use refresh_guard::RedeemRequest;
 use refresh_guard::{DenyReason, Engine, Error, IssueRequest, LogHooks, LogOptions, LogStore};
 use store_support::*;
 
@@ -128,10 +129,10 @@ fn a_full_disk_fails_the_store_closed_and_loses_nothing_acknowledged() {
     disk.room(Some(0));
     assert_no_space(
         "a rotation on a full disk",
-        e.redeem(&ta, CLIENT, ip()),
+        e.redeem(&RedeemRequest::new(&ta, CLIENT).ip(ip())),
         ".rgl",
     );
-    assert!(e.redeem(&tb, CLIENT, ip()).is_err());
+    assert!(e.redeem(&RedeemRequest::new(&tb, CLIENT).ip(ip())).is_err());
     let carol = IssueRequest {
         client: CLIENT,
         subject: "carol",
@@ -145,7 +146,7 @@ fn a_full_disk_fails_the_store_closed_and_loses_nothing_acknowledged() {
     disk.room(None);
     assert_no_space(
         "a change after the failure",
-        e.redeem(&tb, CLIENT, ip()),
+        e.redeem(&RedeemRequest::new(&tb, CLIENT).ip(ip())),
         ".rgl",
     );
     // Every handle, so the store's directory lock is released.
@@ -170,13 +171,13 @@ fn a_batch_cut_short_by_a_full_disk_leaves_nothing_behind() {
     let unpause = ReleaseOnDrop(&disk);
     disk.pause_next_batch();
     let (a, b, c) = std::thread::scope(|s| {
-        let a = s.spawn(|| e.redeem(&ta, CLIENT, ip()));
+        let a = s.spawn(|| e.redeem(&RedeemRequest::new(&ta, CLIENT).ip(ip())));
         disk.wait_paused();
         let held = rec.appended();
         // Bob's and carol's rotations make the next batch.
-        let b = s.spawn(|| e.redeem(&tb, CLIENT, ip()));
+        let b = s.spawn(|| e.redeem(&RedeemRequest::new(&tb, CLIENT).ip(ip())));
         until("bob's rotation appended", || rec.appended() > held);
-        let c = s.spawn(|| e.redeem(&tc, CLIENT, ip()));
+        let c = s.spawn(|| e.redeem(&RedeemRequest::new(&tc, CLIENT).ip(ip())));
         until("carol's rotation appended", || rec.appended() > held + 1);
         // Room for alice's batch, bob's record and half of carol's.
         disk.room(Some(2 * record + record / 2));
@@ -194,7 +195,7 @@ fn a_batch_cut_short_by_a_full_disk_leaves_nothing_behind() {
     // Bob and carol were refused, so they still hold their tokens: these
     // must be current, not spent.
     for (who, t) in [("bob", &tb), ("carol", &tc)] {
-        let d = e.redeem(t, CLIENT, ip()).unwrap();
+        let d = e.redeem(&RedeemRequest::new(t, CLIENT).ip(ip())).unwrap();
         assert_ne!(d.deny_reason(), Some(DenyReason::ReuseDetected), "{who}");
         assert!(d.accepted().is_some(), "{who}: {d:?}");
     }

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use refresh_guard::{
     AcceptKind, AuthorizeRequest, Clock, Decision, DenyReason, Dpop, Engine, EventKind,
     ExchangeRequest, IssueRequest, Jkt, KeyId, KeyRing, KeySecret, LogOptions, LogStore,
-    ManualClock, MemorySink, PolicyOverrides, PolicySet, Redemption, Rotation, Timestamp, Token,
+    ManualClock, MemorySink, PolicyOverrides, PolicySet, RedeemRequest, Rotation, Timestamp, Token,
 };
 
 const PUBLIC: &str = "spa";
@@ -86,7 +86,7 @@ impl Harness {
             })
             .unwrap()
             .accepted()
-            .copied()
+            .cloned()
             .expect("code issued")
             .token
     }
@@ -109,22 +109,22 @@ impl Harness {
         let code = self.code(client, None);
         self.exchange(&code, client, dpop)
             .accepted()
-            .copied()
+            .cloned()
             .expect("exchanged")
             .token
     }
 
-    fn redeem(&self, token: &Token, client: &str, dpop: Option<Jkt>) -> Decision {
+    fn present(&self, token: &Token, client: &str, dpop: Option<Jkt>) -> Decision {
         self.engine
-            .redeem_with(&Redemption::new(token, client).ip(ip()).dpop(dpop))
+            .redeem(&RedeemRequest::new(token, client).ip(ip()).dpop(dpop))
             .unwrap()
     }
 
     fn rotate(&self, token: &Token, client: &str, dpop: Option<Jkt>) -> Token {
         let a = self
-            .redeem(token, client, dpop)
+            .present(token, client, dpop)
             .accepted()
-            .copied()
+            .cloned()
             .expect("rotated");
         assert_eq!(a.kind, AcceptKind::Rotated);
         a.token
@@ -156,10 +156,10 @@ fn a_bound_family_accepts_only_its_key_and_refusals_revoke_nothing() {
     let h = harness(Dpop::Allowed);
     let t1 = h.family(PUBLIC, Some(A));
     h.sink.take();
-    let d = h.redeem(&t1, PUBLIC, None);
+    let d = h.present(&t1, PUBLIC, None);
     assert_eq!(reason(&d), Some(DenyReason::DpopProofRequired));
     assert_eq!(h.event_names(), ["dpop_proof_required"]);
-    let d = h.redeem(&t1, PUBLIC, Some(B));
+    let d = h.present(&t1, PUBLIC, Some(B));
     assert_eq!(reason(&d), Some(DenyReason::DpopKeyMismatch));
     let events = h.sink.take();
     assert_eq!(events.len(), 1);
@@ -167,12 +167,15 @@ fn a_bound_family_accepts_only_its_key_and_refusals_revoke_nothing() {
     assert_eq!(events[0].client.as_deref(), Some(PUBLIC));
     assert_eq!(events[0].ip, Some(ip()));
     // The plain entry point carries no proof.
-    let d = h.engine.redeem(&t1, PUBLIC, ip()).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(&t1, PUBLIC).ip(ip()))
+        .unwrap();
     assert_eq!(reason(&d), Some(DenyReason::DpopProofRequired));
     let t2 = h.rotate(&t1, PUBLIC, Some(A));
     let t3 = h.rotate(&t2, PUBLIC, Some(A));
     assert_eq!(
-        reason(&h.redeem(&t3, PUBLIC, Some(B))),
+        reason(&h.present(&t3, PUBLIC, Some(B))),
         Some(DenyReason::DpopKeyMismatch),
         "fixed across rotations"
     );
@@ -199,17 +202,17 @@ fn grace_replays_and_reuse_need_the_key_before_anything_happens() {
     let t1 = h.family(PUBLIC, Some(A));
     let t2 = h.rotate(&t1, PUBLIC, Some(A));
     assert_eq!(
-        reason(&h.redeem(&t1, PUBLIC, Some(B))),
+        reason(&h.present(&t1, PUBLIC, Some(B))),
         Some(DenyReason::DpopKeyMismatch)
     );
     assert_eq!(
-        reason(&h.redeem(&t1, PUBLIC, None)),
+        reason(&h.present(&t1, PUBLIC, None)),
         Some(DenyReason::DpopProofRequired)
     );
     let replay = h
-        .redeem(&t1, PUBLIC, Some(A))
+        .present(&t1, PUBLIC, Some(A))
         .accepted()
-        .copied()
+        .cloned()
         .expect("grace");
     assert_eq!(replay.kind, AcceptKind::GraceReplay);
     assert_eq!(replay.token, t2, "the same successor");
@@ -218,18 +221,18 @@ fn grace_replays_and_reuse_need_the_key_before_anything_happens() {
     h.clock.advance(Duration::from_secs(11));
     h.sink.take();
     assert_eq!(
-        reason(&h.redeem(&t1, PUBLIC, Some(B))),
+        reason(&h.present(&t1, PUBLIC, Some(B))),
         Some(DenyReason::DpopKeyMismatch)
     );
     assert_eq!(h.event_names(), ["dpop_key_mismatch"]);
     let t3 = h.rotate(&t2, PUBLIC, Some(A));
     // With the key, a spent token is reuse as ever.
     assert_eq!(
-        reason(&h.redeem(&t1, PUBLIC, Some(A))),
+        reason(&h.present(&t1, PUBLIC, Some(A))),
         Some(DenyReason::ReuseDetected)
     );
     assert_eq!(
-        reason(&h.redeem(&t3, PUBLIC, Some(A))),
+        reason(&h.present(&t3, PUBLIC, Some(A))),
         Some(DenyReason::Revoked)
     );
 }
@@ -241,18 +244,18 @@ fn the_dpop_check_comes_after_client_revocation_and_expiry() {
     let h = harness(Dpop::Allowed);
     let t1 = h.family(PUBLIC, Some(A));
     assert_eq!(
-        reason(&h.redeem(&t1, CONFIDENTIAL, None)),
+        reason(&h.present(&t1, CONFIDENTIAL, None)),
         Some(DenyReason::ClientMismatch)
     );
     let idle = h.family(PUBLIC, Some(A));
     assert!(h.engine.revoke_token(&t1, None).unwrap());
     assert_eq!(
-        reason(&h.redeem(&t1, PUBLIC, None)),
+        reason(&h.present(&t1, PUBLIC, None)),
         Some(DenyReason::Revoked)
     );
     h.clock.advance(Duration::from_secs(31 * 86_400));
     assert_eq!(
-        reason(&h.redeem(&idle, PUBLIC, Some(B))),
+        reason(&h.present(&idle, PUBLIC, Some(B))),
         Some(DenyReason::ExpiredIdle)
     );
 }
@@ -288,16 +291,16 @@ fn required_refuses_exchange_and_refresh_without_a_proof() {
     let t1 = h
         .exchange(&code, PUBLIC, Some(A))
         .accepted()
-        .copied()
+        .cloned()
         .expect("exchanged with a proof")
         .token;
     assert_eq!(
-        reason(&h.redeem(&t1, PUBLIC, Some(B))),
+        reason(&h.present(&t1, PUBLIC, Some(B))),
         Some(DenyReason::DpopKeyMismatch)
     );
     let c1 = h.family(CONFIDENTIAL, Some(A));
     assert_eq!(
-        reason(&h.redeem(&c1, CONFIDENTIAL, None)),
+        reason(&h.present(&c1, CONFIDENTIAL, None)),
         Some(DenyReason::DpopProofRequired)
     );
     // Any key will do: the client authenticates, its family is not bound.
@@ -332,12 +335,12 @@ fn required_binds_a_live_unbound_family_to_its_next_proof_durably() {
         })
         .unwrap()
         .accepted()
-        .copied()
+        .cloned()
         .unwrap()
         .token;
     e.swap_policies(set(Dpop::Required));
     let redeem = |e: &Engine, t: &Token, k: Option<Jkt>| {
-        e.redeem_with(&Redemption::new(t, PUBLIC).ip(ip()).dpop(k))
+        e.redeem(&RedeemRequest::new(t, PUBLIC).ip(ip()).dpop(k))
             .unwrap()
     };
     assert_eq!(
@@ -346,7 +349,7 @@ fn required_binds_a_live_unbound_family_to_its_next_proof_durably() {
     );
     let t2 = redeem(&e, &t1, Some(A))
         .accepted()
-        .copied()
+        .cloned()
         .expect("bound now")
         .token;
     assert_eq!(
@@ -362,7 +365,7 @@ fn required_binds_a_live_unbound_family_to_its_next_proof_durably() {
         Some(DenyReason::DpopProofRequired)
     );
     assert_eq!(
-        redeem(&e, &t2, Some(A)).accepted().copied().map(|a| a.kind),
+        redeem(&e, &t2, Some(A)).accepted().cloned().map(|a| a.kind),
         Some(AcceptKind::Rotated)
     );
 }
@@ -389,11 +392,11 @@ fn a_code_bound_by_dpop_jkt_needs_its_key_and_hands_it_to_the_family() {
     let t1 = h
         .exchange(&code, PUBLIC, Some(A))
         .accepted()
-        .copied()
+        .cloned()
         .expect("exchanged")
         .token;
     assert_eq!(
-        reason(&h.redeem(&t1, PUBLIC, None)),
+        reason(&h.present(&t1, PUBLIC, None)),
         Some(DenyReason::DpopProofRequired)
     );
     h.rotate(&t1, PUBLIC, Some(A));
@@ -406,7 +409,7 @@ fn a_code_bound_by_dpop_jkt_needs_its_key_and_hands_it_to_the_family() {
     let c1 = h
         .exchange(&code, CONFIDENTIAL, Some(A))
         .accepted()
-        .copied()
+        .cloned()
         .unwrap()
         .token;
     h.rotate(&c1, CONFIDENTIAL, None);
@@ -422,7 +425,7 @@ fn a_code_replay_without_the_key_revokes_nothing() {
     let t1 = h
         .exchange(&code, PUBLIC, Some(A))
         .accepted()
-        .copied()
+        .cloned()
         .unwrap()
         .token;
     assert_eq!(
@@ -439,7 +442,7 @@ fn a_code_replay_without_the_key_revokes_nothing() {
         Some(DenyReason::CodeReused)
     );
     assert_eq!(
-        reason(&h.redeem(&t2, PUBLIC, Some(A))),
+        reason(&h.present(&t2, PUBLIC, Some(A))),
         Some(DenyReason::Revoked)
     );
 }
@@ -450,14 +453,14 @@ fn a_code_replay_without_the_key_revokes_nothing() {
 fn backups_restores_and_snapshots_keep_the_binding() {
     let h = harness(Dpop::Allowed);
     let t1 = h.family(PUBLIC, Some(A));
-    let family = h.redeem(&t1, PUBLIC, Some(A)).accepted().copied().unwrap();
+    let family = h.present(&t1, PUBLIC, Some(A)).accepted().cloned().unwrap();
     let backup = h.engine.family_record(family.family).unwrap();
     assert_eq!(backup.jkt(), Some(A));
     assert_eq!(h.engine.introspect(&family.token).unwrap().jkt, Some(A));
     let other = harness(Dpop::Off);
     other.engine.restore_family(backup).unwrap();
     assert_eq!(
-        reason(&other.redeem(&family.token, PUBLIC, None)),
+        reason(&other.present(&family.token, PUBLIC, None)),
         Some(DenyReason::DpopProofRequired)
     );
     other.rotate(&family.token, PUBLIC, Some(A));
@@ -486,7 +489,7 @@ fn backups_restores_and_snapshots_keep_the_binding() {
         })
         .unwrap()
         .accepted()
-        .copied()
+        .cloned()
         .unwrap()
         .token;
     e.compact().unwrap();
@@ -508,7 +511,7 @@ fn backups_restores_and_snapshots_keep_the_binding() {
         Some(DenyReason::DpopKeyMismatch),
         "the code's dpop_jkt survived the snapshot"
     );
-    assert!(exchange(Some(B)).accepted().copied().is_some());
+    assert!(exchange(Some(B)).accepted().cloned().is_some());
 }
 
 /// Copy the committed data directory written before DPoP binding existed
@@ -555,9 +558,11 @@ fn a_data_directory_from_before_dpop_still_starts_unbound() {
     };
     let e = open(PolicySet::default());
     let current = token("refresh_current");
-    let next = e.redeem(&current, "app", ip()).unwrap();
+    let next = e
+        .redeem(&RedeemRequest::new(&current, "app").ip(ip()))
+        .unwrap();
     assert_eq!(
-        next.accepted().copied().map(|a| a.kind),
+        next.accepted().cloned().map(|a| a.kind),
         Some(AcceptKind::Rotated)
     );
     let code = token("code_unexchanged");
@@ -572,13 +577,13 @@ fn a_data_directory_from_before_dpop_still_starts_unbound() {
         })
         .unwrap()
         .accepted()
-        .copied()
+        .cloned()
         .expect("the old code is exchanged")
         .token;
-    e.redeem(&t1, "spa", ip())
+    e.redeem(&RedeemRequest::new(&t1, "spa").ip(ip()))
         .unwrap()
         .accepted()
-        .copied()
+        .cloned()
         .unwrap();
     e.flush().unwrap();
     drop(e);
@@ -589,16 +594,16 @@ fn a_data_directory_from_before_dpop_still_starts_unbound() {
     let e = open(required);
     let from_code = token("refresh_from_code");
     let redeem = |k| {
-        e.redeem_with(&Redemption::new(&from_code, "spa").ip(ip()).dpop(k))
+        e.redeem(&RedeemRequest::new(&from_code, "spa").ip(ip()).dpop(k))
             .unwrap()
     };
     assert_eq!(
         redeem(None).deny_reason(),
         Some(DenyReason::DpopProofRequired)
     );
-    let bound = redeem(Some(A)).accepted().copied().expect("binds").token;
+    let bound = redeem(Some(A)).accepted().cloned().expect("binds").token;
     assert_eq!(
-        e.redeem_with(&Redemption::new(&bound, "spa").ip(ip()).dpop(B))
+        e.redeem(&RedeemRequest::new(&bound, "spa").ip(ip()).dpop(B))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::DpopKeyMismatch)
@@ -682,13 +687,13 @@ proptest! {
                 code_challenge: Some(CHALLENGE), code_challenge_method: Some("S256"),
                 ip: Some(ip()), dpop_jkt: None,
             })
-            .unwrap().accepted().copied().unwrap().token;
+            .unwrap().accepted().cloned().unwrap().token;
         let mut current = e
             .exchange(&ExchangeRequest {
                 code: &code, code_verifier: Some(VERIFIER), client: PUBLIC,
                 redirect_uri: REDIRECT, ip: Some(ip()), dpop: Some(A),
             })
-            .unwrap().accepted().copied().unwrap().token;
+            .unwrap().accepted().cloned().unwrap().token;
         // The model: the predecessor, when the rotation was, replays used,
         // revoked.
         let mut previous: Option<Token> = None;
@@ -711,7 +716,7 @@ proptest! {
                     let is_previous = use_previous && previous.is_some();
                     let jkt = match key { Key::Bound => Some(A), Key::Other => Some(B), Key::None => None };
                     let d = e
-                        .redeem_with(&Redemption::new(&token, PUBLIC).ip(ip()).dpop(jkt))
+                        .redeem(&RedeemRequest::new(&token, PUBLIC).ip(ip()).dpop(jkt))
                         .unwrap();
                     let now = clock.now();
                     let want = if revoked {
@@ -768,10 +773,10 @@ fn a_kept_token_of_a_bound_family_needs_the_key() {
     let h = harness(Dpop::Off);
     h.engine.swap_policies(set);
     let t1 = h.family(PUBLIC, Some(A));
-    let kept = h.redeem(&t1, PUBLIC, Some(A)).accepted().copied().unwrap();
+    let kept = h.present(&t1, PUBLIC, Some(A)).accepted().cloned().unwrap();
     assert_eq!(kept.kind, AcceptKind::Kept);
     assert_eq!(
-        reason(&h.redeem(&t1, PUBLIC, Some(B))),
+        reason(&h.present(&t1, PUBLIC, Some(B))),
         Some(DenyReason::DpopKeyMismatch)
     );
 }

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, Decision, DenyReason, Durability, Engine, Error, IssueRequest, KeyId, KeyRing,
     KeySecret, LogOptions, LogStore, Token,
@@ -89,7 +90,7 @@ fn issue(e: &Engine, subject: &str) -> Token {
 }
 
 fn rotate(e: &Engine, t: &str) -> Token {
-    let d = e.redeem(t, CLIENT, ip()).unwrap();
+    let d = e.redeem(&RedeemRequest::new(t, CLIENT).ip(ip())).unwrap();
     let a = d.accepted().unwrap_or_else(|| panic!("{d:?}"));
     assert_eq!(a.kind, AcceptKind::Rotated);
     a.token
@@ -122,22 +123,30 @@ fn state_survives_restart() {
     assert_eq!(e.stats().families, 2);
     let t3 = rotate(&e, &t2);
     assert_eq!(
-        e.redeem(&t1, CLIENT, ip()).unwrap().deny_reason(),
+        e.redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip()))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::ReuseDetected)
     );
     assert_eq!(
-        e.redeem(&t3, CLIENT, ip()).unwrap().deny_reason(),
+        e.redeem(&RedeemRequest::new(&t3, CLIENT).ip(ip()))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::Revoked),
         "the reuse revocation was persisted too"
     );
     assert_eq!(
-        e.redeem(&revoked, CLIENT, ip()).unwrap().deny_reason(),
+        e.redeem(&RedeemRequest::new(&revoked, CLIENT).ip(ip()))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::Revoked)
     );
     drop(e);
     let e = open(&dir);
     assert_eq!(
-        e.redeem(&t3, CLIENT, ip()).unwrap().deny_reason(),
+        e.redeem(&RedeemRequest::new(&t3, CLIENT).ip(ip()))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::Revoked)
     );
 }
@@ -151,11 +160,9 @@ fn sweep_removals_are_persisted() {
         let t = issue(&e, "alice");
         e.revoke_token(&t, None).unwrap();
         issue(&e, "bob");
-        e.sweep_at(
-            1_000_000,
-            e.now().saturating_add(Duration::from_secs(2 * 86_400)),
-        )
-        .unwrap();
+        e.at(e.now().saturating_add(Duration::from_secs(2 * 86_400)))
+            .sweep(1_000_000)
+            .unwrap();
         assert_eq!(e.stats().families, 1, "the revoked one, past retention");
         e.flush().unwrap();
     }
@@ -421,7 +428,10 @@ fn redeem_async_completes_when_durable() {
     let dir = temp_dir("async");
     let e = open(&dir);
     let t = issue(&e, "alice");
-    let mut fut = Box::pin(e.redeem_async(&t, CLIENT, ip()).unwrap());
+    let mut fut = Box::pin(
+        e.redeem_async(&RedeemRequest::new(&t, CLIENT).ip(ip()))
+            .unwrap(),
+    );
     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let d = loop {
@@ -466,7 +476,9 @@ fn crash_child() {
     let mut n = 0usize;
     loop {
         let i = n % tokens.len();
-        let d = e.redeem(&tokens[i], CLIENT, ip()).unwrap();
+        let d = e
+            .redeem(&RedeemRequest::new(&tokens[i], CLIENT).ip(ip()))
+            .unwrap();
         let Decision::Accept(a) = d else {
             panic!("child denied: {d:?}");
         };
@@ -559,7 +571,9 @@ fn acknowledged_rotations_survive_sigkill() {
         }
         if let Some(t) = older.last() {
             assert_eq!(
-                e.redeem(t, CLIENT, ip()).unwrap().deny_reason(),
+                e.redeem(&RedeemRequest::new(t, CLIENT).ip(ip()))
+                    .unwrap()
+                    .deny_reason(),
                 Some(DenyReason::ReuseDetected),
                 "round {round}: a rotated-out token must be reuse"
             );

@@ -8,6 +8,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::ip;
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     DenyReason, Engine, Event, EventSink, IssueRequest, MemorySink, OnReuse, PolicyOverrides,
     PolicySet, RevokeReason, Token,
@@ -43,21 +44,25 @@ fn panicking_sink_is_contained() {
     let e = Engine::builder().events(sink.clone()).build().unwrap();
     let t1 = issue(&e, "alice");
     let t2 = e
-        .redeem(&t1, "app", ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, "app").ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
         .token;
-    let d = e.redeem(&t1, "app", ip("10.0.0.1")).unwrap();
+    let d = e
+        .redeem(&RedeemRequest::new(&t1, "app").ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
     assert_eq!(
-        e.redeem(&t2, "app", ip("10.0.0.1")).unwrap().deny_reason(),
+        e.redeem(&RedeemRequest::new(&t2, "app").ip(ip("10.0.0.1")))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::Revoked),
         "the revocation happened despite the sink"
     );
     let other = issue(&e, "bob");
     assert!(
-        e.redeem(&other, "app", ip("10.0.0.1"))
+        e.redeem(&RedeemRequest::new(&other, "app").ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
@@ -91,7 +96,9 @@ fn slow_sink_does_not_hold_locks() {
         s.spawn(|| {
             barrier.wait();
             // Outside the allow-list? No list; use client mismatch: an event.
-            let d = e.redeem(&victim, "intruder", ip("10.0.0.1")).unwrap();
+            let d = e
+                .redeem(&RedeemRequest::new(&victim, "intruder").ip(ip("10.0.0.1")))
+                .unwrap();
             assert_eq!(d.deny_reason(), Some(DenyReason::ClientMismatch));
         });
         barrier.wait();
@@ -99,7 +106,7 @@ fn slow_sink_does_not_hold_locks() {
         let start = Instant::now();
         for t in others.iter_mut() {
             *t = e
-                .redeem(t, "app", ip("10.0.0.1"))
+                .redeem(&RedeemRequest::new(t, "app").ip(ip("10.0.0.1")))
                 .unwrap()
                 .accepted()
                 .unwrap()
@@ -130,7 +137,7 @@ fn without_a_sink_events_are_counted_and_responses_applied() {
         .unwrap();
     let e = Engine::builder().policies(set).build().unwrap();
     let rotate = |t: &Token| {
-        e.redeem(t, "app", ip("10.0.0.1"))
+        e.redeem(&RedeemRequest::new(t, "app").ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .unwrap()
@@ -143,15 +150,23 @@ fn without_a_sink_events_are_counted_and_responses_applied() {
             s.spawn(move || {
                 let subject = format!("user-{n}");
                 let (stolen, sibling) = (issue(e, &subject), issue(e, &subject));
-                let outside = e.redeem(&sibling, "app", ip("192.0.2.1")).unwrap();
+                let outside = e
+                    .redeem(&RedeemRequest::new(&sibling, "app").ip(ip("192.0.2.1")))
+                    .unwrap();
                 assert_eq!(outside.deny_reason(), Some(DenyReason::IpNotAllowed));
-                let mismatch = e.redeem(&sibling, "other", ip("10.0.0.1")).unwrap();
+                let mismatch = e
+                    .redeem(&RedeemRequest::new(&sibling, "other").ip(ip("10.0.0.1")))
+                    .unwrap();
                 assert_eq!(mismatch.deny_reason(), Some(DenyReason::ClientMismatch));
                 rotate(&stolen);
-                let reuse = e.redeem(&stolen, "app", ip("10.0.0.1")).unwrap();
+                let reuse = e
+                    .redeem(&RedeemRequest::new(&stolen, "app").ip(ip("10.0.0.1")))
+                    .unwrap();
                 assert_eq!(reuse.deny_reason(), Some(DenyReason::ReuseDetected));
                 // The subject-wide response reached the sibling family.
-                let after = e.redeem(&sibling, "app", ip("10.0.0.1")).unwrap();
+                let after = e
+                    .redeem(&RedeemRequest::new(&sibling, "app").ip(ip("10.0.0.1")))
+                    .unwrap();
                 assert_eq!(after.deny_reason(), Some(DenyReason::Revoked));
             });
         }
@@ -189,8 +204,10 @@ fn revocations_are_counted_by_reason_with_or_without_a_sink() {
     for e in [&quiet, &heard] {
         // Reuse revokes the family and, by policy, its sibling.
         let (stolen, _sibling) = (issue(e, "alice"), issue(e, "alice"));
-        e.redeem(&stolen, "app", ip("10.0.0.1")).unwrap();
-        e.redeem(&stolen, "app", ip("10.0.0.1")).unwrap();
+        e.redeem(&RedeemRequest::new(&stolen, "app").ip(ip("10.0.0.1")))
+            .unwrap();
+        e.redeem(&RedeemRequest::new(&stolen, "app").ip(ip("10.0.0.1")))
+            .unwrap();
         // Three of bob's families revoked on request, one by token.
         for _ in 0..3 {
             issue(e, "bob");

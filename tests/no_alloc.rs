@@ -6,6 +6,7 @@ use std::cell::Cell;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use refresh_guard::RedeemRequest;
 use refresh_guard::{AcceptKind, Engine, IssueRequest, PolicyOverrides, PolicySet};
 
 struct Counting;
@@ -80,25 +81,35 @@ fn redeem_of_existing_family_does_not_allocate() {
     // Warm up: thread-local state of arc-swap and the first touch of a shard.
     for _ in 0..3 {
         tok = engine
-            .redeem(&tok, "app", ip)
+            .redeem(&RedeemRequest::new(&tok, "app").ip(ip))
             .unwrap()
             .accepted()
             .unwrap()
             .token;
     }
     let prev = tok;
-    let (n, d) = allocations(|| engine.redeem(&prev, "app", ip).unwrap());
+    let (n, d) = allocations(|| {
+        engine
+            .redeem(&RedeemRequest::new(&prev, "app").ip(ip))
+            .unwrap()
+    });
     let next = d.accepted().unwrap();
     assert_eq!(next.kind, AcceptKind::Rotated);
     assert_eq!(n, 0, "rotation allocated");
 
-    let (n, d) = allocations(|| engine.redeem(&prev, "app", ip).unwrap());
+    let (n, d) = allocations(|| {
+        engine
+            .redeem(&RedeemRequest::new(&prev, "app").ip(ip))
+            .unwrap()
+    });
     assert_eq!(d.accepted().unwrap().kind, AcceptKind::GraceReplay);
     assert_eq!(n, 0, "grace replay allocated");
 
     let (n, d) = allocations(|| {
         engine
-            .redeem(&next.token, "app", "192.0.2.1".parse::<IpAddr>().unwrap())
+            .redeem(
+                &RedeemRequest::new(&next.token, "app").ip("192.0.2.1".parse::<IpAddr>().unwrap()),
+            )
             .unwrap()
     });
     assert_eq!(
@@ -109,13 +120,21 @@ fn redeem_of_existing_family_does_not_allocate() {
     // the decision itself must not. Denials with events are excluded here.
     let _ = n;
 
-    let (n, d) = allocations(|| engine.redeem("rgt_not-a-token", "app", ip).unwrap());
+    let (n, d) = allocations(|| {
+        engine
+            .redeem(&RedeemRequest::new("rgt_not-a-token", "app").ip(ip))
+            .unwrap()
+    });
     assert!(d.deny_reason().is_some());
     assert_eq!(n, 0, "malformed token allocated");
 
     let mut forged = next.token.as_str().to_owned();
     forged.replace_range(20..21, if &forged[20..21] == "A" { "B" } else { "A" });
-    let (n, d) = allocations(|| engine.redeem(&forged, "app", ip).unwrap());
+    let (n, d) = allocations(|| {
+        engine
+            .redeem(&RedeemRequest::new(&forged, "app").ip(ip))
+            .unwrap()
+    });
     assert_eq!(
         d.deny_reason(),
         Some(refresh_guard::DenyReason::InvalidToken)
@@ -124,20 +143,70 @@ fn redeem_of_existing_family_does_not_allocate() {
 
     let kept = issue("keeper");
     engine
-        .redeem(&kept, "keeper", ip)
+        .redeem(&RedeemRequest::new(&kept, "keeper").ip(ip))
         .unwrap()
         .accepted()
         .unwrap();
-    let (n, d) = allocations(|| engine.redeem(&kept, "keeper", ip).unwrap());
+    let (n, d) = allocations(|| {
+        engine
+            .redeem(&RedeemRequest::new(&kept, "keeper").ip(ip))
+            .unwrap()
+    });
     assert_eq!(d.accepted().unwrap().kind, AcceptKind::Kept);
     assert_eq!(n, 0, "reuse rotation allocated");
+}
+
+/// An acceptance carries the family's subject, scope and client for the
+/// token response; for a subject too long to be kept inline (a shared
+/// string) handing it out must stay a reference-count bump, not a copy, so
+/// a rotation still allocates nothing. This broke when the acceptance
+/// started carrying the subject while long subjects were boxed.
+#[test]
+fn redeem_with_long_subject_does_not_allocate() {
+    let engine = Engine::builder().build().unwrap();
+    let ip: IpAddr = "10.1.2.3".parse().unwrap();
+    let subject = "a-subject-far-longer-than-the-inline-twenty-two-bytes";
+    let mut tok = engine
+        .issue(&IssueRequest {
+            client: "app",
+            subject,
+            scope: "openid offline_access",
+            ip: Some(ip),
+        })
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .token;
+    // Warm up, as above.
+    for _ in 0..3 {
+        tok = engine
+            .redeem(&RedeemRequest::new(&tok, "app").ip(ip))
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .token;
+    }
+    let (n, d) = allocations(|| {
+        engine
+            .redeem(&RedeemRequest::new(&tok, "app").ip(ip))
+            .unwrap()
+    });
+    assert_eq!(n, 0, "rotation with a long subject allocated");
+    let a = d.accepted().unwrap();
+    assert_eq!(a.kind, AcceptKind::Rotated);
+    assert_eq!(a.subject(), subject);
+    assert_eq!(a.scope(), "openid offline_access");
+    assert_eq!(a.client(), "app");
+    // Dropping the acceptance gives the counts back: no leak, no copy.
+    let (n, ()) = allocations(|| drop(d));
+    assert_eq!(n, 0);
 }
 
 /// A DPoP-bound family's rotation and grace replay allocate nothing
 /// either: binding allocates once (its own grant), checking never.
 #[test]
 fn redeem_of_a_dpop_bound_family_does_not_allocate() {
-    use refresh_guard::{Dpop, Jkt, Redemption};
+    use refresh_guard::{Dpop, Jkt};
     let set = PolicySet::builder()
         .client(
             "spa",
@@ -163,15 +232,15 @@ fn redeem_of_a_dpop_bound_family_does_not_allocate() {
         .token;
     let redeem = |t: &str| {
         engine
-            .redeem_with(&Redemption::new(t, "spa").ip(ip).dpop(key))
+            .redeem(&RedeemRequest::new(t, "spa").ip(ip).dpop(key))
             .unwrap()
     };
     // The first proof binds (one allocation); then warm up.
     let (n, d) = allocations(|| redeem(&tok));
     assert!(n > 0, "binding allocates the family's own grant");
-    tok = d.accepted().unwrap().token;
+    tok = d.accepted().unwrap().token.clone();
     for _ in 0..3 {
-        tok = redeem(&tok).accepted().unwrap().token;
+        tok = redeem(&tok).accepted().unwrap().token.clone();
     }
     let prev = tok;
     let (n, d) = allocations(|| redeem(&prev));

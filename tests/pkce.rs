@@ -6,6 +6,7 @@ use std::sync::{Arc, Barrier, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use common::{CLIENT, Harness, START, ip};
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, AuthorizeRequest, Decision, DenyReason, Engine, Event, EventKind, EventSink,
     ExchangeRequest, Generation, IpCheck, Pkce, PolicyOverrides, PolicySet, RevokeReason,
@@ -64,11 +65,14 @@ fn rfc7636_appendix_b_exchange() {
     let h = Harness::new(PolicyOverrides::new());
     let c = code(&h);
     let d = exchange(&h, &c, Some(VERIFIER));
-    let a = *d.accepted().unwrap();
+    let a = d.accepted().unwrap().clone();
     assert_eq!(a.kind, AcceptKind::Exchanged);
     assert_eq!(a.generation, Generation::FIRST);
     assert!(a.token.starts_with("rgt_"));
-    let r = h.engine.redeem(&a.token, CLIENT, ip("10.0.0.1")).unwrap();
+    let r = h
+        .engine
+        .redeem(&RedeemRequest::new(&a.token, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(r.accepted().unwrap().generation, Generation::new(2));
 }
 
@@ -267,7 +271,7 @@ fn code_replay_revokes_the_family() {
     );
     assert_eq!(
         h.engine
-            .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&rt, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::Revoked)
@@ -427,7 +431,7 @@ fn racing_exchanges_create_one_family_then_revoke_it() {
         );
         assert_eq!(
             h.engine
-                .redeem(&wins[0].token, CLIENT, ip("10.0.0.1"))
+                .redeem(&RedeemRequest::new(&wins[0].token, CLIENT).ip(ip("10.0.0.1")))
                 .unwrap()
                 .deny_reason(),
             Some(DenyReason::Revoked)
@@ -466,7 +470,7 @@ fn absolute_lifetime_starts_at_exchange() {
     h.advance(900);
     let rt = h
         .engine
-        .redeem(&rt, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&rt, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
@@ -475,7 +479,7 @@ fn absolute_lifetime_starts_at_exchange() {
     h.advance(100);
     assert_eq!(
         h.engine
-            .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&rt, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::ExpiredAbsolute)
@@ -519,17 +523,15 @@ fn exchange_by(
     now: Timestamp,
 ) -> Decision {
     h.engine
-        .exchange_at(
-            &ExchangeRequest {
-                code,
-                code_verifier: verifier,
-                client,
-                redirect_uri,
-                ip: Some(ip("10.0.0.1")),
-                dpop: None,
-            },
-            now,
-        )
+        .at(now)
+        .exchange(&ExchangeRequest {
+            code,
+            code_verifier: verifier,
+            client,
+            redirect_uri,
+            ip: Some(ip("10.0.0.1")),
+            dpop: None,
+        })
         .unwrap()
 }
 
@@ -547,7 +549,10 @@ fn exchanged(h: &Harness) -> (Token, Token) {
 
 /// The family is alive: its refresh token still rotates.
 fn assert_redeemable(h: &Harness, rt: &str) {
-    let d = h.engine.redeem(rt, CLIENT, ip("10.0.0.1")).unwrap();
+    let d = h
+        .engine
+        .redeem(&RedeemRequest::new(rt, CLIENT).ip(ip("10.0.0.1")))
+        .unwrap();
     assert_eq!(
         d.accepted().map(|a| a.kind),
         Some(AcceptKind::Rotated),
@@ -656,7 +661,7 @@ fn replay_after_the_code_lifetime_revokes_nothing() {
     assert_eq!(reason(d), DenyReason::CodeReused);
     assert_eq!(
         h.engine
-            .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&rt, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::Revoked)
@@ -682,7 +687,7 @@ fn replay_is_judged_by_the_policy_in_force_and_survives_sweeps() {
     assert_eq!(reason(replay()), DenyReason::CodeReused);
     assert_eq!(
         h.engine
-            .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&rt, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::Revoked)
@@ -834,7 +839,7 @@ fn replay_with_the_verifier_from_outside_the_allow_list_revokes() {
     assert_eq!(reason(d), DenyReason::CodeReused);
     assert_eq!(
         h.engine
-            .redeem(&rt, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&rt, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::Revoked)

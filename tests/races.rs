@@ -7,6 +7,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::{CLIENT, Harness, ip};
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, Decision, DenyReason, Engine, Generation, IssueRequest, ManualClock, OnReuse,
     PolicyOverrides, PolicySet,
@@ -24,7 +25,9 @@ fn race(h: &Harness, token: &str) -> Vec<Decision> {
                 s.spawn(move || {
                     barrier.wait();
                     h.engine
-                        .redeem(token, CLIENT, ip(&format!("10.0.0.{}", i + 1)))
+                        .redeem(
+                            &RedeemRequest::new(token, CLIENT).ip(ip(&format!("10.0.0.{}", i + 1))),
+                        )
                         .unwrap()
                 })
             })
@@ -47,7 +50,7 @@ fn racing_redemptions_in_grace_share_one_successor() {
         let out = race(&h, &t);
         let accepted: Vec<_> = out
             .iter()
-            .map(|d| *d.accepted().expect("all accepted"))
+            .map(|d| d.accepted().expect("all accepted").clone())
             .collect();
         let rotated = accepted
             .iter()
@@ -89,7 +92,7 @@ fn racing_redemptions_without_grace_have_one_winner() {
         );
         assert_eq!(
             h.engine
-                .redeem(&winners[0].token, CLIENT, ip("10.0.0.1"))
+                .redeem(&RedeemRequest::new(&winners[0].token, CLIENT).ip(ip("10.0.0.1")))
                 .unwrap()
                 .deny_reason(),
             Some(DenyReason::Revoked),
@@ -114,7 +117,7 @@ fn racing_redemptions_report_only_keep_the_winner() {
         );
         assert!(
             h.engine
-                .redeem(&winners[0].token, CLIENT, ip("10.0.0.1"))
+                .redeem(&RedeemRequest::new(&winners[0].token, CLIENT).ip(ip("10.0.0.1")))
                 .unwrap()
                 .accepted()
                 .is_some()
@@ -170,7 +173,10 @@ fn redeem_revoke_and_sweep_race_without_forks() {
                 let mut last_gen = Generation::FIRST;
                 for _ in 0..10_000_000 {
                     let revoke_returned = revoked.load(Ordering::SeqCst);
-                    match engine.redeem(&cur, CLIENT, ip("10.0.0.1")).unwrap() {
+                    match engine
+                        .redeem(&RedeemRequest::new(&cur, CLIENT).ip(ip("10.0.0.1")))
+                        .unwrap()
+                    {
                         Decision::Accept(a) => {
                             assert!(!revoke_returned, "accepted after revoke returned");
                             assert!(a.generation > last_gen, "generations only grow");
@@ -184,7 +190,9 @@ fn redeem_revoke_and_sweep_race_without_forks() {
                                 "{d:?}"
                             );
                             // Once revoked, it stays revoked (or gone).
-                            let again = engine.redeem(&cur, CLIENT, ip("10.0.0.1")).unwrap();
+                            let again = engine
+                                .redeem(&RedeemRequest::new(&cur, CLIENT).ip(ip("10.0.0.1")))
+                                .unwrap();
                             assert!(again.accepted().is_none(), "revived: {again:?}");
                             return;
                         }
@@ -250,7 +258,9 @@ fn zero_grace_racers_never_get_a_grace_replay() {
                     let (barrier, engine, t) = (&barrier, &engine, &t);
                     s.spawn(move || {
                         barrier.wait();
-                        engine.redeem(t, CLIENT, ip("10.0.0.1")).unwrap()
+                        engine
+                            .redeem(&RedeemRequest::new(t, CLIENT).ip(ip("10.0.0.1")))
+                            .unwrap()
                     })
                 })
                 .collect();

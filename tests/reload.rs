@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, Engine, EventKind, IssueRequest, MemorySink, PolicyReloader, PolicySet,
     PolicyVersion,
@@ -217,8 +218,13 @@ fn swaps_never_tear_a_decision() {
                     .token;
                 let (mut rotated, mut kept) = (0u64, 0u64);
                 while !done.load(Ordering::Relaxed) {
-                    let d = engine.redeem(&token, CLIENT, ip()).unwrap();
-                    let acc = *d.accepted().unwrap_or_else(|| panic!("denied: {d:?}"));
+                    let d = engine
+                        .redeem(&RedeemRequest::new(&token, CLIENT).ip(ip()))
+                        .unwrap();
+                    let acc = d
+                        .accepted()
+                        .unwrap_or_else(|| panic!("denied: {d:?}"))
+                        .clone();
                     match (acc.kind, acc.policy_version) {
                         (AcceptKind::Rotated, v) if v == va => rotated += 1,
                         (AcceptKind::Kept, v) if v == vb => kept += 1,

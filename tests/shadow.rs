@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{CLIENT, Harness, ip};
+use refresh_guard::RedeemRequest;
 use refresh_guard::{DenyReason, PolicyOverrides, PolicySet};
 
 fn set(o: PolicyOverrides) -> PolicySet {
@@ -24,14 +25,14 @@ fn shadow_counts_a_tightened_allow_list() {
     for _ in 0..3 {
         inside = h
             .engine
-            .redeem(&inside, CLIENT, ip("10.9.9.9"))
+            .redeem(&RedeemRequest::new(&inside, CLIENT).ip(ip("10.9.9.9")))
             .unwrap()
             .accepted()
             .unwrap()
             .token;
         outside = h
             .engine
-            .redeem(&outside, CLIENT, ip("198.51.100.1"))
+            .redeem(&RedeemRequest::new(&outside, CLIENT).ip(ip("198.51.100.1")))
             .unwrap()
             .accepted()
             .expect("the shadow has no effect")
@@ -49,7 +50,7 @@ fn shadow_counts_a_tightened_allow_list() {
     assert!(h.engine.shadow_report().is_none());
     assert_eq!(
         h.engine
-            .redeem(&outside, CLIENT, ip("198.51.100.1"))
+            .redeem(&RedeemRequest::new(&outside, CLIENT).ip(ip("198.51.100.1")))
             .unwrap()
             .deny_reason(),
         Some(DenyReason::IpNotAllowed)
@@ -68,13 +69,13 @@ fn shadow_counts_a_shortened_idle_ttl() {
     let stale = h.issue_for("bob");
     h.advance(1800);
     h.engine
-        .redeem(&fresh, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&fresh, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap();
     h.advance(7200);
     h.engine
-        .redeem(&stale, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&stale, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap();
@@ -96,14 +97,14 @@ fn shadow_has_no_effect_even_where_it_would_revoke() {
     let t1 = h.issue();
     let t2 = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
         .token;
     let replay = h
         .engine
-        .redeem(&t1, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
@@ -113,7 +114,7 @@ fn shadow_has_no_effect_even_where_it_would_revoke() {
     assert_eq!(r.count(CLIENT, "grace_replay", "reuse_detected"), 1);
     assert!(
         h.engine
-            .redeem(&t2, CLIENT, ip("10.0.0.1"))
+            .redeem(&RedeemRequest::new(&t2, CLIENT).ip(ip("10.0.0.1")))
             .unwrap()
             .accepted()
             .is_some()
@@ -134,7 +135,7 @@ fn new_candidate_resets_counts() {
     let t = h.issue();
     let t = h
         .engine
-        .redeem(&t, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap()
@@ -144,7 +145,7 @@ fn new_candidate_resets_counts() {
         .set_shadow(set(PolicyOverrides::new().grace_max_replays(3)));
     assert!(h.engine.shadow_report().unwrap().rows.is_empty());
     h.engine
-        .redeem(&t, CLIENT, ip("10.0.0.1"))
+        .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip("10.0.0.1")))
         .unwrap()
         .accepted()
         .unwrap();

@@ -7,6 +7,7 @@ mod store_support;
 
 use std::sync::Arc;
 
+use refresh_guard::RedeemRequest;
 use refresh_guard::{DenyReason, Engine, LogOptions, LogStore, Store};
 use store_support::*;
 
@@ -30,7 +31,7 @@ fn compaction_races_a_taken_batch(fail: bool) {
     let t1 = issue(&e, "alice");
     fp.pause_next_batch();
     let (answer, compacted) = std::thread::scope(|s| {
-        let redeem = s.spawn(|| e.redeem(&t1, CLIENT, ip()));
+        let redeem = s.spawn(|| e.redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip())));
         // The writer took the batch holding alice's rotation.
         let lsn = fp.wait_paused();
         let compact = s.spawn(|| e.compact());
@@ -65,7 +66,9 @@ fn compaction_races_a_taken_batch(fail: bool) {
             compacted.unwrap();
             let t2 = d.accepted().unwrap().token;
             assert_eq!(
-                e.redeem(&t1, CLIENT, ip()).unwrap().deny_reason(),
+                e.redeem(&RedeemRequest::new(&t1, CLIENT).ip(ip()))
+                    .unwrap()
+                    .deny_reason(),
                 Some(DenyReason::ReuseDetected)
             );
             let _ = t2;
@@ -112,10 +115,10 @@ fn a_failed_write_during_compaction_fails_the_store_closed() {
     let (ta, tb, tc) = (issue(&e, "alice"), issue(&e, "bob"), issue(&e, "carol"));
     fp.pause_next_batch();
     let (a, b, d, c) = std::thread::scope(|s| {
-        let a = s.spawn(|| e.redeem(&ta, CLIENT, ip()));
+        let a = s.spawn(|| e.redeem(&RedeemRequest::new(&ta, CLIENT).ip(ip())));
         let lsn_a = fp.wait_paused();
         // Bob's rotation waits in the buffer behind alice's batch.
-        let b = s.spawn(|| e.redeem(&tb, CLIENT, ip()));
+        let b = s.spawn(|| e.redeem(&RedeemRequest::new(&tb, CLIENT).ip(ip())));
         until("bob's rotation appended", || rec.appended() > lsn_a);
         let lsn_b = rec.appended();
         fp.fail_next_write();
@@ -126,7 +129,7 @@ fn a_failed_write_during_compaction_fails_the_store_closed() {
         fp.release();
         let a = a.join().unwrap();
         // A later change must neither succeed nor publish past bob's record.
-        let d = e.redeem(&tc, CLIENT, ip());
+        let d = e.redeem(&RedeemRequest::new(&tc, CLIENT).ip(ip()));
         assert!(
             !is_durable(&store, lsn_b),
             "LSN {lsn_b} was published though its write failed"
@@ -148,7 +151,10 @@ fn a_failed_write_during_compaction_fails_the_store_closed() {
     );
     assert!(c.is_err(), "compaction must fail with the store");
     // Fail closed from now on: changes, waits and flushes all error.
-    assert!(e.redeem(&ta2, CLIENT, ip()).is_err());
+    assert!(
+        e.redeem(&RedeemRequest::new(&ta2, CLIENT).ip(ip()))
+            .is_err()
+    );
     assert!(store.wait_durable(rec.appended()).is_err());
     assert!(e.flush().is_err());
     assert!(e.compact().is_err());
@@ -172,14 +178,14 @@ fn a_failed_write_fails_the_store_closed() {
     let (fp, store, rec, e) = hooked(&dir);
     let (ta, tb) = (issue(&e, "alice"), issue(&e, "bob"));
     fp.fail_next_write();
-    assert!(e.redeem(&ta, CLIENT, ip()).is_err());
+    assert!(e.redeem(&RedeemRequest::new(&ta, CLIENT).ip(ip())).is_err());
     let failed = rec.appended();
     assert!(!is_durable(&store, failed));
     assert!(matches!(
         store.poll_durable(failed, std::task::Waker::noop()),
         std::task::Poll::Ready(Err(_))
     ));
-    assert!(e.redeem(&tb, CLIENT, ip()).is_err());
+    assert!(e.redeem(&RedeemRequest::new(&tb, CLIENT).ip(ip())).is_err());
     // Every handle, so the store's directory lock is released.
     drop((e, rec));
     drop(store);
@@ -207,4 +213,65 @@ fn store_errors_keep_their_io_cause() {
         .and_then(|s| s.downcast_ref::<std::io::Error>())
         .unwrap_or_else(|| panic!("no io::Error under {err:?}"));
     assert!(err.to_string().contains(&cause.to_string()), "{err}");
+}
+
+/// A first DPoP binding that comes with a `rotation = "reuse"` acceptance
+/// is waited for like a rotation: a kept token's acceptance alone is not
+/// (losing it only makes the family look idle sooner), but a lost binding
+/// would leave the family for the next proof's key to claim. With the
+/// binding's write failing, the redemption must fail, not be acknowledged.
+#[test]
+fn a_first_binding_with_a_kept_token_waits_for_its_write() {
+    use refresh_guard::{AcceptKind, Dpop, Jkt, PolicyOverrides, PolicySet, Rotation};
+    let dir = temp_dir("bind-keep");
+    let fp = Arc::new(Failpoint::default());
+    let store =
+        Arc::new(LogStore::open_with_hooks(&*dir, LogOptions::default(), fp.clone()).unwrap());
+    let set = PolicySet::builder()
+        .client(
+            CLIENT,
+            PolicyOverrides::new()
+                .rotation(Rotation::Reuse)
+                .dpop(Dpop::Required),
+        )
+        .build()
+        .unwrap();
+    let e = Engine::builder()
+        .keys(keys())
+        .policies(set)
+        .store(Recording::new(store.clone()))
+        .build()
+        .unwrap();
+    let t = issue(&e, "alice");
+    let key = Jkt::from_bytes([7; 32]);
+    fp.fail_next_write();
+    let answer = e.redeem(&RedeemRequest::new(&t, CLIENT).ip(ip()).dpop(key));
+    assert!(
+        answer.is_err(),
+        "a binding whose write failed was acknowledged: {answer:?}"
+    );
+    drop(e);
+    drop(store);
+    // Nothing was acknowledged, nothing bound: the family binds to the key
+    // of its next proof.
+    let e = Engine::builder()
+        .keys(keys())
+        .policies(
+            PolicySet::builder()
+                .client(
+                    CLIENT,
+                    PolicyOverrides::new()
+                        .rotation(Rotation::Reuse)
+                        .dpop(Dpop::Required),
+                )
+                .build()
+                .unwrap(),
+        )
+        .store(LogStore::open(&*dir, LogOptions::default()).unwrap())
+        .build()
+        .unwrap();
+    let d = e
+        .redeem(&RedeemRequest::new(&t, CLIENT).ip(ip()).dpop(key))
+        .unwrap();
+    assert_eq!(d.accepted().map(|a| a.kind), Some(AcceptKind::Kept));
 }

@@ -10,6 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use refresh_guard::RedeemRequest;
 use refresh_guard::{DenyReason, Error, LogStore};
 use store_support::*;
 
@@ -206,7 +207,7 @@ fn corrupt_bobs_rotation(dir: &Path) -> Scenario {
         let b1 = issue(&e, "bob");
         let a2 = rotate(&e, &a1);
         rotate(&e, &b1);
-        let d = e.redeem(&a2, CLIENT, ip()).unwrap();
+        let d = e.redeem(&RedeemRequest::new(&a2, CLIENT).ip(ip())).unwrap();
         let a = d.accepted().unwrap();
         (a2, a.token, b1, a.family)
     };
@@ -284,7 +285,9 @@ fn repair_saves_the_dropped_bytes_and_names_rolled_back_families() {
     // again, her generation-3 token is a rollback; bob's spent token works.
     let e = open(&dir);
     assert_eq!(
-        e.redeem(&s.a3, CLIENT, ip()).unwrap().deny_reason(),
+        e.redeem(&RedeemRequest::new(&s.a3, CLIENT).ip(ip()))
+            .unwrap()
+            .deny_reason(),
         Some(DenyReason::StateRollback)
     );
     rotate(&e, &s.a2);

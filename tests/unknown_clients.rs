@@ -9,6 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::{Harness, START, ip};
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AuthorizeRequest, DenyReason, Engine, ExchangeRequest, IssueRequest, OAuthError,
     PolicyOverrides, PolicySet, Status, UnknownClients,
@@ -66,7 +67,8 @@ fn exchange(e: &Engine, code: &str, client: &str) -> refresh_guard::Decision {
 }
 
 fn redeem(e: &Engine, token: &str, client: &str) -> refresh_guard::Decision {
-    e.redeem(token, client, ip("10.0.0.1")).unwrap()
+    e.redeem(&RedeemRequest::new(token, client).ip(ip("10.0.0.1")))
+        .unwrap()
 }
 
 #[test]
@@ -99,7 +101,7 @@ fn a_refused_client_gets_no_family_and_no_code() {
 fn a_refused_client_redeeming_changes_nothing() {
     let h = Harness::with_set(refusing(&["app"]));
     let t1 = issue(&h.engine, "app").accepted().unwrap().token;
-    let a = *redeem(&h.engine, &t1, "app").accepted().unwrap();
+    let a = redeem(&h.engine, &t1, "app").accepted().unwrap().clone();
     let t2 = a.token;
     let gen_of = || h.engine.family_record(a.family).unwrap().generation();
     let g = gen_of();
@@ -139,7 +141,10 @@ fn a_refused_client_exchanging_a_code_changes_nothing() {
 
     // The code was not spent: listed again, it exchanges.
     h.engine.swap_policies(refusing(&["app"]));
-    let a = *exchange(&h.engine, &code, "app").accepted().unwrap();
+    let a = exchange(&h.engine, &code, "app")
+        .accepted()
+        .unwrap()
+        .clone();
     // A replay would revoke the family (RFC 6749 §4.1.2); refused, it does not.
     h.engine.swap_policies(refusing(&["web"]));
     let d = exchange(&h.engine, &code, "app");

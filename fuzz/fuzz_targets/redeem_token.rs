@@ -5,6 +5,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use refresh_guard::RedeemRequest;
 use refresh_guard::{DenyReason, Engine, IssueRequest};
 
 fn engine() -> &'static (Engine, String) {
@@ -34,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let before = e.stats().families;
-    let d = e.redeem(s, "c", "10.0.0.1".parse::<std::net::IpAddr>().expect("ip")).expect("no store");
+    let d = e.redeem(&RedeemRequest::new(s, "c").ip("10.0.0.1".parse::<std::net::IpAddr>().expect("ip"))).expect("no store");
     assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
     assert!(e.introspect(s).is_none());
     assert_eq!(e.stats().families, before);

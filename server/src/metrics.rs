@@ -336,7 +336,7 @@ impl Collector for Scrape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use refresh_guard::{Accepted, Denied, IssueRequest, PolicySet};
+    use refresh_guard::{Denied, IssueRequest, PolicySet};
 
     fn deny(reason: DenyReason) -> Decision {
         Decision::Deny(Denied {
@@ -363,10 +363,9 @@ mod tests {
                 ip: Some([192, 0, 2, 1].into()),
             })
             .unwrap();
-        let a = Decision::Accept(Accepted {
-            kind: AcceptKind::GraceReplay,
-            ..*issued.accepted().unwrap()
-        });
+        let mut replay = issued.accepted().unwrap().clone();
+        replay.kind = AcceptKind::GraceReplay;
+        let a = Decision::Accept(replay);
         assert_eq!(outcome_name(outcome_index(&a)), "grace_replay");
     }
 

@@ -24,7 +24,7 @@ use super::jwt::AccessClaims;
 use super::net::Peer;
 use super::{App, MAX_BODY};
 use refresh_guard::limits::MAX_CLIENT_ID_LEN;
-use refresh_guard::{Decision, DenyReason, ExchangeRequest, Generation};
+use refresh_guard::{Accepted, Decision, ExchangeRequest, Generation, RedeemRequest};
 
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -413,7 +413,7 @@ async fn code_grant(
     let Decision::Accept(a) = decision else {
         return Err(OAuthError::server());
     };
-    issue(app, client, &a.token, None)
+    issue(app, client, &a, None)
 }
 
 async fn refresh_grant(
@@ -445,7 +445,10 @@ async fn refresh_grant(
         },
     };
     let started = Instant::now();
-    let decision = match app.engine.redeem_async(token, &client.id, ip) {
+    let decision = match app
+        .engine
+        .redeem_async(&RedeemRequest::new(token, &client.id).ip(ip))
+    {
         Ok(pending) => pending.await,
         Err(e) => Err(e),
     };
@@ -461,7 +464,7 @@ async fn refresh_grant(
     let Decision::Accept(a) = decision else {
         return Err(OAuthError::server());
     };
-    issue(app, client, &a.token, narrowed.as_deref())
+    issue(app, client, &a, narrowed.as_deref())
 }
 
 fn random_id() -> Result<String, OAuthError> {
@@ -474,26 +477,25 @@ fn random_id() -> Result<String, OAuthError> {
 }
 
 /// The token response for a refresh token the engine just handed out.
+/// Subject and scope come with the acceptance, read under the same lock
+/// as the decision: looking the family up again could find it revoked and
+/// swept by a concurrent request, and answer an error for a rotation the
+/// engine has already made durable (the client's old token is then spent,
+/// its new one never delivered).
 fn issue(
     app: &App,
     client: &Client,
-    refresh_token: &str,
+    accepted: &Accepted,
     scope: Option<&str>,
 ) -> Result<Response, OAuthError> {
-    // The family's subject and scope; it was accepted a moment ago, so only
-    // a concurrent revocation and sweep could make it vanish.
-    let info = app.engine.introspect(refresh_token).ok_or_else(|| {
-        OAuthError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_grant",
-            DenyReason::Revoked.description(),
-        )
-    })?;
+    #[cfg(test)]
+    tests::before_response(app, accepted);
+    let granted = accepted.scope();
     let scope = match scope {
         // Checked against the family before the redemption; intersect all
         // the same so that nothing wider can ever be signed.
-        Some(s) => narrow_scope(s, &info.scope).unwrap_or_else(|| info.scope.to_string()),
-        None => info.scope.to_string(),
+        Some(s) => narrow_scope(s, granted).unwrap_or_else(|| granted.to_owned()),
+        None => granted.to_owned(),
     };
     let ttl = app
         .engine
@@ -505,7 +507,7 @@ fn issue(
     let now = app.engine.now().as_secs();
     let claims = AccessClaims {
         iss: app.issuer.clone(),
-        sub: info.subject.to_string(),
+        sub: accepted.subject().to_owned(),
         aud: client.id.clone(),
         exp: now + ttl,
         iat: now,
@@ -518,7 +520,7 @@ fn issue(
         "access_token": access_token,
         "token_type": "Bearer",
         "expires_in": ttl,
-        "refresh_token": refresh_token,
+        "refresh_token": accepted.token.as_str(),
         "scope": claims.scope,
     });
     Ok(json(StatusCode::OK, body.to_string(), true))
@@ -677,6 +679,99 @@ pub(crate) async fn not_found() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    use refresh_guard::{IssueRequest, PolicySet, Timestamp};
+
+    type Hook = fn(&App, &Accepted);
+
+    thread_local! {
+        /// Run by `issue` between the redemption and the response: a
+        /// deterministic stand-in for a request racing in between.
+        static BEFORE_RESPONSE: Cell<Option<Hook>> = const { Cell::new(None) };
+    }
+
+    pub(super) fn before_response(app: &App, accepted: &Accepted) {
+        if let Some(hook) = BEFORE_RESPONSE.get() {
+            hook(app, accepted);
+        }
+    }
+
+    /// An app on a fresh data directory, in memory, admitting any client.
+    fn app(name: &str) -> (App, std::path::PathBuf) {
+        let data = std::env::temp_dir().join(format!("rg-oauth-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let config = crate::Config {
+            data: data.clone(),
+            durability: refresh_guard::Durability::None,
+            policy_set: Some(PolicySet::builder().build().unwrap()),
+            ..crate::Config::default()
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        (crate::build_app(config, addr).unwrap(), data)
+    }
+
+    /// A revocation and a sweep racing a refresh between its redemption and
+    /// its response turned the rotation the engine had already made (the
+    /// presented token spent) into a 400: the response looked the family up
+    /// again instead of using the acceptance. Now it is a 200 with the
+    /// family's subject and the narrowed scope.
+    #[test]
+    fn refresh_racing_a_revoke_and_sweep_still_answers_its_rotation() {
+        let (app, data) = app("race");
+        let app = Arc::new(app);
+        let t1 = app
+            .engine
+            .issue(&IssueRequest {
+                client: "app",
+                subject: "user-42",
+                scope: "openid profile",
+                ip: None,
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .token;
+        BEFORE_RESPONSE.set(Some(|app, a| {
+            assert!(app.engine.revoke_family(a.family).unwrap());
+            // Past the revoked family's retention: the sweep removes it.
+            let later = Timestamp::from_secs(app.engine.now().as_secs() + 400 * 86_400);
+            app.engine.at(later).sweep(1 << 20).unwrap();
+            assert!(app.engine.introspect(a.token.as_str()).is_none(), "swept");
+        }));
+        let body = format!(
+            "grant_type=refresh_token&refresh_token={}&scope=openid",
+            t1.as_str()
+        );
+        let client = Client {
+            id: "app".to_owned(),
+            confidential: false,
+        };
+        let response = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let form = form::parse(body.as_bytes()).unwrap();
+                let r = match refresh_grant(&app, &client, &form, None).await {
+                    Ok(r) => r,
+                    Err(e) => e.respond(&app, "token"),
+                };
+                let status = r.status();
+                let bytes = r.into_body().collect().await.unwrap().to_bytes();
+                (status, bytes)
+            });
+        BEFORE_RESPONSE.set(None);
+        let _ = std::fs::remove_dir_all(&data);
+        assert_eq!(response.0, StatusCode::OK, "{:?}", response.1);
+        let json: serde_json::Value = serde_json::from_slice(&response.1).unwrap();
+        assert_eq!(json["scope"], "openid", "narrowed as asked");
+        assert_ne!(json["refresh_token"], t1.as_str(), "rotated");
+        let access = json["access_token"].as_str().unwrap();
+        let payload = access.split('.').nth(1).unwrap();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        assert_eq!(claims["sub"], "user-42");
+    }
 
     #[test]
     fn scope_narrowing() {

@@ -9,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use refresh_guard::RedeemRequest;
 use refresh_guard::{Engine, IssueRequest, LogOptions, LogStore, PolicySet};
 
 /// A path in the repository (the workspace root, above this crate).
@@ -486,7 +487,13 @@ fn damaged_store(data: &Path) {
             };
             e.issue(&r).unwrap().accepted().unwrap().token
         };
-        let rotate = |t: &str| e.redeem(t, "app", ip).unwrap().accepted().unwrap().token;
+        let rotate = |t: &str| {
+            e.redeem(&RedeemRequest::new(t, "app").ip(ip))
+                .unwrap()
+                .accepted()
+                .unwrap()
+                .token
+        };
         let (a1, b1) = (issue("alice"), issue("bob"));
         let a2 = rotate(&a1);
         rotate(&b1);

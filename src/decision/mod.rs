@@ -5,10 +5,11 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::clock::Timestamp;
 use crate::dpop::{self, Binding, Jkt};
-use crate::family::Family;
+use crate::family::{Family, Grant, SubjectName};
 use crate::policy::{ClientPolicy, IpCheck, PolicyVersion, Rotation};
 use crate::token::{FamilyId, Generation, Token};
 
@@ -252,8 +253,14 @@ impl AcceptKind {
     }
 }
 
-/// An accepted redemption.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An accepted redemption, with what a token response needs: the
+/// family's subject, scope and client ([`subject`](Self::subject),
+/// [`scope`](Self::scope), [`client`](Self::client)), taken under the same
+/// lock as the decision, so a revocation or sweep racing the response
+/// cannot take them away. Handing them out allocates nothing: the family's
+/// shared grant and subject are reference-counted (short subjects are
+/// copied inline).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Accepted {
     /// The refresh token the client must use next.
     pub token: Token,
@@ -265,6 +272,27 @@ pub struct Accepted {
     pub kind: AcceptKind,
     /// The policy set that decided.
     pub policy_version: PolicyVersion,
+    /// The family's client and scope.
+    pub(crate) grant: Arc<Grant>,
+    /// The family's subject.
+    pub(crate) subject: SubjectName,
+}
+
+impl Accepted {
+    /// The end user (`sub`) the family belongs to.
+    pub fn subject(&self) -> &str {
+        self.subject.as_str()
+    }
+
+    /// The scope granted to the family, space-separated.
+    pub fn scope(&self) -> &str {
+        &self.grant.scope
+    }
+
+    /// The client the family is bound to.
+    pub fn client(&self) -> &str {
+        &self.grant.client
+    }
 }
 
 /// A refused redemption.
@@ -279,7 +307,7 @@ pub struct Denied {
 }
 
 /// The outcome of one redemption: always a decision, never an error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Accepted, with the token to use next.
     Accept(Accepted),

@@ -16,11 +16,11 @@ impl Engine {
     /// checks within the code's lifetime is `code_reused` and revokes the
     /// family born from it; any other replay is `code_spent`.
     pub fn exchange(&self, req: &ExchangeRequest<'_>) -> Result<Decision, Error> {
-        self.exchange_at(req, self.clock.now())
+        self.at(self.now()).exchange(req)
     }
 
-    /// [`exchange`](Self::exchange) at a given time.
-    pub fn exchange_at(
+    /// [`exchange`](Self::exchange) at `now`; see [`At`](super::At).
+    pub(super) fn exchange_at(
         &self,
         req: &ExchangeRequest<'_>,
         now: Timestamp,
@@ -33,7 +33,16 @@ impl Engine {
     /// [`exchange`](Self::exchange) without blocking: the future completes
     /// when the new family is durable.
     pub fn exchange_async(&self, req: &ExchangeRequest<'_>) -> Result<Durable<'_>, Error> {
-        let (decision, lsn) = self.exchange_inner(req, self.clock.now())?;
+        self.at(self.now()).exchange_async(req)
+    }
+
+    /// [`exchange_async`](Self::exchange_async) at `now`.
+    pub(super) fn exchange_async_at(
+        &self,
+        req: &ExchangeRequest<'_>,
+        now: Timestamp,
+    ) -> Result<Durable<'_>, Error> {
+        let (decision, lsn) = self.exchange_inner(req, now)?;
         Ok(Durable {
             engine: self,
             decision: Some(decision),
@@ -87,6 +96,7 @@ impl Engine {
             Verdict::Accept(kind) => {
                 let token = mint_current(f, &keys).expect("the active key is always in the ring");
                 let id = f.id;
+                let (grant, subject) = (f.grant.clone(), f.subject.clone());
                 let lsn = self.persist(f)?;
                 shard.outcomes[outcome_slot(plan.verdict)] += 1;
                 drop(shard);
@@ -97,6 +107,8 @@ impl Engine {
                         generation: Generation::FIRST,
                         kind,
                         policy_version: version,
+                        grant,
+                        subject,
                     }),
                     lsn,
                 ))

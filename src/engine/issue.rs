@@ -22,11 +22,15 @@ use super::{
 impl Engine {
     /// Start a family: the first refresh token (generation 1).
     pub fn issue(&self, req: &IssueRequest<'_>) -> Result<Decision, Error> {
-        self.issue_at(req, self.clock.now())
+        self.at(self.now()).issue(req)
     }
 
-    /// [`issue`](Self::issue) at a given time.
-    pub fn issue_at(&self, req: &IssueRequest<'_>, now: Timestamp) -> Result<Decision, Error> {
+    /// [`issue`](Self::issue) at `now`; see [`At`](super::At).
+    pub(super) fn issue_at(
+        &self,
+        req: &IssueRequest<'_>,
+        now: Timestamp,
+    ) -> Result<Decision, Error> {
         check_identity(req.client, req.subject, req.scope)?;
         let policies = self.policies.load();
         if let Some(refused) = self.refuse_unlisted(&policies, req.client) {
@@ -86,6 +90,7 @@ impl Engine {
             code,
             lsn: 0,
         };
+        let (grant, subject) = (f.grant.clone(), f.subject.clone());
         let (evicted, mut created) = {
             let mut subjects = self.subjects.lock(req.subject);
             let evicted = match cap {
@@ -156,6 +161,8 @@ impl Engine {
             generation,
             kind,
             policy_version: version,
+            grant,
+            subject,
         }))
     }
 
@@ -164,11 +171,11 @@ impl Engine {
     /// policy is enforced here already: with `s256`, a missing challenge or
     /// method `plain` is refused (`invalid_request`-class denials).
     pub fn authorize(&self, req: &AuthorizeRequest<'_>) -> Result<Decision, Error> {
-        self.authorize_at(req, self.clock.now())
+        self.at(self.now()).authorize(req)
     }
 
-    /// [`authorize`](Self::authorize) at a given time.
-    pub fn authorize_at(
+    /// [`authorize`](Self::authorize) at `now`; see [`At`](super::At).
+    pub(super) fn authorize_at(
         &self,
         req: &AuthorizeRequest<'_>,
         now: Timestamp,

@@ -25,11 +25,11 @@ impl Engine {
     /// examining at most `budget` slots. Call it periodically; memory then
     /// stays bounded by the live families under churn.
     pub fn sweep(&self, budget: usize) -> Result<SweepReport, Error> {
-        self.sweep_at(budget, self.clock.now())
+        self.at(self.now()).sweep(budget)
     }
 
-    /// [`sweep`](Self::sweep) at a given time.
-    pub fn sweep_at(&self, budget: usize, now: Timestamp) -> Result<SweepReport, Error> {
+    /// [`sweep`](Self::sweep) at `now`; see [`At`](super::At).
+    pub(super) fn sweep_at(&self, budget: usize, now: Timestamp) -> Result<SweepReport, Error> {
         let policies = self.policies.load();
         let retention = self.revoked_retention;
         let mut retired = Vec::new();

@@ -21,6 +21,7 @@ use crate::striped::Striped;
 use crate::table::{Interner, Loc, OUTCOMES, SubjectIndex, Table};
 use crate::token::{self, FamilyId, Generation, KeyRing, KeyUid, Token, TokenKind};
 
+mod at;
 mod builder;
 mod exchange;
 mod execute;
@@ -31,6 +32,7 @@ mod revoke;
 mod shadow;
 mod stats;
 
+pub use at::At;
 pub use builder::EngineBuilder;
 pub use maintenance::SweepReport;
 use shadow::Shadow;
@@ -56,6 +58,66 @@ pub struct IssueRequest<'a> {
     /// (an unreadable forwarding chain), which no non-empty allow-list
     /// admits.
     pub ip: Option<IpAddr>,
+}
+
+/// A refresh-token redemption (`grant_type=refresh_token`). Build it with
+/// [`RedeemRequest::new`] and the builder methods; fields may be added
+/// (they default to "not presented"), so it cannot be built literally
+/// outside this crate.
+#[derive(Clone, Copy)]
+#[non_exhaustive]
+pub struct RedeemRequest<'a> {
+    /// The refresh token presented.
+    pub token: &'a str,
+    /// The client presenting it.
+    pub client: &'a str,
+    /// The client's IP address; `None` (the default) when it could not be
+    /// determined (an unreadable forwarding chain), which no non-empty
+    /// allow-list admits.
+    pub ip: Option<IpAddr>,
+    /// The RFC 7638 thumbprint of the key of the DPoP proof sent with the
+    /// request, once the server verified the proof (RFC 9449 §4.3); `None`
+    /// (the default) when none was sent.
+    pub dpop: Option<Jkt>,
+}
+
+impl<'a> RedeemRequest<'a> {
+    /// `client` presents `token`, from an address not determined.
+    pub fn new(token: &'a str, client: &'a str) -> RedeemRequest<'a> {
+        RedeemRequest {
+            token,
+            client,
+            ip: None,
+            dpop: None,
+        }
+    }
+
+    /// The client's IP address (`None`: could not be determined).
+    #[must_use]
+    pub fn ip(mut self, ip: impl Into<Option<IpAddr>>) -> RedeemRequest<'a> {
+        self.ip = ip.into();
+        self
+    }
+
+    /// The thumbprint of the verified DPoP proof's key (`None`: no proof).
+    /// A family bound to a key is redeemed only with a proof from that key
+    /// (README "The order of checks", step 6).
+    #[must_use]
+    pub fn dpop(mut self, jkt: impl Into<Option<Jkt>>) -> RedeemRequest<'a> {
+        self.dpop = jkt.into();
+        self
+    }
+}
+
+impl std::fmt::Debug for RedeemRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a bearer secret: not printed.
+        f.debug_struct("RedeemRequest")
+            .field("client", &self.client)
+            .field("ip", &self.ip)
+            .field("dpop", &self.dpop)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An authorization request the embedding server has authenticated and
@@ -122,57 +184,6 @@ impl std::fmt::Debug for ExchangeRequest<'_> {
         f.debug_struct("ExchangeRequest")
             .field("client", &self.client)
             .field("redirect_uri", &self.redirect_uri)
-            .field("ip", &self.ip)
-            .field("dpop", &self.dpop)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A refresh-token redemption: the token, who presents it, from where, and
-/// with which DPoP key. Built with [`Redemption::new`] and its setters, so
-/// that a new field never breaks a caller; redeemed by
-/// [`Engine::redeem_with`].
-#[derive(Clone, Copy)]
-#[non_exhaustive]
-pub struct Redemption<'a> {
-    pub(crate) token: &'a str,
-    pub(crate) client: &'a str,
-    pub(crate) ip: Option<IpAddr>,
-    pub(crate) dpop: Option<Jkt>,
-}
-
-impl<'a> Redemption<'a> {
-    /// `token` presented by `client`, from an address that could not be
-    /// determined and without a DPoP proof until the setters say otherwise.
-    pub fn new(token: &'a str, client: &'a str) -> Redemption<'a> {
-        Redemption {
-            token,
-            client,
-            ip: None,
-            dpop: None,
-        }
-    }
-
-    /// The caller's address; `None` when it could not be determined, which
-    /// no non-empty allow-list admits.
-    pub fn ip(mut self, ip: impl Into<Option<IpAddr>>) -> Redemption<'a> {
-        self.ip = ip.into();
-        self
-    }
-
-    /// The RFC 7638 thumbprint of the key of the DPoP proof sent with the
-    /// request, once the server verified the proof (RFC 9449 §4.3).
-    pub fn dpop(mut self, jkt: impl Into<Option<Jkt>>) -> Redemption<'a> {
-        self.dpop = jkt.into();
-        self
-    }
-}
-
-impl std::fmt::Debug for Redemption<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The token is a bearer credential: not printed.
-        f.debug_struct("Redemption")
-            .field("client", &self.client)
             .field("ip", &self.ip)
             .field("dpop", &self.dpop)
             .finish_non_exhaustive()
@@ -292,6 +303,15 @@ impl std::future::Future for Durable<'_> {
 
 /// The refresh-token lifecycle engine. Share it by reference or `Arc`; every
 /// method takes `&self`.
+///
+/// Time: every operation acts at the engine's clock ([`Engine::now`]). To
+/// act at another time (tests, replays), take the view
+/// [`engine.at(now)`](Engine::at): it has the same operations, without a
+/// time argument, and `engine.op(..)` is `engine.at(engine.now()).op(..)`.
+/// Redemptions take one [`RedeemRequest`]; an acceptance carries the
+/// family's subject, scope and client ([`Accepted::subject`]).
+///
+/// [`Accepted::subject`]: crate::Accepted::subject
 pub struct Engine {
     keys: ArcSwap<KeyRing>,
     policies: ArcSwap<PolicySet>,
@@ -422,11 +442,11 @@ impl Engine {
     /// Describe a refresh token without changing anything. `None` for a
     /// malformed or forged token, or an unknown family.
     pub fn introspect(&self, token: &str) -> Option<Introspection> {
-        self.introspect_at(token, self.clock.now())
+        self.at(self.now()).introspect(token)
     }
 
-    /// [`introspect`](Self::introspect) at a given time.
-    pub fn introspect_at(&self, token: &str, now: Timestamp) -> Option<Introspection> {
+    /// [`introspect`](Self::introspect) at `now`; see [`At`].
+    fn introspect_at(&self, token: &str, now: Timestamp) -> Option<Introspection> {
         let parsed = token::parse(token, TokenKind::Refresh)?;
         let keys = self.keys.load();
         let policies = self.policies.load();

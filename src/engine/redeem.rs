@@ -2,8 +2,6 @@
 //! refresh decision") and the README: the shell around `decide`, which
 //! carries out the plan it returns.
 
-use std::net::IpAddr;
-
 use crate::clock::Timestamp;
 use crate::decision::{
     self, AcceptKind, Accepted, Bind, Change, Decision, DenyReason, Plan, Request, Verdict,
@@ -13,67 +11,48 @@ use crate::store::Lsn;
 use crate::token::{self, TokenKind};
 
 use super::stats::outcome_slot;
-use super::{Durable, Engine, Redemption, deny, mint_current};
+use super::{Durable, Engine, RedeemRequest, deny, mint_current};
 
 impl Engine {
-    /// Redeem a refresh token presented by `client` from `ip`: an address,
-    /// or `None` when the caller's address could not be determined (no
-    /// non-empty allow-list admits it).
+    /// Redeem a refresh token: `req` names the token, the presenting
+    /// client and its address (`None` when the caller's address could not
+    /// be determined: no non-empty allow-list admits it).
     ///
     /// With a store in [`Durability::Sync`] this blocks until the change is
     /// durable (group commit: typically one fsync shared with concurrent
     /// callers). From an async runtime use [`redeem_async`](Self::redeem_async).
     /// An `Err` is a store failure: the engine then refuses every change
     /// until restarted (fail closed); nothing was acknowledged.
-    pub fn redeem(
-        &self,
-        token: &str,
-        client: &str,
-        ip: impl Into<Option<IpAddr>>,
-    ) -> Result<Decision, Error> {
-        self.redeem_at(token, client, ip, self.clock.now())
-    }
-
-    /// [`redeem`](Self::redeem) at a given time.
-    pub fn redeem_at(
-        &self,
-        token: &str,
-        client: &str,
-        ip: impl Into<Option<IpAddr>>,
-        now: Timestamp,
-    ) -> Result<Decision, Error> {
-        self.redeem_with_at(&Redemption::new(token, client).ip(ip), now)
+    ///
+    /// [`Durability::Sync`]: crate::Durability::Sync
+    pub fn redeem(&self, req: &RedeemRequest<'_>) -> Result<Decision, Error> {
+        self.at(self.now()).redeem(req)
     }
 
     /// [`redeem`](Self::redeem) without blocking: the decision is made at
     /// once, and the returned future completes when it is durable.
-    pub fn redeem_async(
+    pub fn redeem_async(&self, req: &RedeemRequest<'_>) -> Result<Durable<'_>, Error> {
+        self.at(self.now()).redeem_async(req)
+    }
+
+    /// [`redeem`](Self::redeem) at `now`; see [`At`](super::At).
+    pub(super) fn redeem_at(
         &self,
-        token: &str,
-        client: &str,
-        ip: impl Into<Option<IpAddr>>,
-    ) -> Result<Durable<'_>, Error> {
-        self.redeem_with_async(&Redemption::new(token, client).ip(ip))
-    }
-
-    /// [`redeem`](Self::redeem) of a [`Redemption`], which can also carry
-    /// the thumbprint of a verified DPoP proof's key (RFC 9449): a family
-    /// bound to a key is redeemed only with a proof from that key.
-    pub fn redeem_with(&self, req: &Redemption<'_>) -> Result<Decision, Error> {
-        self.redeem_with_at(req, self.clock.now())
-    }
-
-    /// [`redeem_with`](Self::redeem_with) at a given time.
-    pub fn redeem_with_at(&self, req: &Redemption<'_>, now: Timestamp) -> Result<Decision, Error> {
+        req: &RedeemRequest<'_>,
+        now: Timestamp,
+    ) -> Result<Decision, Error> {
         let (decision, lsn) = self.redeem_inner(req, now)?;
         self.settle(lsn)?;
         Ok(decision)
     }
 
-    /// [`redeem_with`](Self::redeem_with) without blocking, as
-    /// [`redeem_async`](Self::redeem_async).
-    pub fn redeem_with_async(&self, req: &Redemption<'_>) -> Result<Durable<'_>, Error> {
-        let (decision, lsn) = self.redeem_inner(req, self.clock.now())?;
+    /// [`redeem_async`](Self::redeem_async) at `now`.
+    pub(super) fn redeem_async_at(
+        &self,
+        req: &RedeemRequest<'_>,
+        now: Timestamp,
+    ) -> Result<Durable<'_>, Error> {
+        let (decision, lsn) = self.redeem_inner(req, now)?;
         Ok(Durable {
             engine: self,
             decision: Some(decision),
@@ -83,12 +62,10 @@ impl Engine {
 
     pub(super) fn redeem_inner(
         &self,
-        redemption: &Redemption<'_>,
+        req: &RedeemRequest<'_>,
         now: Timestamp,
     ) -> Result<(Decision, Option<Lsn>), Error> {
-        let Redemption {
-            token, client, ip, ..
-        } = *redemption;
+        let (token, client, ip) = (req.token, req.client, req.ip);
         let policies = self.policies.load();
         if let Some(refused) = self.refuse_unlisted(&policies, client) {
             return Ok((refused, None));
@@ -134,7 +111,7 @@ impl Engine {
             generation: parsed.generation,
             client,
             ip,
-            jkt: redemption.dpop.as_ref(),
+            jkt: req.dpop.as_ref(),
             now,
         };
         let mut plan = decision::decide(f, &req, policy);
@@ -175,6 +152,8 @@ impl Engine {
             Verdict::Accept(kind) => {
                 let token = mint_current(f, &keys);
                 let (family, generation) = (f.id, f.generation);
+                // Refcount bumps (or an inline copy), not allocations.
+                let (grant, subject) = (f.grant.clone(), f.subject.clone());
                 let lsn = self.persist(f)?;
                 drop(shard);
                 // A `reuse`-rotation acceptance only moves last use: losing
@@ -195,6 +174,8 @@ impl Engine {
                             generation,
                             kind,
                             policy_version: version,
+                            grant,
+                            subject,
                         }),
                         wait,
                     )),

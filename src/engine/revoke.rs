@@ -92,11 +92,11 @@ impl Engine {
     /// another client is left alone (RFC 7009 §2.1). Returns whether this
     /// call revoked it; an invalid or already-revoked token is `false`.
     pub fn revoke_token(&self, token: &str, client: Option<&str>) -> Result<bool, Error> {
-        self.revoke_token_at(token, client, self.clock.now())
+        self.at(self.now()).revoke_token(token, client)
     }
 
-    /// [`revoke_token`](Self::revoke_token) at a given time.
-    pub fn revoke_token_at(
+    /// [`revoke_token`](Self::revoke_token) at `now`; see [`At`](super::At).
+    pub(super) fn revoke_token_at(
         &self,
         token: &str,
         client: Option<&str>,
@@ -124,11 +124,11 @@ impl Engine {
 
     /// Revoke one family by id. Returns whether this call revoked it.
     pub fn revoke_family(&self, id: FamilyId) -> Result<bool, Error> {
-        self.revoke_family_at(id, self.clock.now())
+        self.at(self.now()).revoke_family(id)
     }
 
-    /// [`revoke_family`](Self::revoke_family) at a given time.
-    pub fn revoke_family_at(&self, id: FamilyId, now: Timestamp) -> Result<bool, Error> {
+    /// [`revoke_family`](Self::revoke_family) at `now`; see [`At`](super::At).
+    pub(super) fn revoke_family_at(&self, id: FamilyId, now: Timestamp) -> Result<bool, Error> {
         let mut shard = self.table.lock(&id);
         let Some((slot, f)) = shard.locate_mut(&id) else {
             return Ok(false);
@@ -154,11 +154,11 @@ impl Engine {
     /// Revoke every family of `subject`, or only those of `client`.
     /// Returns how many this call revoked.
     pub fn revoke_subject(&self, subject: &str, client: Option<&str>) -> Result<usize, Error> {
-        self.revoke_subject_at(subject, client, self.clock.now())
+        self.at(self.now()).revoke_subject(subject, client)
     }
 
-    /// [`revoke_subject`](Self::revoke_subject) at a given time.
-    pub fn revoke_subject_at(
+    /// [`revoke_subject`](Self::revoke_subject) at `now`; see [`At`](super::At).
+    pub(super) fn revoke_subject_at(
         &self,
         subject: &str,
         client: Option<&str>,
@@ -274,11 +274,11 @@ impl Engine {
     /// Revoke every family of `client`. This scans the whole table, one
     /// shard lock at a time: an administrative operation, not a hot path.
     pub fn revoke_client(&self, client: &str) -> Result<usize, Error> {
-        self.revoke_client_at(client, self.clock.now())
+        self.at(self.now()).revoke_client(client)
     }
 
-    /// [`revoke_client`](Self::revoke_client) at a given time.
-    pub fn revoke_client_at(&self, client: &str, now: Timestamp) -> Result<usize, Error> {
+    /// [`revoke_client`](Self::revoke_client) at `now`; see [`At`](super::At).
+    pub(super) fn revoke_client_at(&self, client: &str, now: Timestamp) -> Result<usize, Error> {
         let mut revocations = Vec::new();
         'shards: for i in 0..self.table.shard_count() {
             let mut shard = self.table.lock_shard(i);

@@ -1,5 +1,6 @@
 use super::stats::{ACCEPT_KINDS, slot_name};
 use super::*;
+use crate::RedeemRequest;
 use crate::event::{EventKind, MemorySink};
 use crate::family::RevokeReason;
 use crate::family::SubjectName;
@@ -257,13 +258,16 @@ fn revocations_unindex_even_when_the_store_fails() {
     let a = issue("a");
     let b = issue("b");
     let c = issue("c");
-    e.redeem(&b.0, "app", ip).unwrap().accepted().unwrap();
+    e.redeem(&RedeemRequest::new(&b.0, "app").ip(ip))
+        .unwrap()
+        .accepted()
+        .unwrap();
     assert_eq!(e.subjects.len(), 3);
     armed.store(true, Ordering::SeqCst);
     assert!(e.revoke_family(a.1).is_err());
     assert_eq!(e.subjects.len(), 2, "a unindexed");
     assert!(
-        e.redeem(&b.0, "app", ip).is_err(),
+        e.redeem(&RedeemRequest::new(&b.0, "app").ip(ip)).is_err(),
         "reuse, then the write fails"
     );
     assert_eq!(e.subjects.len(), 1, "b unindexed");
@@ -295,8 +299,11 @@ fn reuse_revocation_unindexes_the_family() {
             .unwrap();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let (t1, _) = issue_to(&e, "alice");
-        e.redeem(&t1, "app", ip).unwrap().accepted().unwrap();
-        let d = e.redeem(&t1, "app", ip).unwrap();
+        e.redeem(&RedeemRequest::new(&t1, "app").ip(ip))
+            .unwrap()
+            .accepted()
+            .unwrap();
+        let d = e.redeem(&RedeemRequest::new(&t1, "app").ip(ip)).unwrap();
         assert_eq!(d.deny_reason(), Some(DenyReason::ReuseDetected));
         assert_eq!(e.subjects.len(), indexed, "{on_reuse:?}");
     }
@@ -374,7 +381,12 @@ fn recovery_into_fewer_shards_overflows_only_collisions() {
     let overflow = e.table.lock_shard(0).overflow_len();
     assert!(overflow <= 600, "{overflow} of 1000 out of their slot");
     for t in &tokens {
-        assert!(e.redeem(t, "c", ip).unwrap().accepted().is_some());
+        assert!(
+            e.redeem(&RedeemRequest::new(t, "c").ip(ip))
+                .unwrap()
+                .accepted()
+                .is_some()
+        );
     }
     drop(e);
     let _ = std::fs::remove_dir_all(&dir);
@@ -411,9 +423,12 @@ fn failed_reuse_revocation_write_still_reports_family_revoked() {
     let ip: IpAddr = "10.0.0.1".parse().unwrap();
     let (e, armed, sink) = failing(0);
     let (old, id) = issue_to(&e, "alice");
-    e.redeem(&old, "app", ip).unwrap().accepted().unwrap();
+    e.redeem(&RedeemRequest::new(&old, "app").ip(ip))
+        .unwrap()
+        .accepted()
+        .unwrap();
     armed.store(true, Ordering::SeqCst);
-    assert!(e.redeem(&old, "app", ip).is_err());
+    assert!(e.redeem(&RedeemRequest::new(&old, "app").ip(ip)).is_err());
     let revoked = EventKind::FamilyRevoked {
         reason: RevokeReason::ReuseDetected,
     };

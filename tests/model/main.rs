@@ -39,6 +39,7 @@ use proptest::sample::Index;
 use proptest::test_runner::{
     Config, FileFailurePersistence, TestCaseError, TestCaseResult, TestError, TestRunner,
 };
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, AuthorizeRequest, Decision, DenyReason, Engine, EventKind, ExchangeRequest,
     FamilyId, FamilyRecord, Generation, Introspection, IpCheck, IpRange, IssueRequest, ManualClock,
@@ -317,10 +318,14 @@ fn grace_same_ip_treats_ipv4_mapped_as_the_same_ip() {
         .accepted()
         .expect("issued")
         .token;
-    let rotated = engine.redeem(&t1, CLIENTS[0], v4).expect("redeem");
+    let rotated = engine
+        .redeem(&RedeemRequest::new(&t1, CLIENTS[0]).ip(v4))
+        .expect("redeem");
     let t2 = rotated.accepted().expect("rotated").token;
     clock.advance(Duration::from_secs(1));
-    let retry = engine.redeem(&t1, CLIENTS[0], mapped).expect("redeem");
+    let retry = engine
+        .redeem(&RedeemRequest::new(&t1, CLIENTS[0]).ip(mapped))
+        .expect("redeem");
     assert_eq!(
         retry
             .accepted()

@@ -662,7 +662,7 @@ impl<'a> Run<'a> {
                 } else {
                     let d = self
                         .engine
-                        .redeem(&code, client, ip_addr(0))
+                        .redeem(&RedeemRequest::new(&code, client).ip(ip_addr(0)))
                         .map_err(fail)?;
                     prop_assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
                     if let Decision::Deny(d) = d {
@@ -732,7 +732,7 @@ impl<'a> Run<'a> {
         let (expect, revoked) = self.model.redeem(fam, generation, client, ip);
         let d = self
             .engine
-            .redeem(&token, client, ip_addr(ip))
+            .redeem(&RedeemRequest::new(&token, client).ip(ip_addr(ip)))
             .map_err(fail)?;
         self.count(format!("redeem:{}", d.outcome()));
         let context = || {
@@ -746,7 +746,7 @@ impl<'a> Run<'a> {
         prop_assert_eq!(d.policy_version(), self.version, "{}", context());
         let mut events: Vec<EventKey> = Vec::new();
         let mut reminted = false;
-        match (expect, d) {
+        match (expect, &d) {
             (
                 Expect::Accept {
                     kind,
@@ -1086,7 +1086,7 @@ impl<'a> Run<'a> {
         } else {
             let d = self
                 .engine
-                .redeem(&token, CLIENTS[client], ip_addr(ip))
+                .redeem(&RedeemRequest::new(&token, CLIENTS[client]).ip(ip_addr(ip)))
                 .map_err(fail)?;
             prop_assert_eq!(
                 d.deny_reason(),

@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
+use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, Durability, Engine, Error, FamilyId, IssueRequest, KeyId, KeyRing, KeySecret,
     LogHooks, LogOptions, LogStore, RecordRef, Snapshot, Store, StoredRecord, Token,
@@ -84,7 +85,7 @@ pub fn issue(e: &Engine, subject: &str) -> Token {
 }
 
 pub fn rotate(e: &Engine, t: &str) -> Token {
-    let d = e.redeem(t, CLIENT, ip()).unwrap();
+    let d = e.redeem(&RedeemRequest::new(t, CLIENT).ip(ip())).unwrap();
     let a = d.accepted().unwrap_or_else(|| panic!("{d:?}"));
     assert_eq!(a.kind, AcceptKind::Rotated);
     a.token
