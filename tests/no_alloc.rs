@@ -238,9 +238,9 @@ fn redeem_of_a_dpop_bound_family_does_not_allocate() {
     // The first proof binds (one allocation); then warm up.
     let (n, d) = allocations(|| redeem(&tok));
     assert!(n > 0, "binding allocates the family's own grant");
-    tok = d.accepted().unwrap().token.clone();
+    tok = d.accepted().unwrap().token;
     for _ in 0..3 {
-        tok = redeem(&tok).accepted().unwrap().token.clone();
+        tok = redeem(&tok).accepted().unwrap().token;
     }
     let prev = tok;
     let (n, d) = allocations(|| redeem(&prev));
