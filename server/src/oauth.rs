@@ -549,8 +549,9 @@ async fn revoke_inner(
         .map_err(|_| OAuthError::server())?;
     match result {
         // 200 also for unknown, already revoked, or another client's
-        // tokens (RFC 7009 §2.2).
-        Ok(_) => Ok(json(StatusCode::OK, String::new(), true)),
+        // tokens (RFC 7009 §2.2). The body is empty, so it has no content
+        // type: an empty `application/json` body is not JSON.
+        Ok(_) => Ok(StatusCode::OK.into_response()),
         Err(e) => {
             app.engine_failed("revocation", &e);
             Err(OAuthError::server())
