@@ -1,10 +1,93 @@
 //! What a standard client and a newcomer see (README "Server"): the RFC
-//! 7009 revocation answer, and the admin API's indifference to the
-//! request's content type.
+//! 8414 metadata document, the RFC 7009 revocation answer, and the admin
+//! API's indifference to the request's content type.
 
 mod server_http;
 
 use server_http::*;
+
+const LOGIN: &str = "https://login.example/authorize";
+
+/// Regression: the metadata advertised the `code` response type without the
+/// `authorization_endpoint` RFC 8414 §2 then requires. `--authorization-
+/// endpoint` names it; without it the field is omitted, never invented.
+#[test]
+fn metadata_names_the_authorization_endpoint_when_configured() {
+    let s = TestServer::with("meta-authz", |c| {
+        c.authorization_endpoint = Some(LOGIN.to_owned());
+    });
+    let m = s.get("/.well-known/oauth-authorization-server").json();
+    assert_eq!(m["authorization_endpoint"], LOGIN);
+    assert_eq!(m["response_types_supported"], serde_json::json!(["code"]));
+
+    let s = TestServer::start("meta-no-authz");
+    let m = s.get("/.well-known/oauth-authorization-server").json();
+    assert!(m.get("authorization_endpoint").is_none(), "{m}");
+}
+
+/// An authorization endpoint the metadata could not carry is refused at
+/// start, naming what is wrong.
+#[test]
+fn a_malformed_authorization_endpoint_is_refused_at_start() {
+    for (bad, why) in [
+        ("login.example/authorize", "http(s) URL"),
+        ("https://login.example/a#frag", "fragment"),
+        ("https:///authorize", "no host"),
+    ] {
+        let dir = TempDir::new("meta-bad");
+        let mut c = config(dir.path());
+        c.authorization_endpoint = Some(bad.to_owned());
+        let e = refresh_guard_server::ServerHandle::start(c)
+            .err()
+            .unwrap_or_else(|| panic!("{bad} accepted"))
+            .to_string();
+        assert!(
+            e.contains("authorization endpoint") && e.contains(why),
+            "{bad}: {e}"
+        );
+    }
+}
+
+fn methods(s: &TestServer) -> serde_json::Value {
+    let m = s.get("/.well-known/oauth-authorization-server").json();
+    m["code_challenge_methods_supported"].clone()
+}
+
+/// Regression: `code_challenge_methods_supported` was the constant `["S256"]`
+/// whatever the policies accept. It follows the set in force, reloads
+/// included: `plain` appears when a client the set governs may use it.
+#[test]
+fn metadata_code_challenge_methods_follow_the_policies_in_force() {
+    let dir = TempDir::new("meta-pkce-policies");
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, "[clients.spa]\npkce = \"s256\"\n").unwrap();
+    let s = TestServer::with("meta-pkce", |c| {
+        c.policies = dir.path().to_owned();
+        c.policy_set = None;
+    });
+    assert_eq!(methods(&s), serde_json::json!(["S256"]));
+
+    std::fs::write(&file, "[clients.legacy]\npkce = \"s256_or_plain\"\n").unwrap();
+    let r = s.admin("POST", "/admin/v1/policies/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(methods(&s), serde_json::json!(["S256", "plain"]));
+
+    // `[defaults]` counts only while it governs unlisted clients.
+    std::fs::write(
+        &file,
+        "unknown_clients = \"refuse\"\n[defaults]\npkce = \"optional\"\n\
+         [clients.spa]\npkce = \"s256\"\n",
+    )
+    .unwrap();
+    let r = s.admin("POST", "/admin/v1/policies/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(methods(&s), serde_json::json!(["S256"]));
+
+    std::fs::write(&file, "[defaults]\npkce = \"optional\"\n").unwrap();
+    let r = s.admin("POST", "/admin/v1/policies/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(methods(&s), serde_json::json!(["S256", "plain"]));
+}
 
 /// Regression: a successful revocation answered 200 with an empty body
 /// labelled `application/json`, which is not JSON. RFC 7009 §2.2 asks only
