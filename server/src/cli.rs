@@ -537,9 +537,18 @@ mod tests {
     /// and a URL the metadata could not carry is refused naming the flag.
     #[test]
     fn authorization_endpoint_flag_and_variable() {
-        assert!(options(&[], None).unwrap().config.authorization_endpoint.is_none());
+        assert!(
+            options(&[], None)
+                .unwrap()
+                .config
+                .authorization_endpoint
+                .is_none()
+        );
         let o = options(
-            &["--authorization-endpoint", "https://login.example/authorize"],
+            &[
+                "--authorization-endpoint",
+                "https://login.example/authorize",
+            ],
             None,
         )
         .unwrap();
@@ -548,7 +557,9 @@ mod tests {
             Some("https://login.example/authorize")
         );
         for bad in ["login.example", "https://login.example/a#b", "https://"] {
-            let e = options(&["--authorization-endpoint", bad], None).err().unwrap();
+            let e = options(&["--authorization-endpoint", bad], None)
+                .err()
+                .unwrap();
             assert!(e.contains("--authorization-endpoint <URL>"), "{bad}: {e}");
         }
         let arg = <Cli as clap::CommandFactory>::command()

@@ -387,9 +387,8 @@ impl Server {
             }
         }
         if let Some(url) = &config.authorization_endpoint {
-            check_endpoint_url(url).map_err(|e| {
-                ServerError::Config(format!("authorization endpoint {url:?}: {e}"))
-            })?;
+            check_endpoint_url(url)
+                .map_err(|e| ServerError::Config(format!("authorization endpoint {url:?}: {e}")))?;
         }
         if config.first_request_timeout.is_zero() {
             return Err(ServerError::Config(

@@ -111,10 +111,7 @@ fn walkthrough_script_runs_against_the_real_server() {
     });
     let out = clean(Command::new("bash"))
         .arg("scripts/walkthrough.sh")
-        .env(
-            "REFRESH_GUARD_LISTEN",
-            listening["addr"].as_str().unwrap(),
-        )
+        .env("REFRESH_GUARD_LISTEN", listening["addr"].as_str().unwrap())
         .env(
             "REFRESH_GUARD_ADMIN_LISTEN",
             listening["admin_addr"].as_str().unwrap(),
@@ -147,7 +144,10 @@ fn walkthrough_script_runs_against_the_real_server() {
         "healthz: {\"durability\":\"sync\",\"policy_version\":",
         "reload: {\"version\":",
     ] {
-        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}\n{stderr}");
+        assert!(
+            stdout.contains(want),
+            "missing {want:?} in:\n{stdout}\n{stderr}"
+        );
     }
     assert!(stderr.is_empty(), "{stderr}");
 }
