@@ -115,17 +115,35 @@ fn diff(readme: &str, actual: &str) -> String {
             };
         }
     }
-    let (mut i, mut j, mut out) = (0, 0, String::new());
+    let (mut i, mut j, mut lines) = (0, 0, Vec::new());
     while i < a.len() || j < b.len() {
         if i < a.len() && j < b.len() && a[i] == b[j] {
-            out += &format!("  {}\n", a[i]);
+            lines.push(format!("  {}", a[i]));
             (i, j) = (i + 1, j + 1);
         } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out += &format!("+ {}\n", b[j]);
+            lines.push(format!("+ {}", b[j]));
             j += 1;
         } else {
-            out += &format!("- {}\n", a[i]);
+            lines.push(format!("- {}", a[i]));
             i += 1;
+        }
+    }
+    // Changed lines with two lines of context, as `diff -u` shows them.
+    let near = |k: usize| {
+        lines[k.saturating_sub(2)..(k + 3).min(lines.len())]
+            .iter()
+            .any(|l| !l.starts_with("  "))
+    };
+    let mut out = String::new();
+    let mut skipped = false;
+    for (k, line) in lines.iter().enumerate() {
+        if near(k) {
+            out += line;
+            out.push('\n');
+            skipped = false;
+        } else if !skipped {
+            out += "  ...\n";
+            skipped = true;
         }
     }
     out
