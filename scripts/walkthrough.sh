@@ -42,11 +42,11 @@ exchange() {
     -d code_verifier="$VERIFIER" | jq -er .refresh_token
 }
 RT1=$(exchange "$CODE")
-echo "exchange: refresh token ${RT1:0:12}..."
+echo "exchange: refresh token ${RT1:0:4}... (${#RT1} characters)"
 
 # 4. A refresh rotates: the answer carries the next refresh token.
 RT2=$(refresh "$RT1" | jq -er .refresh_token)
-echo "refresh: refresh token ${RT2:0:12}..."
+echo "refresh: refresh token ${RT2:0:4}... (${#RT2} characters)"
 
 # 5. The client lost that answer and retries with RT1 inside the grace
 #    window (policies/default.toml: grace_period = "10s"): the same RT2.
@@ -71,6 +71,7 @@ curl -sS "$API/oauth2/revoke" -d token="$RT" -d client_id=spa \
 echo "introspect after revoke: $(as_admin "$API/oauth2/introspect" -d token="$RT" | jq -c .)"
 
 # 9. Metrics (admin listener), health (either), a policy reload (admin).
-as_admin "$ADMIN_API/metrics" | grep -E '^refresh_guard_decisions_total\{client="spa"'
+as_admin "$ADMIN_API/metrics" |
+  grep -E '^refresh_guard_decisions_total\{client="spa",outcome="(rotated|grace_replay|reuse_detected)"'
 echo "healthz: $(curl -sS "$API/healthz" | jq -c .)"
 echo "reload: $(as_admin -X POST "$ADMIN_API/admin/v1/policies/reload" | jq -c .)"

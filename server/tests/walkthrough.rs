@@ -46,6 +46,17 @@ fn clean(mut cmd: Command) -> Command {
     cmd
 }
 
+/// Stops the server however the test ends: an assertion that fails while
+/// it runs must not leave it behind (it would hold the test's stderr open).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The walkthrough runs as written against the server a reader starts, and
 /// shows what the README says it shows; the server warned at start that
 /// its metadata lacks an authorization endpoint.
@@ -61,18 +72,20 @@ fn walkthrough_script_runs_against_the_real_server() {
     let scratch = tempfile::tempdir().unwrap();
     // The server creates it 0700 (it refuses one other users can reach).
     let data = scratch.path().join("data");
-    let mut server = clean(Command::new(env!("CARGO_BIN_EXE_refresh-guard")))
-        .arg("serve")
-        .env("REFRESH_GUARD_LISTEN", "127.0.0.1:0")
-        .env("REFRESH_GUARD_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("REFRESH_GUARD_DATA", &data)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let pid = server.id().to_string();
-    let stdout = server.stdout.take().unwrap();
+    let mut server = Running(
+        clean(Command::new(env!("CARGO_BIN_EXE_refresh-guard")))
+            .arg("serve")
+            .env("REFRESH_GUARD_LISTEN", "127.0.0.1:0")
+            .env("REFRESH_GUARD_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("REFRESH_GUARD_DATA", &data)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = server.0.id().to_string();
+    let stdout = server.0.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -121,8 +134,7 @@ fn walkthrough_script_runs_against_the_real_server() {
         .unwrap();
     let _ = done_tx.send(());
     watchdog.join().unwrap();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -131,8 +143,8 @@ fn walkthrough_script_runs_against_the_real_server() {
         out.status
     );
     for want in [
-        "exchange: refresh token rgt_",
-        "refresh: refresh token rgt_",
+        "exchange: refresh token rgt_... (54 characters)\n",
+        "refresh: refresh token rgt_... (54 characters)\n",
         "replay inside the grace window, same successor: yes\n",
         "replay after the grace window: {\"error\":\"invalid_grant\",\"error_description\":\"refresh token reuse detected; token family revoked\"}\n",
         "its successor now: {\"error\":\"invalid_grant\",\"error_description\":\"refresh token has been revoked\"}\n",
@@ -150,4 +162,38 @@ fn walkthrough_script_runs_against_the_real_server() {
         );
     }
     assert!(stderr.is_empty(), "{stderr}");
+    readme_shows(&stdout);
+}
+
+/// The README's copy of the walkthrough's output, under
+/// `<!-- walkthrough-output -->`, is `stdout`; `REFRESH_GUARD_BLESS=1`
+/// rewrites it.
+fn readme_shows(stdout: &str) {
+    const MARK: &str = "<!-- walkthrough-output -->\n```text\n";
+    let path = repo().join("README.md");
+    let readme = std::fs::read_to_string(&path).unwrap();
+    let body = readme
+        .find(MARK)
+        .expect("README has <!-- walkthrough-output -->")
+        + MARK.len();
+    let close = body
+        + readme[body..]
+            .split_inclusive('\n')
+            .take_while(|line| *line != "```\n")
+            .map(str::len)
+            .sum::<usize>();
+    if readme[body..close] == *stdout {
+        return;
+    }
+    if std::env::var_os("REFRESH_GUARD_BLESS").is_some() {
+        let new = format!("{}{stdout}{}", &readme[..body], &readme[close..]);
+        std::fs::write(&path, new).unwrap();
+        return;
+    }
+    panic!(
+        "README's walkthrough output is stale.\nREADME:\n{}\nactual:\n{stdout}\n\
+         regenerate with: REFRESH_GUARD_BLESS=1 cargo test -p refresh-guard-server \
+         --all-features --test walkthrough",
+        &readme[body..close]
+    );
 }
