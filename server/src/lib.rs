@@ -16,7 +16,8 @@
 //!
 //! What it does not do: log users in, render consent, or host an
 //! authorization endpoint. The embedding login calls the admin API for a
-//! code and redirects the user agent with it.
+//! code and redirects the user agent with it; [`Config::authorization_endpoint`]
+//! names that login page in the RFC 8414 metadata.
 //!
 //! Access tokens are RFC 9068 JWTs signed with Ed25519; refresh tokens are
 //! the engine's. Every refresh is decided by the engine under the policy
