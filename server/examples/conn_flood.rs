@@ -10,7 +10,7 @@
 //! new connection. Only loopback addresses are ever used.
 //!
 //! ```sh
-//! cargo run --example conn_flood -- \
+//! cargo run --release --example conn_flood -- \
 //!     --flood public --probe public --idle 1024 --sources 32
 //! ```
 //!

@@ -104,6 +104,16 @@ pub(crate) struct ServeArgs {
         value_parser = issuer
     )]
     issuer: Option<String>,
+    /// Your login page, named as authorization_endpoint in the RFC 8414
+    /// metadata (without it the document is incomplete)
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "REFRESH_GUARD_AUTHORIZATION_ENDPOINT",
+        hide_env_values = true,
+        value_parser = endpoint_url
+    )]
+    authorization_endpoint: Option<String>,
     /// Open connections on the public listener; more wait in the backlog
     #[arg(
         long,
@@ -239,6 +249,12 @@ fn issuer(v: &str) -> Result<String, String> {
     }
 }
 
+fn endpoint_url(v: &str) -> Result<String, String> {
+    refresh_guard_server::check_endpoint_url(v)
+        .map(|()| v.to_owned())
+        .map_err(str::to_owned)
+}
+
 /// Parsed `serve` options beyond [`Config`].
 struct Options {
     config: Config,
@@ -273,6 +289,7 @@ impl ServeArgs {
             trusted_proxies: self.trusted_proxies.map(|p| p.0).unwrap_or_default(),
             admin_token,
             issuer: self.issuer,
+            authorization_endpoint: self.authorization_endpoint,
             max_connections: self.max_connections,
             max_connections_per_source: self.max_connections_per_source,
             admin_max_connections: self.admin_max_connections,
@@ -514,5 +531,48 @@ mod tests {
         }
         let e = options(&[], Some("short")).err().unwrap();
         assert!(e.contains(ADMIN_TOKEN_ENV) && !e.contains("short"), "{e}");
+    }
+
+    /// `--authorization-endpoint` (and its variable) reaches the config,
+    /// and a URL the metadata could not carry is refused naming the flag.
+    #[test]
+    fn authorization_endpoint_flag_and_variable() {
+        assert!(
+            options(&[], None)
+                .unwrap()
+                .config
+                .authorization_endpoint
+                .is_none()
+        );
+        let o = options(
+            &[
+                "--authorization-endpoint",
+                "https://login.example/authorize",
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            o.config.authorization_endpoint.as_deref(),
+            Some("https://login.example/authorize")
+        );
+        for bad in ["login.example", "https://login.example/a#b", "https://"] {
+            let e = options(&["--authorization-endpoint", bad], None)
+                .err()
+                .unwrap();
+            assert!(e.contains("--authorization-endpoint <URL>"), "{bad}: {e}");
+        }
+        let arg = <Cli as clap::CommandFactory>::command()
+            .find_subcommand("serve")
+            .unwrap()
+            .get_arguments()
+            .find(|a| a.get_id() == "authorization_endpoint")
+            .unwrap()
+            .get_env()
+            .map(|e| e.to_owned());
+        assert_eq!(
+            arg.as_deref(),
+            Some(std::ffi::OsStr::new("REFRESH_GUARD_AUTHORIZATION_ENDPOINT"))
+        );
     }
 }

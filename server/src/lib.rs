@@ -16,7 +16,8 @@
 //!
 //! What it does not do: log users in, render consent, or host an
 //! authorization endpoint. The embedding login calls the admin API for a
-//! code and redirects the user agent with it.
+//! code and redirects the user agent with it; [`Config::authorization_endpoint`]
+//! names that login page in the RFC 8414 metadata.
 //!
 //! Access tokens are RFC 9068 JWTs signed with Ed25519; refresh tokens are
 //! the engine's. Every refresh is decided by the engine under the policy
@@ -108,8 +109,14 @@ pub struct Config {
     pub trusted_proxies: Vec<IpRange>,
     /// The admin API's bearer token.
     pub admin_token: AdminTokenSource,
-    /// Issuer identifier (`--issuer`); default `http://<listen>`.
+    /// Issuer identifier (`--issuer`); default `http://<listen>`. RFC 8414
+    /// §2 wants an `https` URL in production.
     pub issuer: Option<String>,
+    /// The embedding system's authorization endpoint, its login page
+    /// (`--authorization-endpoint`), named in the RFC 8414 metadata. Without
+    /// it the document omits the field RFC 8414 §2 requires, and a warning
+    /// is logged at start.
+    pub authorization_endpoint: Option<String>,
     /// Most concurrent connections on the public listener
     /// (`--max-connections`). When all are open, a new connection takes
     /// the slot of an idle one (one that never sent a request first); it
@@ -157,6 +164,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             admin_token: AdminTokenSource::Generate,
             issuer: None,
+            authorization_endpoint: None,
             max_connections: 1024,
             max_connections_per_source: 32,
             admin_max_connections: 64,
@@ -260,7 +268,11 @@ pub(crate) struct App {
     pub(crate) body_timeout: Duration,
     /// Cleared when the store fails: the engine then refuses every change.
     healthy: AtomicBool,
-    pub(crate) metadata: String,
+    authorization_endpoint: Option<String>,
+    /// The metadata document and the policy version it was rendered under:
+    /// `code_challenge_methods_supported` follows the set in force, so a
+    /// reload, SIGHUP or promotion re-renders it at the next request.
+    metadata: parking_lot::Mutex<(PolicyVersion, String)>,
     pub(crate) jwks: String,
 }
 
@@ -285,6 +297,17 @@ impl App {
             self.healthy.store(false, Ordering::Relaxed);
         }
         tracing::error!(error = %e, "{what} failed");
+    }
+
+    /// The RFC 8414 metadata document under the policy set in force.
+    pub(crate) fn metadata(&self) -> String {
+        let set = self.engine.policies();
+        let mut cached = self.metadata.lock();
+        if cached.0 != set.version() {
+            let doc = oauth::metadata(&self.issuer, self.authorization_endpoint.as_deref(), &set);
+            *cached = (set.version(), doc.to_string());
+        }
+        cached.1.clone()
     }
 
     pub(crate) fn is_healthy(&self) -> bool {
@@ -315,6 +338,26 @@ impl fmt::Debug for Server {
     }
 }
 
+/// An endpoint URL as RFC 6749 §3.1 allows: absolute `http(s)`, no
+/// fragment. (`http` is for development: RFC 6749 §3.1 requires TLS.)
+#[doc(hidden)]
+pub fn check_endpoint_url(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or("must be an http(s) URL")?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("has no host");
+    }
+    if url.contains('#') {
+        return Err("must not have a fragment (RFC 6749 §3.1)");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters");
+    }
+    Ok(())
+}
+
 fn issuer_for(config: &Config, addr: SocketAddr) -> String {
     match &config.issuer {
         Some(i) => i.trim_end_matches('/').to_owned(),
@@ -343,6 +386,10 @@ impl Server {
                     "{what} must be 1 to 1000000, not {n}"
                 )));
             }
+        }
+        if let Some(url) = &config.authorization_endpoint {
+            check_endpoint_url(url)
+                .map_err(|e| ServerError::Config(format!("authorization endpoint {url:?}: {e}")))?;
         }
         if config.first_request_timeout.is_zero() {
             return Err(ServerError::Config(
@@ -539,7 +586,17 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
     let issuer = issuer_for(&config, addr);
     let signer = AccessTokenSigner::new(&seed);
     let jwks = signer.jwks().to_string();
-    let metadata = oauth::metadata(&issuer).to_string();
+    let set = engine.policies();
+    let metadata = oauth::metadata(&issuer, config.authorization_endpoint.as_deref(), &set);
+    let metadata = parking_lot::Mutex::new((set.version(), metadata.to_string()));
+    if config.authorization_endpoint.is_none() {
+        // RFC 8414 §2: `authorization_endpoint` is required when a response
+        // type is supported; the login page is the embedder's to name.
+        tracing::warn!(
+            "no --authorization-endpoint: the RFC 8414 metadata lacks \
+             authorization_endpoint, and discovery-driven clients may reject it"
+        );
+    }
     let trusted =
         (!config.trusted_proxies.is_empty()).then(|| AllowList::new(&config.trusted_proxies));
     let engine = Arc::new(engine);
@@ -553,6 +610,7 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
         metrics,
         body_timeout: config.body_timeout,
         healthy: AtomicBool::new(true),
+        authorization_endpoint: config.authorization_endpoint,
         metadata,
         jwks,
     })

@@ -24,7 +24,9 @@ use super::jwt::AccessClaims;
 use super::net::Peer;
 use super::{App, MAX_BODY};
 use refresh_guard::limits::MAX_CLIENT_ID_LEN;
-use refresh_guard::{Accepted, Decision, ExchangeRequest, Generation, RedeemRequest};
+use refresh_guard::{
+    Accepted, Decision, ExchangeRequest, Generation, Pkce, PolicySet, RedeemRequest, UnknownClients,
+};
 
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -38,9 +40,20 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// The RFC 8414 metadata document for `issuer`.
-pub(crate) fn metadata(issuer: &str) -> serde_json::Value {
-    serde_json::json!({
+/// The RFC 8414 metadata document for `issuer` under the policy set `set`.
+///
+/// `authorization_endpoint` is the embedding system's login page (the
+/// server hosts none): RFC 8414 §2 requires the field whenever a response
+/// type is supported, so a document without it is incomplete (README
+/// "Server"). `code_challenge_methods_supported` lists what the set accepts
+/// at authorization: S256 always, `plain` when a client it governs has
+/// `pkce = s256_or_plain` or `optional` (README "Policy knobs").
+pub(crate) fn metadata(
+    issuer: &str,
+    authorization_endpoint: Option<&str>,
+    set: &PolicySet,
+) -> serde_json::Value {
+    let mut doc = serde_json::json!({
         "issuer": issuer,
         "token_endpoint": format!("{issuer}/oauth2/token"),
         "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
@@ -48,11 +61,31 @@ pub(crate) fn metadata(issuer: &str) -> serde_json::Value {
         "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
         "grant_types_supported": ["authorization_code", "refresh_token"],
         "response_types_supported": ["code"],
-        "code_challenge_methods_supported": ["S256"],
+        "code_challenge_methods_supported": code_challenge_methods(set),
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
-    })
+    });
+    if let Some(url) = authorization_endpoint {
+        doc["authorization_endpoint"] = url.into();
+    }
+    doc
+}
+
+/// The PKCE methods (RFC 7636 §4.2) some client of `set` may use: every
+/// `pkce` mode takes S256; `s256_or_plain` and `optional` also take
+/// `plain`. `[defaults]` counts only when it governs unlisted clients.
+fn code_challenge_methods(set: &PolicySet) -> Vec<&'static str> {
+    let defaults = (set.unknown_clients() == UnknownClients::Defaults).then(|| set.defaults());
+    let plain = defaults
+        .into_iter()
+        .chain(set.clients().into_iter().map(|(_, p)| p))
+        .any(|p| p.pkce() != Pkce::S256);
+    if plain {
+        vec!["S256", "plain"]
+    } else {
+        vec!["S256"]
+    }
 }
 
 /// A JSON response.
@@ -552,8 +585,9 @@ async fn revoke_inner(
         .map_err(|_| OAuthError::server())?;
     match result {
         // 200 also for unknown, already revoked, or another client's
-        // tokens (RFC 7009 §2.2).
-        Ok(_) => Ok(json(StatusCode::OK, String::new(), true)),
+        // tokens (RFC 7009 §2.2). The body is empty, so it has no content
+        // type: an empty `application/json` body is not JSON.
+        Ok(_) => Ok(StatusCode::OK.into_response()),
         Err(e) => {
             app.engine_failed("revocation", &e);
             Err(OAuthError::server())
@@ -646,7 +680,7 @@ async fn introspect_inner(
 }
 
 async fn metadata_doc(State(app): State<Arc<App>>) -> Response {
-    json(StatusCode::OK, app.metadata.clone(), false)
+    json(StatusCode::OK, app.metadata(), false)
 }
 
 async fn jwks(State(app): State<Arc<App>>) -> Response {

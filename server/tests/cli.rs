@@ -196,7 +196,7 @@ fn cli_diff_fails_if_either_side_fails() {
 }
 
 /// Every `serve` flag, with the variable it can also come from.
-const SERVE_FLAGS: [(&str, &str); 15] = [
+const SERVE_FLAGS: [(&str, &str); 16] = [
     ("--listen <ADDR>", "REFRESH_GUARD_LISTEN"),
     ("--admin-listen <ADDR>", "REFRESH_GUARD_ADMIN_LISTEN"),
     ("--policies <DIR>", "REFRESH_GUARD_POLICIES"),
@@ -208,6 +208,10 @@ const SERVE_FLAGS: [(&str, &str); 15] = [
         "REFRESH_GUARD_ADMIN_TOKEN_FILE",
     ),
     ("--issuer <URL>", "REFRESH_GUARD_ISSUER"),
+    (
+        "--authorization-endpoint <URL>",
+        "REFRESH_GUARD_AUTHORIZATION_ENDPOINT",
+    ),
     ("--max-connections <N>", "REFRESH_GUARD_MAX_CONNECTIONS"),
     (
         "--max-connections-per-source <N>",
