@@ -27,7 +27,7 @@ const FAILED: u8 = 1;
 const USAGE: u8 = 2;
 /// Exit status for a set that loads but does not meet a compliance profile
 /// asked for (README "Compliance profiles").
-const NOT_MET: u8 = 3;
+pub(crate) const NOT_MET: u8 = 3;
 
 /// refresh-guard: refresh-token lifecycle policy engine
 #[derive(Debug, Parser)]

@@ -369,7 +369,7 @@ fn cli_diff_fails_if_either_side_fails() {
 }
 
 /// Every `serve` flag, with the variable it can also come from.
-const SERVE_FLAGS: [(&str, &str); 15] = [
+const SERVE_FLAGS: [(&str, &str); 17] = [
     ("--listen <ADDR>", "REFRESH_GUARD_LISTEN"),
     ("--admin-listen <ADDR>", "REFRESH_GUARD_ADMIN_LISTEN"),
     ("--policies <DIR>", "REFRESH_GUARD_POLICIES"),
@@ -400,6 +400,8 @@ const SERVE_FLAGS: [(&str, &str); 15] = [
     ),
     ("--workers <N>", "REFRESH_GUARD_WORKERS"),
     ("--watch-policies", "REFRESH_GUARD_WATCH_POLICIES"),
+    ("--require-profile <NAME>", "REFRESH_GUARD_REQUIRE_PROFILE"),
+    ("--report-profile <NAME>", "REFRESH_GUARD_REPORT_PROFILE"),
 ];
 
 #[test]
@@ -484,6 +486,59 @@ fn every_subcommand_has_help_listing_its_flags_within_80_columns() {
     assert!(out.contains("REFRESH_GUARD_ADMIN_TOKEN,"), "{out}");
 }
 
+/// `serve --require-profile` on a set that does not meet it: the report on
+/// stderr, status 3 (as `policy check`), and nothing started or created.
+#[test]
+fn serve_refuses_to_start_on_a_set_that_breaks_a_required_profile() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path().join("data");
+    let (code, _, err) = cli_env(
+        &[
+            "serve",
+            "--policies",
+            "policies/examples/spa",
+            "--data",
+            d.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[(
+            "REFRESH_GUARD_REQUIRE_PROFILE",
+            "rfc9700,salesforce-appexchange",
+        )],
+    );
+    assert_eq!(code, 3, "{err}");
+    let set = PolicySet::load_dir(Path::new("../policies/examples/spa")).unwrap();
+    assert!(
+        err.starts_with(&format!(
+            "profile salesforce-appexchange: {}",
+            refresh_guard::Profile::named("salesforce-appexchange")
+                .unwrap()
+                .title
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("policy version {}", set.version())),
+        "{err}"
+    );
+    assert!(err.contains("NOT MET  ip-allowlist"), "{err}");
+    assert!(
+        !err.contains("profile rfc9700"),
+        "only the profile not met: {err}"
+    );
+    assert!(
+        err.ends_with(
+            "error: the policy set does not meet the required profile \
+             salesforce-appexchange; not starting\n"
+        ),
+        "{err}"
+    );
+    assert!(!d.exists(), "nothing created");
+}
+
 /// A bad value is refused before anything starts, naming the flag and
 /// what is allowed; from the environment, naming the variable too.
 #[test]
@@ -523,6 +578,15 @@ fn a_bad_value_names_the_flag_and_the_variable_it_came_from() {
             &["serve", "--trusted-proxies", "10.0.0.0/8,10.0.0.0/33"][..],
             &[][..],
             &["'--trusted-proxies <LIST>'", "\"10.0.0.0/33\""][..],
+        ),
+        (
+            &["serve"][..],
+            &[("REFRESH_GUARD_REQUIRE_PROFILE", "rfc9700,pci")][..],
+            &[
+                "invalid value 'pci' for '--require-profile <NAME>'",
+                "profiles are salesforce-appexchange, rfc9700, fapi2-refresh",
+                "$REFRESH_GUARD_REQUIRE_PROFILE",
+            ][..],
         ),
     ] {
         let (code, out, err) = cli_env(args, env);
