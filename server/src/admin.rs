@@ -18,7 +18,8 @@ use super::net::Peer;
 use super::oauth::{OAuthError, json, read_body};
 use super::{App, form, policies};
 use refresh_guard::{
-    AuthorizeRequest, Decision, Error, LoadErrors, PolicyVersion, ProfileReport, ReloadError,
+    AuthorizeRequest, Decision, Error, LoadErrors, OAuthError as OAuthCode, PolicyVersion,
+    ProfileReport, ReloadError,
 };
 
 pub(crate) fn router(app: Arc<App>) -> Router {
@@ -73,14 +74,16 @@ fn error(status: StatusCode, error: &str, description: &str) -> Response {
 
 fn engine_error(app: &App, what: &str, e: &Error) -> Response {
     match e {
-        Error::InvalidArgument { .. } => {
-            error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string())
-        }
+        Error::InvalidArgument { .. } => error(
+            StatusCode::BAD_REQUEST,
+            OAuthCode::InvalidRequest.as_str(),
+            &e.to_string(),
+        ),
         _ => {
             app.engine_failed(what, e);
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
+                OAuthCode::ServerError.as_str(),
                 "the server could not complete the request",
             )
         }
@@ -99,10 +102,15 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
             description,
             ..
         } = e;
-        error(status, code, &description)
+        error(status, code.as_str(), &description)
     })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            OAuthCode::InvalidRequest.as_str(),
+            &e.to_string(),
+        )
+    })
 }
 
 /// `POST /admin/v1/authorizations`: the embedding server's login and
@@ -169,7 +177,7 @@ async fn authorize(
         Ok(Err(e)) => engine_error(&app, "authorization", &e),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
+            OAuthCode::ServerError.as_str(),
             "task failed",
         ),
     }
@@ -183,7 +191,13 @@ async fn revoke_subject(
     let query = query.unwrap_or_default();
     let client = match form::parse(query.as_bytes()) {
         Ok(f) => f.get("client_id").map(str::to_owned),
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                OAuthCode::InvalidRequest.as_str(),
+                &e.to_string(),
+            );
+        }
     };
     let engine = app.engine.clone();
     let result =
@@ -198,7 +212,7 @@ async fn revoke_subject(
         Ok(Err(e)) => engine_error(&app, "subject revocation", &e),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
+            OAuthCode::ServerError.as_str(),
             "task failed",
         ),
     }
@@ -282,7 +296,7 @@ async fn reload(State(app): State<Arc<App>>) -> Response {
         Ok(Err(e)) => refused(&e),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
+            OAuthCode::ServerError.as_str(),
             "task failed",
         ),
     }
@@ -324,7 +338,7 @@ async fn shadow_set(State(app): State<Arc<App>>, headers: HeaderMap, body: Body)
         Ok(Err(e)) => refused(&e),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
+            OAuthCode::ServerError.as_str(),
             "task failed",
         ),
     }
