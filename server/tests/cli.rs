@@ -492,8 +492,10 @@ fn every_subcommand_has_help_listing_its_flags_within_80_columns() {
 fn serve_refuses_to_start_on_a_set_that_breaks_a_required_profile() {
     let data = tempfile::tempdir().unwrap();
     let d = data.path().join("data");
-    let (code, _, err) = cli_env(
-        &[
+    // Spawned, not waited for blindly: a server that does start is killed
+    // after a while and the test fails instead of hanging.
+    let mut child = command()
+        .args([
             "serve",
             "--policies",
             "policies/examples/spa",
@@ -503,12 +505,30 @@ fn serve_refuses_to_start_on_a_set_that_breaks_a_required_profile() {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
-        ],
-        &[(
+        ])
+        .env(
             "REFRESH_GUARD_REQUIRE_PROFILE",
             "rfc9700,salesforce-appexchange",
-        )],
-    );
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started on a set that breaks a required profile");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let code = status.code().unwrap_or(-1);
     assert_eq!(code, 3, "{err}");
     let set = PolicySet::load_dir(Path::new("../policies/examples/spa")).unwrap();
     assert!(
