@@ -80,7 +80,7 @@ pub use crate::code::MAX_REDIRECT_URI_LEN;
 pub use crate::policy::IpRange;
 pub use crate::policy::{LoadError, LoadErrors, Position};
 #[cfg(feature = "watch")]
-pub use crate::reload::{PolicyReloader, ReloadTrigger};
+pub use crate::reload::{PolicyReloader, ReloadError, ReloadTrigger};
 #[cfg(feature = "durable")]
 pub use crate::store::LOG_SUBDIR;
 #[cfg(feature = "durable")]

@@ -6,6 +6,9 @@
 //! under the old set or wholly under the new one. A directory that fails to
 //! load changes nothing: the set in force keeps serving, every problem is
 //! logged through `tracing` and reported as a `policy_reload_failed` event.
+//! A reloader may also require compliance profiles (README "Compliance
+//! profiles"): a set that loads but does not meet one is refused the same
+//! way, with the reports of the profiles it breaks.
 
 use std::fmt;
 use std::io;
@@ -17,8 +20,62 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::compliance::{Profile, ProfileReport};
 use crate::engine::Engine;
 use crate::policy::{LoadErrors, PolicySet, PolicyVersion};
+
+/// Why a reload left the set in force as it was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReloadError {
+    /// The directory did not load: every problem, each with file and line.
+    Load(LoadErrors),
+    /// The directory loaded, but the set does not meet a profile the
+    /// reloader requires.
+    ProfileNotMet {
+        /// The version of the refused set.
+        version: PolicyVersion,
+        /// The report of each required profile it does not meet.
+        reports: Vec<ProfileReport>,
+    },
+}
+
+impl ReloadError {
+    /// One line per problem (or per profile not met), for events and logs.
+    pub fn to_strings(&self) -> Vec<String> {
+        match self {
+            ReloadError::Load(e) => e.to_strings(),
+            ReloadError::ProfileNotMet { version, reports } => reports
+                .iter()
+                .map(|r| {
+                    format!(
+                        "policy version {version} does not meet profile {}: {} control{} not met",
+                        r.profile,
+                        r.not_met,
+                        if r.not_met == 1 { "" } else { "s" }
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReloadError::Load(e) => write!(f, "{e}"),
+            ReloadError::ProfileNotMet { .. } => f.write_str(&self.to_strings().join("\n")),
+        }
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
+impl From<LoadErrors> for ReloadError {
+    fn from(e: LoadErrors) -> ReloadError {
+        ReloadError::Load(e)
+    }
+}
 
 /// Reloads one engine's policy set from one directory.
 ///
@@ -33,6 +90,8 @@ pub struct PolicyReloader {
 struct Inner {
     engine: Arc<Engine>,
     dir: PathBuf,
+    /// Profiles a set must meet to be put in force.
+    required: Vec<&'static Profile>,
     lock: Mutex<()>,
 }
 
@@ -47,13 +106,30 @@ impl fmt::Debug for PolicyReloader {
 impl PolicyReloader {
     /// A reloader for `engine` from `dir`; nothing is read until a reload.
     pub fn new(engine: Arc<Engine>, dir: impl Into<PathBuf>) -> PolicyReloader {
+        PolicyReloader::requiring(engine, dir, Vec::new())
+    }
+
+    /// A reloader that puts a set in force only if it meets every profile
+    /// in `required`; one that does not is refused as a set that fails to
+    /// load is ([`ReloadError::ProfileNotMet`]).
+    pub fn requiring(
+        engine: Arc<Engine>,
+        dir: impl Into<PathBuf>,
+        required: Vec<&'static Profile>,
+    ) -> PolicyReloader {
         PolicyReloader {
             inner: Arc::new(Inner {
                 engine,
                 dir: dir.into(),
+                required,
                 lock: Mutex::new(()),
             }),
         }
+    }
+
+    /// The profiles a set must meet to be put in force.
+    pub fn required_profiles(&self) -> &[&'static Profile] {
+        &self.inner.required
     }
 
     /// The policy directory.
@@ -71,14 +147,32 @@ impl PolicyReloader {
     ///
     /// A set whose version equals the one in force is not swapped (a
     /// touched file or an editor's save changes no decision and should raise
-    /// no `policy_swapped` event). On failure the set in force stays, the
+    /// no `policy_swapped` event). On failure (a set that does not load,
+    /// or does not meet a required profile) the set in force stays, the
     /// problems are logged and reported to the engine's event sink, and
     /// returned.
-    pub fn reload(&self) -> Result<PolicyVersion, LoadErrors> {
+    pub fn reload(&self) -> Result<PolicyVersion, ReloadError> {
         let inner = &*self.inner;
         let _one_at_a_time = inner.lock.lock();
         let dir = inner.dir.display();
-        match PolicySet::load_dir(&inner.dir) {
+        let loaded = PolicySet::load_dir(&inner.dir)
+            .map_err(ReloadError::Load)
+            .and_then(|set| {
+                let reports: Vec<ProfileReport> = inner
+                    .required
+                    .iter()
+                    .map(|p| set.check_profile(p))
+                    .filter(|r| !r.met)
+                    .collect();
+                match reports.is_empty() {
+                    true => Ok(set),
+                    false => Err(ReloadError::ProfileNotMet {
+                        version: set.version(),
+                        reports,
+                    }),
+                }
+            });
+        match loaded {
             Ok(set) => {
                 let version = set.version();
                 let in_force = inner.engine.policies().version();
@@ -90,19 +184,25 @@ impl PolicyReloader {
                 tracing::info!(%dir, from = %old.version(), to = %version, "policy set reloaded");
                 Ok(version)
             }
-            Err(errors) => {
+            Err(error) => {
                 let in_force = inner.engine.policies().version();
-                for e in &errors {
-                    tracing::error!(%dir, problem = %e, "policy file problem");
+                let problems = error.to_strings();
+                for p in &problems {
+                    match &error {
+                        ReloadError::Load(_) => {
+                            tracing::error!(%dir, problem = %p, "policy file problem");
+                        }
+                        _ => tracing::error!(%dir, problem = %p, "policy set breaks a profile"),
+                    }
                 }
                 tracing::error!(
                     %dir,
-                    problems = errors.len(),
+                    problems = problems.len(),
                     version = %in_force,
                     "policy reload failed; the set in force keeps serving"
                 );
-                inner.engine.report_reload_failure(errors.to_strings());
-                Err(errors)
+                inner.engine.report_reload_failure(problems);
+                Err(error)
             }
         }
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use refresh_guard::RedeemRequest;
 use refresh_guard::{
     AcceptKind, Engine, EventKind, IssueRequest, MemorySink, PolicyReloader, PolicySet,
-    PolicyVersion,
+    PolicyVersion, Profile, ReloadError,
 };
 
 const CLIENT: &str = "app";
@@ -104,7 +104,9 @@ fn failed_reload_keeps_the_set_in_force_and_reports() {
         "b.toml",
         "[clients.web]\ngrace_period = \"6m\"\n",
     );
-    let errors = reloader.reload().unwrap_err();
+    let Err(ReloadError::Load(errors)) = reloader.reload() else {
+        panic!("a set that does not load must be refused as such");
+    };
     assert_eq!(errors.len(), 1);
     assert_eq!(engine.policies().version(), good);
 
@@ -123,6 +125,47 @@ fn failed_reload_keeps_the_set_in_force_and_reports() {
         )]
     );
     assert_eq!(engine.stats().events.get("policy_reload_failed"), 1);
+}
+
+#[test]
+fn a_reload_that_breaks_a_required_profile_is_refused_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.toml", "[defaults]\n");
+    let sink = Arc::new(MemorySink::new());
+    let engine = engine_with(sink.clone());
+    let rfc9700 = Profile::named("rfc9700").unwrap();
+    let reloader = PolicyReloader::requiring(engine.clone(), dir.path(), vec![rfc9700]);
+    assert_eq!(reloader.required_profiles().len(), 1);
+    let good = reloader.reload().unwrap();
+    sink.take();
+
+    // Loads fine, but reuse only reports: RFC 9700 §4.14.2 wants it to revoke.
+    write(
+        dir.path(),
+        "a.toml",
+        "[defaults]\n[clients.app]\non_reuse = \"report_only\"\n",
+    );
+    let refused = PolicySet::load_dir(dir.path()).unwrap();
+    let Err(ReloadError::ProfileNotMet { version, reports }) = reloader.reload() else {
+        panic!("a set that breaks a required profile must be refused");
+    };
+    assert_eq!(version, refused.version());
+    assert_eq!(reports, [refused.check_profile(rfc9700)]);
+    assert_eq!(engine.policies().version(), good, "the old set stays");
+    let events = sink.take();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let EventKind::PolicyReloadFailed { errors } = &events[0].kind else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        errors,
+        &[format!(
+            "policy version {version} does not meet profile rfc9700: 1 control not met"
+        )]
+    );
+    // Without the requirement the same set goes in.
+    let plain = PolicyReloader::new(engine.clone(), dir.path());
+    assert_eq!(plain.reload().unwrap(), version);
 }
 
 #[test]

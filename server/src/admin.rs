@@ -17,7 +17,10 @@ use serde::Deserialize;
 use super::net::Peer;
 use super::oauth::{OAuthError, json, read_body};
 use super::{App, form, policies};
-use refresh_guard::{AuthorizeRequest, Decision, Error, PolicyVersion};
+use refresh_guard::{
+    AuthorizeRequest, Decision, Error, LoadErrors, OAuthError as OAuthCode, PolicyVersion,
+    ProfileReport, ReloadError,
+};
 
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -71,14 +74,16 @@ fn error(status: StatusCode, error: &str, description: &str) -> Response {
 
 fn engine_error(app: &App, what: &str, e: &Error) -> Response {
     match e {
-        Error::InvalidArgument { .. } => {
-            error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string())
-        }
+        Error::InvalidArgument { .. } => error(
+            StatusCode::BAD_REQUEST,
+            OAuthCode::InvalidRequest.as_str(),
+            &e.to_string(),
+        ),
         _ => {
             app.engine_failed(what, e);
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
+                OAuthCode::ServerError.as_str(),
                 "the server could not complete the request",
             )
         }
@@ -97,10 +102,15 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
             description,
             ..
         } = e;
-        error(status, code, &description)
+        error(status, code.as_str(), &description)
     })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            OAuthCode::InvalidRequest.as_str(),
+            &e.to_string(),
+        )
+    })
 }
 
 /// `POST /admin/v1/authorizations`: the embedding server's login and
@@ -168,7 +178,7 @@ async fn authorize(
         Ok(Err(e)) => engine_error(&app, "authorization", &e),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
+            OAuthCode::ServerError.as_str(),
             "task failed",
         ),
     }
@@ -182,7 +192,13 @@ async fn revoke_subject(
     let query = query.unwrap_or_default();
     let client = match form::parse(query.as_bytes()) {
         Ok(f) => f.get("client_id").map(str::to_owned),
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                OAuthCode::InvalidRequest.as_str(),
+                &e.to_string(),
+            );
+        }
     };
     let engine = app.engine.clone();
     let result =
@@ -197,18 +213,73 @@ async fn revoke_subject(
         Ok(Err(e)) => engine_error(&app, "subject revocation", &e),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
+            OAuthCode::ServerError.as_str(),
             "task failed",
         ),
     }
 }
 
-fn policy_errors(errors: Vec<String>) -> Response {
+/// 422 for a directory that does not load: each problem as data (file,
+/// line, column, key, message; README "Server"), so that a deploy tool can
+/// point at the place without parsing a rendered line.
+fn policy_errors(errors: &LoadErrors) -> Response {
+    let errors: Vec<serde_json::Value> = errors
+        .errors()
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "file": e.path.display().to_string(),
+                "line": e.position.map(|p| p.line),
+                "column": e.position.map(|p| p.column),
+                "key": e.key,
+                "message": e.message,
+            })
+        })
+        .collect();
     json(
         StatusCode::UNPROCESSABLE_ENTITY,
-        serde_json::json!({ "errors": errors }).to_string(),
+        serde_json::json!({
+            "error": "invalid_policy_set",
+            "error_description": "the policy directory does not load; the set in force is unchanged",
+            "errors": errors,
+        })
+        .to_string(),
         true,
     )
+}
+
+/// 422 for a set that loads but breaks a profile the server requires: the
+/// report of each profile not met, in the JSON form README "Compliance
+/// profiles" documents.
+fn profile_not_met(version: PolicyVersion, reports: &[ProfileReport]) -> Response {
+    let names: Vec<&str> = reports.iter().map(|r| r.profile).collect();
+    json(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        serde_json::json!({
+            "error": "profile_not_met",
+            "error_description": format!(
+                "policy version {version} does not meet the required profile(s) {}; \
+                 the set in force is unchanged",
+                names.join(", ")
+            ),
+            "version": version.to_string(),
+            "reports": reports,
+        })
+        .to_string(),
+        true,
+    )
+}
+
+fn refused(e: &ReloadError) -> Response {
+    match e {
+        ReloadError::Load(errors) => policy_errors(errors),
+        ReloadError::ProfileNotMet { version, reports } => profile_not_met(*version, reports),
+        _ => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_policy_set",
+            &e.to_string(),
+        ),
+    }
 }
 
 fn version(v: PolicyVersion) -> Response {
@@ -223,10 +294,10 @@ async fn reload(State(app): State<Arc<App>>) -> Response {
     let a = app.clone();
     match tokio::task::spawn_blocking(move || a.reload_policies()).await {
         Ok(Ok(v)) => version(v),
-        Ok(Err(errors)) => policy_errors(errors),
+        Ok(Err(e)) => refused(&e),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
+            OAuthCode::ServerError.as_str(),
             "task failed",
         ),
     }
@@ -244,16 +315,31 @@ async fn shadow_set(State(app): State<Arc<App>>, headers: HeaderMap, body: Body)
         Err(r) => return r,
     };
     let dir = b.dir;
-    match tokio::task::spawn_blocking(move || policies::load_dir(&dir)).await {
+    let a = app.clone();
+    // A candidate that breaks a required profile is refused here, as a
+    // reload of it would be: promoting it is the only way it goes in force.
+    let loaded = tokio::task::spawn_blocking(move || {
+        let set = policies::load_dir(&dir).map_err(ReloadError::Load)?;
+        let reports = policies::unmet(&set, a.required_profiles());
+        match reports.is_empty() {
+            true => Ok(set),
+            false => Err(ReloadError::ProfileNotMet {
+                version: set.version(),
+                reports,
+            }),
+        }
+    })
+    .await;
+    match loaded {
         Ok(Ok(set)) => {
             let v = app.engine.set_shadow(set);
             tracing::info!(candidate = %v, "shadow evaluation started");
             version(v)
         }
-        Ok(Err(errors)) => policy_errors(errors),
+        Ok(Err(e)) => refused(&e),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
+            OAuthCode::ServerError.as_str(),
             "task failed",
         ),
     }
@@ -318,7 +404,7 @@ async fn shadow_drop(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let text = app.metrics.render(&app.engine);
+    let text = app.metrics.render(&app.engine, &app.profiles);
     let mut r = (StatusCode::OK, text).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::{BoolishValueParser, RangedU64ValueParser};
-use refresh_guard::{Durability, IpRange};
+use refresh_guard::{Durability, IpRange, Profile};
 use refresh_guard_server::{AdminToken, AdminTokenSource, Config, Server, ServerError};
 
-use crate::{FAILED, Io, USAGE};
+use crate::{FAILED, Io, NOT_MET, USAGE};
 
 /// The environment variable an admin token may come from. Not a flag: a
 /// token on the command line would show in `ps`.
@@ -175,6 +175,30 @@ pub(crate) struct ServeArgs {
         value_parser = RangedU64ValueParser::<usize>::new().range(1..=1024)
     )]
     workers: Option<usize>,
+    /// A compliance profile the policy set must meet (repeatable, or
+    /// comma-separated): start and every reload are refused otherwise
+    #[arg(
+        long = "require-profile",
+        value_name = "NAME",
+        env = "REFRESH_GUARD_REQUIRE_PROFILE",
+        hide_env_values = true,
+        action = clap::ArgAction::Append,
+        value_delimiter = ',',
+        value_parser = crate::profile
+    )]
+    require_profiles: Vec<&'static Profile>,
+    /// A compliance profile reported in /metrics, not enforced
+    /// (repeatable, or comma-separated)
+    #[arg(
+        long = "report-profile",
+        value_name = "NAME",
+        env = "REFRESH_GUARD_REPORT_PROFILE",
+        hide_env_values = true,
+        action = clap::ArgAction::Append,
+        value_delimiter = ',',
+        value_parser = crate::profile
+    )]
+    report_profiles: Vec<&'static Profile>,
     /// Also reload when the policy files change
     #[arg(
         long,
@@ -295,6 +319,8 @@ impl ServeArgs {
             admin_max_connections: self.admin_max_connections,
             admin_max_connections_per_source: self.admin_max_connections_per_source,
             first_request_timeout: self.first_request_timeout,
+            require_profiles: self.require_profiles,
+            report_profiles: self.report_profiles,
             ..Config::default()
         };
         Ok(Options {
@@ -327,7 +353,8 @@ fn init_logging() {
 
 /// Run `refresh-guard serve` until SIGTERM or Ctrl-C. Returns the exit
 /// status: 0 after a graceful shutdown, 1 if the server failed, 2 for a
-/// bad admin token in the environment.
+/// bad admin token in the environment, 3 if the policy set does not meet a
+/// `--require-profile` (the reports on stderr).
 pub(crate) fn serve(args: ServeArgs, io: &mut Io<'_>) -> u8 {
     let env_token = std::env::var(ADMIN_TOKEN_ENV).ok();
     let options = match args.options(env_token) {
@@ -340,6 +367,18 @@ pub(crate) fn serve(args: ServeArgs, io: &mut Io<'_>) -> u8 {
     init_logging();
     match run(options) {
         Ok(()) => 0,
+        Err(ServerError::ProfileNotMet { reports }) => {
+            tracing::error!(
+                profiles = reports.len(),
+                "the policy set does not meet a required profile; not starting"
+            );
+            for r in &reports {
+                let _ = writeln!(io.err, "{r}");
+            }
+            let e = ServerError::ProfileNotMet { reports };
+            let _ = writeln!(io.err, "error: {e}; not starting");
+            NOT_MET
+        }
         Err(e) => {
             tracing::error!(error = %e, "refresh-guard serve failed");
             let _ = writeln!(io.err, "error: {e}");
@@ -428,6 +467,8 @@ mod tests {
         assert_eq!(o.config.admin_max_connections_per_source, 16);
         assert_eq!(o.workers, 0);
         assert!(!o.watch_policies);
+        assert!(o.config.require_profiles.is_empty());
+        assert!(o.config.report_profiles.is_empty());
     }
 
     #[test]
@@ -458,6 +499,11 @@ mod tests {
                 "--workers",
                 "2",
                 "--watch-policies",
+                "--require-profile=rfc9700,fapi2-refresh",
+                "--require-profile",
+                "salesforce-appexchange",
+                "--report-profile",
+                "rfc9700",
             ],
             Some("ignored-because-the-file-wins"),
         )
@@ -477,6 +523,12 @@ mod tests {
         assert_eq!(o.config.admin_max_connections_per_source, 4);
         assert_eq!(o.workers, 2);
         assert!(o.watch_policies);
+        let names = |p: &[&Profile]| p.iter().map(|p| p.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(&o.config.require_profiles),
+            ["rfc9700", "fapi2-refresh", "salesforce-appexchange"]
+        );
+        assert_eq!(names(&o.config.report_profiles), ["rfc9700"]);
         let o = options(&["--durability=batched"], None).unwrap();
         assert_eq!(
             o.config.durability,

@@ -77,8 +77,8 @@ pub mod fuzzing {
 pub use self::jwt::{AccessClaims, AccessTokenSigner};
 
 use refresh_guard::{
-    AllowList, Durability, Engine, Error, IpRange, LogOptions, LogStore, PolicyReloader, PolicySet,
-    PolicyVersion,
+    AllowList, Durability, Engine, Error, IpRange, LoadErrors, LogOptions, LogStore,
+    PolicyReloader, PolicySet, PolicyVersion, Profile, ProfileReport, ReloadError,
 };
 
 use self::budget::Budget;
@@ -101,6 +101,13 @@ pub struct Config {
     /// Start with this set instead of loading `policies` (embedders and
     /// tests); reloads still read `policies`.
     pub policy_set: Option<PolicySet>,
+    /// Compliance profiles the set in force must meet
+    /// (`--require-profile`): the server refuses to start on a set that
+    /// breaks one, and refuses a reload or shadow candidate that would.
+    pub require_profiles: Vec<&'static Profile>,
+    /// Compliance profiles reported, not enforced (`--report-profile`):
+    /// with the required ones, `/metrics` counts their controls not met.
+    pub report_profiles: Vec<&'static Profile>,
     /// Data directory (`--data`): keys, admin token, store.
     pub data: PathBuf,
     /// Store durability (`--durability`); `None` keeps state in memory only.
@@ -159,6 +166,8 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             policies: PathBuf::from("./policies"),
             policy_set: None,
+            require_profiles: Vec::new(),
+            report_profiles: Vec::new(),
             data: PathBuf::from("./data"),
             durability: Durability::Sync,
             trusted_proxies: Vec::new(),
@@ -220,7 +229,13 @@ pub enum ServerError {
         /// The directory.
         dir: PathBuf,
         /// Every problem, each naming file, line, column and key.
-        errors: Vec<String>,
+        errors: LoadErrors,
+    },
+    /// The policy set does not meet a profile the server requires
+    /// (`--require-profile`).
+    ProfileNotMet {
+        /// The report of each required profile it does not meet.
+        reports: Vec<ProfileReport>,
     },
     /// The engine or its store failed.
     Engine(Error),
@@ -246,6 +261,15 @@ impl fmt::Display for ServerError {
                 }
                 Ok(())
             }
+            ServerError::ProfileNotMet { reports } => {
+                let names: Vec<&str> = reports.iter().map(|r| r.profile).collect();
+                write!(
+                    f,
+                    "the policy set does not meet the required profile{} {}",
+                    if names.len() == 1 { "" } else { "s" },
+                    names.join(", ")
+                )
+            }
             ServerError::Engine(e) => write!(f, "engine: {e}"),
             ServerError::Config(s) => f.write_str(s),
             ServerError::Runtime(s) => write!(f, "runtime: {s}"),
@@ -264,6 +288,8 @@ pub(crate) struct App {
     /// `None` when no proxy is trusted. (An empty `AllowList` means "any".)
     trusted: Option<AllowList>,
     reloader: PolicyReloader,
+    /// Required, then reported-only profiles: those `/metrics` reports on.
+    pub(crate) profiles: Vec<&'static Profile>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) body_timeout: Duration,
     /// Cleared when the store fails: the engine then refuses every change.
@@ -315,9 +341,14 @@ impl App {
     }
 
     /// Reload the policy directory (see [`PolicyReloader::reload`]): the
-    /// version in force afterwards, or every problem. Blocking.
-    pub(crate) fn reload_policies(&self) -> Result<PolicyVersion, Vec<String>> {
-        self.reloader.reload().map_err(|e| e.to_strings())
+    /// version in force afterwards, or why the set was refused. Blocking.
+    pub(crate) fn reload_policies(&self) -> Result<PolicyVersion, ReloadError> {
+        self.reloader.reload()
+    }
+
+    /// The profiles a set must meet to be put in force.
+    pub(crate) fn required_profiles(&self) -> &[&'static Profile] {
+        self.reloader.required_profiles()
     }
 }
 
@@ -537,6 +568,17 @@ impl Server {
     }
 }
 
+/// Required then reported profiles, each once, in the order given.
+fn profiles(required: &[&'static Profile], reported: &[&'static Profile]) -> Vec<&'static Profile> {
+    let mut all: Vec<&'static Profile> = Vec::new();
+    for p in required.iter().chain(reported) {
+        if !all.iter().any(|q| q.name == p.name) {
+            all.push(p);
+        }
+    }
+    all
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
@@ -548,11 +590,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 
 /// Everything blocking at start: data directory, keys, policies, store.
 fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
-    let data = &config.data;
-    datadir::ensure_dir(data)?;
-    let keys = datadir::key_ring(data)?;
-    let seed = datadir::signing_key(data)?;
-    let admin = datadir::admin_token(&config.admin_token, data)?;
     let set = match config.policy_set.clone() {
         Some(set) => set,
         None => policies::load_dir(&config.policies).map_err(|errors| ServerError::Policy {
@@ -560,6 +597,17 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
             errors,
         })?,
     };
+    // Refuse to start on a set that a reload would refuse (README "Compliance
+    // profiles"), before creating or touching anything in the data directory.
+    let reports = policies::unmet(&set, &config.require_profiles);
+    if !reports.is_empty() {
+        return Err(ServerError::ProfileNotMet { reports });
+    }
+    let data = &config.data;
+    datadir::ensure_dir(data)?;
+    let keys = datadir::key_ring(data)?;
+    let seed = datadir::signing_key(data)?;
+    let admin = datadir::admin_token(&config.admin_token, data)?;
     let metrics = Arc::new(Metrics::default());
     let mut builder = Engine::builder()
         .keys(keys)
@@ -601,7 +649,12 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
         (!config.trusted_proxies.is_empty()).then(|| AllowList::new(&config.trusted_proxies));
     let engine = Arc::new(engine);
     Ok(App {
-        reloader: PolicyReloader::new(engine.clone(), config.policies),
+        reloader: PolicyReloader::requiring(
+            engine.clone(),
+            config.policies,
+            config.require_profiles.clone(),
+        ),
+        profiles: profiles(&config.require_profiles, &config.report_profiles),
         engine,
         signer,
         issuer,

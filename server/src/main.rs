@@ -7,7 +7,7 @@
 //! hint ([`HINTS`]).
 //!
 //! Exit status: 0 success, 1 the command failed (policy errors are listed
-//! on stderr), 2 bad usage.
+//! on stderr), 2 bad usage, 3 a compliance profile asked for is not met.
 #![forbid(unsafe_code)]
 
 use std::ffi::OsString;
@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
-use refresh_guard::{ClientPolicy, PolicySet};
+use refresh_guard::{ClientPolicy, PolicySet, Profile, ProfileReport, UnknownClients};
 
 mod cli;
 
@@ -25,6 +25,9 @@ mod cli;
 const FAILED: u8 = 1;
 /// Exit status for bad usage.
 const USAGE: u8 = 2;
+/// Exit status for a set that loads but does not meet a compliance profile
+/// asked for (README "Compliance profiles").
+pub(crate) const NOT_MET: u8 = 3;
 
 /// refresh-guard: refresh-token lifecycle policy engine
 #[derive(Debug, Parser)]
@@ -37,7 +40,8 @@ const USAGE: u8 = 2;
     // A repeated flag overrides the earlier one, as it always has.
     args_override_self = true,
     max_term_width = 80,
-    after_help = "Exit status: 0 success, 1 failure (errors on stderr), 2 bad usage."
+    after_help = "Exit status: 0 success, 1 failure (errors on stderr), 2 bad usage, \
+                  3 a compliance profile asked for is not met."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -70,13 +74,19 @@ enum StoreCommand {
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// Print the policy version and every client's effective knobs, or
-    /// every error
+    /// every error; with --profile, each profile's report instead
     Check {
         /// The policy directory (every *.toml in it)
         #[arg(value_name = "DIR")]
         dir: PathBuf,
+        #[command(flatten)]
+        profiles: ProfileArgs,
+        /// Report format (with --profile)
+        #[arg(long, value_enum, default_value_t = Format::Text, requires = "profiles")]
+        format: Format,
     },
-    /// Print the effective knobs that change, client by client
+    /// Print the effective knobs that change, client by client; with
+    /// --profile, also each control whose status changes
     Diff {
         /// The set in force
         #[arg(value_name = "OLD_DIR")]
@@ -84,7 +94,39 @@ enum PolicyCommand {
         /// The candidate set
         #[arg(value_name = "NEW_DIR")]
         new: PathBuf,
+        #[command(flatten)]
+        profiles: ProfileArgs,
     },
+}
+
+/// `--profile NAME`, repeatable.
+#[derive(Debug, clap::Args)]
+struct ProfileArgs {
+    /// A compliance profile to check (repeatable): salesforce-appexchange,
+    /// rfc9700 or fapi2-refresh; exit status 3 if one is not met
+    #[arg(
+        long = "profile",
+        id = "profiles",
+        value_name = "NAME",
+        action = clap::ArgAction::Append,
+        value_parser = profile
+    )]
+    profiles: Vec<&'static Profile>,
+}
+
+/// A shipped profile by name; an unknown one is a usage error (status 2,
+/// as any bad flag value) listing the shipped ones.
+pub(crate) fn profile(name: &str) -> Result<&'static Profile, String> {
+    Profile::named(name).map_err(|e| e.to_string())
+}
+
+/// `policy check --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// The report an auditor reads
+    Text,
+    /// One JSON object: README "Compliance profiles" lists its fields
+    Json,
 }
 
 /// Names users reach for that are not ours, and what to use instead.
@@ -150,8 +192,14 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Serve(args) => cli::serve(*args, &mut io),
-        Command::Policy(PolicyCommand::Check { dir }) => policy_check(&dir, &mut io),
-        Command::Policy(PolicyCommand::Diff { old, new }) => policy_diff(&old, &new, &mut io),
+        Command::Policy(PolicyCommand::Check {
+            dir,
+            profiles,
+            format,
+        }) => policy_check(&dir, &profiles.profiles, format, &mut io),
+        Command::Policy(PolicyCommand::Diff { old, new, profiles }) => {
+            policy_diff(&old, &new, &profiles.profiles, &mut io)
+        }
         Command::Store(StoreCommand::Repair { dir }) => store_repair(&dir, &mut io),
     };
     // A closed pipe (`| head`) is not worth a message.
@@ -253,12 +301,34 @@ fn load(dir: &Path, io: &mut Io<'_>) -> Option<PolicySet> {
     }
 }
 
-fn policy_check(dir: &Path, io: &mut Io<'_>) -> u8 {
+fn policy_check(dir: &Path, profiles: &[&'static Profile], format: Format, io: &mut Io<'_>) -> u8 {
     let Some(set) = load(dir, io) else {
         return FAILED;
     };
-    let _ = write!(io.out, "{}", check_report(&set));
-    0
+    if profiles.is_empty() {
+        let _ = write!(io.out, "{}", check_report(&set));
+        return 0;
+    }
+    let reports: Vec<ProfileReport> = profiles.iter().map(|p| set.check_profile(p)).collect();
+    let met = reports.iter().all(|r| r.met);
+    match format {
+        Format::Text => {
+            for (i, r) in reports.iter().enumerate() {
+                let gap = if i > 0 { "\n" } else { "" };
+                let _ = write!(io.out, "{gap}{r}");
+            }
+        }
+        Format::Json => {
+            // The stable envelope documented in README "Compliance profiles".
+            let body = serde_json::json!({
+                "policy_version": set.version().to_string(),
+                "met": met,
+                "reports": reports,
+            });
+            let _ = writeln!(io.out, "{body:#}");
+        }
+    }
+    if met { 0 } else { NOT_MET }
 }
 
 /// The version, then a table of effective knobs per scope: defaults first,
@@ -271,6 +341,10 @@ fn check_report(set: &PolicySet) -> String {
         clients.len(),
         if clients.len() == 1 { "" } else { "s" }
     );
+    s.push_str(&format!(
+        "{}\n",
+        unknown_clients_line(set.unknown_clients())
+    ));
     let defaults = set.defaults().knobs();
     let width = defaults.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     s.push_str("\n[defaults]\n");
@@ -290,14 +364,59 @@ fn check_report(set: &PolicySet) -> String {
     s
 }
 
-fn policy_diff(old_dir: &Path, new_dir: &Path, io: &mut Io<'_>) -> u8 {
+/// What `unknown_clients` means for the set, in one line.
+fn unknown_clients_line(u: UnknownClients) -> String {
+    let means = match u {
+        UnknownClients::Defaults => "[defaults] governs every client not listed",
+        UnknownClients::Refuse => "clients not listed are refused",
+    };
+    format!("unknown_clients = {u}: {means}")
+}
+
+fn policy_diff(
+    old_dir: &Path,
+    new_dir: &Path,
+    profiles: &[&'static Profile],
+    io: &mut Io<'_>,
+) -> u8 {
     // Load both before failing, so every error of both is listed.
     let (old, new) = (load(old_dir, io), load(new_dir, io));
     let (Some(old), Some(new)) = (old, new) else {
         return FAILED;
     };
     let _ = write!(io.out, "{}", diff_report(&old, &new));
-    0
+    let mut met = true;
+    for p in profiles {
+        let (before, after) = (old.check_profile(p), new.check_profile(p));
+        met &= after.met;
+        let _ = write!(io.out, "{}", compliance_changes(&before, &after));
+    }
+    if met { 0 } else { NOT_MET }
+}
+
+/// A profile's verdict on both sets, then every control whose status
+/// changes, per client (`ProfileReport::changes_since`).
+fn compliance_changes(before: &ProfileReport, after: &ProfileReport) -> String {
+    let verdict = |r: &ProfileReport| match r.met {
+        true => "met".to_owned(),
+        false => format!("NOT MET ({} not met)", r.not_met),
+    };
+    let changes = after.changes_since(before);
+    let mut s = format!(
+        "profile {}: {} -> {}{}\n",
+        after.profile,
+        verdict(before),
+        verdict(after),
+        if changes.is_empty() {
+            "; no control changes status"
+        } else {
+            ""
+        }
+    );
+    for c in changes {
+        s.push_str(&format!("  {c}\n"));
+    }
+    s
 }
 
 /// Every effective knob that changes, as `scope.knob: old -> new`.
@@ -306,13 +425,20 @@ fn policy_diff(old_dir: &Path, new_dir: &Path, io: &mut Io<'_>) -> u8 {
 /// client that gains its own table is compared with the old defaults it
 /// was under, and one that loses it with the new defaults.
 fn diff_report(old: &PolicySet, new: &PolicySet) -> String {
+    let (ua, ub) = (old.unknown_clients(), new.unknown_clients());
     if old.version() == new.version() {
         return format!(
-            "policy version {}: no change in effective knobs\n",
-            new.version()
+            "policy version {}: no change in effective knobs\n{}\n",
+            new.version(),
+            unknown_clients_line(ub)
         );
     }
     let mut s = format!("policy version {} -> {}\n", old.version(), new.version());
+    if ua == ub {
+        s.push_str(&format!("{} (unchanged)\n", unknown_clients_line(ub)));
+    } else {
+        s.push_str(&format!("unknown_clients: {ua} -> {ub}\n"));
+    }
     knob_changes(&mut s, "defaults", old.defaults(), new.defaults());
     let mut ids: Vec<&str> = old
         .clients()
@@ -324,7 +450,18 @@ fn diff_report(old: &PolicySet, new: &PolicySet) -> String {
     ids.dedup();
     for id in ids {
         let scope = format!("clients.{}", key(id));
+        // Under `unknown_clients = "refuse"` a client without a table is
+        // refused, not governed by [defaults]: it has no knobs to compare.
+        let refused = |set: &PolicySet| ua_refuses(set) && !set.has_client(id);
         match (old.has_client(id), new.has_client(id)) {
+            (false, true) if refused(old) => {
+                s.push_str(&format!("{scope}: added (was refused)\n"));
+                continue;
+            }
+            (true, false) if refused(new) => {
+                s.push_str(&format!("{scope}: removed (now refused)\n"));
+                continue;
+            }
             (false, true) => s.push_str(&format!("{scope}: added (was under [defaults])\n")),
             (true, false) => s.push_str(&format!("{scope}: removed (now under [defaults])\n")),
             _ => {}
@@ -332,6 +469,10 @@ fn diff_report(old: &PolicySet, new: &PolicySet) -> String {
         knob_changes(&mut s, &scope, old.policy(id), new.policy(id));
     }
     s
+}
+
+fn ua_refuses(set: &PolicySet) -> bool {
+    set.unknown_clients() == UnknownClients::Refuse
 }
 
 fn knob_changes(s: &mut String, scope: &str, old: &ClientPolicy, new: &ClientPolicy) {

@@ -17,7 +17,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
-use refresh_guard::{AcceptKind, Decision, DenyReason, EVENT_KINDS, Engine, RevokeReason};
+use refresh_guard::{AcceptKind, Decision, DenyReason, EVENT_KINDS, Engine, Profile, RevokeReason};
 
 /// The media type of the exposition.
 pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -165,11 +165,17 @@ impl Metrics {
     }
 
     /// The exposition of these counters and `engine`'s, as of now.
-    pub(crate) fn render(self: &Arc<Self>, engine: &Arc<Engine>) -> String {
+    /// `profiles`: those whose controls not met are reported.
+    pub(crate) fn render(
+        self: &Arc<Self>,
+        engine: &Arc<Engine>,
+        profiles: &[&'static Profile],
+    ) -> String {
         let mut registry = Registry::with_prefix("refresh_guard");
         registry.register_collector(Box::new(Scrape {
             server: self.clone(),
             engine: engine.clone(),
+            profiles: profiles.to_vec(),
         }));
         let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
@@ -182,6 +188,7 @@ impl Metrics {
 struct Scrape {
     server: Arc<Metrics>,
     engine: Arc<Engine>,
+    profiles: Vec<&'static Profile>,
 }
 
 impl fmt::Debug for Scrape {
@@ -264,6 +271,26 @@ impl Collector for Scrape {
             MetricType::Info,
         )?
         .encode_info(&[("version", version.as_str())])?;
+
+        // Checked against the set in force at each scrape, so it follows
+        // every reload and promotion without bookkeeping; a scrape is rare
+        // and off the redemption path.
+        let mut m = enc.encode_descriptor(
+            "profile_controls_not_met",
+            "Required controls of a compliance profile that the policy set in \
+             force does not meet, by profile and scope (defaults or clients.<id>).",
+            None,
+            MetricType::Gauge,
+        )?;
+        if !self.profiles.is_empty() {
+            let set = self.engine.policies();
+            for p in &self.profiles {
+                for scope in set.check_profile(p).scopes {
+                    let labels = [("profile", p.name), ("scope", scope.scope.as_str())];
+                    ConstGauge::new(scope.not_met as u64).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
 
         let mut m = enc.encode_descriptor(
             "shadow_policy",
@@ -378,7 +405,7 @@ mod tests {
         m.decision("we\"ird", &deny(DenyReason::Revoked));
         assert_eq!(m.decisions.read().len(), MAX_CLIENT_LABELS);
         assert_eq!(m.decisions_of("c0", "invalid_token"), 1);
-        let text = m.render(&engine());
+        let text = m.render(&engine(), &[]);
         assert!(text.contains(
             "refresh_guard_decisions_total{client=\"_other\",outcome=\"invalid_token\"} 5"
         ));
@@ -387,7 +414,7 @@ mod tests {
         );
         let m = Arc::new(Metrics::default());
         m.decision("we\"ird\\\n", &deny(DenyReason::Revoked));
-        let text = m.render(&engine());
+        let text = m.render(&engine(), &[]);
         assert!(
             text.contains(
                 "refresh_guard_decisions_total{client=\"we\\\"ird\\\\\\n\",outcome=\"revoked\"} 1"
@@ -403,7 +430,7 @@ mod tests {
         h.observe(Duration::from_micros(40));
         h.observe(Duration::from_micros(700));
         h.observe(Duration::from_secs(3));
-        let out = m.render(&engine());
+        let out = m.render(&engine(), &[]);
         let x = "refresh_guard_redeem_duration_seconds";
         assert!(
             out.contains(&format!("{x}_bucket{{le=\"0.00005\"}} 1\n")),

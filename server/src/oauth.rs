@@ -25,7 +25,8 @@ use super::net::Peer;
 use super::{App, MAX_BODY};
 use refresh_guard::limits::MAX_CLIENT_ID_LEN;
 use refresh_guard::{
-    Accepted, Decision, ExchangeRequest, Generation, Pkce, PolicySet, RedeemRequest, UnknownClients,
+    Accepted, Decision, ExchangeRequest, Generation, OAuthError as Code, Pkce, PolicySet,
+    RedeemRequest, UnknownClients,
 };
 
 pub(crate) fn router(app: Arc<App>) -> Router {
@@ -104,9 +105,11 @@ pub(crate) fn json(status: StatusCode, body: String, no_store: bool) -> Response
 }
 
 /// An OAuth error response (RFC 6749 §5.2).
+/// The code is the library's [`refresh_guard::OAuthError`], shared with
+/// the engine's denials.
 pub(crate) struct OAuthError {
     pub(crate) status: StatusCode,
-    pub(crate) error: &'static str,
+    pub(crate) error: Code,
     pub(crate) description: Cow<'static, str>,
     /// Answer with `WWW-Authenticate: Basic` (RFC 6749 §5.2: the client
     /// tried HTTP Basic).
@@ -116,7 +119,7 @@ pub(crate) struct OAuthError {
 impl OAuthError {
     pub(crate) fn new(
         status: StatusCode,
-        error: &'static str,
+        error: Code,
         description: impl Into<Cow<'static, str>>,
     ) -> OAuthError {
         OAuthError {
@@ -128,20 +131,20 @@ impl OAuthError {
     }
 
     pub(crate) fn request(description: impl Into<Cow<'static, str>>) -> OAuthError {
-        OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", description)
+        OAuthError::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, description)
     }
 
     fn client(description: &'static str, basic: bool) -> OAuthError {
         OAuthError {
             basic,
-            ..OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", description)
+            ..OAuthError::new(StatusCode::UNAUTHORIZED, Code::InvalidClient, description)
         }
     }
 
     pub(crate) fn server() -> OAuthError {
         OAuthError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
+            Code::ServerError,
             "the server could not complete the request",
         )
     }
@@ -151,9 +154,9 @@ impl OAuthError {
     }
 
     pub(crate) fn respond(self, app: &App, endpoint: &'static str) -> Response {
-        app.metrics.error(endpoint, self.error);
+        app.metrics.error(endpoint, self.error.as_str());
         let body = serde_json::json!({
-            "error": self.error,
+            "error": self.error.as_str(),
             "error_description": self.description,
         });
         let mut r = json(self.status, body.to_string(), true);
@@ -177,7 +180,7 @@ pub(crate) async fn read_body(
     let too_large = || {
         OAuthError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request",
+            Code::InvalidRequest,
             "request body is larger than 16 KiB",
         )
     };
@@ -209,7 +212,7 @@ pub(crate) async fn read_body(
         Ok(r) => r,
         Err(_) => Err(OAuthError::new(
             StatusCode::REQUEST_TIMEOUT,
-            "invalid_request",
+            Code::InvalidRequest,
             "the request body was not received in time",
         )),
     }
@@ -398,7 +401,7 @@ async fn token_inner(
         "refresh_token" => refresh_grant(app, &client, &form, ip).await,
         _ => Err(OAuthError::new(
             StatusCode::BAD_REQUEST,
-            "unsupported_grant_type",
+            Code::UnsupportedGrantType,
             "grant_type must be authorization_code or refresh_token",
         )),
     }
@@ -409,7 +412,7 @@ fn denied(d: &Decision) -> Option<OAuthError> {
         Decision::Accept(_) => None,
         Decision::Deny(d) => Some(OAuthError::new(
             StatusCode::BAD_REQUEST,
-            d.reason.oauth_error().as_str(),
+            d.reason.oauth_error(),
             d.reason.description(),
         )),
     }
@@ -468,7 +471,7 @@ async fn refresh_grant(
                     None => {
                         return Err(OAuthError::new(
                             StatusCode::BAD_REQUEST,
-                            "invalid_scope",
+                            Code::InvalidScope,
                             "the requested scope exceeds the scope originally granted",
                         ));
                     }

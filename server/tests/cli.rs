@@ -65,6 +65,10 @@ fn cli_check_prints_version_and_effective_knobs() {
         lines.next(),
         Some(format!("policy version {}: [defaults] and 1 client", set.version()).as_str())
     );
+    assert_eq!(
+        lines.next(),
+        Some("unknown_clients = defaults: [defaults] governs every client not listed")
+    );
     assert!(
         out.contains(
             "\n[defaults]\n  rotation                  rotate\n  grace_period              0s\n"
@@ -163,6 +167,7 @@ fn cli_diff_prints_changes_knob_by_knob() {
         out,
         format!(
             "policy version {vo} -> {vn}\n\
+             unknown_clients = defaults: [defaults] governs every client not listed (unchanged)\n\
              defaults.absolute_ttl: 90d -> 60d\n\
              clients.legacy: removed (now under [defaults])\n\
              clients.legacy.rotation: reuse -> rotate\n\
@@ -178,7 +183,211 @@ fn cli_diff_prints_changes_knob_by_knob() {
     assert_eq!(code, 0);
     assert_eq!(
         out,
-        format!("policy version {vo}: no change in effective knobs\n")
+        format!(
+            "policy version {vo}: no change in effective knobs\n\
+             unknown_clients = defaults: [defaults] governs every client not listed\n"
+        )
+    );
+}
+
+/// `policy check` and `policy diff` did not print the set-wide
+/// `unknown_clients`, and `diff` called a client that gains a table under
+/// `unknown_clients = "refuse"` one that "was under [defaults]" (it was
+/// refused) and listed knob changes against defaults that governed nobody.
+#[test]
+fn check_and_diff_print_unknown_clients_and_refused_clients() {
+    let (code, out, err) = cli(&["policy", "check", "policies/examples/salesforce-eca"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().nth(1),
+        Some("unknown_clients = refuse: clients not listed are refused")
+    );
+    let old = tempfile::tempdir().unwrap();
+    let new = tempfile::tempdir().unwrap();
+    write(
+        old.path(),
+        "p.toml",
+        "unknown_clients = \"refuse\"\n[clients.a]\n",
+    );
+    write(
+        new.path(),
+        "p.toml",
+        "unknown_clients = \"refuse\"\n[clients.b]\nidle_ttl = \"1d\"\n",
+    );
+    let (o, n) = (old.path().to_str().unwrap(), new.path().to_str().unwrap());
+    let (code, out, err) = cli(&["policy", "diff", o, n]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(
+        lines,
+        [
+            "unknown_clients = refuse: clients not listed are refused (unchanged)",
+            "clients.a: removed (now refused)",
+            "clients.b: added (was refused)",
+        ],
+        "{out}"
+    );
+    write(new.path(), "p.toml", "[clients.a]\n");
+    let (_, out, _) = cli(&["policy", "diff", o, n]);
+    assert_eq!(
+        out.lines().nth(1),
+        Some("unknown_clients: refuse -> defaults"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_with_profiles_prints_each_report_and_exits_3_when_one_is_not_met() {
+    // One path for both, so that the evidence's file names agree.
+    let dir = repo("policies/examples/spa");
+    let spa = PolicySet::load_dir(&dir).unwrap();
+    let profile = |n| refresh_guard::Profile::named(n).unwrap();
+    let (code, out, err) = cli(&[
+        "policy",
+        "check",
+        dir.to_str().unwrap(),
+        "--profile",
+        "rfc9700",
+        "--profile=salesforce-appexchange",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.is_empty(), "{err}");
+    // Both reports, in the order asked, as the library renders them.
+    let want = format!(
+        "{}\n{}",
+        spa.check_profile(profile("rfc9700")),
+        spa.check_profile(profile("salesforce-appexchange"))
+    );
+    assert_eq!(out, want);
+    assert!(out.contains("NOT MET  ip-allowlist"), "{out}");
+    let (code, out, err) = cli(&[
+        "policy",
+        "check",
+        "policies/examples/spa",
+        "--profile",
+        "rfc9700",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("profile rfc9700: "), "{out}");
+    // A set that does not load stays status 1, profile or not.
+    let bad = tempfile::tempdir().unwrap();
+    write(bad.path(), "p.toml", "[defaults]\nfoo = 1\n");
+    let b = bad.path().to_str().unwrap();
+    let (code, out, _) = cli(&["policy", "check", b, "--profile", "rfc9700"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+}
+
+#[test]
+fn check_with_profiles_as_json_has_the_documented_envelope() {
+    let dir = repo("policies/examples/salesforce-eca");
+    let eca = PolicySet::load_dir(&dir).unwrap();
+    let (code, out, err) = cli(&[
+        "policy",
+        "check",
+        dir.to_str().unwrap(),
+        "--profile",
+        "salesforce-appexchange",
+        "--profile",
+        "fapi2-refresh",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["met", "policy_version", "reports"]);
+    assert_eq!(v["met"], false);
+    assert_eq!(v["policy_version"], eca.version().to_string());
+    let reports = v["reports"].as_array().unwrap();
+    assert_eq!(reports.len(), 2);
+    // Each report is the library's serde form.
+    let want = serde_json::to_value(
+        eca.check_profile(refresh_guard::Profile::named("salesforce-appexchange").unwrap()),
+    )
+    .unwrap();
+    assert_eq!(reports[0], want);
+    assert_eq!(reports[0]["met"], true);
+    assert_eq!(reports[1]["profile"], "fapi2-refresh");
+    assert_eq!(reports[1]["met"], false);
+}
+
+#[test]
+fn an_unknown_profile_is_a_usage_error_listing_the_shipped_ones() {
+    let (code, out, err) = cli(&["policy", "check", "policies", "--profile", "pci"]);
+    assert_eq!(code, 2);
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains(
+            "invalid value 'pci' for '--profile <NAME>': unknown profile `pci`; \
+             profiles are salesforce-appexchange, rfc9700, fapi2-refresh"
+        ),
+        "{err}"
+    );
+    // --format is for reports: without a profile it is a usage error.
+    let (code, _, err) = cli(&["policy", "check", "policies", "--format", "json"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--profile <NAME>"), "{err}");
+}
+
+#[test]
+fn diff_with_profiles_lists_controls_whose_status_changes() {
+    let (code, out, err) = cli(&[
+        "policy",
+        "diff",
+        "policies/examples/spa",
+        "policies/examples/salesforce-eca",
+        "--profile",
+        "salesforce-appexchange",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let tail: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("profile "))
+        .collect();
+    assert_eq!(
+        tail[0],
+        "profile salesforce-appexchange: NOT MET (2 not met) -> met"
+    );
+    assert!(
+        tail.contains(&"  clients.partner-app ip-allowlist: not_met -> met"),
+        "{out}"
+    );
+    assert!(
+        tail.contains(&"  clients.spa ip-allowlist: not_met -> refused"),
+        "{out}"
+    );
+    // Back the other way the new set breaks the profile: status 3.
+    let (code, out, _) = cli(&[
+        "policy",
+        "diff",
+        "policies/examples/salesforce-eca",
+        "policies/examples/spa",
+        "--profile",
+        "salesforce-appexchange",
+    ]);
+    assert_eq!(code, 3);
+    assert!(
+        out.contains("profile salesforce-appexchange: met -> NOT MET (2 not met)\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  clients.partner-app ip-allowlist: met -> not_met\n"),
+        "{out}"
+    );
+    // Unchanged status says so.
+    let (code, out, _) = cli(&[
+        "policy",
+        "diff",
+        "policies/examples/spa",
+        "policies/examples/spa",
+        "--profile",
+        "rfc9700",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.ends_with("profile rfc9700: met -> met; no control changes status\n"),
+        "{out}"
     );
 }
 
@@ -196,7 +405,7 @@ fn cli_diff_fails_if_either_side_fails() {
 }
 
 /// Every `serve` flag, with the variable it can also come from.
-const SERVE_FLAGS: [(&str, &str); 16] = [
+const SERVE_FLAGS: [(&str, &str); 18] = [
     ("--listen <ADDR>", "REFRESH_GUARD_LISTEN"),
     ("--admin-listen <ADDR>", "REFRESH_GUARD_ADMIN_LISTEN"),
     ("--policies <DIR>", "REFRESH_GUARD_POLICIES"),
@@ -231,6 +440,8 @@ const SERVE_FLAGS: [(&str, &str); 16] = [
     ),
     ("--workers <N>", "REFRESH_GUARD_WORKERS"),
     ("--watch-policies", "REFRESH_GUARD_WATCH_POLICIES"),
+    ("--require-profile <NAME>", "REFRESH_GUARD_REQUIRE_PROFILE"),
+    ("--report-profile <NAME>", "REFRESH_GUARD_REPORT_PROFILE"),
 ];
 
 #[test]
@@ -240,11 +451,11 @@ fn cli_bad_usage_is_explained_on_stderr_with_status_2() {
         (&["policy"][..], "Usage: refresh-guard policy <COMMAND>"),
         (
             &["policy", "check"][..],
-            "Usage: refresh-guard policy check <DIR>",
+            "Usage: refresh-guard policy check",
         ),
         (
             &["policy", "check", "a", "b"][..],
-            "Usage: refresh-guard policy check <DIR>",
+            "Usage: refresh-guard policy check",
         ),
         (
             &["policy", "check", "--verbose", "a"][..],
@@ -252,7 +463,7 @@ fn cli_bad_usage_is_explained_on_stderr_with_status_2() {
         ),
         (
             &["policy", "diff", "a"][..],
-            "Usage: refresh-guard policy diff <OLD_DIR> <NEW_DIR>",
+            "Usage: refresh-guard policy diff",
         ),
         (&["frobnicate"][..], "Usage: refresh-guard <COMMAND>"),
         (
@@ -315,6 +526,79 @@ fn every_subcommand_has_help_listing_its_flags_within_80_columns() {
     assert!(out.contains("REFRESH_GUARD_ADMIN_TOKEN,"), "{out}");
 }
 
+/// `serve --require-profile` on a set that does not meet it: the report on
+/// stderr, status 3 (as `policy check`), and nothing started or created.
+#[test]
+fn serve_refuses_to_start_on_a_set_that_breaks_a_required_profile() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path().join("data");
+    // Spawned, not waited for blindly: a server that does start is killed
+    // after a while and the test fails instead of hanging.
+    let mut child = command()
+        .args([
+            "serve",
+            "--policies",
+            "policies/examples/spa",
+            "--data",
+            d.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env(
+            "REFRESH_GUARD_REQUIRE_PROFILE",
+            "rfc9700,salesforce-appexchange",
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started on a set that breaks a required profile");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let code = status.code().unwrap_or(-1);
+    assert_eq!(code, 3, "{err}");
+    let set = PolicySet::load_dir(Path::new("../policies/examples/spa")).unwrap();
+    assert!(
+        err.starts_with(&format!(
+            "profile salesforce-appexchange: {}",
+            refresh_guard::Profile::named("salesforce-appexchange")
+                .unwrap()
+                .title
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("policy version {}", set.version())),
+        "{err}"
+    );
+    assert!(err.contains("NOT MET  ip-allowlist"), "{err}");
+    assert!(
+        !err.contains("profile rfc9700"),
+        "only the profile not met: {err}"
+    );
+    assert!(
+        err.ends_with(
+            "error: the policy set does not meet the required profile \
+             salesforce-appexchange; not starting\n"
+        ),
+        "{err}"
+    );
+    assert!(!d.exists(), "nothing created");
+}
+
 /// A bad value is refused before anything starts, naming the flag and
 /// what is allowed; from the environment, naming the variable too.
 #[test]
@@ -354,6 +638,15 @@ fn a_bad_value_names_the_flag_and_the_variable_it_came_from() {
             &["serve", "--trusted-proxies", "10.0.0.0/8,10.0.0.0/33"][..],
             &[][..],
             &["'--trusted-proxies <LIST>'", "\"10.0.0.0/33\""][..],
+        ),
+        (
+            &["serve"][..],
+            &[("REFRESH_GUARD_REQUIRE_PROFILE", "rfc9700,pci")][..],
+            &[
+                "invalid value 'pci' for '--require-profile <NAME>'",
+                "profiles are salesforce-appexchange, rfc9700, fapi2-refresh",
+                "$REFRESH_GUARD_REQUIRE_PROFILE",
+            ][..],
         ),
     ] {
         let (code, out, err) = cli_env(args, env);

@@ -930,6 +930,33 @@ fn graceful_shutdown_flushes_and_state_survives_restart() {
     assert_eq!(d, "refresh token reuse detected; token family revoked");
 }
 
+/// Regression (policy-load errors reached the admin API as pre-rendered
+/// `file:line:column: key: message` strings): a 422 for a directory that
+/// does not load lists each problem as data — `file`, `line`, `column`,
+/// `key`, `message` — beside `error` and `error_description` (README
+/// "Server"). `want`: (line, key, start of the message) per problem.
+#[track_caller]
+fn assert_load_errors(
+    body: &serde_json::Value,
+    file: &std::path::Path,
+    want: &[(u64, &str, &str)],
+) {
+    assert_eq!(body["error"], "invalid_policy_set", "{body}");
+    assert!(body["error_description"].is_string(), "{body}");
+    let errors = body["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), want.len(), "{body}");
+    for (e, (line, key, message)) in errors.iter().zip(want) {
+        let mut keys: Vec<&str> = e.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["column", "file", "key", "line", "message"], "{e}");
+        assert_eq!(e["file"], file.display().to_string(), "{e}");
+        assert_eq!(e["line"], *line, "{e}");
+        assert!(e["column"].as_u64().unwrap() >= 1, "{e}");
+        assert_eq!(e["key"], *key, "{e}");
+        assert!(e["message"].as_str().unwrap().starts_with(message), "{e}");
+    }
+}
+
 /// Reload, shadow, promote and drop through the admin API, from policy
 /// files; a broken file is 422 naming file:line:column and changes nothing.
 #[test]
@@ -951,24 +978,17 @@ fn policy_files_reload_shadow_promote_drop() {
     .unwrap();
     let r = s.admin("POST", "/admin/v1/policies/reload", None);
     assert_eq!(r.status, 422, "{}", r.text());
-    let errors: Vec<String> = r.json()["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e.as_str().unwrap().to_owned())
-        .collect();
-    let at = |line: u32| format!("{}:{line}:", file.display());
-    assert!(
-        errors
-            .iter()
-            .any(|e| e.starts_with(&at(3)) && e.contains("grace_period")),
-        "{errors:?}"
-    );
-    assert!(
-        errors
-            .iter()
-            .any(|e| e.starts_with(&at(4)) && e.contains("bogus")),
-        "{errors:?}"
+    assert_load_errors(
+        &r.json(),
+        &file,
+        &[
+            (
+                3,
+                "defaults.grace_period",
+                "1h is longer than the maximum 5m",
+            ),
+            (4, "defaults.bogus", "unknown knob `bogus`"),
+        ],
     );
     assert_eq!(s.handle().engine().policies().version().to_string(), v0);
     let m = s.admin("GET", "/metrics", None).text();
@@ -1006,12 +1026,7 @@ fn policy_files_reload_shadow_promote_drop() {
     let body = serde_json::json!({ "dir": candidate.path() });
     let r = s.admin("POST", "/admin/v1/policies/shadow", Some(body.clone()));
     assert_eq!(r.status, 422, "{}", r.text());
-    assert!(
-        r.json()["errors"][0]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:2:", cfile.display()))
-    );
+    assert_load_errors(&r.json(), &cfile, &[(2, "defaults.idle_ttl", "")]);
     // A candidate that takes the grace away from `graceful`.
     std::fs::write(&cfile, "[defaults]\nidle_ttl = \"30d\"\n").unwrap();
     let r = s.admin("POST", "/admin/v1/policies/shadow", Some(body.clone()));
@@ -1094,6 +1109,121 @@ fn start_fails_on_a_broken_policy_directory() {
     let text = e.to_string();
     assert!(text.contains("a.toml:2:"), "{text}");
     assert!(text.contains("grace_period"), "{text}");
+}
+
+/// With `--require-profile`, the server refuses to start on a set that
+/// does not meet the profile, before it creates anything in its data
+/// directory, and says which profiles; the reports are the error's.
+#[test]
+fn start_fails_on_a_set_that_breaks_a_required_profile() {
+    let data = TempDir::new("profile-start-data");
+    let mut c = config(data.path());
+    c.policies = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples/spa");
+    c.policy_set = None;
+    let sf = refresh_guard::Profile::named("salesforce-appexchange").unwrap();
+    let rfc = refresh_guard::Profile::named("rfc9700").unwrap();
+    c.require_profiles = vec![rfc, sf];
+    let e = refresh_guard_server::ServerHandle::start(c).unwrap_err();
+    let refresh_guard_server::ServerError::ProfileNotMet { reports } = &e else {
+        panic!("{e}");
+    };
+    assert_eq!(reports.len(), 1, "only the profile not met");
+    assert_eq!(reports[0].profile, "salesforce-appexchange");
+    assert_eq!(reports[0].not_met, 2);
+    assert_eq!(
+        e.to_string(),
+        "the policy set does not meet the required profile salesforce-appexchange"
+    );
+    assert_eq!(std::fs::read_dir(data.path()).unwrap().count(), 0);
+}
+
+/// With `--require-profile`, a reload (or a shadow candidate, which only a
+/// promotion would put in force) that breaks the profile is a 422 carrying
+/// the report as JSON, and the set in force stays; `/metrics` counts the
+/// controls not met of the profiles the server was started with.
+#[test]
+fn reload_that_breaks_a_required_profile_is_422_with_the_report() {
+    let policies = TempDir::new("profile-reload");
+    let file = policies.path().join("p.toml");
+    let good = "[defaults]\n";
+    std::fs::write(&file, good).unwrap();
+    let rfc = refresh_guard::Profile::named("rfc9700").unwrap();
+    let fapi = refresh_guard::Profile::named("fapi2-refresh").unwrap();
+    let s = TestServer::with("profile-reload", |c| {
+        c.policies = policies.path().to_owned();
+        c.policy_set = None;
+        c.require_profiles = vec![rfc];
+        c.report_profiles = vec![fapi, rfc];
+    });
+    let v0 = s.handle().engine().policies().version();
+    let gauge = |m: &str, profile: &str, scope: &str| -> Option<u64> {
+        let prefix = format!(
+            "refresh_guard_profile_controls_not_met{{profile=\"{profile}\",scope=\"{scope}\"}} "
+        );
+        m.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map(|n| n.parse().unwrap())
+    };
+    let m = s.admin("GET", "/metrics", None).text();
+    assert_eq!(gauge(&m, "rfc9700", "defaults"), Some(0), "{m}");
+    assert!(gauge(&m, "fapi2-refresh", "defaults").unwrap() > 0, "{m}");
+    assert_eq!(gauge(&m, "salesforce-appexchange", "defaults"), None);
+
+    // Reuse only reported: RFC 9700 §4.14.2 is not met.
+    std::fs::write(
+        &file,
+        "[defaults]\n[clients.app]\non_reuse = \"report_only\"\n",
+    )
+    .unwrap();
+    let refused = refresh_guard::PolicySet::load_dir(policies.path()).unwrap();
+    let r = s.admin("POST", "/admin/v1/policies/reload", None);
+    assert_eq!(r.status, 422, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["error"], "profile_not_met", "{body}");
+    assert_eq!(body["version"], refused.version().to_string());
+    let want = serde_json::to_value([refused.check_profile(rfc)]).unwrap();
+    assert_eq!(body["reports"], want);
+    let row = &body["reports"][0]["scopes"][1]["controls"];
+    let reuse = row
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["control"] == "reuse-revokes")
+        .unwrap();
+    assert_eq!(reuse["status"], "not_met");
+    assert_eq!(
+        reuse["evidence"][0]["origin"]["file"],
+        file.display().to_string()
+    );
+    assert_eq!(reuse["evidence"][0]["origin"]["line"], 3);
+    assert_eq!(
+        s.handle().engine().policies().version(),
+        v0,
+        "old set stays"
+    );
+
+    // The same set as a shadow candidate: refused the same way.
+    let body = serde_json::json!({ "dir": policies.path() });
+    let r = s.admin("POST", "/admin/v1/policies/shadow", Some(body));
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["error"], "profile_not_met");
+    assert_eq!(
+        s.admin("GET", "/admin/v1/policies/shadow", None).status,
+        404
+    );
+
+    // A set that meets it goes in, and the gauges follow it.
+    std::fs::write(&file, "[defaults]\n[clients.app]\ncode_ttl = \"2m\"\n").unwrap();
+    let r = s.admin("POST", "/admin/v1/policies/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = s.admin("GET", "/metrics", None).text();
+    assert_eq!(gauge(&m, "rfc9700", "clients.app"), Some(0), "{m}");
+    let fapi_app = gauge(&m, "fapi2-refresh", "clients.app").unwrap();
+    assert_eq!(
+        fapi_app,
+        gauge(&m, "fapi2-refresh", "defaults").unwrap() + 1,
+        "{m}"
+    );
 }
 
 /// Regression: the server used an existing data directory (keys, admin

@@ -82,8 +82,11 @@ pub enum DenyReason {
     DpopKeyMismatch,
 }
 
-/// The OAuth error code a denial is reported as (RFC 6749 §5.2).
+/// An OAuth error code (RFC 6749 §5.2): those a denial is reported as, and
+/// those a token endpoint built on the engine answers with besides. One
+/// type for the engine and the server, so a code is never misspelt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum OAuthError {
     /// `invalid_grant`.
     InvalidGrant,
@@ -91,6 +94,14 @@ pub enum OAuthError {
     InvalidClient,
     /// `invalid_request`.
     InvalidRequest,
+    /// `invalid_scope` (RFC 6749 §5.2): a refresh asked for more than was
+    /// granted (§6).
+    InvalidScope,
+    /// `unsupported_grant_type` (RFC 6749 §5.2).
+    UnsupportedGrantType,
+    /// `server_error`: the server could not answer (RFC 6749 §4.1.2.1
+    /// defines it; token endpoints use it for the same purpose).
+    ServerError,
 }
 
 impl OAuthError {
@@ -100,7 +111,16 @@ impl OAuthError {
             OAuthError::InvalidGrant => "invalid_grant",
             OAuthError::InvalidClient => "invalid_client",
             OAuthError::InvalidRequest => "invalid_request",
+            OAuthError::InvalidScope => "invalid_scope",
+            OAuthError::UnsupportedGrantType => "unsupported_grant_type",
+            OAuthError::ServerError => "server_error",
         }
+    }
+}
+
+impl fmt::Display for OAuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -490,6 +510,23 @@ mod tests {
             assert_eq!(r.to_string(), r.as_str());
         }
         assert_eq!(DenyReason::ReuseDetected.to_string(), "reuse_detected");
+    }
+
+    /// The OAuth error codes are RFC 6749's spellings, and `Display` is the
+    /// code: the server answers with them (it has no strings of its own).
+    #[test]
+    fn oauth_errors_display_as_their_wire_codes() {
+        for (e, code) in [
+            (OAuthError::InvalidGrant, "invalid_grant"),
+            (OAuthError::InvalidClient, "invalid_client"),
+            (OAuthError::InvalidRequest, "invalid_request"),
+            (OAuthError::InvalidScope, "invalid_scope"),
+            (OAuthError::UnsupportedGrantType, "unsupported_grant_type"),
+            (OAuthError::ServerError, "server_error"),
+        ] {
+            assert_eq!(e.as_str(), code);
+            assert_eq!(e.to_string(), code);
+        }
     }
     use crate::family::RevokeReason;
     use crate::policy::{AllowList, IpRange};
