@@ -95,23 +95,19 @@ impl Engine {
         match plan.verdict {
             Verdict::Accept(kind) => {
                 let token = mint_current(f, &keys).expect("the active key is always in the ring");
-                let id = f.id;
-                let (grant, subject) = (f.grant.clone(), f.subject.clone());
+                let accepted = Accepted::of(
+                    token,
+                    f.id,
+                    Generation::FIRST,
+                    kind,
+                    version,
+                    &f.grant,
+                    &f.subject,
+                );
                 let lsn = self.persist(f)?;
                 shard.outcomes[outcome_slot(plan.verdict)] += 1;
                 drop(shard);
-                Ok((
-                    Decision::Accept(Accepted {
-                        token,
-                        family: id,
-                        generation: Generation::FIRST,
-                        kind,
-                        policy_version: version,
-                        grant,
-                        subject,
-                    }),
-                    lsn,
-                ))
+                Ok((Decision::Accept(accepted), lsn))
             }
             Verdict::Deny(reason) => {
                 let family = f.id;

@@ -155,15 +155,9 @@ impl Engine {
         let wait_lsn = lsn.max(evicted?);
         self.settle(wait_lsn)?;
         let token = token::assemble(token_kind, keys.active(), &id, generation, &tag);
-        Ok(Decision::Accept(Accepted {
-            token,
-            family: id,
-            generation,
-            kind,
-            policy_version: version,
-            grant,
-            subject,
-        }))
+        Ok(Decision::Accept(Accepted::of(
+            token, id, generation, kind, version, &grant, &subject,
+        )))
     }
 
     /// Issue an authorization code (`rgc_…`, generation 0 of a new family)

@@ -150,10 +150,19 @@ impl Engine {
         self.rebind(f, plan.bind, req.jkt);
         match plan.verdict {
             Verdict::Accept(kind) => {
-                let token = mint_current(f, &keys);
-                let (family, generation) = (f.id, f.generation);
-                // Refcount bumps (or an inline copy), not allocations.
-                let (grant, subject) = (f.grant.clone(), f.subject.clone());
+                // Inline copies (or a count of the family's own), not
+                // allocations, nor a count shared with other families.
+                let accepted = mint_current(f, &keys).map(|token| {
+                    Accepted::of(
+                        token,
+                        f.id,
+                        f.generation,
+                        kind,
+                        version,
+                        &f.grant,
+                        &f.subject,
+                    )
+                });
                 let lsn = self.persist(f)?;
                 drop(shard);
                 // A `reuse`-rotation acceptance only moves last use: losing
@@ -166,19 +175,8 @@ impl Engine {
                 } else {
                     lsn
                 };
-                match token {
-                    Some(token) => Ok((
-                        Decision::Accept(Accepted {
-                            token,
-                            family,
-                            generation,
-                            kind,
-                            policy_version: version,
-                            grant,
-                            subject,
-                        }),
-                        wait,
-                    )),
+                match accepted {
+                    Some(accepted) => Ok((Decision::Accept(accepted), wait)),
                     // Checked just above, under the same ring snapshot.
                     None => invalid(),
                 }

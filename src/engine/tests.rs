@@ -497,3 +497,32 @@ fn failed_code_replay_revocation_write_still_reports_family_revoked() {
     };
     assert!(reported(&sink.take(), code.family, &revoked));
 }
+
+/// An acceptance carries its family's client and scope without writing the
+/// reference count of the grant, which every family of the client and
+/// scope shares: cloning it made every redemption of that client, on every
+/// core, write one cache line (a contended count on the hot path). Short
+/// strings are copied inline; the grant's count must not move while an
+/// acceptance is held.
+#[test]
+fn an_acceptance_does_not_share_the_grants_count() {
+    let e = Engine::builder().build().unwrap();
+    let (t, id) = issue_scoped(&e, "alice", "openid profile email offline_access");
+    let count = || {
+        let shard = e.table.lock(&id);
+        let grant = &shard.get(&id).unwrap().grant;
+        (
+            Arc::strong_count(grant),
+            Arc::strong_count(&grant.client),
+            Arc::strong_count(&grant.scope),
+        )
+    };
+    let before = count();
+    let d = e
+        .redeem(&RedeemRequest::new(&t, "app").ip("10.0.0.1".parse::<IpAddr>().unwrap()))
+        .unwrap();
+    let a = d.accepted().unwrap();
+    assert_eq!(a.scope(), "openid profile email offline_access");
+    assert_eq!(a.client(), "app");
+    assert_eq!(count(), before, "the acceptance holds a shared count");
+}
