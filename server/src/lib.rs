@@ -76,8 +76,8 @@ pub mod fuzzing {
 pub use self::jwt::{AccessClaims, AccessTokenSigner};
 
 use refresh_guard::{
-    AllowList, Durability, Engine, Error, IpRange, LogOptions, LogStore, PolicyReloader, PolicySet,
-    PolicyVersion,
+    AllowList, Durability, Engine, Error, IpRange, LogHooks, LogOptions, LogStore, PolicyReloader,
+    PolicySet, PolicyVersion,
 };
 
 use self::budget::Budget;
@@ -143,6 +143,22 @@ pub struct Config {
     pub compact_interval: Duration,
     /// How long shutdown waits for open requests before closing anyway.
     pub shutdown_timeout: Duration,
+    /// Failpoints in the store's writer (tests: a full disk); not a
+    /// stable interface.
+    #[doc(hidden)]
+    pub store_hooks: Option<StoreHooks>,
+}
+
+/// [`LogHooks`] for [`Config::store_hooks`]: the server's tests fail the
+/// store's writes at the file layer, as the library's tests do.
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct StoreHooks(pub Arc<dyn LogHooks>);
+
+impl std::fmt::Debug for StoreHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreHooks(..)")
+    }
 }
 
 impl Default for Config {
@@ -168,6 +184,7 @@ impl Default for Config {
             sweep_budget: 10_000,
             compact_interval: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(30),
+            store_hooks: None,
         }
     }
 }
@@ -520,12 +537,13 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
         .events(events::LogSink);
     if config.durability != Durability::None {
         let dir = data.join(datadir::LOG_DIR);
-        let store = LogStore::open(
-            &dir,
-            LogOptions {
-                durability: config.durability,
-            },
-        )
+        let options = LogOptions {
+            durability: config.durability,
+        };
+        let store = match &config.store_hooks {
+            Some(StoreHooks(hooks)) => LogStore::open_with_hooks(&dir, options, hooks.clone()),
+            None => LogStore::open(&dir, options),
+        }
         .map_err(ServerError::Engine)?;
         builder = builder.store(store);
     }
