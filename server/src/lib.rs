@@ -69,10 +69,7 @@ pub use self::datadir::{AdminToken, AdminTokenSource};
 /// untrusted bytes, reachable from outside the crate but not part of its
 /// API (hidden from the docs, free to change in any release).
 #[doc(hidden)]
-pub mod fuzzing {
-    /// The form parser of the OAuth endpoints' bodies and query strings.
-    pub use crate::form::{Form, FormError, MAX_PARAMS, parse as parse_form};
-}
+pub mod fuzzing;
 pub use self::jwt::{AccessClaims, AccessTokenSigner};
 
 use refresh_guard::{
