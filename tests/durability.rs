@@ -291,14 +291,22 @@ fn a_record_with_an_lsn_no_writer_assigns_refuses_to_open() {
             .err()
             .expect("refused");
         match &err {
-            Error::Corrupt { file, offset, detail } => {
+            Error::Corrupt {
+                file,
+                offset,
+                detail,
+            } => {
                 assert_eq!(file, &seg);
                 assert_eq!(*offset, first as u64, "{err}");
                 assert!(detail.contains("LSN no writer assigns"), "{err}");
             }
             other => panic!("wrong error for LSN {bad}: {other}"),
         }
-        assert_eq!(std::fs::read(&seg).unwrap(), bytes, "a refusal changed the file");
+        assert_eq!(
+            std::fs::read(&seg).unwrap(),
+            bytes,
+            "a refusal changed the file"
+        );
         let report = LogStore::repair(&*dir).unwrap();
         assert_eq!(report.dropped.len(), 1, "{report}");
         assert_eq!(open(&dir).stats().families, 1);
@@ -312,7 +320,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         c ^= u32::from(b);
         for _ in 0..8 {
-            c = if c & 1 == 1 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+            c = if c & 1 == 1 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
         }
     }
     !c
