@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 
 use crate::token::{self, TokenKind};
 use crate::{
-    AuthorizeRequest, Decision, DenyReason, Engine, Error, ExchangeRequest, IssueRequest,
-    PolicySet, StoredRecord,
+    AuthorizeRequest, Decision, DenyReason, Engine, ExchangeRequest, IssueRequest, PolicySet,
+    StoredRecord,
 };
 
 const CLIENT: &str = "c";
@@ -168,7 +168,8 @@ mod segment {
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use super::{CLIENT, Engine, Error, IssueRequest, ip, redeem};
+    use super::{CLIENT, Engine, IssueRequest, ip, redeem};
+    use crate::Error;
     use crate::store::{LogOptions, LogStore, Store, codec, private};
     use crate::token::FamilyId;
 

@@ -50,6 +50,7 @@ fn policy_toml_corpus() {
     replay("policy_toml", fuzzing::policy_toml);
 }
 
+#[cfg(feature = "durable")]
 #[test]
 fn log_segment_corpus() {
     replay("log_segment", fuzzing::log_segment);
@@ -57,6 +58,7 @@ fn log_segment_corpus() {
 
 /// A segment the store writes today, whole, cut and bit-flipped: the seed
 /// the committed corpus started from, kept current with the format.
+#[cfg(feature = "durable")]
 #[test]
 fn a_fresh_segment_and_its_damage() {
     let seg = fuzzing::sample_segment();
@@ -77,6 +79,7 @@ fn a_fresh_segment_and_its_damage() {
 /// Writes the hand-made seeds of every library target into fuzz/corpus
 /// (`cargo test --test fuzz_corpus -- --ignored`); a campaign starts from
 /// them, and `cargo fuzz cmin` keeps what adds coverage (FUZZING.md).
+#[cfg(feature = "durable")]
 #[test]
 #[ignore = "writes the seed corpus"]
 fn write_seeds() {
