@@ -108,6 +108,10 @@ mod engine;
 mod error;
 mod event;
 mod family;
+/// Entry points of the fuzz targets in `fuzz/` and of the corpus replay
+/// in `tests/fuzz_corpus.rs` (FUZZING.md): not part of the API.
+#[doc(hidden)]
+pub mod fuzzing;
 mod huge;
 mod policy;
 mod random;

@@ -579,6 +579,18 @@ impl ParsedToken {
     pub(crate) fn tag_is(&self, tag: &[u8; TAG_LEN]) -> bool {
         tags_equal(&self.tag, tag)
     }
+
+    /// The token these fields spell (the fuzz targets check that parsing
+    /// and this agree: every token has exactly one spelling).
+    pub(crate) fn reassemble(&self) -> Token {
+        assemble(
+            self.kind,
+            self.key,
+            &self.family,
+            self.generation,
+            &self.tag,
+        )
+    }
 }
 
 /// Parse `s` as a token of `kind` without allocating. `None` means

@@ -33,10 +33,15 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         )
         .route("/admin/v1/policies/promote", post(promote))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(super::oauth::healthz))
+        .route("/healthz", get(healthz))
         .fallback(super::oauth::not_found)
         .layer(middleware::from_fn_with_state(app.clone(), require_admin))
         .with_state(app)
+}
+
+/// `/healthz` on the admin listener: with the store's own error.
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    super::oauth::health(&app, true)
 }
 
 async fn require_admin(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {

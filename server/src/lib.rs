@@ -70,14 +70,11 @@ pub use self::datadir::{AdminToken, AdminTokenSource};
 /// untrusted bytes, reachable from outside the crate but not part of its
 /// API (hidden from the docs, free to change in any release).
 #[doc(hidden)]
-pub mod fuzzing {
-    /// The form parser of the OAuth endpoints' bodies and query strings.
-    pub use crate::form::{Form, FormError, MAX_PARAMS, parse as parse_form};
-}
+pub mod fuzzing;
 pub use self::jwt::{AccessClaims, AccessTokenSigner};
 
 use refresh_guard::{
-    AllowList, Durability, Engine, Error, IpRange, LoadErrors, LogOptions, LogStore,
+    AllowList, Durability, Engine, Error, IpRange, LoadErrors, LogHooks, LogOptions, LogStore,
     PolicyReloader, PolicySet, PolicyVersion, Profile, ProfileReport, ReloadError,
 };
 
@@ -157,6 +154,22 @@ pub struct Config {
     pub compact_interval: Duration,
     /// How long shutdown waits for open requests before closing anyway.
     pub shutdown_timeout: Duration,
+    /// Failpoints in the store's writer (tests: a full disk); not a
+    /// stable interface.
+    #[doc(hidden)]
+    pub store_hooks: Option<StoreHooks>,
+}
+
+/// [`LogHooks`] for [`Config::store_hooks`]: the server's tests fail the
+/// store's writes at the file layer, as the library's tests do.
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct StoreHooks(pub Arc<dyn LogHooks>);
+
+impl std::fmt::Debug for StoreHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreHooks(..)")
+    }
 }
 
 impl Default for Config {
@@ -185,6 +198,7 @@ impl Default for Config {
             sweep_budget: 10_000,
             compact_interval: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(30),
+            store_hooks: None,
         }
     }
 }
@@ -615,12 +629,13 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
         .events(events::LogSink);
     if config.durability != Durability::None {
         let dir = data.join(datadir::LOG_DIR);
-        let store = LogStore::open(
-            &dir,
-            LogOptions {
-                durability: config.durability,
-            },
-        )
+        let options = LogOptions {
+            durability: config.durability,
+        };
+        let store = match &config.store_hooks {
+            Some(StoreHooks(hooks)) => LogStore::open_with_hooks(&dir, options, hooks.clone()),
+            None => LogStore::open(&dir, options),
+        }
         .map_err(ServerError::Engine)?;
         builder = builder.store(store);
     }

@@ -690,13 +690,32 @@ async fn jwks(State(app): State<Arc<App>>) -> Response {
     json(StatusCode::OK, app.jwks.clone(), false)
 }
 
-pub(crate) async fn healthz(State(app): State<Arc<App>>) -> Response {
-    let healthy = app.is_healthy();
-    let body = serde_json::json!({
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    health(&app, false)
+}
+
+/// `/healthz`: 503 naming the store once it has failed closed (a write
+/// error such as a full disk: README "Durability"), asked of the store
+/// itself, so it says so before any request meets the failure. The
+/// operating system's error, which names files, only on the admin
+/// listener (`detail`).
+pub(crate) fn health(app: &App, detail: bool) -> Response {
+    let failure = app.engine.store_failure();
+    let healthy = app.is_healthy() && failure.is_none();
+    let mut body = serde_json::json!({
         "status": if healthy { "ok" } else { "failing" },
+        "store": if healthy { "ok" } else { "failed" },
         "policy_version": app.engine.policies().version().to_string(),
         "durability": app.engine.durability().to_string(),
     });
+    if !healthy {
+        body["fault"] = "the store failed closed: every change is refused until a restart \
+                         (the cause is in the server log)"
+            .into();
+        if detail && let Some(e) = failure {
+            body["detail"] = e.to_string().into();
+        }
+    }
     let status = if healthy {
         StatusCode::OK
     } else {

@@ -200,4 +200,11 @@ impl Engine {
             .as_ref()
             .map_or(Durability::None, |s| s.durability())
     }
+
+    /// The store's error once it has failed closed (the engine then refuses
+    /// every change until a restart); `None` while it works, or without a
+    /// store. Writes nothing: a health check calls it.
+    pub fn store_failure(&self) -> Option<Error> {
+        self.store.as_ref().and_then(|s| s.failure())
+    }
 }

@@ -607,6 +607,10 @@ impl Store for LogStore {
         self.shared.durability
     }
 
+    fn failure(&self) -> Option<Error> {
+        self.check().err()
+    }
+
     fn compact(&self, snapshot: &mut Snapshot<'_>) -> Result<(), Error> {
         let s = &self.shared;
         let _one = s.compacting.lock();

@@ -154,4 +154,9 @@ pub trait Store: Send + Sync + 'static {
     fn compact(&self, snapshot: &mut Snapshot<'_>) -> Result<(), Error>;
     /// Make everything appended so far durable (shutdown).
     fn flush(&self) -> Result<(), Error>;
+    /// The error every change gets once the store has failed closed, or
+    /// `None` while it works: what a health check asks, without writing.
+    fn failure(&self) -> Option<Error> {
+        None
+    }
 }

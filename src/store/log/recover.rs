@@ -22,7 +22,15 @@ pub(super) enum Bad {
     Checksum,
     /// The checksum matches but the record does not decode.
     Decode,
+    /// The checksum matches but the LSN is one no writer assigns.
+    Lsn,
 }
+
+/// The highest LSN a record may carry. Writers count up from 1 and never
+/// get near 2^63 (a billion writes a second for 292 years); refusing more
+/// keeps `max + 1`, the next LSN after recovery, from overflowing (docs/store.md,
+/// "Files and records").
+pub(super) const MAX_LSN: u64 = i64::MAX as u64;
 
 impl Bad {
     pub(super) fn what(self) -> &'static str {
@@ -31,6 +39,7 @@ impl Bad {
             Bad::Length => "impossible record length",
             Bad::Checksum => "checksum mismatch",
             Bad::Decode => "a record that does not decode (written by a newer version?)",
+            Bad::Lsn => "a record with an LSN no writer assigns (0, or 2^63 and above)",
         }
     }
 }
@@ -95,7 +104,7 @@ pub(super) fn is_torn(b: &[u8], off: usize, bad: Bad) -> bool {
             let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
             all_zero(&rest[HEADER + len..])
         }
-        Bad::Decode => false,
+        Bad::Decode | Bad::Lsn => false,
     }
 }
 
@@ -143,6 +152,7 @@ pub(super) fn read_records(
     let mut off = 0;
     while off < bytes.len() {
         match next_record(bytes, off) {
+            Ok((r, _)) if !(1..=MAX_LSN).contains(&r.lsn) => return Some((off, Bad::Lsn)),
             Ok((r, end)) => match decode(&r) {
                 Some((id, state)) => {
                     each(r.lsn, id, state);
@@ -274,7 +284,7 @@ pub(super) fn recover_dir(dir: &Path) -> Result<(Vec<StoredRecord>, u64), Error>
 /// to do.
 fn refusal(dir: &Path, bad: Bad, last: bool) -> String {
     let why = match (bad, last) {
-        (Bad::Decode, _) => "",
+        (Bad::Decode | Bad::Lsn, _) => "",
         (_, false) => ", in a file newer files follow (so not an interrupted append)",
         (_, true) => ", with data after it (so not an interrupted append)",
     };
