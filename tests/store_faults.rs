@@ -227,18 +227,20 @@ fn a_first_binding_with_a_kept_token_waits_for_its_write() {
     let fp = Arc::new(Failpoint::default());
     let store =
         Arc::new(LogStore::open_with_hooks(&*dir, LogOptions::default(), fp.clone()).unwrap());
-    let set = PolicySet::builder()
-        .client(
-            CLIENT,
-            PolicyOverrides::new()
-                .rotation(Rotation::Reuse)
-                .dpop(Dpop::Required),
-        )
-        .build()
-        .unwrap();
+    let kept_and_bound = || {
+        PolicySet::builder()
+            .client(
+                CLIENT,
+                PolicyOverrides::new()
+                    .rotation(Rotation::Reuse)
+                    .dpop(Dpop::Required),
+            )
+            .build()
+            .unwrap()
+    };
     let e = Engine::builder()
         .keys(keys())
-        .policies(set)
+        .policies(kept_and_bound())
         .store(Recording::new(store.clone()))
         .build()
         .unwrap();
@@ -256,17 +258,7 @@ fn a_first_binding_with_a_kept_token_waits_for_its_write() {
     // of its next proof.
     let e = Engine::builder()
         .keys(keys())
-        .policies(
-            PolicySet::builder()
-                .client(
-                    CLIENT,
-                    PolicyOverrides::new()
-                        .rotation(Rotation::Reuse)
-                        .dpop(Dpop::Required),
-                )
-                .build()
-                .unwrap(),
-        )
+        .policies(kept_and_bound())
         .store(LogStore::open(&*dir, LogOptions::default()).unwrap())
         .build()
         .unwrap();
