@@ -22,8 +22,10 @@ pub struct SweepReport {
 
 impl Engine {
     /// Remove expired families, and revoked ones past their retention,
-    /// examining at most `budget` slots. Call it periodically; memory then
-    /// stays bounded by the live families under churn.
+    /// examining at most `budget` slots, and at most one pass over the
+    /// table (so `usize::MAX` means "everything, once"). Call it
+    /// periodically; memory then stays bounded by the live families under
+    /// churn.
     pub fn sweep(&self, budget: usize) -> Result<SweepReport, Error> {
         self.at(self.now()).sweep(budget)
     }

@@ -526,3 +526,25 @@ fn an_acceptance_does_not_share_the_grants_count() {
     assert_eq!(a.client(), "app");
     assert_eq!(count(), before, "the acceptance holds a shared count");
 }
+
+/// A sweep budget larger than the table examines the table once and
+/// returns: `sweep(usize::MAX)` used to go round the table under the
+/// cursor lock forever (and the slot arithmetic could overflow).
+#[test]
+fn a_sweep_budget_beyond_the_table_makes_one_pass_and_returns() {
+    let e = Arc::new(Engine::builder().shards(4).build().unwrap());
+    for i in 0..10 {
+        issue_to(&e, &format!("user-{i}"));
+    }
+    // Start mid-table, so the pass wraps.
+    e.sweep(3).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sweeper = e.clone();
+    std::thread::spawn(move || tx.send(sweeper.sweep(usize::MAX)));
+    let report = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("sweep(usize::MAX) did not return")
+        .unwrap();
+    assert_eq!(report.removed, 0);
+    assert!(report.examined >= 10, "{report:?}");
+}

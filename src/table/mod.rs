@@ -377,9 +377,15 @@ impl Table {
         let mut examined = 0;
         let mut removed = Vec::new();
         let mut wrapped = false;
-        while examined < budget {
+        // At most one pass over the table, whatever the budget: a budget
+        // larger than the table (`usize::MAX`, say) would otherwise go
+        // round and round under the cursor lock forever. Finishing one
+        // more shard than there are revisits at most the start of the
+        // shard this call began in.
+        let mut shards_left = self.shards.len() + 1;
+        while examined < budget && shards_left > 0 {
             let mut g = self.shards[shard].0.lock();
-            let end = g.slots.len().min(slot + (budget - examined));
+            let end = g.slots.len().min(slot.saturating_add(budget - examined));
             examined += (end.saturating_sub(slot)).max(1);
             for i in slot..end {
                 if g.slots[i].as_ref().is_some_and(&mut dead)
@@ -392,6 +398,7 @@ impl Table {
                 // Shard done: give back memory a burst of churn left behind.
                 g.trim();
                 drop(g);
+                shards_left -= 1;
                 shard = (shard + 1) % self.shards.len();
                 wrapped |= shard == 0;
                 slot = 0;
