@@ -76,6 +76,7 @@ impl<'e> At<'e> {
     }
 
     /// [`Engine::redeem`] at this time.
+    #[inline]
     pub fn redeem(self, req: &RedeemRequest<'_>) -> Result<Decision, Error> {
         self.engine.redeem_at(req, self.now)
     }

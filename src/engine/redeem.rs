@@ -25,6 +25,7 @@ impl Engine {
     /// until restarted (fail closed); nothing was acknowledged.
     ///
     /// [`Durability::Sync`]: crate::Durability::Sync
+    #[inline]
     pub fn redeem(&self, req: &RedeemRequest<'_>) -> Result<Decision, Error> {
         self.at(self.now()).redeem(req)
     }
@@ -36,6 +37,7 @@ impl Engine {
     }
 
     /// [`redeem`](Self::redeem) at `now`; see [`At`](super::At).
+    #[inline]
     pub(super) fn redeem_at(
         &self,
         req: &RedeemRequest<'_>,
