@@ -322,6 +322,18 @@ pub(crate) fn authenticate(
         return Err(OAuthError::client("unknown client", via_basic));
     }
     let policies = app.engine.policies();
+    // A client the set refuses (`unknown_clients = "refuse"`) that tried to
+    // authenticate with the Authorization header is answered 401 with the
+    // scheme, as RFC 6749 §5.2 requires of any failed Basic authentication;
+    // without the header the engine's `unknown_client` denial (400
+    // `invalid_client`) answers, since a 401 must name a scheme
+    // (RFC 9110 §15.5.2).
+    if via_basic && !policies.admits_client(&id) {
+        return Err(OAuthError::client(
+            "client is not registered with this server",
+            true,
+        ));
+    }
     let expected = policies.policy(&id).client_secret_sha256().copied();
     match (expected, secret) {
         (Some(hash), Some(secret)) => {

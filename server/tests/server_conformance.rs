@@ -146,3 +146,37 @@ fn admin_api_reads_json_with_or_without_a_json_content_type() {
         r.assert_error(400, "invalid_request");
     }
 }
+
+/// Regression: under `unknown_clients = "refuse"`, a client the set does not
+/// list that authenticated with HTTP Basic got a 400; RFC 6749 §5.2 asks for
+/// 401 with `WWW-Authenticate` whenever the Authorization header was used.
+/// (A public client sends Basic with an empty password.) Without the
+/// header it stays the engine's 400 `invalid_client`.
+#[test]
+fn an_unlisted_client_using_basic_gets_401_with_the_scheme() {
+    let dir = TempDir::new("refuse-basic-policies");
+    std::fs::write(
+        dir.path().join("p.toml"),
+        "unknown_clients = \"refuse\"\n[clients.spa]\n",
+    )
+    .unwrap();
+    let s = TestServer::with("refuse-basic", |c| {
+        c.policies = dir.path().to_owned();
+        c.policy_set = None;
+    });
+    let body = "grant_type=refresh_token&refresh_token=rgt_unknown";
+    let r = s.form_with(
+        "/oauth2/token",
+        body,
+        &[("Authorization", &basic("stranger", ""))],
+    );
+    r.assert_error(401, "invalid_client");
+    assert!(
+        r.header("www-authenticate")
+            .is_some_and(|v| v.starts_with("Basic")),
+        "{:?}",
+        r.headers
+    );
+    let r = s.form("/oauth2/token", &format!("{body}&client_id=stranger"));
+    r.assert_error(400, "invalid_client");
+}
