@@ -42,12 +42,7 @@ impl Engine {
         req: &ExchangeRequest<'_>,
         now: Timestamp,
     ) -> Result<Durable<'_>, Error> {
-        let (decision, lsn) = self.exchange_inner(req, now)?;
-        Ok(Durable {
-            engine: self,
-            decision: Some(decision),
-            lsn,
-        })
+        Ok(Durable::pending(self, self.exchange_inner(req, now)?))
     }
 
     pub(super) fn exchange_inner(

@@ -265,7 +265,19 @@ pub struct Durable<'a> {
     lsn: Option<Lsn>,
 }
 
-impl Durable<'_> {
+impl<'a> Durable<'a> {
+    /// `decision`, whose change is durable once `lsn` is.
+    pub(super) fn pending(
+        engine: &'a Engine,
+        (decision, lsn): (Decision, Option<Lsn>),
+    ) -> Durable<'a> {
+        Durable {
+            engine,
+            decision: Some(decision),
+            lsn,
+        }
+    }
+
     /// Block until durable.
     pub fn wait(mut self) -> Result<Decision, Error> {
         self.engine.settle(self.lsn)?;

@@ -54,12 +54,7 @@ impl Engine {
         req: &RedeemRequest<'_>,
         now: Timestamp,
     ) -> Result<Durable<'_>, Error> {
-        let (decision, lsn) = self.redeem_inner(req, now)?;
-        Ok(Durable {
-            engine: self,
-            decision: Some(decision),
-            lsn,
-        })
+        Ok(Durable::pending(self, self.redeem_inner(req, now)?))
     }
 
     pub(super) fn redeem_inner(
