@@ -295,50 +295,6 @@ impl fmt::Debug for SubjectName {
     }
 }
 
-/// A copy of one of a grant's shared strings (client, scope) for an
-/// acceptance to carry out of the shard lock. A grant is shared by every
-/// family of its client and scope, so cloning its `Arc` would make every
-/// redemption of that client, on every core, write the same reference
-/// count: a cache line bounced between cores on the hot path. Strings of
-/// up to `N` bytes (client ids and common scopes) are copied inline
-/// instead; only longer ones share the count.
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) enum Copied<const N: usize> {
-    Inline { len: u8, bytes: [u8; N] },
-    Shared(Arc<str>),
-}
-
-impl<const N: usize> Copied<N> {
-    pub(crate) fn of(s: &Arc<str>) -> Copied<N> {
-        const { assert!(N <= u8::MAX as usize) };
-        if s.len() <= N {
-            let mut bytes = [0; N];
-            bytes[..s.len()].copy_from_slice(s.as_bytes());
-            // Fits: len <= N <= 255.
-            Copied::Inline {
-                len: s.len() as u8,
-                bytes,
-            }
-        } else {
-            Copied::Shared(s.clone())
-        }
-    }
-
-    pub(crate) fn as_str(&self) -> &str {
-        match self {
-            Copied::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)])
-                .expect("copied from a str, cut at its length"),
-            Copied::Shared(s) => s,
-        }
-    }
-}
-
-impl<const N: usize> fmt::Debug for Copied<N> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,21 +318,6 @@ mod tests {
         for (i, r) in RevokeReason::ALL.into_iter().enumerate() {
             assert_eq!(r.index(), i, "{r}");
         }
-    }
-
-    #[test]
-    fn grant_strings_copy_inline_up_to_their_capacity() {
-        let short: Arc<str> = Arc::from("openid offline_access");
-        let long: Arc<str> = Arc::from("x".repeat(63));
-        let c = Copied::<62>::of(&short);
-        assert!(matches!(c, Copied::Inline { .. }));
-        assert_eq!(c.as_str(), &*short);
-        // Inline copies leave the shared count alone.
-        assert_eq!(Arc::strong_count(&short), 1);
-        let c = Copied::<62>::of(&long);
-        assert!(matches!(c, Copied::Shared(_)));
-        assert_eq!(c.as_str(), &*long);
-        assert_eq!(Arc::strong_count(&long), 2);
     }
 
     #[test]

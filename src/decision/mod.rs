@@ -5,10 +5,11 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::clock::Timestamp;
 use crate::dpop::{self, Binding, Jkt};
-use crate::family::{Copied, Family, Grant, SubjectName};
+use crate::family::{Family, Grant, SubjectName};
 use crate::policy::{ClientPolicy, IpCheck, PolicyVersion, Rotation};
 use crate::token::{FamilyId, Generation, Token};
 
@@ -291,31 +292,24 @@ pub struct Accepted {
     pub kind: AcceptKind,
     /// The policy set that decided.
     pub policy_version: PolicyVersion,
-    /// The family's client, copied (see [`Copied`]).
-    pub(crate) client: Copied<INLINE_CLIENT>,
-    /// The family's scope, copied (see [`Copied`]).
-    pub(crate) scope: Copied<INLINE_SCOPE>,
+    /// The family's client and scope: its grant, whose count is shared
+    /// only with the families of its stripe (see `Interner`).
+    pub(crate) grant: Arc<Grant>,
     /// The family's subject.
     pub(crate) subject: SubjectName,
 }
 
-/// Client ids up to this many bytes travel inline in an [`Accepted`].
-pub(crate) const INLINE_CLIENT: usize = 30;
-/// Scopes up to this many bytes travel inline in an [`Accepted`]
-/// (`openid profile email offline_access` is 35).
-pub(crate) const INLINE_SCOPE: usize = 62;
-
 impl Accepted {
     /// What an acceptance carries of the family `grant` and `subject` name:
-    /// copies that touch no count shared with other families, save for
-    /// strings too long to copy inline.
+    /// counted references, no copies (a move of a large `Decision` costs
+    /// more than the count; BENCHMARKS.md "This phase: before and after").
     pub(crate) fn of(
         token: Token,
         family: FamilyId,
         generation: Generation,
         kind: AcceptKind,
         policy_version: PolicyVersion,
-        grant: &Grant,
+        grant: &Arc<Grant>,
         subject: &SubjectName,
     ) -> Accepted {
         Accepted {
@@ -324,8 +318,7 @@ impl Accepted {
             generation,
             kind,
             policy_version,
-            client: Copied::of(&grant.client),
-            scope: Copied::of(&grant.scope),
+            grant: grant.clone(),
             subject: subject.clone(),
         }
     }
@@ -337,12 +330,12 @@ impl Accepted {
 
     /// The scope granted to the family, space-separated.
     pub fn scope(&self) -> &str {
-        self.scope.as_str()
+        &self.grant.scope
     }
 
     /// The client the family is bound to.
     pub fn client(&self) -> &str {
-        self.client.as_str()
+        &self.grant.client
     }
 }
 

@@ -13,7 +13,7 @@ use crate::event::EventKind;
 use crate::family::Family;
 use crate::policy::PolicyVersion;
 use crate::store::Lsn;
-use crate::table::Loc;
+use crate::table::{Loc, stripe_of};
 
 use super::revoke::Revocation;
 use super::{Engine, Who};
@@ -127,7 +127,7 @@ impl Engine {
                 }
             }
             Bind::Clear if f.jkt().is_some() => {
-                f.grant = self.interner.grant(f.client(), f.scope());
+                f.grant = self.interner.grant(stripe_of(&f.id), f.client(), f.scope());
             }
             Bind::Clear | Bind::Keep => {}
         }

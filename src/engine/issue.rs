@@ -72,10 +72,21 @@ impl Engine {
             None => (AcceptKind::Issued, TokenKind::Refresh, Generation::FIRST),
         };
         let cap = policy.max_families_per_subject;
+        // Drawn before anything changes, so a failing CSPRNG refuses the
+        // family with nothing evicted.
+        let mut rnd = [0u8; 28];
+        crate::random::fill(&mut rnd)?;
+        let (random, secret) = rnd.split_at(12);
+        let random: [u8; 12] = random.try_into().expect("12 bytes");
+        // The random part picks the shard (and the grant's stripe); the id
+        // then names the free slot it takes there, so it cannot collide.
+        let placed = FamilyId::new(0, random);
         let mut f = Family {
-            id: FamilyId::from_bytes([0; 16]),
-            secret: FamilySecret([0; 16]),
-            grant: self.interner.grant_for(req.client, req.scope, jkt.as_ref()),
+            id: placed,
+            secret: FamilySecret(secret.try_into().expect("16 bytes")),
+            grant: self
+                .interner
+                .grant_for(&placed, req.client, req.scope, jkt.as_ref()),
             subject: SubjectName::new(req.subject),
             created: now,
             last_used: now,
@@ -109,14 +120,7 @@ impl Engine {
             let created = match evicted.iter().find_map(Revocation::error) {
                 Some(e) => Err(e.clone()),
                 None => (|| -> Result<_, Error> {
-                    let mut rnd = [0u8; 28];
-                    crate::random::fill(&mut rnd)?;
-                    let (random, secret) = rnd.split_at(12);
-                    let random: [u8; 12] = random.try_into().expect("12 bytes");
-                    f.secret = FamilySecret(secret.try_into().expect("16 bytes"));
-                    // The random part picks the shard; the id then names the
-                    // free slot it takes there, so it cannot collide.
-                    let mut shard = self.table.lock(&FamilyId::new(0, random));
+                    let mut shard = self.table.lock(&placed);
                     f.id = FamilyId::new(shard.vacant_slot(), random);
                     let tag = keys
                         .tag(token_kind, f.key, &f.id, generation, &f.secret)

@@ -120,7 +120,9 @@ impl Engine {
     /// Put `f` in the table and, if active, the subject index.
     pub(super) fn install(&self, mut f: Family) {
         f.tag_uid = KeyUid::NONE;
-        f.grant = self.interner.grant_for(f.client(), f.scope(), f.jkt());
+        f.grant = self
+            .interner
+            .grant_for(&f.id, f.client(), f.scope(), f.jkt());
         let (id, active) = (f.id, f.is_active());
         let mut entries = self.subjects.lock(f.subject.as_str());
         let mut shard = self.table.lock(&id);

@@ -498,33 +498,41 @@ fn failed_code_replay_revocation_write_still_reports_family_revoked() {
     assert!(reported(&sink.take(), code.family, &revoked));
 }
 
-/// An acceptance carries its family's client and scope without writing the
-/// reference count of the grant, which every family of the client and
-/// scope shares: cloning it made every redemption of that client, on every
-/// core, write one cache line (a contended count on the hot path). Short
-/// strings are copied inline; the grant's count must not move while an
-/// acceptance is held.
+/// An acceptance hands the family's grant out by its count, and that
+/// count is shared only with the families of the same stripe: two
+/// families of one client and scope in different stripes hold different
+/// grants, and accepting one leaves the other's count alone. A grant
+/// shared by all of a client's families made every redemption, on every
+/// core, write one reference count.
 #[test]
-fn an_acceptance_does_not_share_the_grants_count() {
+fn an_acceptance_shares_its_grants_count_only_within_a_stripe() {
     let e = Engine::builder().build().unwrap();
-    let (t, id) = issue_scoped(&e, "alice", "openid profile email offline_access");
-    let count = || {
-        let shard = e.table.lock(&id);
-        let grant = &shard.get(&id).unwrap().grant;
-        (
-            Arc::strong_count(grant),
-            Arc::strong_count(&grant.client),
-            Arc::strong_count(&grant.scope),
-        )
-    };
-    let before = count();
+    let scope = "openid profile email offline_access";
+    let grant_of = |id: &FamilyId| e.table.lock(id).get(id).unwrap().grant.clone();
+    let (t, id) = issue_scoped(&e, "alice", scope);
+    // Another family of the same pair in another stripe.
+    let other = (0..1000)
+        .map(|i| issue_scoped(&e, &format!("user-{i}"), scope).1)
+        .find(|o| crate::table::stripe_of(o) != crate::table::stripe_of(&id))
+        .expect("1000 families fill more than one stripe");
+    let (mine, theirs) = (grant_of(&id), grant_of(&other));
+    assert!(!Arc::ptr_eq(&mine, &theirs), "one grant for both stripes");
+    let before = Arc::strong_count(&theirs);
     let d = e
         .redeem(&RedeemRequest::new(&t, "app").ip("10.0.0.1".parse::<IpAddr>().unwrap()))
         .unwrap();
     let a = d.accepted().unwrap();
-    assert_eq!(a.scope(), "openid profile email offline_access");
+    assert_eq!(a.scope(), scope);
     assert_eq!(a.client(), "app");
-    assert_eq!(count(), before, "the acceptance holds a shared count");
+    assert_eq!(
+        Arc::strong_count(&theirs),
+        before,
+        "the other stripe's count moved"
+    );
+    assert!(
+        Arc::ptr_eq(&a.grant, &mine),
+        "the acceptance carries its family's grant"
+    );
 }
 
 /// A sweep budget larger than the table examines the table once and

@@ -7,20 +7,41 @@ use hashbrown::HashTable;
 
 use crate::dpop::Jkt;
 use crate::family::Grant;
+use crate::token::FamilyId;
 
 use super::Hasher;
 
 /// Shares one allocation per distinct client id and scope string, and one
-/// [`Grant`] per distinct pair.
+/// [`Grant`] per distinct pair and stripe.
+///
+/// Grants are striped by family id ([`GRANT_STRIPES`] copies of each pair
+/// at most) because an acceptance hands the family's grant out by cloning
+/// its `Arc` (README "API": no allocation on redemption). Were one grant
+/// shared by every family of a client, every redemption for that client,
+/// on every core, would write the same reference count: one cache line
+/// bounced between all cores on the hot path. Striped like the table's
+/// shards, a count is written mostly by the thread already holding the
+/// shard lock of a family in that stripe.
 ///
 /// Grows with the number of distinct values: client ids and granted
 /// scopes. Scopes come from authorization requests, so the sweeper calls
 /// [`prune`](Interner::prune) once per pass over the table: what no
 /// family (nor anything else) holds any more is forgotten, and the
 /// interner stays bounded by the live families' pairs.
+/// How many copies of one (client, scope) grant families are spread over.
+/// Bounded so that memory stays about one grant per distinct pair times
+/// this at most (a grant is under 100 bytes).
+pub(crate) const GRANT_STRIPES: u64 = 64;
+
+/// The grant stripe of family `id`: the low bits the table's shard is
+/// chosen by, so one shard's families share one stripe.
+pub(crate) fn stripe_of(id: &FamilyId) -> u8 {
+    (id.shard_bits() % GRANT_STRIPES) as u8
+}
+
 pub(crate) struct Interner {
     strings: parking_lot::RwLock<std::collections::HashSet<Arc<str>, Hasher>>,
-    grants: parking_lot::RwLock<HashTable<Arc<Grant>>>,
+    grants: parking_lot::RwLock<HashTable<(u8, Arc<Grant>)>>,
     hasher: Hasher,
 }
 
@@ -52,10 +73,10 @@ impl Interner {
     /// until the entry is gone; a pair dropped here releases its strings
     /// before they are looked at.
     pub(crate) fn prune(&self) -> usize {
-        let hash = |g: &Arc<Grant>| self.hasher.hash_one((&*g.client, &*g.scope));
+        let hash = |g: &(u8, Arc<Grant>)| self.hasher.hash_one((g.0, &*g.1.client, &*g.1.scope));
         let mut grants = self.grants.write();
         let before = grants.len();
-        grants.retain(|g| Arc::strong_count(g) > 1);
+        grants.retain(|g| Arc::strong_count(&g.1) > 1);
         let pruned = before - grants.len();
         if grants.capacity() > 64 && grants.len() < grants.capacity() / 4 {
             grants.shrink_to_fit(hash);
@@ -75,12 +96,18 @@ impl Interner {
         (self.grants.read().len(), self.strings.read().len())
     }
 
-    /// The grant of `client` with `scope`, bound to the DPoP key `jkt`
-    /// when there is one: then a grant of the family's own (not kept
-    /// here), with the interned strings.
-    pub(crate) fn grant_for(&self, client: &str, scope: &str, jkt: Option<&Jkt>) -> Arc<Grant> {
+    /// The grant of `client` with `scope` for family `id`, bound to the
+    /// DPoP key `jkt` when there is one: then a grant of the family's own
+    /// (not kept here), with the interned strings.
+    pub(crate) fn grant_for(
+        &self,
+        id: &FamilyId,
+        client: &str,
+        scope: &str,
+        jkt: Option<&Jkt>,
+    ) -> Arc<Grant> {
         match jkt {
-            None => self.grant(client, scope),
+            None => self.grant(stripe_of(id), client, scope),
             Some(&jkt) => Arc::new(Grant {
                 client: self.intern(client),
                 scope: self.intern(scope),
@@ -89,13 +116,14 @@ impl Interner {
         }
     }
 
-    /// The shared grant of `client` with `scope`.
-    pub(crate) fn grant(&self, client: &str, scope: &str) -> Arc<Grant> {
-        let hash = |c: &str, s: &str| self.hasher.hash_one((c, s));
-        let h = hash(client, scope);
-        let same = |g: &Arc<Grant>| *g.client == *client && *g.scope == *scope;
+    /// The shared grant of `client` with `scope` in `stripe`.
+    pub(crate) fn grant(&self, stripe: u8, client: &str, scope: &str) -> Arc<Grant> {
+        let hash = |st: u8, c: &str, s: &str| self.hasher.hash_one((st, c, s));
+        let h = hash(stripe, client, scope);
+        let same =
+            |g: &(u8, Arc<Grant>)| g.0 == stripe && *g.1.client == *client && *g.1.scope == *scope;
         if let Some(g) = self.grants.read().find(h, same) {
-            return g.clone();
+            return g.1.clone();
         }
         let g = Arc::new(Grant {
             client: self.intern(client),
@@ -104,9 +132,11 @@ impl Interner {
         });
         let mut w = self.grants.write();
         if let Some(g) = w.find(h, same) {
-            return g.clone();
+            return g.1.clone();
         }
-        w.insert_unique(h, g.clone(), |g| hash(&g.client, &g.scope));
+        w.insert_unique(h, (stripe, g.clone()), |g| {
+            hash(g.0, &g.1.client, &g.1.scope)
+        });
         g
     }
 }
@@ -119,9 +149,9 @@ mod tests {
     #[test]
     fn grants_are_shared_per_pair() {
         let i = Interner::new();
-        let a = i.grant("app", "openid");
-        assert!(Arc::ptr_eq(&a, &i.grant("app", "openid")));
-        let b = i.grant("app", "email");
+        let a = i.grant(0, "app", "openid");
+        assert!(Arc::ptr_eq(&a, &i.grant(0, "app", "openid")));
+        let b = i.grant(0, "app", "email");
         assert!(!Arc::ptr_eq(&a, &b));
         assert!(Arc::ptr_eq(&a.client, &b.client));
         assert_eq!((&*b.client, &*b.scope), ("app", "email"));
@@ -133,15 +163,15 @@ mod tests {
     #[test]
     fn pruning_keeps_what_is_held() {
         let i = Interner::new();
-        let kept = i.grant("app", "openid");
-        let gone = i.grant("app", "email");
+        let kept = i.grant(0, "app", "openid");
+        let gone = i.grant(0, "app", "email");
         let event_client = i.intern("other");
         assert_eq!(i.len(), (2, 4));
         assert_eq!(i.prune(), 0, "all held");
         drop(gone);
         assert_eq!(i.prune(), 1);
         assert_eq!(i.len(), (1, 3), "\"email\" went with its pair");
-        assert!(Arc::ptr_eq(&kept, &i.grant("app", "openid")));
+        assert!(Arc::ptr_eq(&kept, &i.grant(0, "app", "openid")));
         drop((kept, event_client));
         i.prune();
         assert_eq!(i.len(), (0, 0));
@@ -167,10 +197,10 @@ mod tests {
             let mut round = 0u64;
             // Until the pruner has run many times during the rounds.
             while round < 20_000 || prunes.load(Relaxed) < 20_000 {
-                let held = i.grant("app", "openid");
+                let held = i.grant(0, "app", "openid");
                 // A pair only this round uses, dropped at once.
-                drop(i.grant("app", if round.is_multiple_of(2) { "a" } else { "b" }));
-                let again = i.grant("app", "openid");
+                drop(i.grant(0, "app", if round.is_multiple_of(2) { "a" } else { "b" }));
+                let again = i.grant(0, "app", "openid");
                 if !Arc::ptr_eq(&held, &again) || !Arc::ptr_eq(&held.scope, &i.intern("openid")) {
                     forgotten = Some(round);
                     break;

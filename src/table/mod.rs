@@ -27,7 +27,7 @@ mod interner;
 mod shadow;
 mod subjects;
 
-pub(crate) use interner::Interner;
+pub(crate) use interner::{Interner, stripe_of};
 pub(crate) use shadow::ShadowCounts;
 pub(crate) use subjects::{SubjectEntries, SubjectIndex};
 
