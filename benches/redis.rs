@@ -136,6 +136,9 @@ fn spread<S: Send>(
 
 fn summary(id: &str, latencies: &Mutex<Vec<u64>>, lost: u64) {
     let mut l = std::mem::take(&mut *latencies.lock().unwrap());
+    if l.is_empty() {
+        return; // filtered out on the command line
+    }
     l.sort_unstable();
     let at = |q: f64| l[((l.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
     println!(
