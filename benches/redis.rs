@@ -134,19 +134,43 @@ fn spread<S: Send>(
     })
 }
 
-fn summary(id: &str, latencies: &Mutex<Vec<u64>>, lost: u64) {
+/// redis-server's counts of commands processed and of reads from client
+/// sockets: their ratio shows how many commands each read brings in.
+fn io_counts(server: &RedisServer) -> (u64, u64) {
+    let info = server.cmd(&["INFO", "stats"]).text().expect("INFO stats");
+    let count = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.parse().ok())
+            .unwrap_or_else(|| panic!("INFO stats has no {name}"))
+    };
+    (
+        count("total_commands_processed"),
+        count("total_reads_processed"),
+    )
+}
+
+fn summary(
+    id: &str,
+    latencies: &Mutex<Vec<u64>>,
+    lost: u64,
+    server: &RedisServer,
+    before: (u64, u64),
+) {
     let mut l = std::mem::take(&mut *latencies.lock().unwrap());
     if l.is_empty() {
         return; // filtered out on the command line
     }
     l.sort_unstable();
     let at = |q: f64| l[((l.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
+    let after = io_counts(server);
+    let (commands, reads) = (after.0 - before.0, after.1 - before.1);
     println!(
         "redis/{id}: p50 {:.1} us, p99 {:.1} us over {} redemptions by {CALLERS} callers \
-         ({lost} aborted and retried)",
+         ({lost} aborted and retried); server: {:.2} commands per socket read",
         at(0.50),
         at(0.99),
-        l.len()
+        l.len(),
+        commands as f64 / reads.max(1) as f64,
     );
 }
 
@@ -242,6 +266,7 @@ fn bench(c: &mut Criterion) {
         .collect();
 
     // (c) The limit: a script that does nothing, by EVALSHA.
+    let before = io_counts(&server);
     g.bench_function("c_noop_script_evalsha", |b| {
         b.iter_custom(|iters| {
             spread(&mut callers, iters, &latencies, |caller, _| {
@@ -251,9 +276,10 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
-    summary("c_noop_script_evalsha", &latencies, 0);
+    summary("c_noop_script_evalsha", &latencies, 0, &server, before);
 
     // (a') The store's shape: one compare-and-set script per redemption.
+    let before = io_counts(&server);
     g.bench_function("a_prime_cas_script_evalsha", |b| {
         b.iter_custom(|iters| {
             spread(&mut callers, iters, &latencies, |caller, k| {
@@ -277,7 +303,7 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
-    summary("a_prime_cas_script_evalsha", &latencies, 0);
+    summary("a_prime_cas_script_evalsha", &latencies, 0, &server, before);
 
     // (b) The naive store: WATCH, GET, decide in Rust, MULTI SET EXEC,
     // again on an abort. Written out rather than with redis-rs's
@@ -289,6 +315,7 @@ fn bench(c: &mut Criterion) {
             (i, conn, vec![1; FAMILIES_PER_CALLER])
         })
         .collect();
+    let before = io_counts(&server);
     g.bench_function("b_naive_watch_get_multi_exec", |b| {
         b.iter_custom(|iters| {
             spread(
@@ -326,6 +353,8 @@ fn bench(c: &mut Criterion) {
         "b_naive_watch_get_multi_exec",
         &latencies,
         aborts.load(Ordering::Relaxed),
+        &server,
+        before,
     );
     g.finish();
     drop(callers);
