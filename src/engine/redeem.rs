@@ -54,6 +54,19 @@ impl Engine {
         req: &RedeemRequest<'_>,
         now: Timestamp,
     ) -> Result<Durable<'_>, Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            // The future owns what it decides on: it may outlive `req`.
+            let (token, client) = (req.token.to_owned(), req.client.to_owned());
+            let (ip, dpop) = (req.ip, req.dpop);
+            return Ok(Durable::shared(
+                self,
+                Box::pin(async move {
+                    let req = RedeemRequest::new(&token, &client).ip(ip).dpop(dpop);
+                    self.shared_redeem(sh, req, now).await
+                }),
+            ));
+        }
         Ok(Durable::pending(self, self.redeem_inner(req, now)?))
     }
 
@@ -62,6 +75,12 @@ impl Engine {
         req: &RedeemRequest<'_>,
         now: Timestamp,
     ) -> Result<(Decision, Option<Lsn>), Error> {
+        // The one branch between one engine and several (README "Several
+        // instances"); the in-process path below is unchanged.
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return super::shared::block_on(self.shared_redeem(sh, *req, now)).map(|d| (d, None));
+        }
         let (token, client, ip) = (req.token, req.client, req.ip);
         let policies = self.policies.load();
         if let Some(refused) = self.refuse_unlisted(&policies, client) {

@@ -1,0 +1,447 @@
+//! Several engines on one Redis (README "Several instances"): whichever
+//! engine answers, the answer is one engine's, per the README's order of
+//! checks. Each test starts its own redis-server (tests/redis_support).
+#![cfg(feature = "redis")]
+
+mod redis_support;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis_support::RedisServer;
+use refresh_guard::{
+    AcceptKind, AuthorizeRequest, DenyReason, Engine, EventKind, ExchangeRequest, IssueRequest,
+    KeyId, KeyRing, KeySecret, MemorySink, OnReuse, OnRollback, PolicyOverrides, PolicySet,
+    RedeemRequest, RedisOptions, RedisStore, RevokeReason, Timestamp, Token,
+};
+
+const CLIENT: &str = "mobile-app";
+const T0: Timestamp = Timestamp::from_secs(1_700_000_000);
+
+fn at(secs: u64) -> Timestamp {
+    T0.saturating_add(Duration::from_secs(secs))
+}
+
+fn ip() -> Option<IpAddr> {
+    Some("10.0.0.1".parse().unwrap())
+}
+
+/// Engines sharing one Redis, one key ring and one policy set, each with
+/// its own cache and event sink.
+struct Cluster {
+    server: RedisServer,
+    engines: Vec<Engine>,
+    sinks: Vec<Arc<MemorySink>>,
+}
+
+fn options() -> RedisOptions {
+    let mut o = RedisOptions::default();
+    // The tests drive the engines' time by hand (`engine.at`).
+    o.key_ttl = None;
+    o
+}
+
+impl Cluster {
+    fn new(n: usize, policy: PolicyOverrides) -> Cluster {
+        Cluster::with(RedisServer::start(), n, policy, options())
+    }
+
+    fn with(server: RedisServer, n: usize, policy: PolicyOverrides, o: RedisOptions) -> Cluster {
+        let keys = KeyRing::new(KeyId(1), &KeySecret::generate().unwrap());
+        let set = || {
+            PolicySet::builder()
+                .client(CLIENT, policy.clone())
+                .build()
+                .unwrap()
+        };
+        let mut engines = Vec::new();
+        let mut sinks = Vec::new();
+        for _ in 0..n {
+            let sink = Arc::new(MemorySink::new());
+            let store = RedisStore::connect(&server.url(), o.clone()).unwrap();
+            engines.push(
+                Engine::builder()
+                    .keys(keys.clone())
+                    .policies(set())
+                    .events(sink.clone())
+                    .shared_store(store)
+                    .build()
+                    .unwrap(),
+            );
+            sinks.push(sink);
+        }
+        Cluster {
+            server,
+            engines,
+            sinks,
+        }
+    }
+
+    fn issue(&self, e: usize, subject: &str, t: Timestamp) -> Token {
+        self.engines[e]
+            .at(t)
+            .issue(&IssueRequest {
+                client: CLIENT,
+                subject,
+                scope: "openid",
+                ip: ip(),
+            })
+            .unwrap()
+            .accepted()
+            .expect("issued")
+            .token
+            .clone()
+    }
+
+    fn redeem(&self, e: usize, token: &Token, t: Timestamp) -> refresh_guard::Decision {
+        self.engines[e]
+            .at(t)
+            .redeem(&RedeemRequest::new(token.as_str(), CLIENT).ip(ip()))
+            .unwrap()
+    }
+
+    fn events(&self, e: usize) -> Vec<EventKind> {
+        self.sinks[e].take().into_iter().map(|ev| ev.kind).collect()
+    }
+}
+
+fn token_of(d: &refresh_guard::Decision) -> Token {
+    d.accepted().expect("accepted").token.clone()
+}
+
+fn kind_of(d: &refresh_guard::Decision) -> Option<AcceptKind> {
+    d.accepted().map(|a| a.kind)
+}
+
+fn grace() -> PolicyOverrides {
+    PolicyOverrides {
+        grace_period: Some(Duration::from_secs(10)),
+        grace_max_replays: Some(3),
+        ..PolicyOverrides::default()
+    }
+}
+
+#[test]
+fn a_family_issued_on_one_engine_rotates_on_every_other() {
+    let c = Cluster::new(3, PolicyOverrides::default());
+    let t1 = c.issue(0, "alice", at(0));
+    let t2 = token_of(&c.redeem(1, &t1, at(1)));
+    let t3 = token_of(&c.redeem(2, &t2, at(2)));
+    let t4 = token_of(&c.redeem(0, &t3, at(3)));
+    assert_eq!(kind_of(&c.redeem(1, &t4, at(4))), Some(AcceptKind::Rotated));
+    let seen = c.engines[2].at(at(4)).introspect(t4.as_str()).unwrap();
+    assert!(!seen.active, "t4 was rotated on engine 1");
+    assert_eq!(seen.current_generation.get(), 5);
+}
+
+#[test]
+fn a_token_rotated_on_one_engine_is_reuse_on_another() {
+    let c = Cluster::new(2, PolicyOverrides::default());
+    let t1 = c.issue(0, "alice", at(0));
+    // B caches the family at generation 1.
+    assert!(
+        c.engines[1]
+            .at(at(0))
+            .introspect(t1.as_str())
+            .unwrap()
+            .active
+    );
+    let t2 = token_of(&c.redeem(0, &t1, at(1)));
+    // B's cache still says t1 is current: the store says it is not.
+    let replay = c.redeem(1, &t1, at(2));
+    assert_eq!(replay.deny_reason(), Some(DenyReason::ReuseDetected));
+    assert_eq!(
+        c.redeem(0, &t2, at(3)).deny_reason(),
+        Some(DenyReason::Revoked),
+        "on_reuse = revoke_family holds on the engine that rotated"
+    );
+    let events = c.events(1);
+    assert!(
+        matches!(events[0], EventKind::ReuseDetected { .. }),
+        "{events:?}"
+    );
+    assert_eq!(
+        events[1],
+        EventKind::FamilyRevoked {
+            reason: RevokeReason::ReuseDetected
+        }
+    );
+}
+
+#[test]
+fn a_grace_replay_returns_the_same_successor_whichever_engine_answers() {
+    let c = Cluster::new(3, grace());
+    let t1 = c.issue(0, "alice", at(0));
+    let rotated = c.redeem(0, &t1, at(1));
+    let t2 = token_of(&rotated);
+    for e in [1, 2] {
+        let replay = c.redeem(e, &t1, at(2));
+        assert_eq!(kind_of(&replay), Some(AcceptKind::GraceReplay));
+        assert_eq!(token_of(&replay), t2, "engine {e}");
+    }
+    // Three replays allowed; the fourth is reuse.
+    assert_eq!(
+        kind_of(&c.redeem(0, &t1, at(3))),
+        Some(AcceptKind::GraceReplay)
+    );
+    assert_eq!(
+        c.redeem(1, &t1, at(3)).deny_reason(),
+        Some(DenyReason::ReuseDetected)
+    );
+}
+
+#[test]
+fn a_revocation_on_one_engine_is_seen_by_the_next_redemption_on_another() {
+    let c = Cluster::new(2, PolicyOverrides::default());
+    let t1 = c.issue(0, "alice", at(0));
+    let t2 = token_of(&c.redeem(1, &t1, at(1)));
+    assert!(
+        c.engines[0]
+            .at(at(2))
+            .revoke_token(t2.as_str(), Some(CLIENT))
+            .unwrap()
+    );
+    assert_eq!(
+        c.redeem(1, &t2, at(3)).deny_reason(),
+        Some(DenyReason::Revoked)
+    );
+    // By family id and by subject too.
+    let u1 = c.issue(1, "bob", at(0));
+    let id = c.engines[0]
+        .at(at(0))
+        .introspect(u1.as_str())
+        .unwrap()
+        .family;
+    assert!(c.engines[0].at(at(1)).revoke_family(id).unwrap());
+    assert_eq!(
+        c.redeem(1, &u1, at(2)).deny_reason(),
+        Some(DenyReason::Revoked)
+    );
+    let v1 = c.issue(0, "carol", at(0));
+    let v2 = c.issue(1, "carol", at(0));
+    assert_eq!(
+        c.engines[1]
+            .at(at(1))
+            .revoke_subject("carol", None)
+            .unwrap(),
+        2
+    );
+    for v in [&v1, &v2] {
+        assert_eq!(
+            c.redeem(0, v, at(2)).deny_reason(),
+            Some(DenyReason::Revoked)
+        );
+    }
+    // And by client, across every family in the store.
+    let w1 = c.issue(0, "dave", at(0));
+    assert_eq!(c.engines[1].at(at(1)).revoke_client(CLIENT).unwrap(), 1);
+    assert_eq!(
+        c.redeem(0, &w1, at(2)).deny_reason(),
+        Some(DenyReason::Revoked)
+    );
+}
+
+#[test]
+fn reuse_revokes_the_subjects_families_across_engines_per_on_reuse() {
+    let c = Cluster::new(
+        2,
+        PolicyOverrides {
+            on_reuse: Some(OnReuse::RevokeSubject),
+            ..PolicyOverrides::default()
+        },
+    );
+    let a1 = c.issue(0, "alice", at(0));
+    let b1 = c.issue(1, "alice", at(0));
+    let other = c.issue(1, "bob", at(0));
+    let _a2 = token_of(&c.redeem(0, &a1, at(1)));
+    assert_eq!(
+        c.redeem(1, &a1, at(2)).deny_reason(),
+        Some(DenyReason::ReuseDetected)
+    );
+    assert_eq!(
+        c.redeem(0, &b1, at(3)).deny_reason(),
+        Some(DenyReason::Revoked)
+    );
+    assert!(
+        c.redeem(0, &other, at(3)).accepted().is_some(),
+        "another subject"
+    );
+    let revoked: Vec<_> = c
+        .events(1)
+        .into_iter()
+        .filter(|k| matches!(k, EventKind::FamilyRevoked { .. }))
+        .collect();
+    assert_eq!(
+        revoked,
+        vec![
+            EventKind::FamilyRevoked {
+                reason: RevokeReason::ReuseDetected
+            },
+            EventKind::FamilyRevoked {
+                reason: RevokeReason::SubjectReuse
+            },
+        ]
+    );
+}
+
+fn authorize(e: &Engine, t: Timestamp) -> Token {
+    e.at(t)
+        .authorize(&AuthorizeRequest {
+            client: CLIENT,
+            subject: "alice",
+            scope: "openid",
+            redirect_uri: "https://app.example/cb",
+            code_challenge: Some("E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"),
+            code_challenge_method: Some("S256"),
+            ip: ip(),
+            dpop_jkt: None,
+        })
+        .unwrap()
+        .accepted()
+        .expect("code issued")
+        .token
+        .clone()
+}
+
+fn exchange(e: &Engine, code: &Token, t: Timestamp) -> refresh_guard::Decision {
+    e.at(t)
+        .exchange(&ExchangeRequest {
+            code: code.as_str(),
+            code_verifier: Some("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            client: CLIENT,
+            redirect_uri: "https://app.example/cb",
+            ip: ip(),
+            dpop: None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_code_exchanged_on_one_engine_and_replayed_on_another_revokes_its_family() {
+    let c = Cluster::new(2, PolicyOverrides::default());
+    let code = authorize(&c.engines[0], at(0));
+    let first = exchange(&c.engines[1], &code, at(1));
+    assert_eq!(kind_of(&first), Some(AcceptKind::Exchanged));
+    let t1 = token_of(&first);
+    let replay = exchange(&c.engines[0], &code, at(2));
+    assert_eq!(replay.deny_reason(), Some(DenyReason::CodeReused));
+    assert_eq!(
+        c.redeem(1, &t1, at(3)).deny_reason(),
+        Some(DenyReason::Revoked)
+    );
+    assert!(
+        c.events(0)
+            .contains(&EventKind::CodeReplay { revoked: true })
+    );
+}
+
+#[test]
+fn the_family_cap_holds_across_engines() {
+    let c = Cluster::new(
+        3,
+        PolicyOverrides {
+            max_families_per_subject: Some(2),
+            ..PolicyOverrides::default()
+        },
+    );
+    let tokens: Vec<Token> = (0..5)
+        .map(|i| c.issue(i % 3, "alice", at(i as u64)))
+        .collect();
+    let live: Vec<bool> = tokens
+        .iter()
+        .map(|t| {
+            c.engines[0]
+                .at(at(10))
+                .introspect(t.as_str())
+                .unwrap()
+                .active
+        })
+        .collect();
+    assert_eq!(
+        live,
+        [false, false, false, true, true],
+        "the two newest stay"
+    );
+    let evictions: usize = (0..3)
+        .map(|e| {
+            c.events(e)
+                .iter()
+                .filter(|k| matches!(k, EventKind::CapEviction { cap: 2 }))
+                .count()
+        })
+        .sum();
+    assert_eq!(evictions, 3);
+}
+
+#[test]
+fn a_forged_tag_of_a_cached_family_is_refused_without_the_network() {
+    let mut c = Cluster::new(1, PolicyOverrides::default());
+    let t1 = c.issue(0, "alice", at(0));
+    // Flip one character of the tag (the token's last ones).
+    let mut forged = t1.as_str().to_owned();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    c.server.kill();
+    let denied = c.engines[0]
+        .at(at(1))
+        .redeem(&RedeemRequest::new(&forged, CLIENT).ip(ip()))
+        .unwrap();
+    assert_eq!(denied.deny_reason(), Some(DenyReason::InvalidToken));
+    let malformed = c.engines[0]
+        .at(at(1))
+        .redeem(&RedeemRequest::new("rgt_nope", CLIENT).ip(ip()))
+        .unwrap();
+    assert_eq!(malformed.deny_reason(), Some(DenyReason::InvalidToken));
+    // The genuine token needs the store's word: an error, not a guess.
+    assert!(matches!(
+        c.engines[0]
+            .at(at(1))
+            .redeem(&RedeemRequest::new(t1.as_str(), CLIENT).ip(ip())),
+        Err(refresh_guard::Error::Store { .. })
+    ));
+}
+
+#[test]
+fn a_generation_ahead_of_the_store_rolls_forward_or_is_denied_per_option() {
+    for (on_rollback, expect_accept) in [(OnRollback::RollForward, true), (OnRollback::Deny, false)]
+    {
+        let mut o = options();
+        o.on_rollback = on_rollback;
+        let c = Cluster::with(RedisServer::start(), 1, PolicyOverrides::default(), o);
+        let t1 = c.issue(0, "alice", at(0));
+        let id = c.engines[0]
+            .at(at(0))
+            .introspect(t1.as_str())
+            .unwrap()
+            .family;
+        let before = c.engines[0].family_record(id).unwrap();
+        let t2 = token_of(&c.redeem(0, &t1, at(1)));
+        let t3 = token_of(&c.redeem(0, &t2, at(2)));
+        // The store loses the last rotation (a failover's lost write).
+        c.engines[0].restore_family(before).unwrap();
+        let d = c.redeem(0, &t3, at(3));
+        assert_eq!(
+            d.accepted().is_some(),
+            expect_accept,
+            "{on_rollback:?}: {d:?}"
+        );
+        if !expect_accept {
+            assert_eq!(d.deny_reason(), Some(DenyReason::StateRollback));
+        } else {
+            assert_eq!(d.accepted().unwrap().generation.get(), 4);
+            // The rolled-forward record denies the lost generation's
+            // predecessor as reuse.
+            assert_eq!(
+                c.redeem(0, &t2, at(4)).deny_reason(),
+                Some(DenyReason::ReuseDetected)
+            );
+        }
+        assert!(
+            c.events(0)
+                .iter()
+                .any(|k| matches!(k, EventKind::StateRollback { .. })),
+            "{on_rollback:?}"
+        );
+    }
+}
