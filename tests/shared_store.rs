@@ -445,3 +445,331 @@ fn a_generation_ahead_of_the_store_rolls_forward_or_is_denied_per_option() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// A cache behind the store: engine B decides on an old record, the store's
+// compare-and-set answers with the current one, B decides again.
+// ---------------------------------------------------------------------------
+
+/// Regression: a decision that changes nothing (a denial on expiry) must
+/// still be confirmed against the store's version. B's cache says the
+/// family has been idle past its TTL; A used it since; B must accept.
+#[test]
+fn a_stale_cache_that_says_idle_expired_is_confirmed_before_denying() {
+    let c = Cluster::new(
+        2,
+        PolicyOverrides {
+            rotation: Some(refresh_guard::Rotation::Reuse),
+            idle_ttl: Some(Some(Duration::from_secs(100))),
+            ..PolicyOverrides::default()
+        },
+    );
+    let t1 = c.issue(0, "alice", at(0));
+    // B caches the family, last used at 0.
+    assert!(
+        c.engines[1]
+            .at(at(0))
+            .introspect(t1.as_str())
+            .unwrap()
+            .active
+    );
+    // A uses it at 90: last use moves in the store, not in B's cache.
+    assert_eq!(kind_of(&c.redeem(0, &t1, at(90))), Some(AcceptKind::Kept));
+    // At 150 B's copy is idle-expired (0 + 100), the store's is not (90 + 100).
+    assert_eq!(kind_of(&c.redeem(1, &t1, at(150))), Some(AcceptKind::Kept));
+    // And past the store's idle TTL, B denies, with the store's word.
+    assert_eq!(
+        c.redeem(1, &t1, at(251)).deny_reason(),
+        Some(DenyReason::ExpiredIdle)
+    );
+}
+
+#[test]
+fn a_stale_cache_redeeming_the_successor_catches_up_without_a_rollback() {
+    let c = Cluster::new(2, PolicyOverrides::default());
+    let t1 = c.issue(0, "alice", at(0));
+    assert!(
+        c.engines[1]
+            .at(at(0))
+            .introspect(t1.as_str())
+            .unwrap()
+            .active
+    );
+    let t2 = token_of(&c.redeem(0, &t1, at(1)));
+    // B's cache is at generation 1: t2 looks ahead of it, but the store
+    // is at 2. A plain rotation, no `state_rollback`.
+    let d = c.redeem(1, &t2, at(2));
+    assert_eq!(kind_of(&d), Some(AcceptKind::Rotated));
+    assert_eq!(d.accepted().unwrap().generation.get(), 3);
+    assert!(c.events(1).is_empty());
+}
+
+#[test]
+fn a_stale_cache_replaying_in_grace_returns_the_successor_the_other_engine_minted() {
+    let c = Cluster::new(2, grace());
+    let t1 = c.issue(0, "alice", at(0));
+    assert!(
+        c.engines[1]
+            .at(at(0))
+            .introspect(t1.as_str())
+            .unwrap()
+            .active
+    );
+    let t2 = token_of(&c.redeem(0, &t1, at(1)));
+    // B's cache says t1 is current and would rotate it (a fork).
+    let replay = c.redeem(1, &t1, at(2));
+    assert_eq!(kind_of(&replay), Some(AcceptKind::GraceReplay));
+    assert_eq!(token_of(&replay), t2);
+}
+
+// ---------------------------------------------------------------------------
+// Faults: bounded, fail closed, heal by themselves.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn an_unreachable_redis_is_a_store_error_and_the_engine_heals_when_it_returns() {
+    let server = RedisServer::options().aof().start();
+    let mut c = Cluster::with(server, 2, grace(), options());
+    let t1 = c.issue(0, "alice", at(0));
+    let t2 = token_of(&c.redeem(1, &t1, at(1)));
+    c.server.kill();
+    for e in 0..2 {
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            c.engines[e]
+                .at(at(2))
+                .redeem(&RedeemRequest::new(t2.as_str(), CLIENT).ip(ip())),
+            Err(refresh_guard::Error::Store { .. })
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let issued = c.engines[e].at(at(2)).issue(&IssueRequest {
+            client: CLIENT,
+            subject: "bob",
+            scope: "openid",
+            ip: ip(),
+        });
+        assert!(matches!(issued, Err(refresh_guard::Error::Store { .. })));
+        assert!(c.engines[e].at(at(2)).introspect(t2.as_str()).is_none());
+    }
+    c.server.restart();
+    // No restart of the engines: they reconnect by themselves.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let d = loop {
+        match c.engines[0]
+            .at(at(3))
+            .redeem(&RedeemRequest::new(t2.as_str(), CLIENT).ip(ip()))
+        {
+            Ok(d) => break d,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("not healed within 10 s: {e}"),
+        }
+    };
+    // The rotation acknowledged before the kill survived it (AOF always).
+    assert_eq!(d.accepted().unwrap().generation.get(), 3);
+    let t3 = token_of(&d);
+    assert_eq!(kind_of(&c.redeem(1, &t3, at(4))), Some(AcceptKind::Rotated));
+}
+
+/// A Redis that accepts connections and never answers: every call is a
+/// store error within the bound, none hangs.
+#[test]
+fn a_redis_that_never_answers_is_a_store_error_within_the_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    let started = std::time::Instant::now();
+    let connected = RedisStore::connect(&format!("redis://127.0.0.1:{port}/"), options());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // Connecting may succeed (nothing to ask yet) or time out; a command
+    // must time out.
+    if let Ok(store) = connected {
+        let engine = Engine::builder().shared_store(store).build().unwrap();
+        let started = std::time::Instant::now();
+        let issued = engine.issue(&IssueRequest {
+            client: CLIENT,
+            subject: "alice",
+            scope: "openid",
+            ip: ip(),
+        });
+        assert!(
+            matches!(issued, Err(refresh_guard::Error::Store { .. })),
+            "{issued:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    } else {
+        assert!(matches!(connected, Err(refresh_guard::Error::Store { .. })));
+    }
+}
+
+/// A server that stops answering for a while (CLIENT PAUSE): calls in the
+/// pause fail within the command timeout, calls after it succeed.
+#[test]
+fn a_paused_redis_times_out_within_the_bound_then_serves_again() {
+    let c = Cluster::new(1, PolicyOverrides::default());
+    let t1 = c.issue(0, "alice", at(0));
+    c.server.cmd(&["CLIENT", "PAUSE", "1500", "ALL"]);
+    let started = std::time::Instant::now();
+    let r = c.engines[0]
+        .at(at(1))
+        .redeem(&RedeemRequest::new(t1.as_str(), CLIENT).ip(ip()));
+    let took = started.elapsed();
+    assert!(
+        matches!(r, Err(refresh_guard::Error::Store { .. })),
+        "{r:?}"
+    );
+    assert!(took < Duration::from_millis(600), "{took:?}");
+    std::thread::sleep(Duration::from_millis(1600));
+    // The write paused may have been applied after the pause: then this
+    // is a grace-less replay of a rotated token; either way an answer.
+    let again = c.redeem(0, &t1, at(2));
+    assert!(
+        again.accepted().is_some() || again.deny_reason() == Some(DenyReason::ReuseDetected),
+        "{again:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Races: one token, two engines, eight threads each.
+// ---------------------------------------------------------------------------
+
+/// Smoke test (the deterministic proofs are the stale-cache tests above):
+/// 16 threads over two engines present one token at once; with grace one
+/// advances the family and every answer is the same successor, without
+/// grace exactly one is accepted.
+#[test]
+fn one_token_raced_across_two_engines_advances_once() {
+    const THREADS: usize = 8;
+    const ROUNDS: usize = 1_000;
+    let server = RedisServer::start();
+    let keys = KeyRing::new(KeyId(1), &KeySecret::generate().unwrap());
+    let set = PolicySet::builder()
+        .client(
+            "graceful",
+            PolicyOverrides {
+                grace_period: Some(Duration::from_secs(10)),
+                grace_max_replays: Some(255),
+                ..PolicyOverrides::default()
+            },
+        )
+        .client(CLIENT, PolicyOverrides::default())
+        .build()
+        .unwrap();
+    let engines: Vec<Engine> = (0..2)
+        .map(|_| {
+            Engine::builder()
+                .keys(keys.clone())
+                .policies(set.clone())
+                .shared_store(RedisStore::connect(&server.url(), options()).unwrap())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let barrier = std::sync::Barrier::new(2 * THREADS + 1);
+    let current: std::sync::Mutex<(String, &str)> = std::sync::Mutex::new((String::new(), ""));
+    let answers = std::sync::Mutex::new(Vec::new());
+    // Set by the checking thread on a failure or the last round, so that
+    // no worker is left waiting at the barrier (a failure must not hang).
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let failure = std::thread::scope(|s| {
+        for e in &engines {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    let mut round = 0u64;
+                    loop {
+                        barrier.wait();
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            return;
+                        }
+                        let (token, client) = current.lock().unwrap().clone();
+                        let d = e
+                            .at(at(round))
+                            .redeem(&RedeemRequest::new(&token, client).ip(ip()));
+                        answers.lock().unwrap().push(d);
+                        round += 1;
+                        barrier.wait();
+                    }
+                });
+            }
+        }
+        let mut failure = None;
+        for round in 0..ROUNDS {
+            let client = if round % 2 == 0 { "graceful" } else { CLIENT };
+            let issued = engines[round % 2]
+                .at(at(round as u64))
+                .issue(&IssueRequest {
+                    client,
+                    subject: "alice",
+                    scope: "openid",
+                    ip: ip(),
+                })
+                .unwrap();
+            *current.lock().unwrap() =
+                (issued.accepted().unwrap().token.as_str().to_owned(), client);
+            barrier.wait();
+            barrier.wait();
+            let got = std::mem::take(&mut *answers.lock().unwrap());
+            if let Err(why) = check_race(&got, client == "graceful") {
+                failure = Some(format!("round {round}: {why}"));
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        barrier.wait();
+        failure
+    });
+    if let Some(why) = failure {
+        panic!("{why}");
+    }
+}
+
+/// One advance; with grace every answer is its successor, without grace
+/// it is the only acceptance.
+fn check_race(
+    got: &[Result<refresh_guard::Decision, refresh_guard::Error>],
+    grace: bool,
+) -> Result<(), String> {
+    let got: Vec<&refresh_guard::Decision> = got
+        .iter()
+        .map(|r| r.as_ref().map_err(|e| format!("store error: {e}")))
+        .collect::<Result<_, _>>()?;
+    let rotated: Vec<_> = got
+        .iter()
+        .filter(|d| kind_of(d) == Some(AcceptKind::Rotated))
+        .collect();
+    if rotated.len() != 1 {
+        return Err(format!("{} rotations: {got:?}", rotated.len()));
+    }
+    let successor = token_of(rotated[0]);
+    let accepted = got.iter().filter(|d| d.accepted().is_some()).count();
+    if grace
+        && got
+            .iter()
+            .any(|d| d.accepted().map(|a| &a.token) != Some(&successor))
+    {
+        return Err(format!("answers differ: {got:?}"));
+    }
+    if !grace && accepted != 1 {
+        return Err(format!("{accepted} acceptances without grace"));
+    }
+    Ok(())
+}

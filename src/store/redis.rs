@@ -74,7 +74,9 @@ pub struct RedisOptions {
     /// Prefix of every key. Default `"rg"`.
     pub prefix: String,
     /// Attempts of one decision before `Error::Store` when other engines
-    /// keep changing the family under it. Default 8.
+    /// keep changing the family under it. N requests racing on one family
+    /// (a burst of grace replays: each one counts) take up to N attempts
+    /// for the last of them. Default 64.
     pub max_attempts: u32,
 }
 
@@ -87,7 +89,7 @@ impl Default for RedisOptions {
             cache_capacity: 100_000,
             on_rollback: OnRollback::RollForward,
             prefix: "rg".to_owned(),
-            max_attempts: 8,
+            max_attempts: 64,
         }
     }
 }
