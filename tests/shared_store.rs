@@ -773,3 +773,39 @@ fn check_race(
     }
     Ok(())
 }
+
+/// Regression: a revocation declined because the engine's cache said
+/// "already revoked", while a restore on another engine had made the
+/// family active again; whether a family is active is the store's word.
+#[test]
+fn a_cached_revocation_does_not_hide_a_family_restored_on_another_engine() {
+    let c = Cluster::new(2, PolicyOverrides::default());
+    let t1 = c.issue(0, "alice", at(0));
+    let id = c.engines[0]
+        .at(at(0))
+        .introspect(t1.as_str())
+        .unwrap()
+        .family;
+    let backup = c.engines[0].family_record(id).unwrap();
+    assert!(c.engines[0].at(at(1)).revoke_family(id).unwrap());
+    // Engine 0's cache now says revoked; engine 1 restores the backup.
+    c.engines[1].restore_family(backup.clone()).unwrap();
+    assert!(c.engines[0].at(at(2)).revoke_family(id).unwrap());
+    c.engines[1].restore_family(backup.clone()).unwrap();
+    assert!(
+        c.engines[0]
+            .at(at(3))
+            .revoke_token(t1.as_str(), Some(CLIENT))
+            .unwrap()
+    );
+    c.engines[1].restore_family(backup.clone()).unwrap();
+    assert_eq!(
+        c.engines[0]
+            .at(at(4))
+            .revoke_subject("alice", None)
+            .unwrap(),
+        1
+    );
+    c.engines[1].restore_family(backup).unwrap();
+    assert_eq!(c.engines[0].at(at(5)).revoke_client(CLIENT).unwrap(), 1);
+}

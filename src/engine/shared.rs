@@ -152,7 +152,9 @@ impl Engine {
 
     /// Decide on family `id` and make the decision hold: `judge` changes
     /// its copy of the record (or answers `None`: not this family's to
-    /// change, nothing sent), then one script call writes the change, or
+    /// change, nothing sent; only for what never changes in a record, its
+    /// secret, client and subject, since the copy may be stale), then one
+    /// script call writes the change, or
     /// confirms the version when nothing changed, conditioned on the
     /// version judged. A stale record is judged again, on the store's
     /// answer, at most `max_attempts` times. `None`: no such family, or
@@ -360,15 +362,16 @@ impl Engine {
             if client.is_some_and(|c| c != member_client) {
                 continue;
             }
+            // Whether it is still active is the store's to confirm: a
+            // cached "revoked" may predate a restore.
             let judged = self
                 .transact(sh, id, |f| {
-                    let mine = f.is_active()
-                        && f.subject.as_str() == subject
-                        && client.is_none_or(|c| **f.client() == *c);
+                    let mine =
+                        f.subject.as_str() == subject && client.is_none_or(|c| **f.client() == *c);
                     mine.then(|| f.revoke(reason, now))
                 })
                 .await?;
-            if let Some((_, f)) = judged {
+            if let Some((true, f)) = judged {
                 n += 1;
                 let kind = EventKind::FamilyRevoked { reason };
                 self.emit(kind, Some(&Who::detached(&f)), ip, version, now);
@@ -389,12 +392,14 @@ impl Engine {
         allowed: impl Fn(&Family) -> bool,
         now: Timestamp,
     ) -> Result<bool, Error> {
+        // `allowed` looks at what never changes (tag, client); whether it
+        // is still active is the store's to confirm.
         let judged = self
             .transact(sh, id, |f| {
-                (allowed(f) && f.is_active()).then(|| f.revoke(RevokeReason::Requested, now))
+                allowed(f).then(|| f.revoke(RevokeReason::Requested, now))
             })
             .await?;
-        let Some((_, f)) = judged else {
+        let Some((true, f)) = judged else {
             return Ok(false);
         };
         let version = self.policies.load().version();
@@ -447,11 +452,11 @@ impl Engine {
             for id in sh.store.scan().await? {
                 let judged = self
                     .transact(sh, id, |f| {
-                        (f.is_active() && **f.client() == *client)
+                        (**f.client() == *client)
                             .then(|| f.revoke(RevokeReason::ClientRevoked, now))
                     })
                     .await?;
-                if let Some((_, f)) = judged {
+                if let Some((true, f)) = judged {
                     n += 1;
                     let who = Who::detached(&f);
                     let kind = EventKind::FamilyRevoked {
@@ -589,13 +594,11 @@ impl Engine {
         for id in evicted {
             let judged = self
                 .transact(sh, id, |g| {
-                    let mine = g.is_active()
-                        && g.subject.as_str() == req.subject
-                        && **g.client() == *req.client;
+                    let mine = g.subject.as_str() == req.subject && **g.client() == *req.client;
                     mine.then(|| g.revoke(RevokeReason::CapEviction, now))
                 })
                 .await?;
-            if let Some((_, g)) = judged {
+            if let Some((true, g)) = judged {
                 let who = Who::detached(&g);
                 self.emit(
                     EventKind::CapEviction { cap },
@@ -672,20 +675,32 @@ impl Engine {
         Some(f)
     }
 
-    /// Write a record whatever the store holds (a restore).
+    /// Write a record whatever the store holds (a restore), and put an
+    /// active one back in its subject's set (a revocation took it out), as
+    /// one engine's `install` indexes it.
     pub(super) fn shared_restore(&self, sh: &Shared, f: Family) -> Result<(), Error> {
         let mut bytes = Vec::new();
         codec::encode(&f, &mut bytes);
-        match block_on(sh.store.cas(&f.id, -1, Some(bytes)))? {
-            Cas::Done(v) => {
-                // A restore may go back in versions' content, never in
-                // version numbers: the cache takes it as the newest.
-                sh.cache.remove(&f.id);
-                sh.cache.put(&f, v);
-                Ok(())
+        block_on(async {
+            match sh.store.cas(&f.id, -1, Some(bytes)).await? {
+                Cas::Done(v) => {
+                    // A restore may go back in content, never in version
+                    // numbers: the cache takes it as the newest.
+                    sh.cache.remove(&f.id);
+                    sh.cache.put(&f, v);
+                }
+                Cas::Stale(..) | Cas::Gone => {
+                    return Err(Error::store("redis: unconditional write refused"));
+                }
             }
-            Cas::Stale(..) | Cas::Gone => Err(Error::store("redis: unconditional write refused")),
-        }
+            if f.is_active() {
+                let created = f.created.as_millis();
+                sh.store
+                    .join(f.subject.as_str(), f.client(), &f.id, created, 0)
+                    .await?;
+            }
+            Ok(())
+        })
     }
 
     /// [`Engine::sweep`] with a shared store: the store expires keys by
