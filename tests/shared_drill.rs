@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use redis_support::RedisServer;
 use refresh_guard::{
-    AcceptKind, Engine, Error, IssueRequest, KeyId, KeyRing, KeySecret, PolicyOverrides,
-    PolicySet, RedeemRequest, RedisOptions, RedisStore, SystemClock,
+    AcceptKind, Engine, Error, IssueRequest, KeyId, KeyRing, KeySecret, PolicyOverrides, PolicySet,
+    RedeemRequest, RedisOptions, RedisStore, SystemClock,
 };
 
 const CLIENT: &str = "mobile-app";
@@ -149,7 +149,10 @@ fn redis_killed_under_load_loses_nothing_acknowledged_and_service_resumes() {
             .map(|w| w.join().unwrap())
             .collect::<Vec<_>>()
     });
-    assert!(errors.load(Ordering::Relaxed) > 0, "the kills were never seen");
+    assert!(
+        errors.load(Ordering::Relaxed) > 0,
+        "the kills were never seen"
+    );
     // Nothing acknowledged lost: each chain's last token is current, in
     // the store, on both engines.
     for (i, chain) in chains.into_iter().enumerate() {

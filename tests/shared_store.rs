@@ -809,3 +809,37 @@ fn a_cached_revocation_does_not_hide_a_family_restored_on_another_engine() {
     c.engines[1].restore_family(backup).unwrap();
     assert_eq!(c.engines[0].at(at(5)).revoke_client(CLIENT).unwrap(), 1);
 }
+
+/// A key TTL shorter than a policy's lifetime would let Redis remove a
+/// family the policy still accepts: refused at build, naming the option.
+#[test]
+fn a_key_ttl_shorter_than_a_policys_lifetime_is_refused() {
+    let server = RedisServer::start();
+    let build = |policy: PolicyOverrides, ttl: Option<Duration>| {
+        let mut o = RedisOptions::default();
+        o.key_ttl = ttl;
+        Engine::builder()
+            .policies(PolicySet::builder().client(CLIENT, policy).build().unwrap())
+            .shared_store(RedisStore::connect(&server.url(), o).unwrap())
+            .build()
+            .map(drop)
+    };
+    let day = Duration::from_secs(86_400);
+    // Defaults: idle 30 days, absolute 90: a key unused for 30 days is dead.
+    assert!(build(PolicyOverrides::new(), Some(30 * day)).is_ok());
+    let short = build(PolicyOverrides::new(), Some(29 * day));
+    assert!(
+        matches!(
+            short,
+            Err(refresh_guard::Error::InvalidArgument {
+                name: "RedisOptions::key_ttl",
+                ..
+            })
+        ),
+        "{short:?}"
+    );
+    // A policy with neither lifetime never expires: only `None` fits.
+    let forever = PolicyOverrides::new().idle_ttl(None).absolute_ttl(None);
+    assert!(build(forever.clone(), Some(400 * day)).is_err());
+    assert!(build(forever, None).is_ok());
+}

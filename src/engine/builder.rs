@@ -119,6 +119,14 @@ impl EngineBuilder {
                 expected: "a local store or a shared store, not both",
             });
         }
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            super::shared::check_key_ttl(
+                shared.options().key_ttl,
+                &self.policies,
+                self.revoked_retention,
+            )?;
+        }
         let keys = match self.keys {
             Some(k) => k,
             None => KeyRing::generate()?,

@@ -113,6 +113,37 @@ impl Cache {
     }
 }
 
+/// Refuse a key TTL that could remove a family the policy in force would
+/// still accept (README "Several instances"): a key lives `ttl` past its
+/// last write, and every write is at or after the family's last use and
+/// birth, so it must cover every policy's lifetime (the shorter of its
+/// idle and absolute TTLs; a policy with neither never expires), the
+/// retention of revoked families and a code's lifetime.
+pub(super) fn check_key_ttl(
+    ttl: Option<std::time::Duration>,
+    set: &crate::policy::PolicySet,
+    retention: std::time::Duration,
+) -> Result<(), Error> {
+    let Some(ttl) = ttl else {
+        return Ok(());
+    };
+    let lifetime = |p: &ClientPolicy| match (p.idle_ttl, p.absolute_ttl) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let policies = std::iter::once(set.defaults()).chain(set.clients().into_iter().map(|(_, p)| p));
+    let short = policies.map(lifetime).any(|l| l.is_none_or(|l| l > ttl));
+    if short || retention > ttl || crate::policy::MAX_CODE_TTL > ttl {
+        return Err(Error::InvalidArgument {
+            name: "RedisOptions::key_ttl",
+            expected: "at least every policy's lifetime (the shorter of idle_ttl and \
+                       absolute_ttl; None for a policy with neither), the revoked \
+                       retention and the code TTL",
+        });
+    }
+    Ok(())
+}
+
 impl Who {
     /// Who `f` is, with no table location (a shared store has none).
     fn detached(f: &Family) -> Who {

@@ -62,9 +62,11 @@ pub struct RedisOptions {
     /// keeps keys until revoked families are removed by hand (tests on a
     /// manual clock). Expiry is decided by the policy in force at each use
     /// (README "Policy knobs"); this only bounds memory, so it must be at
-    /// least the longest `absolute_ttl` (or `idle_ttl` without one) any
-    /// policy allows, plus the engine's `revoked_retention`. Default 400
-    /// days.
+    /// least every policy's lifetime (the shorter of its `idle_ttl` and
+    /// `absolute_ttl`; `None` for a policy with neither), the engine's
+    /// `revoked_retention` and the code TTL: the engine's build refuses
+    /// less. A policy set swapped in later is not checked:
+    /// raise this first when lifetimes grow. Default 400 days.
     pub key_ttl: Option<Duration>,
     /// Family records each engine keeps in its cache. Default 100 000.
     pub cache_capacity: usize,
