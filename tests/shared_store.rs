@@ -843,3 +843,115 @@ fn a_key_ttl_shorter_than_a_policys_lifetime_is_refused() {
     assert!(build(forever.clone(), Some(400 * day)).is_err());
     assert!(build(forever, None).is_ok());
 }
+
+/// Poll a future to completion on this thread, with no runtime: the
+/// shared store's futures complete from its own thread, whatever awaits.
+fn run<F: std::future::Future>(fut: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+#[test]
+fn the_async_forms_await_the_store_from_any_executor() {
+    let c = Cluster::new(2, PolicyOverrides::default());
+    let t1 = c.issue(0, "alice", at(0));
+    let pending = c.engines[1]
+        .at(at(1))
+        .redeem_async(&RedeemRequest::new(t1.as_str(), CLIENT).ip(ip()))
+        .unwrap();
+    let t2 = token_of(&run(pending).unwrap());
+    // `wait` blocks on the same answer.
+    let d = c.engines[0]
+        .at(at(2))
+        .redeem_async(&RedeemRequest::new(t2.as_str(), CLIENT).ip(ip()))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(d.accepted().unwrap().generation.get(), 3);
+    let code = authorize(&c.engines[0], at(3));
+    let exchanged = c.engines[1]
+        .at(at(4))
+        .exchange_async(&ExchangeRequest {
+            code: code.as_str(),
+            code_verifier: Some("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            client: CLIENT,
+            redirect_uri: "https://app.example/cb",
+            ip: ip(),
+            dpop: None,
+        })
+        .unwrap();
+    assert_eq!(
+        kind_of(&run(exchanged).unwrap()),
+        Some(AcceptKind::Exchanged)
+    );
+}
+
+/// A cache of one record: every other family is a miss, one read, and the
+/// answers stay one engine's.
+#[test]
+fn a_cache_smaller_than_the_families_only_costs_reads() {
+    let mut o = options();
+    o.cache_capacity = 1;
+    let c = Cluster::with(RedisServer::start(), 2, grace(), o);
+    let mut tokens: Vec<Token> = (0..10)
+        .map(|i| c.issue(i % 2, &format!("u{i}"), at(0)))
+        .collect();
+    for round in 1..4u64 {
+        for (i, t) in tokens.iter_mut().enumerate() {
+            let d = c.redeem((i + round as usize) % 2, t, at(round));
+            assert_eq!(kind_of(&d), Some(AcceptKind::Rotated));
+            *t = token_of(&d);
+        }
+    }
+    assert!(c.engines[0].stats().families <= 1);
+}
+
+/// The family's key carries its id as a hash tag and the TTL ceiling,
+/// refreshed by each write.
+#[test]
+fn a_family_key_is_hash_tagged_and_carries_the_ttl_ceiling() {
+    let server = RedisServer::start();
+    let mut o = RedisOptions::default();
+    o.key_ttl = Some(Duration::from_secs(100 * 86_400));
+    let engine = Engine::builder()
+        .shared_store(RedisStore::connect(&server.url(), o).unwrap())
+        .build()
+        .unwrap();
+    let issued = engine
+        .issue(&IssueRequest {
+            client: CLIENT,
+            subject: "alice",
+            scope: "openid",
+            ip: ip(),
+        })
+        .unwrap();
+    let a = issued.accepted().unwrap();
+    let key = format!("rg:f:{{{}}}", a.family);
+    let ttl_ms = |server: &RedisServer| match server.cmd(&["PTTL", &key]) {
+        redis_support::Reply::Int(n) => n,
+        other => panic!("{other:?}"),
+    };
+    let ceiling = 100 * 86_400 * 1000;
+    assert!(ttl_ms(&server) > ceiling - 60_000, "{}", ttl_ms(&server));
+    server.cmd(&["PEXPIRE", &key, "5000000"]);
+    engine
+        .redeem(&RedeemRequest::new(a.token.as_str(), CLIENT).ip(ip()))
+        .unwrap();
+    assert!(
+        ttl_ms(&server) > ceiling - 60_000,
+        "refreshed by the rotation"
+    );
+}
