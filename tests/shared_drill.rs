@@ -91,9 +91,7 @@ fn redis_killed_under_load_loses_nothing_acknowledged_and_service_resumes() {
                 let (engines, stop, acks, errors) = (&engines, &stop, &acks, &errors);
                 s.spawn(move || {
                     let subject = format!("user-{i}");
-                    let Some(mut chain) = issue(&engines[i % 2], &subject, stop) else {
-                        return None;
-                    };
+                    let mut chain = issue(&engines[i % 2], &subject, stop)?;
                     let mut n = 0usize;
                     while !stop.load(Ordering::SeqCst) {
                         // Alternate engines: every redemption crosses over.

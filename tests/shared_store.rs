@@ -91,7 +91,6 @@ impl Cluster {
             .accepted()
             .expect("issued")
             .token
-            .clone()
     }
 
     fn redeem(&self, e: usize, token: &Token, t: Timestamp) -> refresh_guard::Decision {
@@ -107,7 +106,7 @@ impl Cluster {
 }
 
 fn token_of(d: &refresh_guard::Decision) -> Token {
-    d.accepted().expect("accepted").token.clone()
+    d.accepted().expect("accepted").token
 }
 
 fn kind_of(d: &refresh_guard::Decision) -> Option<AcceptKind> {
@@ -301,7 +300,6 @@ fn authorize(e: &Engine, t: Timestamp) -> Token {
         .accepted()
         .expect("code issued")
         .token
-        .clone()
 }
 
 fn exchange(e: &Engine, code: &Token, t: Timestamp) -> refresh_guard::Decision {

@@ -101,7 +101,7 @@ impl Engine {
         #[cfg(feature = "redis")]
         let shared = self.shared.as_ref().map(|sh| self.shared_record(sh, id));
         #[cfg(not(feature = "redis"))]
-        let shared = None;
+        let shared: Option<Option<Family>> = None;
         let mut f = match shared {
             Some(record) => record?,
             None => self.table.lock(&id).get(&id).cloned()?,

@@ -22,7 +22,10 @@ impl Engine {
     /// durable (group commit: typically one fsync shared with concurrent
     /// callers). From an async runtime use [`redeem_async`](Self::redeem_async).
     /// An `Err` is a store failure: the engine then refuses every change
-    /// until restarted (fail closed); nothing was acknowledged.
+    /// until restarted (fail closed); nothing was acknowledged. With a
+    /// shared store (README "Several instances") this blocks for one round
+    /// trip, and an `Err` (Redis unreachable, or no answer within the
+    /// command timeout) fails this call only: the next one tries again.
     ///
     /// [`Durability::Sync`]: crate::Durability::Sync
     #[inline]
@@ -31,7 +34,9 @@ impl Engine {
     }
 
     /// [`redeem`](Self::redeem) without blocking: the decision is made at
-    /// once, and the returned future completes when it is durable.
+    /// once, and the returned future completes when it is durable. With a
+    /// shared store the future makes the decision, awaiting the store's
+    /// answer; any executor can poll it (the store's own thread wakes it).
     pub fn redeem_async(&self, req: &RedeemRequest<'_>) -> Result<Durable<'_>, Error> {
         self.at(self.now()).redeem_async(req)
     }
