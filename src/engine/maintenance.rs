@@ -221,7 +221,16 @@ impl Engine {
     /// The store's error once it has failed closed (the engine then refuses
     /// every change until a restart); `None` while it works, or without a
     /// store. Writes nothing: a health check calls it.
+    ///
+    /// With a shared store: the error while its last command failed
+    /// (Redis unreachable or silent); it clears by itself when Redis
+    /// answers again, and nothing latches.
     pub fn store_failure(&self) -> Option<Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return (!sh.store.is_healthy())
+                .then(|| Error::store("redis: the last command failed; reconnecting"));
+        }
         self.store.as_ref().and_then(|s| s.failure())
     }
 }

@@ -23,6 +23,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -199,6 +200,10 @@ pub struct RedisStore {
     cas: Arc<Script>,
     join: Arc<Script>,
     options: RedisOptions,
+    /// Set when a command failed, cleared when one (or the health probe)
+    /// succeeds: a probe then reconnects in the background, so the first
+    /// call after Redis returns is served.
+    unhealthy: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -267,13 +272,26 @@ impl RedisStore {
             }
             Err(_) => return Err(Error::store("redis connect: its runtime stopped")),
         };
+        let unhealthy = Arc::new(AtomicBool::new(false));
+        runtime.spawn(probe(
+            conn.clone(),
+            Arc::downgrade(&unhealthy),
+            options.command_timeout,
+        ));
         Ok(RedisStore {
+            unhealthy,
             runtime: Some(runtime),
             conn,
             cas: Arc::new(Script::new(CAS)),
             join: Arc::new(Script::new(JOIN)),
             options,
         })
+    }
+
+    /// Whether the last command failed (Redis unreachable or silent): a
+    /// health check's question; it heals by itself.
+    pub fn is_healthy(&self) -> bool {
+        !self.unhealthy.load(Ordering::Relaxed)
     }
 
     /// The options it was built with.
@@ -303,6 +321,7 @@ impl RedisStore {
         let (tx, rx) = oneshot::channel();
         let timeout = self.options.command_timeout;
         let fut = op(self.conn.clone());
+        let unhealthy = self.unhealthy.clone();
         if let Some(rt) = &self.runtime {
             rt.spawn(async move {
                 let r = match tokio::time::timeout(timeout, fut).await {
@@ -312,6 +331,7 @@ impl RedisStore {
                         "redis {what}: no answer within {timeout:?}"
                     ))),
                 };
+                unhealthy.store(r.is_err(), Ordering::Relaxed);
                 let _ = tx.send(r);
             });
         }
@@ -442,6 +462,27 @@ impl RedisStore {
                 cursor = next;
             }
         })
+    }
+}
+
+/// While the last command failed, PING every 100 ms: the connection
+/// manager reconnects on a failed command, so this heals the connection
+/// before the next caller needs it. Ends with the store.
+async fn probe(conn: ConnectionManager, unhealthy: std::sync::Weak<AtomicBool>, timeout: Duration) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Some(flag) = unhealthy.upgrade() else {
+            return;
+        };
+        if !flag.load(Ordering::Relaxed) {
+            continue;
+        }
+        let mut c = conn.clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<()>(&mut c);
+        if let Ok(Ok(())) = tokio::time::timeout(timeout, ping).await {
+            flag.store(false, Ordering::Relaxed);
+        }
     }
 }
 
