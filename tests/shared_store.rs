@@ -953,3 +953,46 @@ fn a_family_key_is_hash_tagged_and_carries_the_ttl_ceiling() {
         "refreshed by the rotation"
     );
 }
+
+/// Calls of `command` the server has answered (INFO commandstats), those
+/// made inside scripts included.
+fn calls(server: &RedisServer, command: &str) -> u64 {
+    let info = server.cmd(&["INFO", "commandstats"]).text().unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// (script calls, reads by the engine) between two counts of (EVALSHA,
+/// HMGET): each compare-and-set makes one HMGET of its own.
+fn between(a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
+    let scripts = b.0 - a.0;
+    (scripts, b.1 - a.1 - scripts)
+}
+
+fn counts(server: &RedisServer) -> (u64, u64) {
+    (calls(server, "evalsha"), calls(server, "hmget"))
+}
+
+/// The common path is one round trip: a redemption of a cached family is
+/// one script call and no read; a miss adds one read.
+#[test]
+fn a_cached_redemption_is_one_round_trip_and_a_miss_one_read_more() {
+    let c = Cluster::new(2, PolicyOverrides::default());
+    let mut t = c.issue(0, "alice", at(0));
+    let before = counts(&c.server);
+    for i in 1..=10 {
+        t = token_of(&c.redeem(0, &t, at(i)));
+    }
+    let after = counts(&c.server);
+    assert_eq!(between(before, after), (10, 0), "one script call each, no read");
+    // Engine 1 has never seen the family: one read, then one script call.
+    t = token_of(&c.redeem(1, &t, at(11)));
+    let missed = counts(&c.server);
+    assert_eq!(between(after, missed), (1, 1));
+    // Engine 0's cache is now one generation behind: its script call
+    // answers with the current record, and the second one writes.
+    assert_eq!(kind_of(&c.redeem(0, &t, at(12))), Some(AcceptKind::Rotated));
+    assert_eq!(between(missed, counts(&c.server)), (2, 0));
+}
