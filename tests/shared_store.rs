@@ -957,7 +957,10 @@ fn a_family_key_is_hash_tagged_and_carries_the_ttl_ceiling() {
 /// Calls of `command` the server has answered (INFO commandstats), those
 /// made inside scripts included.
 fn calls(server: &RedisServer, command: &str) -> u64 {
-    let info = server.cmd(&["INFO", "commandstats"]).text().unwrap_or_default();
+    let info = server
+        .cmd(&["INFO", "commandstats"])
+        .text()
+        .unwrap_or_default();
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
         .and_then(|rest| rest.split(',').next())
@@ -986,7 +989,11 @@ fn a_cached_redemption_is_one_round_trip_and_a_miss_one_read_more() {
         t = token_of(&c.redeem(0, &t, at(i)));
     }
     let after = counts(&c.server);
-    assert_eq!(between(before, after), (10, 0), "one script call each, no read");
+    assert_eq!(
+        between(before, after),
+        (10, 0),
+        "one script call each, no read"
+    );
     // Engine 1 has never seen the family: one read, then one script call.
     t = token_of(&c.redeem(1, &t, at(11)));
     let missed = counts(&c.server);
@@ -995,4 +1002,34 @@ fn a_cached_redemption_is_one_round_trip_and_a_miss_one_read_more() {
     // answers with the current record, and the second one writes.
     assert_eq!(kind_of(&c.redeem(0, &t, at(12))), Some(AcceptKind::Rotated));
     assert_eq!(between(missed, counts(&c.server)), (2, 0));
+}
+
+/// Shadow mode with a shared store: each engine counts the decisions it
+/// made, once each, on the record the store confirmed (a stale first
+/// attempt is not counted).
+#[test]
+fn shadow_counts_each_confirmed_decision_once() {
+    let c = Cluster::new(2, PolicyOverrides::default());
+    let candidate = PolicySet::builder()
+        .client(
+            CLIENT,
+            PolicyOverrides::new().rotation(refresh_guard::Rotation::Reuse),
+        )
+        .build()
+        .unwrap();
+    c.engines[1].set_shadow(candidate);
+    let t1 = c.issue(0, "alice", at(0));
+    assert!(
+        c.engines[1]
+            .at(at(0))
+            .introspect(t1.as_str())
+            .unwrap()
+            .active
+    );
+    let t2 = token_of(&c.redeem(0, &t1, at(1)));
+    // Engine 1's cache is a generation behind: two attempts, one decision.
+    assert_eq!(kind_of(&c.redeem(1, &t2, at(2))), Some(AcceptKind::Rotated));
+    let report = c.engines[1].shadow_report().unwrap();
+    assert_eq!(report.count(CLIENT, "rotated", "kept"), 1, "{report:?}");
+    assert_eq!(report.rows.iter().map(|r| r.count).sum::<u64>(), 1);
 }

@@ -34,7 +34,7 @@ use crate::family::{Family, RevokeReason, SubjectName};
 use crate::policy::{ClientPolicy, PolicyVersion};
 use crate::store::codec;
 use crate::store::redis::{Cas, OnRollback, RedisStore};
-use crate::table::Loc;
+use crate::table::{Loc, ShadowCounts};
 use crate::token::{self, FamilyId, FamilySecret, Generation, KeyUid, TokenKind};
 
 use super::execute::event_of;
@@ -50,12 +50,19 @@ pub(crate) use crate::store::redis::block_on;
 pub(super) struct Shared {
     pub(super) store: RedisStore,
     cache: Cache,
+    /// Shadow counts of this engine's redemptions (README "Policy files",
+    /// shadow mode), as the table's shards keep them for one engine.
+    pub(super) shadow: Mutex<ShadowCounts>,
 }
 
 impl Shared {
     pub(super) fn new(store: RedisStore) -> Shared {
         let cache = Cache::new(store.options().cache_capacity);
-        Shared { store, cache }
+        Shared {
+            store,
+            cache,
+            shadow: Mutex::new(ShadowCounts::default()),
+        }
     }
 
     /// Records cached.
@@ -256,6 +263,7 @@ impl Engine {
             return invalid();
         }
         let roll_forward = sh.store.options().on_rollback == OnRollback::RollForward;
+        let shadow = self.shadow.load_full();
         let judged = self
             .transact(sh, parsed.family, |f| {
                 if !keys.verify(&parsed, &f.secret) {
@@ -293,16 +301,32 @@ impl Engine {
                         plan = Plan::deny(DenyReason::InvalidToken);
                     }
                 }
+                // Shadow: the same decision under the candidate set, on the
+                // same record, counted once the store confirmed it.
+                let candidate = shadow
+                    .as_ref()
+                    .map(|s| match s.set.admits_client(req.client) {
+                        true => decision::decide(f, &request, s.set.policy(f.client())).verdict,
+                        false => Verdict::Deny(DenyReason::UnknownClient),
+                    });
                 decision::apply(f, plan.change, now, req.ip, keys.active());
                 self.rebind(f, plan.bind, request.jkt);
                 let revoked = plan.cascade.family().is_some_and(|r| f.revoke(r, now));
-                Some((plan, rolled, revoked))
+                Some((plan, rolled, revoked, candidate))
             })
             .await?;
-        let Some(((plan, rolled, revoked), mut f)) = judged else {
+        let Some(((plan, rolled, revoked, candidate), mut f)) = judged else {
             return invalid();
         };
         self.unsharded_outcomes.add(outcome_slot(plan.verdict));
+        if let (Some(s), Some(candidate)) = (&shadow, candidate) {
+            sh.shadow.lock().record(
+                s.epoch,
+                f.client(),
+                outcome_slot(plan.verdict),
+                outcome_slot(candidate),
+            );
+        }
         if let Some(current) = rolled {
             let kind = EventKind::StateRollback {
                 presented: parsed.generation,
