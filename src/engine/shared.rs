@@ -501,6 +501,13 @@ impl Engine {
         client: &str,
         now: Timestamp,
     ) -> Result<usize, Error> {
+        if sh.store.is_cluster() {
+            return Err(Error::InvalidArgument {
+                name: "revoke_client",
+                expected: "a single Redis server (a cluster's families are not scanned); \
+                           revoke by subject or family",
+            });
+        }
         block_on(async {
             let version = self.policies.load().version();
             let mut n = 0;

@@ -191,12 +191,48 @@ pub(crate) enum Cas {
     Gone,
 }
 
-/// A Redis server (or cluster node) several engines share. Build an engine
+/// The connection: one server's (reconnecting by itself), or a cluster's
+/// (routing each command by its key's slot, following MOVED/ASK).
+#[derive(Clone)]
+enum Conn {
+    One(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::One(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::One(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::One(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A Redis server (or cluster) several engines share. Build an engine
 /// on it with [`EngineBuilder::shared_store`](crate::EngineBuilder::shared_store).
 pub struct RedisStore {
     /// `None` only while dropping.
     runtime: Option<tokio::runtime::Runtime>,
-    conn: ConnectionManager,
+    conn: Conn,
     cas: Arc<Script>,
     join: Arc<Script>,
     options: RedisOptions,
@@ -241,12 +277,7 @@ impl RedisStore {
             name: "redis url",
             expected: "redis://[user:password@]host[:port][/db] or redis+unix:///path",
         })?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("refresh-guard-redis")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::store_io("redis: starting its runtime thread", e))?;
+        let runtime = runtime()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(Some(options.command_timeout))
@@ -263,7 +294,7 @@ impl RedisStore {
             let _ = tx.send(r);
         });
         let conn = match block_on(rx) {
-            Ok(Ok(Ok(conn))) => conn,
+            Ok(Ok(Ok(conn))) => Conn::One(conn),
             Ok(Ok(Err(e))) => return Err(redis_error("connect", e)),
             Ok(Err(_)) => {
                 return Err(Error::store(format!(
@@ -272,20 +303,67 @@ impl RedisStore {
             }
             Err(_) => return Err(Error::store("redis connect: its runtime stopped")),
         };
+        Ok(RedisStore::with(runtime, conn, options))
+    }
+
+    /// Connect to a Redis Cluster through any of its `nodes` (URLs as for
+    /// [`connect`](Self::connect)). Each family's keys carry its id as a
+    /// hash tag, and each script touches one key, so every state change is
+    /// one call on the family's node. [`Engine::revoke_client`] scans one
+    /// server and is refused on a cluster.
+    ///
+    /// [`Engine::revoke_client`]: crate::Engine::revoke_client
+    pub fn connect_cluster(nodes: &[&str], options: RedisOptions) -> Result<RedisStore, Error> {
+        options.check()?;
+        let client = redis::cluster::ClusterClient::builder(nodes.iter().copied())
+            .connection_timeout(options.connect_timeout)
+            .response_timeout(options.command_timeout)
+            .retries(1)
+            .build()
+            .map_err(|_| Error::InvalidArgument {
+                name: "redis cluster nodes",
+                expected: "one or more redis://host:port URLs",
+            })?;
+        let runtime = runtime()?;
+        let (tx, rx) = oneshot::channel();
+        let bound = options.connect_timeout * 2;
+        runtime.spawn(async move {
+            let r = tokio::time::timeout(bound, client.get_async_connection()).await;
+            let _ = tx.send(r);
+        });
+        let conn = match block_on(rx) {
+            Ok(Ok(Ok(conn))) => Conn::Cluster(conn),
+            Ok(Ok(Err(e))) => return Err(redis_error("cluster connect", e)),
+            Ok(Err(_)) => {
+                return Err(Error::store(format!(
+                    "redis cluster connect: no connection within {bound:?}"
+                )));
+            }
+            Err(_) => return Err(Error::store("redis connect: its runtime stopped")),
+        };
+        Ok(RedisStore::with(runtime, conn, options))
+    }
+
+    fn with(runtime: tokio::runtime::Runtime, conn: Conn, options: RedisOptions) -> RedisStore {
         let unhealthy = Arc::new(AtomicBool::new(false));
         runtime.spawn(probe(
             conn.clone(),
             Arc::downgrade(&unhealthy),
             options.command_timeout,
         ));
-        Ok(RedisStore {
+        RedisStore {
             unhealthy,
             runtime: Some(runtime),
             conn,
             cas: Arc::new(Script::new(CAS)),
             join: Arc::new(Script::new(JOIN)),
             options,
-        })
+        }
+    }
+
+    /// Whether this is a cluster's connection.
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
     }
 
     /// Whether the last command failed (Redis unreachable or silent): a
@@ -313,7 +391,7 @@ impl RedisStore {
     }
 
     /// Run `op` on the store's runtime under the command timeout.
-    fn spawn<T, F>(&self, what: &'static str, op: impl FnOnce(ConnectionManager) -> F) -> Reply<T>
+    fn spawn<T, F>(&self, what: &'static str, op: impl FnOnce(Conn) -> F) -> Reply<T>
     where
         T: Send + 'static,
         F: Future<Output = redis::RedisResult<T>> + Send + 'static,
@@ -468,7 +546,7 @@ impl RedisStore {
 /// While the last command failed, PING every 100 ms: the connection
 /// manager reconnects on a failed command, so this heals the connection
 /// before the next caller needs it. Ends with the store.
-async fn probe(conn: ConnectionManager, unhealthy: std::sync::Weak<AtomicBool>, timeout: Duration) {
+async fn probe(conn: Conn, unhealthy: std::sync::Weak<AtomicBool>, timeout: Duration) {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let Some(flag) = unhealthy.upgrade() else {
@@ -519,6 +597,16 @@ fn parse_cas(v: Value) -> redis::RedisResult<Cas> {
         }
         _ => Err(bad()),
     }
+}
+
+/// The store's runtime: one worker thread, named so in a thread dump.
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("refresh-guard-redis")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::store_io("redis: starting its runtime thread", e))
 }
 
 /// One command's answer, from the store's runtime: await it from any
