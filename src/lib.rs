@@ -8,7 +8,9 @@
 //!
 //! What it deliberately does not do: authenticate users or clients, render
 //! consent, mint access tokens, or talk HTTP: the library has no HTTP
-//! stack, no async runtime and no logging subscriber. The OAuth token
+//! stack, no async runtime and no logging subscriber (the optional `redis`
+//! feature's shared store owns a one-thread runtime for its connection;
+//! README "Several instances"). The OAuth token
 //! service (`refresh-guard serve`) is a separate crate,
 //! `refresh-guard-server`, built on this public API. Tokens are derived
 //! from one record per family, never stored.
@@ -89,6 +91,8 @@ pub use crate::store::LogHooks;
 #[cfg(feature = "durable")]
 pub use crate::store::{Dropped, LogOptions, LogStore, RepairReport, RolledBack};
 pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
+#[cfg(feature = "redis")]
+pub use crate::store::{OnRollback, RedisOptions, RedisStore};
 
 /// Directories and files that hold secrets, under the store's rules
 /// (docs/store.md, "Permissions"): created 0700 and 0600, refused when

@@ -27,6 +27,8 @@ pub struct EngineBuilder {
     shards: usize,
     revoked_retention: Duration,
     store: Option<Box<dyn Store>>,
+    #[cfg(feature = "redis")]
+    shared: Option<crate::store::RedisStore>,
 }
 
 impl Default for EngineBuilder {
@@ -43,6 +45,8 @@ impl Default for EngineBuilder {
             shards: (cores * 64).max(256),
             revoked_retention: Duration::from_secs(86_400),
             store: None,
+            #[cfg(feature = "redis")]
+            shared: None,
         }
     }
 }
@@ -96,8 +100,33 @@ impl EngineBuilder {
         self
     }
 
+    /// Decide against `store`, shared with other engines, instead of the
+    /// in-process table (README "Several instances"): the store is the
+    /// authority, and this engine keeps a bounded cache of it. Not
+    /// together with [`store`](Self::store).
+    #[cfg(feature = "redis")]
+    pub fn shared_store(mut self, store: crate::store::RedisStore) -> EngineBuilder {
+        self.shared = Some(store);
+        self
+    }
+
     /// Build the engine, recovering the table from the store if there is one.
     pub fn build(self) -> Result<Engine, Error> {
+        #[cfg(feature = "redis")]
+        if self.shared.is_some() && self.store.is_some() {
+            return Err(Error::InvalidArgument {
+                name: "store",
+                expected: "a local store or a shared store, not both",
+            });
+        }
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            super::shared::check_key_ttl(
+                shared.options().key_ttl,
+                &self.policies,
+                self.revoked_retention,
+            )?;
+        }
         let keys = match self.keys {
             Some(k) => k,
             None => KeyRing::generate()?,
@@ -128,6 +157,8 @@ impl EngineBuilder {
             unsharded_outcomes: Striped::default(),
             store: self.store,
             sync,
+            #[cfg(feature = "redis")]
+            shared: self.shared.map(|s| Box::new(super::shared::Shared::new(s))),
         };
         // Two passes: first every record whose own slot is free, then the
         // rest (ids from elsewhere, or from a different shard count), which

@@ -42,6 +42,28 @@ impl Engine {
         req: &ExchangeRequest<'_>,
         now: Timestamp,
     ) -> Result<Durable<'_>, Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            // The future owns what it decides on: it may outlive `req`.
+            let code = req.code.to_owned();
+            let verifier = req.code_verifier.map(str::to_owned);
+            let (client, redirect_uri) = (req.client.to_owned(), req.redirect_uri.to_owned());
+            let (ip, dpop) = (req.ip, req.dpop);
+            return Ok(Durable::shared(
+                self,
+                Box::pin(async move {
+                    let req = ExchangeRequest {
+                        code: &code,
+                        code_verifier: verifier.as_deref(),
+                        client: &client,
+                        redirect_uri: &redirect_uri,
+                        ip,
+                        dpop,
+                    };
+                    self.shared_exchange(sh, req, now).await
+                }),
+            ));
+        }
         Ok(Durable::pending(self, self.exchange_inner(req, now)?))
     }
 
@@ -50,6 +72,10 @@ impl Engine {
         req: &ExchangeRequest<'_>,
         now: Timestamp,
     ) -> Result<(Decision, Option<Lsn>), Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return super::shared::block_on(self.shared_exchange(sh, *req, now)).map(|d| (d, None));
+        }
         let policies = self.policies.load();
         if let Some(refused) = self.refuse_unlisted(&policies, req.client) {
             return Ok((refused, None));

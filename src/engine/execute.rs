@@ -90,7 +90,7 @@ impl Engine {
 }
 
 /// The event a signal stands for; `client` is the presenting client.
-fn event_of(signal: Signal, client: &str) -> EventKind {
+pub(super) fn event_of(signal: Signal, client: &str) -> EventKind {
     match signal {
         Signal::ReuseDetected {
             presented,

@@ -66,6 +66,12 @@ impl Engine {
         jkt: Option<Jkt>,
         now: Timestamp,
     ) -> Result<Decision, Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return super::shared::block_on(
+                self.shared_start(sh, req, policy, version, code, jkt, now),
+            );
+        }
         let keys = self.keys.load();
         let (kind, token_kind, generation) = match code {
             Some(_) => (AcceptKind::CodeIssued, TokenKind::Code, Generation::CODE),

@@ -32,6 +32,10 @@ impl Engine {
 
     /// [`sweep`](Self::sweep) at `now`; see [`At`](super::At).
     pub(super) fn sweep_at(&self, budget: usize, now: Timestamp) -> Result<SweepReport, Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return Ok(self.shared_sweep(sh, now));
+        }
         let policies = self.policies.load();
         let retention = self.revoked_retention;
         let mut retired = Vec::new();
@@ -94,7 +98,14 @@ impl Engine {
 
     /// A copy of one family's record, for stores and backups.
     pub fn family_record(&self, id: FamilyId) -> Option<FamilyRecord> {
-        let mut f = self.table.lock(&id).get(&id).cloned()?;
+        #[cfg(feature = "redis")]
+        let shared = self.shared.as_ref().map(|sh| self.shared_record(sh, id));
+        #[cfg(not(feature = "redis"))]
+        let shared: Option<Option<Family>> = None;
+        let mut f = match shared {
+            Some(record) => record?,
+            None => self.table.lock(&id).get(&id).cloned()?,
+        };
         // The tag cache is a redeemable token: it never leaves the table.
         f.tag = [0; 16];
         f.tag_uid = KeyUid::NONE;
@@ -105,6 +116,10 @@ impl Engine {
     /// persist it. Restoring an older record is a rollback: tokens newer
     /// than it are then denied `state_rollback`.
     pub fn restore_family(&self, record: FamilyRecord) -> Result<(), Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return self.shared_restore(sh, record.0);
+        }
         let id = record.0.id;
         self.install(record.0);
         let lsn = {
@@ -208,7 +223,16 @@ impl Engine {
     /// The store's error once it has failed closed (the engine then refuses
     /// every change until a restart); `None` while it works, or without a
     /// store. Writes nothing: a health check calls it.
+    ///
+    /// With a shared store: the error while its last command failed
+    /// (Redis unreachable or silent); it clears by itself when Redis
+    /// answers again, and nothing latches.
     pub fn store_failure(&self) -> Option<Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return (!sh.store.is_healthy())
+                .then(|| Error::store("redis: the last command failed; reconnecting"));
+        }
         self.store.as_ref().and_then(|s| s.failure())
     }
 }

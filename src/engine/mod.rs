@@ -30,6 +30,8 @@ mod maintenance;
 mod redeem;
 mod revoke;
 mod shadow;
+#[cfg(feature = "redis")]
+mod shared;
 mod stats;
 
 pub use at::At;
@@ -263,7 +265,15 @@ pub struct Durable<'a> {
     engine: &'a Engine,
     decision: Option<Decision>,
     lsn: Option<Lsn>,
+    /// With a shared store: the decision itself, awaiting the store.
+    #[cfg(feature = "redis")]
+    shared: Option<SharedFuture<'a>>,
 }
+
+/// A decision being made against a shared store.
+#[cfg(feature = "redis")]
+type SharedFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Decision, Error>> + Send + 'a>>;
 
 impl<'a> Durable<'a> {
     /// `decision`, whose change is durable once `lsn` is.
@@ -275,11 +285,28 @@ impl<'a> Durable<'a> {
             engine,
             decision: Some(decision),
             lsn,
+            #[cfg(feature = "redis")]
+            shared: None,
+        }
+    }
+
+    /// A decision the shared store has yet to confirm.
+    #[cfg(feature = "redis")]
+    fn shared(engine: &'a Engine, fut: SharedFuture<'a>) -> Durable<'a> {
+        Durable {
+            engine,
+            decision: None,
+            lsn: None,
+            shared: Some(fut),
         }
     }
 
     /// Block until durable.
     pub fn wait(mut self) -> Result<Decision, Error> {
+        #[cfg(feature = "redis")]
+        if let Some(fut) = self.shared.take() {
+            return shared::block_on(fut);
+        }
         self.engine.settle(self.lsn)?;
         self.decision.take().ok_or(Error::InvalidArgument {
             name: "durable decision",
@@ -296,6 +323,10 @@ impl std::future::Future for Durable<'_> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         use std::task::Poll;
+        #[cfg(feature = "redis")]
+        if let Some(fut) = self.shared.as_mut() {
+            return fut.as_mut().poll(cx);
+        }
         if let Some(lsn) = self.lsn
             && self.engine.sync
             && let Some(store) = &self.engine.store
@@ -338,8 +369,13 @@ pub struct Engine {
     store: Option<Box<dyn Store>>,
     /// Whether answers wait for durability (`Durability::Sync`).
     sync: bool,
-    /// Outcomes decided before a shard is locked (malformed tokens).
+    /// Outcomes decided before a shard is locked (malformed tokens), and
+    /// every outcome decided against a shared store.
     unsharded_outcomes: Striped<OUTCOMES>,
+    /// The shared store every operation decides against instead of the
+    /// table, when there is one (README "Several instances").
+    #[cfg(feature = "redis")]
+    shared: Option<Box<shared::Shared>>,
 }
 
 /// A family's identity, copied out of the lock for events and follow-ups.
@@ -459,6 +495,10 @@ impl Engine {
 
     /// [`introspect`](Self::introspect) at `now`; see [`At`].
     fn introspect_at(&self, token: &str, now: Timestamp) -> Option<Introspection> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return self.shared_introspect(sh, token, now);
+        }
         let parsed = token::parse(token, TokenKind::Refresh)?;
         let keys = self.keys.load();
         let policies = self.policies.load();
@@ -467,23 +507,37 @@ impl Engine {
         if !keys.verify(&parsed, &f.secret) {
             return None;
         }
-        let policy = policies.policy(f.client());
-        let expired = decision::expiry(f, policy, now).is_some();
-        Some(Introspection {
-            active: f.is_active() && !expired && parsed.generation == f.generation,
-            family: f.id,
-            client: f.client().clone(),
-            subject: Arc::from(f.subject.as_str()),
-            scope: f.scope().clone(),
-            generation: parsed.generation,
-            current_generation: f.generation,
-            issued_at: f.created,
-            last_used: f.last_used,
-            idle_expires_at: policy.idle_ttl.map(|t| f.last_used.saturating_add(t)),
-            absolute_expires_at: policy.absolute_ttl.map(|t| f.created.saturating_add(t)),
-            status: f.status(),
-            jkt: f.jkt().copied(),
-        })
+        Some(introspection(
+            f,
+            parsed.generation,
+            policies.policy(f.client()),
+            now,
+        ))
+    }
+}
+
+/// What introspection reports of `f` for a token of `generation`.
+fn introspection(
+    f: &Family,
+    generation: Generation,
+    policy: &crate::policy::ClientPolicy,
+    now: Timestamp,
+) -> Introspection {
+    let expired = decision::expiry(f, policy, now).is_some();
+    Introspection {
+        active: f.is_active() && !expired && generation == f.generation,
+        family: f.id,
+        client: f.client().clone(),
+        subject: Arc::from(f.subject.as_str()),
+        scope: f.scope().clone(),
+        generation,
+        current_generation: f.generation,
+        issued_at: f.created,
+        last_used: f.last_used,
+        idle_expires_at: policy.idle_ttl.map(|t| f.last_used.saturating_add(t)),
+        absolute_expires_at: policy.absolute_ttl.map(|t| f.created.saturating_add(t)),
+        status: f.status(),
+        jkt: f.jkt().copied(),
     }
 }
 

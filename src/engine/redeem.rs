@@ -22,7 +22,10 @@ impl Engine {
     /// durable (group commit: typically one fsync shared with concurrent
     /// callers). From an async runtime use [`redeem_async`](Self::redeem_async).
     /// An `Err` is a store failure: the engine then refuses every change
-    /// until restarted (fail closed); nothing was acknowledged.
+    /// until restarted (fail closed); nothing was acknowledged. With a
+    /// shared store (README "Several instances") this blocks for one round
+    /// trip, and an `Err` (Redis unreachable, or no answer within the
+    /// command timeout) fails this call only: the next one tries again.
     ///
     /// [`Durability::Sync`]: crate::Durability::Sync
     #[inline]
@@ -31,7 +34,9 @@ impl Engine {
     }
 
     /// [`redeem`](Self::redeem) without blocking: the decision is made at
-    /// once, and the returned future completes when it is durable.
+    /// once, and the returned future completes when it is durable. With a
+    /// shared store the future makes the decision, awaiting the store's
+    /// answer; any executor can poll it (the store's own thread wakes it).
     pub fn redeem_async(&self, req: &RedeemRequest<'_>) -> Result<Durable<'_>, Error> {
         self.at(self.now()).redeem_async(req)
     }
@@ -54,6 +59,19 @@ impl Engine {
         req: &RedeemRequest<'_>,
         now: Timestamp,
     ) -> Result<Durable<'_>, Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            // The future owns what it decides on: it may outlive `req`.
+            let (token, client) = (req.token.to_owned(), req.client.to_owned());
+            let (ip, dpop) = (req.ip, req.dpop);
+            return Ok(Durable::shared(
+                self,
+                Box::pin(async move {
+                    let req = RedeemRequest::new(&token, &client).ip(ip).dpop(dpop);
+                    self.shared_redeem(sh, req, now).await
+                }),
+            ));
+        }
         Ok(Durable::pending(self, self.redeem_inner(req, now)?))
     }
 
@@ -62,6 +80,12 @@ impl Engine {
         req: &RedeemRequest<'_>,
         now: Timestamp,
     ) -> Result<(Decision, Option<Lsn>), Error> {
+        // The one branch between one engine and several (README "Several
+        // instances"); the in-process path below is unchanged.
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return super::shared::block_on(self.shared_redeem(sh, *req, now)).map(|d| (d, None));
+        }
         let (token, client, ip) = (req.token, req.client, req.ip);
         let policies = self.policies.load();
         if let Some(refused) = self.refuse_unlisted(&policies, client) {

@@ -102,6 +102,10 @@ impl Engine {
         client: Option<&str>,
         now: Timestamp,
     ) -> Result<bool, Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return self.shared_revoke_token(sh, token, client, now);
+        }
         let Some(parsed) = token::parse(token, TokenKind::Refresh) else {
             return Ok(false);
         };
@@ -129,6 +133,10 @@ impl Engine {
 
     /// [`revoke_family`](Self::revoke_family) at `now`; see [`At`](super::At).
     pub(super) fn revoke_family_at(&self, id: FamilyId, now: Timestamp) -> Result<bool, Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return super::shared::block_on(self.shared_revoke(sh, id, |_| true, now));
+        }
         let mut shard = self.table.lock(&id);
         let Some((slot, f)) = shard.locate_mut(&id) else {
             return Ok(false);
@@ -164,6 +172,13 @@ impl Engine {
         client: Option<&str>,
         now: Timestamp,
     ) -> Result<usize, Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            let reason = RevokeReason::SubjectRevoked;
+            return super::shared::block_on(
+                self.shared_revoke_subject(sh, subject, client, reason, None, now),
+            );
+        }
         let (n, lsn) =
             self.revoke_subject_with(subject, client, RevokeReason::SubjectRevoked, None, now)?;
         self.settle(lsn)?;
@@ -279,6 +294,10 @@ impl Engine {
 
     /// [`revoke_client`](Self::revoke_client) at `now`; see [`At`](super::At).
     pub(super) fn revoke_client_at(&self, client: &str, now: Timestamp) -> Result<usize, Error> {
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return self.shared_revoke_client(sh, client, now);
+        }
         let mut revocations = Vec::new();
         'shards: for i in 0..self.table.shard_count() {
             let mut shard = self.table.lock_shard(i);

@@ -76,9 +76,15 @@ impl Engine {
     /// What the candidate would have changed so far; `None` without one.
     pub fn shadow_report(&self) -> Option<ShadowReport> {
         let shadow = self.shadow.load_full()?;
-        let mut rows: Vec<ShadowRow> = self
-            .table
-            .shadow_counts(shadow.epoch)
+        #[allow(unused_mut)]
+        let mut counts = self.table.shadow_counts(shadow.epoch);
+        // With a shared store: what this engine decided (each engine
+        // reports its own traffic).
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            sh.shadow.lock().add_to(shadow.epoch, &mut counts);
+        }
+        let mut rows: Vec<ShadowRow> = counts
             .into_iter()
             .map(|((client, a, c), count)| ShadowRow {
                 client,

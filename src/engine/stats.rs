@@ -10,7 +10,8 @@ use super::Engine;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Family records held (revoked ones until swept).
+    /// Family records held (revoked ones until swept); with a shared
+    /// store, the records this engine has cached.
     pub families: usize,
     /// Redemptions by outcome name (`rotated`, `reuse_detected`, ...).
     pub outcomes: Vec<(&'static str, u64)>,
@@ -64,8 +65,15 @@ impl Engine {
         }
         let slots = ACCEPT_KINDS.len() + DenyReason::ALL.len();
         let outcomes = (0..slots).map(|i| (slot_name(i), counts[i])).collect();
+        #[cfg(feature = "redis")]
+        let families = self
+            .shared
+            .as_ref()
+            .map_or(self.table.len(), |sh| sh.cached());
+        #[cfg(not(feature = "redis"))]
+        let families = self.table.len();
         Stats {
-            families: self.table.len(),
+            families,
             outcomes,
             events: self.events.counts(),
         }

@@ -18,6 +18,8 @@ pub(crate) mod codec;
 mod log;
 #[cfg(feature = "durable")]
 pub mod private;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 
 use std::fmt;
 use std::task::{Poll, Waker};
@@ -27,6 +29,8 @@ use crate::error::Error;
 use crate::family::Family;
 use crate::token::{FamilyId, Generation};
 
+#[cfg(feature = "redis")]
+pub use self::redis::{OnRollback, RedisOptions, RedisStore};
 #[cfg(feature = "durable")]
 pub use log::LOG_SUBDIR;
 #[cfg(feature = "durable")]

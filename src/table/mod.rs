@@ -287,6 +287,12 @@ impl ShardInner {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Loc(u32);
 
+impl Loc {
+    /// No location: a family held in a shared store's cache, not the table.
+    #[cfg(feature = "redis")]
+    pub(crate) const DETACHED: Loc = Loc(u32::MAX);
+}
+
 /// Families by id, in shards.
 pub(crate) struct Table {
     shards: Box<[Shard]>,

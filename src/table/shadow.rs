@@ -39,21 +39,27 @@ impl ShadowCounts {
     }
 }
 
+impl ShadowCounts {
+    /// Add the counts of `epoch` to `total`.
+    pub(crate) fn add_to(&self, epoch: u64, total: &mut HashMap<(Arc<str>, u8, u8), u64, Hasher>) {
+        if self.epoch != epoch {
+            return;
+        }
+        for (client, pairs) in &self.by_client {
+            for &(a, c, n) in pairs {
+                *total.entry((client.clone(), a, c)).or_default() += n;
+            }
+        }
+    }
+}
+
 impl Table {
     /// Shadow counts of `epoch`, summed over shards: (client, active outcome
     /// slot, candidate outcome slot) → count.
     pub(crate) fn shadow_counts(&self, epoch: u64) -> HashMap<(Arc<str>, u8, u8), u64, Hasher> {
         let mut total: HashMap<(Arc<str>, u8, u8), u64, Hasher> = HashMap::default();
         for s in self.shards.iter() {
-            let g = s.0.lock();
-            if g.shadow.epoch != epoch {
-                continue;
-            }
-            for (client, pairs) in &g.shadow.by_client {
-                for &(a, c, n) in pairs {
-                    *total.entry((client.clone(), a, c)).or_default() += n;
-                }
-            }
+            s.0.lock().shadow.add_to(epoch, &mut total);
         }
         total
     }

@@ -49,6 +49,9 @@ use refresh_guard::{
 use sha2::{Digest, Sha256};
 
 mod coverage;
+#[cfg(feature = "redis")]
+#[path = "../redis_support/mod.rs"]
+mod redis_support;
 mod reference;
 mod runner;
 mod strategies;
@@ -262,6 +265,55 @@ fn engine_matches_reference_model() {
             missing.is_empty(),
             "never reached {missing:?}; got {coverage:#?}"
         );
+    }
+}
+
+/// Where the engines of a run keep their state.
+pub(crate) enum Backend {
+    /// One engine, its own table.
+    Local,
+    /// Several engines sharing one Redis (README "Several instances").
+    #[cfg(feature = "redis")]
+    Shared { url: String, engines: usize },
+}
+
+fn shared_cases() -> u32 {
+    std::env::var("PROPTEST_SHARED_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000)
+}
+
+/// Two or three engines on one Redis, each operation on one of them at
+/// random, agree with the same reference model as one engine (README
+/// "Several instances": the answers are one engine's), sweeps aside (the
+/// store expires keys itself).
+#[cfg(feature = "redis")]
+#[test]
+fn engines_sharing_redis_match_reference_model() {
+    let server = redis_support::RedisServer::start();
+    let mut runner = TestRunner::new(Config {
+        cases: shared_cases(),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        source_file: Some(file!()),
+        ..Config::default()
+    });
+    let coverage = RefCell::new(Coverage::new());
+    let result = runner.run(&case(), |case| {
+        // Each case on an empty store: subjects recur across cases.
+        server.cmd(&["FLUSHALL"]);
+        let backend = Backend::Shared {
+            url: server.url(),
+            engines: 2 + case.ops.len() % 2,
+        };
+        Run::on(&case, &coverage, &backend)?.run(&case)
+    });
+    match result {
+        Ok(()) => {}
+        Err(TestError::Fail(why, case)) => panic!("{why}\nminimal failing case: {case:#?}"),
+        Err(e) => panic!("{e}"),
     }
 }
 

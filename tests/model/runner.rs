@@ -33,7 +33,11 @@ pub(crate) type Snapshot = (
 pub(crate) type EventKey = (String, Option<usize>);
 
 pub(crate) struct Run<'a> {
-    pub(crate) engine: Engine,
+    /// One engine, or several sharing one Redis (README "Several
+    /// instances"), each operation on one of them at random.
+    pub(crate) engines: Vec<Engine>,
+    /// The generator picking the engine of the next operation.
+    pub(crate) turn: std::cell::Cell<u64>,
     pub(crate) clock: Arc<ManualClock>,
     pub(crate) sink: Arc<MemorySink>,
     pub(crate) version: PolicyVersion,
@@ -61,20 +65,49 @@ impl<'a> Run<'a> {
         case: &Case,
         coverage: &'a RefCell<Coverage>,
     ) -> Result<Run<'a>, TestCaseError> {
+        Run::on(case, coverage, &Backend::Local)
+    }
+
+    pub(crate) fn on(
+        case: &Case,
+        coverage: &'a RefCell<Coverage>,
+        backend: &Backend,
+    ) -> Result<Run<'a>, TestCaseError> {
         let clock = Arc::new(ManualClock::new(ts(START_MS)));
         let sink = Arc::new(MemorySink::new());
         let set = case.initial.build();
         let version = set.version();
-        let engine = Engine::builder()
-            .policies(set)
-            .clock(clock.clone())
-            .events(sink.clone())
-            .shards(SHARDS)
-            .revoked_retention(Duration::from_millis(RETENTION_MS))
-            .build()
-            .map_err(fail)?;
+        let keys = refresh_guard::KeyRing::generate().map_err(fail)?;
+        let builder = || {
+            Engine::builder()
+                .keys(keys.clone())
+                .policies(set.clone())
+                .clock(clock.clone())
+                .events(sink.clone())
+                .shards(SHARDS)
+                .revoked_retention(Duration::from_millis(RETENTION_MS))
+        };
+        let engines = match backend {
+            Backend::Local => vec![builder().build().map_err(fail)?],
+            #[cfg(feature = "redis")]
+            Backend::Shared { url, engines } => (0..*engines)
+                .map(|_| {
+                    let mut o = refresh_guard::RedisOptions::default();
+                    // The model's clock is manual; and it denies a
+                    // generation ahead of the record, as one engine does.
+                    o.key_ttl = None;
+                    o.on_rollback = refresh_guard::OnRollback::Deny;
+                    let store = refresh_guard::RedisStore::connect(url, o).map_err(fail)?;
+                    builder().shared_store(store).build().map_err(fail)
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        // A per-case spread, the same on every run of the case (shrinking).
+        let seed = (case.ops.len() as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ case.prelude.len() as u64;
         Ok(Run {
-            engine,
+            engines,
+            turn: std::cell::Cell::new(seed | 1),
             clock,
             sink,
             version,
@@ -85,6 +118,24 @@ impl<'a> Run<'a> {
             backups: Vec::new(),
             coverage,
         })
+    }
+
+    /// The engine of the next call: the only one, or one of the shared at
+    /// random (xorshift).
+    pub(crate) fn engine(&self) -> &Engine {
+        let mut x = self.turn.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.turn.set(x);
+        &self.engines[(x % self.engines.len() as u64) as usize]
+    }
+
+    /// Whether the engines share a store: the table is then not theirs
+    /// (records held are each engine's cache), and sweeping is the
+    /// store's expiry, outside what the model runs.
+    pub(crate) fn shared(&self) -> bool {
+        self.engines.len() > 1
     }
 
     pub(crate) fn count(&self, what: impl Into<String>) {
@@ -108,8 +159,18 @@ impl<'a> Run<'a> {
             self.check_table()?;
         }
         for op in &case.ops {
+            if self.shared() && matches!(op, Op::Sweep { .. }) {
+                continue;
+            }
             self.step(op)?;
             self.check_table()?;
+            // Every token of every family, read from the store: once per
+            // case when the store is shared, to keep the run short.
+            if !self.shared() {
+                self.check_introspection()?;
+            }
+        }
+        if self.shared() {
             self.check_introspection()?;
         }
         Ok(())
@@ -207,7 +268,7 @@ impl<'a> Run<'a> {
                 let token = generation.get(&self.fams[fam].tokens).clone();
                 let client = client.as_ref().map(|w| self.client_name(fam, w));
                 let expected = self.model.revoke_token(fam, client);
-                let got = self.engine.revoke_token(&token, client).map_err(fail)?;
+                let got = self.engine().revoke_token(&token, client).map_err(fail)?;
                 prop_assert_eq!(got, expected, "revoke_token of family {}", fam);
                 self.count(format!("revoke_token:{got}"));
                 let events = if got {
@@ -220,7 +281,10 @@ impl<'a> Run<'a> {
             Op::RevokeFamily { fam } => {
                 let fam = fam.index(self.fams.len());
                 let expected = self.model.revoke_family(fam);
-                let got = self.engine.revoke_family(self.fams[fam].id).map_err(fail)?;
+                let got = self
+                    .engine()
+                    .revoke_family(self.fams[fam].id)
+                    .map_err(fail)?;
                 prop_assert_eq!(got, expected, "revoke_family of family {}", fam);
                 if got {
                     self.count_pending_revoked(&[fam]);
@@ -235,7 +299,7 @@ impl<'a> Run<'a> {
             Op::RevokeSubject { subject, client } => {
                 let expected = self.model.revoke_subject(*subject, *client);
                 let got = self
-                    .engine
+                    .engine()
                     .revoke_subject(SUBJECTS[*subject], client.map(|c| CLIENTS[c]))
                     .map_err(fail)?;
                 prop_assert_eq!(got, expected.len(), "revoke_subject revoked {:?}", expected);
@@ -246,7 +310,10 @@ impl<'a> Run<'a> {
             }
             Op::RevokeClient { client } => {
                 let expected = self.model.revoke_client(*client);
-                let got = self.engine.revoke_client(CLIENTS[*client]).map_err(fail)?;
+                let got = self
+                    .engine()
+                    .revoke_client(CLIENTS[*client])
+                    .map_err(fail)?;
                 prop_assert_eq!(got, expected.len(), "revoke_client revoked {:?}", expected);
                 self.count(format!("revoke_client:{}", got.min(2)));
                 self.count_pending_revoked(&expected);
@@ -256,13 +323,18 @@ impl<'a> Run<'a> {
             Op::Advance { ms } => {
                 self.clock.advance(Duration::from_millis(*ms));
                 self.model.now += ms;
-                prop_assert_eq!(self.engine.now(), ts(self.model.now));
+                prop_assert_eq!(self.engine().now(), ts(self.model.now));
                 self.check_events(vec![])
             }
             Op::SwapPolicies(spec) => {
                 let set = spec.build();
                 self.version = set.version();
-                self.engine.swap_policies(set);
+                // Every engine swaps; the model expects the one event of one.
+                for e in &self.engines[1..] {
+                    e.swap_policies(set.clone());
+                }
+                self.sink.take();
+                self.engines[0].swap_policies(set);
                 self.model.set = spec.clone();
                 self.check_events(vec![("policy_swapped".to_owned(), None)])
             }
@@ -300,7 +372,7 @@ impl<'a> Run<'a> {
             return Ok(());
         };
         let m = &self.model.families[fam];
-        let record = self.engine.family_record(self.fams[fam].id);
+        let record = self.engine().family_record(self.fams[fam].id);
         prop_assert_eq!(record.is_some(), !m.swept, "record of family {}", fam);
         if let Some(record) = record {
             prop_assert_eq!(record.id(), self.fams[fam].id);
@@ -345,7 +417,7 @@ impl<'a> Run<'a> {
         if !now.swept && then.current < now.current {
             self.count("restore:rollback");
         }
-        self.engine.restore_family(record).map_err(fail)?;
+        self.engine().restore_family(record).map_err(fail)?;
         self.fams[fam].max_generation = then.current;
         self.model.families[fam] = then;
         self.check_events(vec![])
@@ -354,7 +426,7 @@ impl<'a> Run<'a> {
     pub(crate) fn issue(&mut self, client: usize, subject: usize, ip: usize) -> TestCaseResult {
         let expect = self.model.issue(client, subject, ip);
         let d = self
-            .engine
+            .engine()
             .issue(&IssueRequest {
                 client: CLIENTS[client],
                 subject: SUBJECTS[subject],
@@ -434,7 +506,7 @@ impl<'a> Run<'a> {
             ip,
         );
         let d = self
-            .engine
+            .engine()
             .authorize(&AuthorizeRequest {
                 client: CLIENTS[client],
                 subject: SUBJECTS[subject],
@@ -505,7 +577,7 @@ impl<'a> Run<'a> {
         let replay = self.fams[fam].exchanges > 0;
         let (expect, revoked) = self.model.exchange(fam, client, redirect, verifier, ip);
         let d = self
-            .engine
+            .engine()
             .exchange(&ExchangeRequest {
                 code: &code,
                 code_verifier: verifier,
@@ -608,7 +680,7 @@ impl<'a> Run<'a> {
             // A replay that revoked nothing left the family as it was: a
             // leaked code cannot log anyone out.
             let status = self
-                .engine
+                .engine()
                 .family_record(self.fams[fam].id)
                 .map(|r| r.status());
             let was = (!before.swept).then(|| model_status(&before));
@@ -624,7 +696,7 @@ impl<'a> Run<'a> {
             // Every refresh token of the family is dead, and the current
             // one is now refused as revoked.
             for t in &self.fams[fam].tokens {
-                let got = self.engine.introspect(t);
+                let got = self.engine().introspect(t);
                 prop_assert!(
                     got.as_ref().is_some_and(|i| !i.active
                         && i.status
@@ -655,13 +727,13 @@ impl<'a> Run<'a> {
                 let client = CLIENTS[self.model.families[fam].client];
                 if *via_revoke {
                     let revoked = self
-                        .engine
+                        .engine()
                         .revoke_token(&code, Some(client))
                         .map_err(fail)?;
                     prop_assert!(!revoked, "a code revoked its family as a refresh token");
                 } else {
                     let d = self
-                        .engine
+                        .engine()
                         .redeem(&RedeemRequest::new(&code, client).ip(ip_addr(0)))
                         .map_err(fail)?;
                     prop_assert_eq!(d.deny_reason(), Some(DenyReason::InvalidToken));
@@ -669,7 +741,7 @@ impl<'a> Run<'a> {
                         prop_assert_eq!(d.family, None);
                     }
                 }
-                prop_assert!(self.engine.introspect(&code).is_none());
+                prop_assert!(self.engine().introspect(&code).is_none());
                 self.count("cross:code_as_refresh");
             }
             Cross::RefreshAsCode { fam, generation } => {
@@ -679,7 +751,7 @@ impl<'a> Run<'a> {
                 let real = &self.fams[fam];
                 let token = generation.get(&real.tokens);
                 let d = self
-                    .engine
+                    .engine()
                     .exchange(&ExchangeRequest {
                         code: token,
                         code_verifier: real.verifier.as_deref(),
@@ -731,7 +803,7 @@ impl<'a> Run<'a> {
         let on_reuse = self.model.policy_of(fam).on_reuse;
         let (expect, revoked) = self.model.redeem(fam, generation, client, ip);
         let d = self
-            .engine
+            .engine()
             .redeem(&RedeemRequest::new(&token, client).ip(ip_addr(ip)))
             .map_err(fail)?;
         self.count(format!("redeem:{}", d.outcome()));
@@ -899,7 +971,7 @@ impl<'a> Run<'a> {
                 continue;
             }
             let got = self
-                .engine
+                .engine()
                 .family_record(self.fams[i].id)
                 .map(|r| r.status());
             prop_assert_eq!(got, Some(model_status(f)), "status of family {}", i);
@@ -1012,18 +1084,23 @@ impl<'a> Run<'a> {
         let views = self
             .fams
             .iter()
-            .map(|r| r.tokens.last().and_then(|t| self.engine.introspect(t)))
+            .map(|r| r.tokens.last().and_then(|t| self.engine().introspect(t)))
             .collect();
         let records = self
             .fams
             .iter()
             .map(|r| {
-                self.engine
+                self.engine()
                     .family_record(r.id)
                     .map(|f| (f.generation(), f.status()))
             })
             .collect();
-        (views, records, self.engine.stats().families)
+        let held = match self.shared() {
+            false => self.engine().stats().families,
+            // Each engine's cache: what it held is not the store's state.
+            true => 0,
+        };
+        (views, records, held)
     }
 
     /// Present a forged token (or code) to redeem or RFC 7009 revocation,
@@ -1055,7 +1132,7 @@ impl<'a> Run<'a> {
         let source = self.fams.iter().find(|r| r.code.is_some());
         let (verifier, redirect) = source.map_or((None, 0), |r| (r.verifier.clone(), r.redirect));
         let d = self
-            .engine
+            .engine()
             .exchange(&ExchangeRequest {
                 code: &token,
                 code_verifier: verifier.as_deref(),
@@ -1079,13 +1156,13 @@ impl<'a> Run<'a> {
         }
         if via_revoke {
             let revoked = self
-                .engine
+                .engine()
                 .revoke_token(&token, Some(CLIENTS[client]))
                 .map_err(fail)?;
             prop_assert!(!revoked, "a forged token revoked a family: {:?}", token);
         } else {
             let d = self
-                .engine
+                .engine()
                 .redeem(&RedeemRequest::new(&token, CLIENTS[client]).ip(ip_addr(ip)))
                 .map_err(fail)?;
             prop_assert_eq!(
@@ -1101,7 +1178,7 @@ impl<'a> Run<'a> {
                 prop_assert_eq!(d.family, None);
             }
         }
-        prop_assert!(self.engine.introspect(&token).is_none());
+        prop_assert!(self.engine().introspect(&token).is_none());
         prop_assert_eq!(
             self.snapshot(),
             before,
@@ -1116,7 +1193,7 @@ impl<'a> Run<'a> {
             .filter(|&i| self.model.sweepable(i))
             .collect();
         let report = self
-            .engine
+            .engine()
             .sweep(budget.unwrap_or(FULL_SWEEP))
             .map_err(fail)?;
         let removed: Vec<usize> = match budget {
@@ -1128,7 +1205,7 @@ impl<'a> Run<'a> {
                 let removed: Vec<usize> = (0..self.fams.len())
                     .filter(|&i| {
                         !self.model.families[i].swept
-                            && self.engine.family_record(self.fams[i].id).is_none()
+                            && self.engine().family_record(self.fams[i].id).is_none()
                     })
                     .collect();
                 for r in &removed {
@@ -1191,8 +1268,11 @@ impl<'a> Run<'a> {
     }
 
     pub(crate) fn check_table(&self) -> TestCaseResult {
+        if self.shared() {
+            return Ok(());
+        }
         prop_assert_eq!(
-            self.engine.stats().families,
+            self.engine().stats().families,
             self.model.in_table(),
             "family records held"
         );
@@ -1206,14 +1286,14 @@ impl<'a> Run<'a> {
     pub(crate) fn check_introspection(&self) -> TestCaseResult {
         for (i, (m, r)) in self.model.families.iter().zip(&self.fams).enumerate() {
             let record = self
-                .engine
+                .engine()
                 .family_record(r.id)
                 .map(|f| (f.generation().get(), f.status()));
             let want = (!m.swept).then(|| (m.current, model_status(m)));
             prop_assert_eq!(record, want, "record of family {}: {:?}", i, m);
             if let Some(code) = &r.code {
                 prop_assert!(
-                    self.engine.introspect(code).is_none(),
+                    self.engine().introspect(code).is_none(),
                     "the code of family {} introspects as a refresh token",
                     i
                 );
@@ -1222,7 +1302,7 @@ impl<'a> Run<'a> {
             let mut active = 0;
             for (g0, t) in r.tokens.iter().enumerate() {
                 let g = g0 as u32 + 1;
-                let got = self.engine.introspect(t);
+                let got = self.engine().introspect(t);
                 if m.swept {
                     prop_assert!(got.is_none(), "swept family {} still known", i);
                     continue;
