@@ -209,14 +209,14 @@ pub(crate) struct ServeArgs {
     )]
     watch_policies: bool,
     /// DPoP proof algorithms accepted and advertised (comma-separated; RFC
-    /// 9449 §5.1): ES256, EdDSA
+    /// 9449 §5.1): ES256, EdDSA, Ed25519
     #[arg(
         long,
         value_name = "ALGS",
         env = "REFRESH_GUARD_DPOP_ALGS",
         hide_env_values = true,
         value_delimiter = ',',
-        default_value = "ES256,EdDSA",
+        default_value = "ES256,EdDSA,Ed25519",
         value_parser = dpop_alg
     )]
     dpop_algs: Vec<DpopAlg>,
@@ -313,7 +313,7 @@ fn timeout(s: &str) -> Result<Duration, String> {
 
 fn dpop_alg(v: &str) -> Result<DpopAlg, String> {
     DpopAlg::from_name(v.trim()).ok_or_else(|| {
-        "not a DPoP algorithm this server verifies: use ES256 or EdDSA (asymmetric only)".to_owned()
+        "not a DPoP algorithm this server verifies: use ES256, EdDSA or Ed25519 (asymmetric only)".to_owned()
     })
 }
 

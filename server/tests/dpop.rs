@@ -151,7 +151,7 @@ fn broken_proofs(
         (
             "jwk of the wrong type for the alg",
             key.sign(&wrong_type_header, &claims()),
-            "needs an",
+            " key on ",
         ),
         (
             "wrong htm",
@@ -285,7 +285,7 @@ fn bound_tokens_carry_cnf_jkt_everywhere() {
     let m = s.get("/.well-known/oauth-authorization-server").json();
     assert_eq!(
         m["dpop_signing_alg_values_supported"],
-        json!(["ES256", "EdDSA"])
+        json!(["ES256", "EdDSA", "Ed25519"])
     );
     // Without a proof: a bearer token, no cnf.
     let plain = s.family("spa", "user-2", "openid");

@@ -47,19 +47,23 @@ pub const MAX_JTI_LEN: usize = 256;
 pub enum DpopAlg {
     /// ECDSA on P-256 with SHA-256 (RFC 7518 §3.4).
     Es256,
-    /// Ed25519 (RFC 8037).
+    /// Ed25519 under its polymorphic name `EdDSA` (RFC 8037).
     EdDsa,
+    /// Ed25519 under its fully-specified name `Ed25519` (RFC 9864), which
+    /// deprecates `EdDSA`; what current clients (oauth4webapi) send.
+    Ed25519,
 }
 
 impl DpopAlg {
     /// Every algorithm this server can verify.
-    pub const ALL: [DpopAlg; 2] = [DpopAlg::Es256, DpopAlg::EdDsa];
+    pub const ALL: [DpopAlg; 3] = [DpopAlg::Es256, DpopAlg::EdDsa, DpopAlg::Ed25519];
 
     /// The JOSE name (`alg`).
     pub fn name(self) -> &'static str {
         match self {
             DpopAlg::Es256 => "ES256",
             DpopAlg::EdDsa => "EdDSA",
+            DpopAlg::Ed25519 => "Ed25519",
         }
     }
 
@@ -249,9 +253,11 @@ impl Key {
                     .map_err(|_| ProofError::Jwk("x, y is not a point on P-256"))?;
                 Ok(Key::P256(key, x, y))
             }
-            DpopAlg::EdDsa => {
+            DpopAlg::EdDsa | DpopAlg::Ed25519 => {
                 if jwk.kty.as_deref() != Some("OKP") || jwk.crv.as_deref() != Some("Ed25519") {
-                    return Err(ProofError::Jwk("EdDSA needs an OKP key on Ed25519"));
+                    return Err(ProofError::Jwk(
+                        "EdDSA and Ed25519 need an OKP key on Ed25519",
+                    ));
                 }
                 if jwk.y.is_some() {
                     return Err(ProofError::Jwk("an Ed25519 key has no y"));

@@ -135,3 +135,33 @@ fn errors_name_the_check_without_quoting_the_proof() {
     assert!(text.contains("htm"), "{text}");
     assert!(!text.contains("secret-jti") && !text.contains(&p[..20]));
 }
+
+/// oauth4webapi signs Ed25519 proofs with `alg` `Ed25519` (RFC 9864's
+/// fully-specified name) and was refused when only `EdDSA` was known; both
+/// names now verify, each only when allowed.
+#[test]
+fn ed25519_under_its_rfc9864_name_verifies_when_allowed() {
+    let k = ProofKey::eddsa(7);
+    let mut header = k.header();
+    header["alg"] = "Ed25519".into();
+    let claims = |jti: &str| json!({"jti": jti, "htm": "POST", "htu": HTU, "iat": NOW});
+    let v = verifier(4);
+    let jkt = check(&v, &k.sign(&header, &claims("a")), NOW, false)
+        .unwrap()
+        .unwrap();
+    assert_eq!(jkt.to_base64url(), k.jkt());
+    let only_eddsa = ProofVerifier::new(
+        &DpopSettings {
+            algs: vec![DpopAlg::EdDsa],
+            ..DpopSettings::default()
+        },
+        HTU,
+        Box::new(MemoryReplayCache::new(4)),
+        NonceKey::new(&[9; 32]),
+    )
+    .unwrap();
+    assert_eq!(
+        check(&only_eddsa, &k.sign(&header, &claims("b")), NOW, false),
+        Err(ProofError::Alg)
+    );
+}
