@@ -479,7 +479,7 @@ fn numeric_date(n: &serde_json::Number) -> Option<u64> {
         return Some(u);
     }
     let f = n.as_f64()?;
-    (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then(|| f as u64)
+    (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then_some(f as u64)
 }
 
 #[cfg(test)]

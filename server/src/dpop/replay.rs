@@ -62,6 +62,11 @@ impl MemoryReplayCache {
     pub fn len(&self) -> usize {
         self.inner.lock().seen.len()
     }
+
+    /// Whether no proof is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl ReplayCache for MemoryReplayCache {
