@@ -400,7 +400,14 @@ impl ProofVerifier {
         if header.crit.is_some() {
             return Err(ProofError::Crit);
         }
-        if header.typ.as_deref() != Some("dpop+jwt") {
+        // A media type, so case-insensitive, and `application/` may be
+        // spelt out (RFC 7515 §4.1.9).
+        let typ = header.typ.as_deref().unwrap_or_default();
+        let typ = typ
+            .get(..12)
+            .filter(|p| p.eq_ignore_ascii_case("application/"))
+            .map_or(typ, |_| &typ[12..]);
+        if !typ.eq_ignore_ascii_case("dpop+jwt") {
             return Err(ProofError::Typ);
         }
         let alg = header

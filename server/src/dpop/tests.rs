@@ -165,3 +165,30 @@ fn ed25519_under_its_rfc9864_name_verifies_when_allowed() {
         Err(ProofError::Alg)
     );
 }
+
+/// `typ` is a media type: its case does not matter and `application/` may
+/// be spelt out (RFC 7515 §4.1.9); anything else is refused.
+#[test]
+fn typ_is_compared_as_a_media_type() {
+    let v = verifier(8);
+    let k = ProofKey::es256(8);
+    for (i, (typ, ok)) in [
+        ("DPoP+JWT", true),
+        ("application/dpop+jwt", true),
+        ("Application/DPOP+jwt", true),
+        ("jwt", false),
+        ("application/jwt", false),
+        ("dpop+jwt2", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut h = k.header();
+        h["typ"] = typ.into();
+        let p = k.sign(
+            &h,
+            &json!({"jti": format!("t{i}"), "htm": "POST", "htu": HTU, "iat": NOW}),
+        );
+        assert_eq!(check(&v, &p, NOW, false).is_ok(), ok, "{typ}");
+    }
+}
