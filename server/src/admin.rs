@@ -18,7 +18,7 @@ use super::net::Peer;
 use super::oauth::{OAuthError, json, read_body};
 use super::{App, form, policies};
 use refresh_guard::{
-    AuthorizeRequest, Decision, Error, LoadErrors, OAuthError as OAuthCode, PolicyVersion,
+    AuthorizeRequest, Decision, Error, Jkt, LoadErrors, OAuthError as OAuthCode, PolicyVersion,
     ProfileReport, ReloadError,
 };
 
@@ -132,6 +132,9 @@ struct AuthorizeBody {
     code_challenge_method: Option<String>,
     /// The user agent's address, if the caller knows it; else the caller's.
     ip: Option<IpAddr>,
+    /// The thumbprint of the client's DPoP key, from the authorization
+    /// request (RFC 9449 §10): the code's exchange needs a proof from it.
+    dpop_jkt: Option<String>,
 }
 
 async fn authorize(
@@ -143,6 +146,16 @@ async fn authorize(
     let b: AuthorizeBody = match read_json(&app, &headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
+    };
+    let dpop_jkt = match b.dpop_jkt.as_deref().map(Jkt::from_base64url).transpose() {
+        Ok(j) => j,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                OAuthCode::InvalidRequest.as_str(),
+                &format!("dpop_jkt: {e}"),
+            );
+        }
     };
     let ip = b.ip.or_else(|| app.client_ip(peer.0, &headers));
     let engine = app.engine.clone();
@@ -156,7 +169,7 @@ async fn authorize(
             code_challenge: b.code_challenge.as_deref(),
             code_challenge_method: b.code_challenge_method.as_deref(),
             ip,
-            dpop_jkt: None,
+            dpop_jkt,
         })?;
         let ttl = engine.policies().policy(&b.client_id).code_ttl();
         Ok::<_, Error>((decision, ttl))

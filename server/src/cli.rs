@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 use refresh_guard::{Durability, IpRange, Profile};
+use refresh_guard_server::dpop::{DpopAlg, DpopSettings};
 use refresh_guard_server::{AdminToken, AdminTokenSource, Config, Server, ServerError};
 
 use crate::{FAILED, Io, NOT_MET, USAGE};
@@ -207,6 +208,51 @@ pub(crate) struct ServeArgs {
         value_parser = BoolishValueParser::new()
     )]
     watch_policies: bool,
+    /// DPoP proof algorithms accepted and advertised (comma-separated; RFC
+    /// 9449 §5.1): ES256, EdDSA, Ed25519
+    #[arg(
+        long,
+        value_name = "ALGS",
+        env = "REFRESH_GUARD_DPOP_ALGS",
+        hide_env_values = true,
+        value_delimiter = ',',
+        default_value = "ES256,EdDSA,Ed25519",
+        value_parser = dpop_alg
+    )]
+    dpop_algs: Vec<DpopAlg>,
+    /// Oldest a DPoP proof's iat may be: whole seconds or minutes, from 1s
+    /// to 10m
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "REFRESH_GUARD_DPOP_MAX_AGE",
+        hide_env_values = true,
+        default_value = "60s",
+        value_parser = dpop_window
+    )]
+    dpop_max_age: Duration,
+    /// Farthest ahead of the server's clock a DPoP proof's iat may be:
+    /// whole seconds or minutes, from 0s to 10m
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "REFRESH_GUARD_DPOP_MAX_AHEAD",
+        hide_env_values = true,
+        default_value = "10s",
+        value_parser = dpop_window
+    )]
+    dpop_max_ahead: Duration,
+    /// Most DPoP proofs remembered for replay detection (about 100 bytes
+    /// each); when all are within their window, new proofs get 503
+    #[arg(
+        long,
+        value_name = "N",
+        env = "REFRESH_GUARD_DPOP_REPLAY_CAPACITY",
+        hide_env_values = true,
+        default_value_t = DpopSettings::default().replay_capacity,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=100_000_000)
+    )]
+    dpop_replay_capacity: usize,
 }
 
 /// `--durability`.
@@ -265,6 +311,31 @@ fn timeout(s: &str) -> Result<Duration, String> {
         })
 }
 
+fn dpop_alg(v: &str) -> Result<DpopAlg, String> {
+    DpopAlg::from_name(v.trim()).ok_or_else(|| {
+        "not a DPoP algorithm this server verifies: use ES256, EdDSA or Ed25519 (asymmetric only)".to_owned()
+    })
+}
+
+/// "60s", "2m": whole seconds or minutes from 0 s to 10 m (an `iat`
+/// window is counted in whole seconds).
+fn dpop_window(s: &str) -> Result<Duration, String> {
+    let parsed = (|| {
+        let split = s.find(|c: char| !c.is_ascii_digit())?;
+        let (n, unit) = s.split_at(split);
+        let n: u64 = n.parse().ok()?;
+        let secs = match unit {
+            "s" => n,
+            "m" => n.checked_mul(60)?,
+            _ => return None,
+        };
+        Some(Duration::from_secs(secs))
+    })();
+    parsed
+        .filter(|d| *d <= MAX_TIMEOUT)
+        .ok_or_else(|| "not whole seconds or minutes up to 10m, like 60s or 2m".to_owned())
+}
+
 fn issuer(v: &str) -> Result<String, String> {
     if v.starts_with("https://") || v.starts_with("http://") {
         Ok(v.to_owned())
@@ -321,6 +392,12 @@ impl ServeArgs {
             first_request_timeout: self.first_request_timeout,
             require_profiles: self.require_profiles,
             report_profiles: self.report_profiles,
+            dpop: DpopSettings {
+                algs: self.dpop_algs,
+                max_age: self.dpop_max_age,
+                max_ahead: self.dpop_max_ahead,
+                replay_capacity: self.dpop_replay_capacity,
+            },
             ..Config::default()
         };
         Ok(Options {
@@ -468,7 +545,38 @@ mod tests {
         assert_eq!(o.workers, 0);
         assert!(!o.watch_policies);
         assert!(o.config.require_profiles.is_empty());
+        assert_eq!(o.config.dpop, d.dpop);
         assert!(o.config.report_profiles.is_empty());
+    }
+
+    /// The DPoP flags: algorithms by their JOSE names (anything symmetric
+    /// or unknown refused naming the flag), windows in whole seconds.
+    #[test]
+    fn dpop_flags_parse_and_bad_values_name_the_flag() {
+        let o = options(
+            &[
+                "--dpop-algs=EdDSA",
+                "--dpop-max-age",
+                "2m",
+                "--dpop-max-ahead=0s",
+                "--dpop-replay-capacity=1000",
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(o.config.dpop.algs, vec![DpopAlg::EdDsa]);
+        assert_eq!(o.config.dpop.max_age, Duration::from_secs(120));
+        assert_eq!(o.config.dpop.max_ahead, Duration::ZERO);
+        assert_eq!(o.config.dpop.replay_capacity, 1000);
+        for (flag, bad) in [
+            ("--dpop-algs", "--dpop-algs=ES256,HS256"),
+            ("--dpop-algs", "--dpop-algs=none"),
+            ("--dpop-max-age", "--dpop-max-age=500ms"),
+            ("--dpop-max-ahead", "--dpop-max-ahead=11m"),
+        ] {
+            let e = options(&[bad], None).err().unwrap();
+            assert!(e.contains(flag), "{bad}: {e}");
+        }
     }
 
     #[test]

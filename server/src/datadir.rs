@@ -8,6 +8,7 @@
 //! ```text
 //! <data>/mac-keys          "active <id>" and "<id> <64 hex>" lines
 //! <data>/jwt-ed25519.key   64 hex digits: the Ed25519 seed
+//! <data>/dpop-nonce.key    64 hex digits: the DPoP nonce MAC key
 //! <data>/admin.token       only when no token is configured
 //! <data>/log/              the embedded store
 //! ```
@@ -27,6 +28,8 @@ use refresh_guard::{Error, KeyId, KeyRing, KeySecret};
 pub const MAC_KEYS: &str = "mac-keys";
 /// File name of the access-token signing key.
 pub const SIGNING_KEY: &str = "jwt-ed25519.key";
+/// File name of the DPoP nonce key (README "DPoP at the token endpoint").
+pub const DPOP_NONCE_KEY: &str = "dpop-nonce.key";
 /// File name of the generated admin token.
 pub const ADMIN_TOKEN: &str = "admin.token";
 /// Directory of the embedded store.
@@ -266,6 +269,17 @@ pub fn signing_key(data: &Path) -> Result<[u8; 32], ServerError> {
     let (text, created) = read_or_create(&path, || Ok(format!("{}\n", to_hex(&random32()?))))?;
     if created {
         tracing::info!(path = %path.display(), "created the access-token signing key");
+    }
+    from_hex32(text.trim()).ok_or_else(|| invalid(&path, 1, "expected 64 hex digits"))
+}
+
+/// Load the DPoP nonce key from `<data>/dpop-nonce.key`, creating it on
+/// first start: instances sharing the file accept each other's nonces.
+pub fn dpop_nonce_key(data: &Path) -> Result<[u8; 32], ServerError> {
+    let path = data.join(DPOP_NONCE_KEY);
+    let (text, created) = read_or_create(&path, || Ok(format!("{}\n", to_hex(&random32()?))))?;
+    if created {
+        tracing::info!(path = %path.display(), "created the DPoP nonce key");
     }
     from_hex32(text.trim()).ok_or_else(|| invalid(&path, 1, "expected 64 hex digits"))
 }

@@ -97,3 +97,73 @@ pub fn forwarded_for(data: &[u8]) {
         "header lines read differently from their comma-joined value"
     );
 }
+
+/// The DPoP proof verifier of the token endpoint (server/src/dpop).
+pub use crate::dpop::{ProofError, ProofRequest, ProofVerifier};
+
+/// The token endpoint and the time `dpop_proof` checks proofs against.
+pub const DPOP_HTU: &str = "https://as.example/oauth2/token";
+/// Seconds since the epoch for `dpop_proof`.
+pub const DPOP_NOW: u64 = 1_800_000_000;
+/// The seed of the keys `dpop_proof` signs with (P-256 scalar and Ed25519
+/// seed alike), so that seeds can carry their public JWKs.
+pub const DPOP_KEY_SEED: [u8; 32] = [1; 32];
+
+/// `dpop_proof`: the first byte picks the mode (bit 0: the rest is a
+/// JOSE header and claims separated by `0xff`, signed here, so that the
+/// checks after the signature are reached; bit 1: with Ed25519 rather
+/// than P-256; bit 2: the client needs a nonce), the rest is the proof.
+/// The verifier never panics; a proof it accepts is refused as replayed
+/// the second time, and one it refuses is refused again the same way.
+pub fn dpop_proof(data: &[u8]) {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let verifier = ProofVerifier::new(
+        &crate::dpop::DpopSettings::default(),
+        DPOP_HTU,
+        Box::new(crate::dpop::MemoryReplayCache::new(4)),
+        crate::dpop::NonceKey::new(&[2; 32]),
+    )
+    .expect("a valid endpoint");
+    let proof: Vec<u8> = if mode & 1 == 0 {
+        rest.to_vec()
+    } else {
+        let (header, claims) = match rest.iter().position(|&b| b == 0xff) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &[][..]),
+        };
+        let input = format!("{}.{}", B64.encode(header), B64.encode(claims));
+        let signature = if mode & 2 == 0 {
+            use p256::ecdsa::signature::Signer as _;
+            let key = p256::ecdsa::SigningKey::from_slice(&DPOP_KEY_SEED).expect("a scalar");
+            let s: p256::ecdsa::Signature = key.sign(input.as_bytes());
+            s.to_bytes().to_vec()
+        } else {
+            use ed25519_dalek::Signer as _;
+            let key = ed25519_dalek::SigningKey::from_bytes(&DPOP_KEY_SEED);
+            key.sign(input.as_bytes()).to_bytes().to_vec()
+        };
+        format!("{input}.{}", B64.encode(signature)).into_bytes()
+    };
+    let req = ProofRequest {
+        values: &[&proof],
+        method: "POST",
+        now: DPOP_NOW,
+        nonce_required: mode & 4 != 0,
+    };
+    match verifier.verify(&req) {
+        Ok(Some(_)) => assert_eq!(
+            verifier.verify(&req),
+            Err(ProofError::Replayed),
+            "an accepted proof accepted twice"
+        ),
+        Ok(None) => panic!("a DPoP header read as none"),
+        // A refusal changes nothing: the same proof is refused the same
+        // way again (its `jti` was not used up). No error can echo the
+        // proof: `ProofError` holds only static text and a count.
+        Err(e) => assert_eq!(verifier.verify(&req), Err(e), "a refusal changed state"),
+    }
+}

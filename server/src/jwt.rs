@@ -31,6 +31,17 @@ pub struct AccessClaims {
     pub client_id: String,
     /// Granted scope, space-separated.
     pub scope: String,
+    /// The DPoP key the token is bound to (RFC 9449 §6.1); absent for a
+    /// bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// The `cnf` claim of a DPoP-bound access token (RFC 7800, RFC 9449 §6.1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// The RFC 7638 thumbprint of the DPoP key, base64url.
+    pub jkt: String,
 }
 
 /// Signs access tokens with one Ed25519 key. `Debug` shows only the key id.
@@ -141,6 +152,7 @@ mod tests {
             jti: "j1".into(),
             client_id: "spa".into(),
             scope: "openid".into(),
+            cnf: None,
         }
     }
 

@@ -43,6 +43,7 @@
 mod admin;
 mod budget;
 mod datadir;
+pub mod dpop;
 mod events;
 mod form;
 mod jwt;
@@ -71,7 +72,7 @@ pub use self::datadir::{AdminToken, AdminTokenSource};
 /// API (hidden from the docs, free to change in any release).
 #[doc(hidden)]
 pub mod fuzzing;
-pub use self::jwt::{AccessClaims, AccessTokenSigner};
+pub use self::jwt::{AccessClaims, AccessTokenSigner, Confirmation};
 
 use refresh_guard::{
     AllowList, Durability, Engine, Error, IpRange, LoadErrors, LogHooks, LogOptions, LogStore,
@@ -154,6 +155,9 @@ pub struct Config {
     pub compact_interval: Duration,
     /// How long shutdown waits for open requests before closing anyway.
     pub shutdown_timeout: Duration,
+    /// DPoP proof verification at the token endpoint (`--dpop-algs`,
+    /// `--dpop-max-age`, `--dpop-max-ahead`, `--dpop-replay-capacity`).
+    pub dpop: dpop::DpopSettings,
     /// Failpoints in the store's writer (tests: a full disk); not a
     /// stable interface.
     #[doc(hidden)]
@@ -198,6 +202,7 @@ impl Default for Config {
             sweep_budget: 10_000,
             compact_interval: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(30),
+            dpop: dpop::DpopSettings::default(),
             store_hooks: None,
         }
     }
@@ -314,6 +319,8 @@ pub(crate) struct App {
     /// reload, SIGHUP or promotion re-renders it at the next request.
     metadata: parking_lot::Mutex<(PolicyVersion, String)>,
     pub(crate) jwks: String,
+    /// Checks DPoP proofs at the token endpoint.
+    pub(crate) dpop: dpop::ProofVerifier,
 }
 
 impl App {
@@ -344,7 +351,12 @@ impl App {
         let set = self.engine.policies();
         let mut cached = self.metadata.lock();
         if cached.0 != set.version() {
-            let doc = oauth::metadata(&self.issuer, self.authorization_endpoint.as_deref(), &set);
+            let doc = oauth::metadata(
+                &self.issuer,
+                self.authorization_endpoint.as_deref(),
+                self.dpop.algs(),
+                &set,
+            );
             *cached = (set.version(), doc.to_string());
         }
         cached.1.clone()
@@ -403,6 +415,26 @@ pub fn check_endpoint_url(url: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Longest DPoP `iat` window either way: a proof is a one-request
+/// credential (RFC 9449 §11.1 suggests a short window).
+const MAX_DPOP_WINDOW: Duration = Duration::from_secs(600);
+
+fn check_dpop(d: &dpop::DpopSettings) -> Result<(), String> {
+    if d.algs.is_empty() {
+        return Err("DPoP algorithms: at least one is needed".into());
+    }
+    if d.max_age.is_zero() || d.max_age > MAX_DPOP_WINDOW {
+        return Err("DPoP max age must be 1s to 600s".into());
+    }
+    if d.max_ahead > MAX_DPOP_WINDOW {
+        return Err("DPoP max ahead must be 0s to 600s".into());
+    }
+    if d.replay_capacity == 0 {
+        return Err("DPoP replay capacity must be at least 1".into());
+    }
+    Ok(())
+}
+
 fn issuer_for(config: &Config, addr: SocketAddr) -> String {
     match &config.issuer {
         Some(i) => i.trim_end_matches('/').to_owned(),
@@ -436,6 +468,7 @@ impl Server {
             check_endpoint_url(url)
                 .map_err(|e| ServerError::Config(format!("authorization endpoint {url:?}: {e}")))?;
         }
+        check_dpop(&config.dpop).map_err(ServerError::Config)?;
         if config.first_request_timeout.is_zero() {
             return Err(ServerError::Config(
                 "the first request timeout must be more than 0".into(),
@@ -621,6 +654,7 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
     datadir::ensure_dir(data)?;
     let keys = datadir::key_ring(data)?;
     let seed = datadir::signing_key(data)?;
+    let nonce_key = datadir::dpop_nonce_key(data)?;
     let admin = datadir::admin_token(&config.admin_token, data)?;
     let metrics = Arc::new(Metrics::default());
     let mut builder = Engine::builder()
@@ -650,7 +684,24 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
     let signer = AccessTokenSigner::new(&seed);
     let jwks = signer.jwks().to_string();
     let set = engine.policies();
-    let metadata = oauth::metadata(&issuer, config.authorization_endpoint.as_deref(), &set);
+    let token_endpoint = format!("{issuer}/oauth2/token");
+    let dpop = dpop::ProofVerifier::new(
+        &config.dpop,
+        &token_endpoint,
+        Box::new(dpop::MemoryReplayCache::new(config.dpop.replay_capacity)),
+        dpop::NonceKey::new(&nonce_key),
+    )
+    .ok_or_else(|| {
+        ServerError::Config(format!(
+            "issuer {issuer:?}: the token endpoint {token_endpoint:?} is not an http(s) URL with a host"
+        ))
+    })?;
+    let metadata = oauth::metadata(
+        &issuer,
+        config.authorization_endpoint.as_deref(),
+        dpop.algs(),
+        &set,
+    );
     let metadata = parking_lot::Mutex::new((set.version(), metadata.to_string()));
     if config.authorization_endpoint.is_none() {
         // RFC 8414 §2: `authorization_endpoint` is required when a response
@@ -681,6 +732,7 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
         authorization_endpoint: config.authorization_endpoint,
         metadata,
         jwks,
+        dpop,
     })
 }
 

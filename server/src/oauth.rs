@@ -19,13 +19,14 @@ use http_body_util::BodyExt as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::dpop::{DpopAlg, ProofError, ProofRequest};
 use super::form::{self, Form};
-use super::jwt::AccessClaims;
+use super::jwt::{AccessClaims, Confirmation};
 use super::net::Peer;
 use super::{App, MAX_BODY};
 use refresh_guard::limits::MAX_CLIENT_ID_LEN;
 use refresh_guard::{
-    Accepted, Decision, ExchangeRequest, Generation, OAuthError as Code, Pkce, PolicySet,
+    Accepted, Decision, ExchangeRequest, Generation, Jkt, OAuthError as Code, Pkce, PolicySet,
     RedeemRequest, UnknownClients,
 };
 
@@ -49,9 +50,12 @@ pub(crate) fn router(app: Arc<App>) -> Router {
 /// "Server"). `code_challenge_methods_supported` lists what the set accepts
 /// at authorization: S256 always, `plain` when a client it governs has
 /// `pkce = s256_or_plain` or `optional` (README "Policy knobs").
+/// `dpop_signing_alg_values_supported` lists the proof algorithms accepted
+/// (RFC 9449 §5.1).
 pub(crate) fn metadata(
     issuer: &str,
     authorization_endpoint: Option<&str>,
+    dpop_algs: &[DpopAlg],
     set: &PolicySet,
 ) -> serde_json::Value {
     let mut doc = serde_json::json!({
@@ -66,6 +70,7 @@ pub(crate) fn metadata(
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
+        "dpop_signing_alg_values_supported": dpop_algs.iter().map(|a| a.name()).collect::<Vec<_>>(),
     });
     if let Some(url) = authorization_endpoint {
         doc["authorization_endpoint"] = url.into();
@@ -114,6 +119,8 @@ pub(crate) struct OAuthError {
     /// Answer with `WWW-Authenticate: Basic` (RFC 6749 §5.2: the client
     /// tried HTTP Basic).
     pub(crate) basic: bool,
+    /// A `DPoP-Nonce` to send (RFC 9449 §8).
+    pub(crate) dpop_nonce: Option<String>,
 }
 
 impl OAuthError {
@@ -127,6 +134,7 @@ impl OAuthError {
             error,
             description: description.into(),
             basic: false,
+            dpop_nonce: None,
         }
     }
 
@@ -166,7 +174,32 @@ impl OAuthError {
                 HeaderValue::from_static("Basic realm=\"refresh-guard\", charset=\"UTF-8\""),
             );
         }
+        if let Some(n) = self.dpop_nonce {
+            set_dpop_nonce(&mut r, n);
+        }
         r
+    }
+
+    /// The answer to a refused proof: `use_dpop_nonce` for a missing or
+    /// stale nonce (RFC 9449 §8), 503 when the replay cache is full (the
+    /// server's state, not the proof's fault), else `invalid_dpop_proof`
+    /// naming the check (RFC 9449 §5).
+    fn proof(e: ProofError) -> OAuthError {
+        match e {
+            ProofError::Nonce { .. } => {
+                OAuthError::new(StatusCode::BAD_REQUEST, Code::UseDpopNonce, e.to_string())
+            }
+            ProofError::ReplayCacheFull => OAuthError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::ServerError,
+                e.to_string(),
+            ),
+            _ => OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                Code::InvalidDpopProof,
+                e.to_string(),
+            ),
+        }
     }
 }
 
@@ -365,6 +398,19 @@ pub(crate) fn authenticate(
     }
 }
 
+/// Send `nonce` in `DPoP-Nonce` and let browser clients read it (RFC 9449
+/// §8; a cross-origin fetch sees only exposed headers).
+fn set_dpop_nonce(r: &mut Response, nonce: String) {
+    if let Ok(v) = HeaderValue::from_str(&nonce) {
+        let h = r.headers_mut();
+        h.insert("dpop-nonce", v);
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("DPoP-Nonce"),
+        );
+    }
+}
+
 fn required<'f>(form: &'f Form<'_>, name: &'static str) -> Result<&'f str, OAuthError> {
     form.get(name).ok_or_else(|| OAuthError::missing(name))
 }
@@ -408,14 +454,51 @@ async fn token_inner(
     let grant = required(&form, "grant_type")?;
     let client = authenticate(app, headers, &form)?;
     let ip = app.client_ip(peer.0, headers);
-    match grant {
-        "authorization_code" => code_grant(app, &client, &form, ip).await,
-        "refresh_token" => refresh_grant(app, &client, &form, ip).await,
-        _ => Err(OAuthError::new(
+    if !matches!(grant, "authorization_code" | "refresh_token") {
+        return Err(OAuthError::new(
             StatusCode::BAD_REQUEST,
             Code::UnsupportedGrantType,
             "grant_type must be authorization_code or refresh_token",
-        )),
+        ));
+    }
+    // The proof is checked in full before the code or token is looked at:
+    // a refused proof, or a request for a nonce, spends nothing (RFC 9449
+    // §4.3, §8). Every answer to a client that must send nonces carries a
+    // fresh one.
+    let now = app.engine.now().as_secs();
+    let nonce_required = app.engine.policies().policy(&client.id).dpop_nonce();
+    let nonce = nonce_required.then(|| app.dpop.nonce(now));
+    let values: Vec<&[u8]> = headers
+        .get_all("dpop")
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    let jkt = app
+        .dpop
+        .verify(&ProofRequest {
+            values: &values,
+            method: "POST",
+            now,
+            nonce_required,
+        })
+        .map_err(|e| OAuthError {
+            dpop_nonce: nonce.clone(),
+            ..OAuthError::proof(e)
+        })?;
+    let result = match grant {
+        "authorization_code" => code_grant(app, &client, &form, ip, jkt).await,
+        _ => refresh_grant(app, &client, &form, ip, jkt).await,
+    };
+    match (result, nonce) {
+        (Ok(mut r), Some(n)) => {
+            set_dpop_nonce(&mut r, n);
+            Ok(r)
+        }
+        (Err(e), Some(n)) => Err(OAuthError {
+            dpop_nonce: Some(n),
+            ..e
+        }),
+        (r, None) => r,
     }
 }
 
@@ -435,6 +518,7 @@ async fn code_grant(
     client: &Client,
     form: &Form<'_>,
     ip: Option<IpAddr>,
+    jkt: Option<Jkt>,
 ) -> Result<Response, OAuthError> {
     let code = required(form, "code")?;
     let redirect_uri = required(form, "redirect_uri")?;
@@ -444,7 +528,7 @@ async fn code_grant(
         client: &client.id,
         redirect_uri,
         ip,
-        dpop: None,
+        dpop: jkt,
     };
     let decision = match app.engine.exchange_async(&req) {
         Ok(pending) => pending.await,
@@ -461,7 +545,7 @@ async fn code_grant(
     let Decision::Accept(a) = decision else {
         return Err(OAuthError::server());
     };
-    issue(app, client, &a, None)
+    issue(app, client, &a, None, jkt)
 }
 
 async fn refresh_grant(
@@ -469,6 +553,7 @@ async fn refresh_grant(
     client: &Client,
     form: &Form<'_>,
     ip: Option<IpAddr>,
+    jkt: Option<Jkt>,
 ) -> Result<Response, OAuthError> {
     let token = required(form, "refresh_token")?;
     // A narrower scope is checked before the redemption, so that an
@@ -495,7 +580,7 @@ async fn refresh_grant(
     let started = Instant::now();
     let decision = match app
         .engine
-        .redeem_async(&RedeemRequest::new(token, &client.id).ip(ip))
+        .redeem_async(&RedeemRequest::new(token, &client.id).ip(ip).dpop(jkt))
     {
         Ok(pending) => pending.await,
         Err(e) => Err(e),
@@ -512,7 +597,7 @@ async fn refresh_grant(
     let Decision::Accept(a) = decision else {
         return Err(OAuthError::server());
     };
-    issue(app, client, &a, narrowed.as_deref())
+    issue(app, client, &a, narrowed.as_deref(), jkt)
 }
 
 fn random_id() -> Result<String, OAuthError> {
@@ -530,11 +615,17 @@ fn random_id() -> Result<String, OAuthError> {
 /// swept by a concurrent request, and answer an error for a rotation the
 /// engine has already made durable (the client's old token is then spent,
 /// its new one never delivered).
+///
+/// With a verified proof the access token is bound to its key (`cnf.jkt`,
+/// `token_type` `DPoP`, RFC 9449 §5, §6.1), whatever the `dpop` knob says:
+/// the knob governs the refresh token's binding, which confidential
+/// clients never get (RFC 9449 §5).
 fn issue(
     app: &App,
     client: &Client,
     accepted: &Accepted,
     scope: Option<&str>,
+    jkt: Option<Jkt>,
 ) -> Result<Response, OAuthError> {
     #[cfg(test)]
     tests::before_response(app, accepted);
@@ -562,11 +653,14 @@ fn issue(
         jti: random_id()?,
         client_id: client.id.clone(),
         scope,
+        cnf: jkt.map(|k| Confirmation {
+            jkt: k.to_base64url(),
+        }),
     };
     let access_token = app.signer.sign(&claims);
     let body = serde_json::json!({
         "access_token": access_token,
-        "token_type": "Bearer",
+        "token_type": if jkt.is_some() { "DPoP" } else { "Bearer" },
         "expires_in": ttl,
         "refresh_token": accepted.token.as_str(),
         "scope": claims.scope,
@@ -672,12 +766,16 @@ async fn introspect_inner(
         if let Some(exp) = info.expires_at() {
             body["exp"] = exp.as_secs().into();
         }
+        // The key the refresh token is bound to (RFC 9449 §6.2).
+        if let Some(jkt) = info.jkt {
+            body["cnf"] = serde_json::json!({ "jkt": jkt.to_base64url() });
+        }
         return Ok(json(StatusCode::OK, body.to_string(), true));
     }
     if let Some(claims) = app.signer.verify(token, app.engine.now())
         && visible(&claims.client_id)
     {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "active": true,
             "client_id": claims.client_id,
             "sub": claims.sub,
@@ -687,8 +785,12 @@ async fn introspect_inner(
             "iat": claims.iat,
             "iss": claims.iss,
             "jti": claims.jti,
-            "token_type": "Bearer",
+            "token_type": if claims.cnf.is_some() { "DPoP" } else { "Bearer" },
         });
+        if let Some(cnf) = &claims.cnf {
+            // RFC 9449 §6.2: the resource server checks proofs against it.
+            body["cnf"] = serde_json::json!({ "jkt": cnf.jkt });
+        }
         return Ok(json(StatusCode::OK, body.to_string(), true));
     }
     Ok(inactive())
@@ -820,7 +922,7 @@ mod tests {
             .unwrap()
             .block_on(async {
                 let form = form::parse(body.as_bytes()).unwrap();
-                let r = match refresh_grant(&app, &client, &form, None).await {
+                let r = match refresh_grant(&app, &client, &form, None, None).await {
                     Ok(r) => r,
                     Err(e) => e.respond(&app, "token"),
                 };

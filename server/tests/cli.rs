@@ -405,7 +405,7 @@ fn cli_diff_fails_if_either_side_fails() {
 }
 
 /// Every `serve` flag, with the variable it can also come from.
-const SERVE_FLAGS: [(&str, &str); 18] = [
+const SERVE_FLAGS: [(&str, &str); 22] = [
     ("--listen <ADDR>", "REFRESH_GUARD_LISTEN"),
     ("--admin-listen <ADDR>", "REFRESH_GUARD_ADMIN_LISTEN"),
     ("--policies <DIR>", "REFRESH_GUARD_POLICIES"),
@@ -442,6 +442,16 @@ const SERVE_FLAGS: [(&str, &str); 18] = [
     ("--watch-policies", "REFRESH_GUARD_WATCH_POLICIES"),
     ("--require-profile <NAME>", "REFRESH_GUARD_REQUIRE_PROFILE"),
     ("--report-profile <NAME>", "REFRESH_GUARD_REPORT_PROFILE"),
+    ("--dpop-algs <ALGS>", "REFRESH_GUARD_DPOP_ALGS"),
+    ("--dpop-max-age <DURATION>", "REFRESH_GUARD_DPOP_MAX_AGE"),
+    (
+        "--dpop-max-ahead <DURATION>",
+        "REFRESH_GUARD_DPOP_MAX_AHEAD",
+    ),
+    (
+        "--dpop-replay-capacity <N>",
+        "REFRESH_GUARD_DPOP_REPLAY_CAPACITY",
+    ),
 ];
 
 #[test]

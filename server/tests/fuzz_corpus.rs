@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 
 use refresh_guard_server::fuzzing;
 
+#[path = "support/dpop_proof.rs"]
+mod dpop_proof;
+use dpop_proof::ProofKey;
+
 fn corpus(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fuzz/corpus")
@@ -36,6 +40,11 @@ fn token_form_corpus() {
 #[test]
 fn forwarded_for_corpus() {
     replay("forwarded_for", fuzzing::forwarded_for);
+}
+
+#[test]
+fn dpop_proof_corpus() {
+    replay("dpop_proof", fuzzing::dpop_proof);
 }
 
 /// Writes the hand-made seeds of the server's targets into fuzz/corpus
@@ -69,4 +78,35 @@ fn write_seeds() {
         b"\x03[2001:db8::1]:443 , ::ffff:10.0.0.1",
     );
     put("forwarded_for", "untrusted", b"\x00203.0.113.9:80");
+    // DPoP: a whole ES256 proof, and header/claims pairs for the fuzz
+    // body to sign with its keys (P-256 and Ed25519), one with a nonce.
+    let seed = fuzzing::DPOP_KEY_SEED[0];
+    let es = ProofKey::es256(seed);
+    let ed = ProofKey::eddsa(seed);
+    let claims = |nonce: Option<&str>| {
+        let mut c = serde_json::json!({
+            "jti": "seed-jti", "htm": "POST", "htu": fuzzing::DPOP_HTU, "iat": fuzzing::DPOP_NOW,
+        });
+        if let Some(n) = nonce {
+            c["nonce"] = n.into();
+        }
+        c.to_string()
+    };
+    let proof = es.proof("POST", fuzzing::DPOP_HTU, fuzzing::DPOP_NOW, "seed", None);
+    put(
+        "dpop_proof",
+        "es256-proof",
+        &[&[0u8][..], proof.as_bytes()].concat(),
+    );
+    for (name, mode, key, nonce) in [
+        ("es256-parts", 1u8, &es, None),
+        ("ed25519-parts", 3, &ed, None),
+        ("es256-nonce", 5, &es, Some("AAAAAAAAAAAAAAAAAAAAAA")),
+    ] {
+        let mut data = vec![mode];
+        data.extend_from_slice(key.header().to_string().as_bytes());
+        data.push(0xff);
+        data.extend_from_slice(claims(nonce).as_bytes());
+        put("dpop_proof", name, &data);
+    }
 }

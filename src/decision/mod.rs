@@ -102,6 +102,12 @@ pub enum OAuthError {
     /// `server_error`: the server could not answer (RFC 6749 §4.1.2.1
     /// defines it; token endpoints use it for the same purpose).
     ServerError,
+    /// `invalid_dpop_proof` (RFC 9449 §5, §12.2): the DPoP proof sent
+    /// with a token request failed a check of RFC 9449 §4.3.
+    InvalidDpopProof,
+    /// `use_dpop_nonce` (RFC 9449 §8, §12.2): the proof must carry the
+    /// server nonce sent in the `DPoP-Nonce` header of this answer.
+    UseDpopNonce,
 }
 
 impl OAuthError {
@@ -114,6 +120,8 @@ impl OAuthError {
             OAuthError::InvalidScope => "invalid_scope",
             OAuthError::UnsupportedGrantType => "unsupported_grant_type",
             OAuthError::ServerError => "server_error",
+            OAuthError::InvalidDpopProof => "invalid_dpop_proof",
+            OAuthError::UseDpopNonce => "use_dpop_nonce",
         }
     }
 }

@@ -672,18 +672,30 @@ fn set_knob(
             o.max_families_per_subject =
                 integer(v, span, u32::MAX.into(), bad).and_then(|n| u32::try_from(n).ok())
         }
-        "grace_same_ip" => match v {
-            DeValue::Boolean(b) => o.grace_same_ip = Some(*b),
-            other => bad(
-                span,
-                format!("expected true or false; found {}", type_name(other)),
-            ),
-        },
+        "grace_same_ip" => o.grace_same_ip = boolean(v, span, bad),
+        "dpop_nonce" => o.dpop_nonce = boolean(v, span, bad),
         "ip_allowlist" => o.ip_allowlist = allowlist(v, span, bad),
         "client_secret_sha256" => o.client_secret_sha256 = secret_hash(v, span, bad).map(Some),
         // KNOB_NAMES and this match are kept in step by the unit test
         // `every_knob_is_read`.
         _ => bad(span, "knob not readable from files".to_owned()),
+    }
+}
+
+fn boolean(
+    v: &DeValue<'_>,
+    span: Range<usize>,
+    bad: &mut dyn FnMut(Range<usize>, String),
+) -> Option<bool> {
+    match v {
+        DeValue::Boolean(b) => Some(*b),
+        other => {
+            bad(
+                span,
+                format!("expected true or false; found {}", type_name(other)),
+            );
+            None
+        }
     }
 }
 
@@ -976,7 +988,8 @@ mod tests {
             max_families_per_subject = 3\n\
             access_token_ttl = \"1h\"\n\
             client_secret_sha256 = \"00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF\"\n\
-            dpop = \"required\"\n";
+            dpop = \"required\"\n\
+            dpop_nonce = true\n";
 
     #[test]
     fn every_knob_is_read() {
@@ -999,6 +1012,7 @@ mod tests {
             "1h",
             "set",
             "required",
+            "true",
         ];
         assert_eq!(knobs.len(), KNOB_NAMES.len());
         for ((k, v), e) in knobs.iter().zip(expected) {
@@ -1031,6 +1045,22 @@ mod tests {
         let set = load("[clients.spa]\ndpop = \"allowed\"\n").unwrap();
         assert_eq!(set.policy("spa").dpop(), crate::Dpop::Allowed);
         assert_eq!(set.defaults().dpop(), crate::Dpop::Off, "off by default");
+    }
+
+    /// `dpop_nonce` is a boolean: anything else is refused naming file,
+    /// line, column and key; off unless set.
+    #[test]
+    fn a_bad_dpop_nonce_value_names_file_line_and_key() {
+        let errors = load("[clients.spa]\ndpop_nonce = \"yes\"\n").unwrap_err();
+        assert!(
+            errors.to_string().contains(
+                "p.toml:2:14: clients.spa.dpop_nonce: expected true or false; found a string"
+            ),
+            "{errors}"
+        );
+        let set = load("[clients.spa]\ndpop_nonce = true\n").unwrap();
+        assert!(set.policy("spa").dpop_nonce());
+        assert!(!set.defaults().dpop_nonce(), "off by default");
     }
 
     /// Provenance names each knob's own line, and a client inherits what

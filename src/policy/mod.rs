@@ -145,6 +145,7 @@ pub struct ClientPolicy {
     pub(crate) access_token_ttl: Duration,
     pub(crate) client_secret_sha256: Option<[u8; 32]>,
     pub(crate) dpop: Dpop,
+    pub(crate) dpop_nonce: bool,
 }
 
 impl Default for ClientPolicy {
@@ -167,6 +168,7 @@ impl Default for ClientPolicy {
             access_token_ttl: Duration::from_secs(300),
             client_secret_sha256: None,
             dpop: Dpop::Off,
+            dpop_nonce: false,
         }
     }
 }
@@ -232,6 +234,13 @@ impl ClientPolicy {
     pub fn dpop(&self) -> Dpop {
         self.dpop
     }
+    /// Whether a DPoP proof from this client must carry a fresh server
+    /// nonce (RFC 9449 §8): a proof made in advance on a compromised device
+    /// then expires with the nonce. Enforced by the server, which issues
+    /// the nonces; the engine never sees a proof.
+    pub fn dpop_nonce(&self) -> bool {
+        self.dpop_nonce
+    }
     /// Whether the client is public: it has no `client_secret_sha256`, so
     /// nothing but the token (and, when bound, its DPoP key) constrains
     /// who presents it. Only public clients' families are DPoP-bound (RFC
@@ -279,6 +288,7 @@ impl ClientPolicy {
             ("access_token_ttl", format_duration(self.access_token_ttl)),
             ("client_secret_sha256", secret),
             ("dpop", self.dpop.to_string()),
+            ("dpop_nonce", self.dpop_nonce.to_string()),
         ]
     }
 
@@ -286,7 +296,7 @@ impl ClientPolicy {
         for (k, v) in self.knobs() {
             // A knob added later is left out at its default, so that a set
             // which does not use it keeps the version it had before.
-            if k == "dpop" && self.dpop == Dpop::Off {
+            if (k == "dpop" && self.dpop == Dpop::Off) || (k == "dpop_nonce" && !self.dpop_nonce) {
                 continue;
             }
             let _ = write!(out, "{k}={v};");
@@ -326,6 +336,7 @@ pub const KNOB_NAMES: &[&str] = &[
     "access_token_ttl",
     "client_secret_sha256",
     "dpop",
+    "dpop_nonce",
 ];
 
 /// Write a duration the way policy files spell it ("45s", "10m", "30d").
@@ -369,6 +380,7 @@ pub struct PolicyOverrides {
     pub access_token_ttl: Option<Duration>,
     pub client_secret_sha256: Option<Option<[u8; 32]>>,
     pub dpop: Option<Dpop>,
+    pub dpop_nonce: Option<bool>,
 }
 
 macro_rules! setters {
@@ -403,6 +415,7 @@ impl PolicyOverrides {
         access_token_ttl: Duration,
         client_secret_sha256: Option<[u8; 32]>,
         dpop: Dpop,
+        dpop_nonce: bool,
     }
 
     /// Range problems of the values set here, as (knob, what is allowed).
@@ -466,6 +479,7 @@ impl PolicyOverrides {
             self.access_token_ttl.is_some(),
             self.client_secret_sha256.is_some(),
             self.dpop.is_some(),
+            self.dpop_nonce.is_some(),
         ]
     }
 
@@ -487,7 +501,8 @@ impl PolicyOverrides {
             max_families_per_subject,
             access_token_ttl,
             client_secret_sha256,
-            dpop
+            dpop,
+            dpop_nonce
         );
         if let Some(list) = &self.ip_allowlist {
             p.ip_allowlist = AllowList::new(list);

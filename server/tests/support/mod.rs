@@ -1,0 +1,2 @@
+//! Helpers shared by test files.
+pub mod dpop_proof;
