@@ -44,6 +44,7 @@
 #![warn(missing_docs)]
 
 // The public interface is:
+pub use crate::access::{ACCESS_TOKEN_LEN, AccessToken, AccessTokenInfo, IssuedAccessToken};
 pub use crate::clock::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
 pub use crate::compliance::{
     Control, ControlLevel, ControlRow, ControlStatus, Evidence, Profile, ProfileReport,
@@ -99,6 +100,7 @@ pub mod private_files {
     pub use crate::store::private::{Refusal, check_dir, create_dir, file_options, tighten_file};
 }
 
+mod access;
 mod clock;
 mod code;
 mod compliance;

@@ -10,7 +10,7 @@ use crate::clock::Timestamp;
 use crate::dpop::{self, Binding, Jkt};
 use crate::family::{Copied, Family, Grant, SubjectName};
 use crate::policy::{ClientPolicy, IpCheck, PolicyVersion, Rotation};
-use crate::token::{FamilyId, Generation, Token};
+use crate::token::{FamilyId, FamilySecret, Generation, Token};
 
 mod plan;
 #[cfg(test)]
@@ -297,6 +297,10 @@ pub struct Accepted {
     pub(crate) scope: Copied<INLINE_SCOPE>,
     /// The family's subject.
     pub(crate) subject: SubjectName,
+    /// The family's secret, so that an access token can be minted for the
+    /// acceptance without a second lookup a revocation or sweep could race
+    /// (see `Engine::access_token`). Never shown: `Debug` redacts it.
+    pub(crate) secret: FamilySecret,
 }
 
 /// Client ids up to this many bytes travel inline in an [`Accepted`].
@@ -317,6 +321,7 @@ impl Accepted {
         policy_version: PolicyVersion,
         grant: &Grant,
         subject: &SubjectName,
+        secret: FamilySecret,
     ) -> Accepted {
         Accepted {
             token,
@@ -327,6 +332,7 @@ impl Accepted {
             client: Copied::of(&grant.client),
             scope: Copied::of(&grant.scope),
             subject: subject.clone(),
+            secret,
         }
     }
 

@@ -158,6 +158,7 @@ impl Engine {
                         version,
                         &f.grant,
                         &f.subject,
+                        f.secret,
                     )
                 });
                 let lsn = self.persist(f)?;
