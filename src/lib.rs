@@ -63,9 +63,9 @@ pub use crate::event::{
 };
 pub use crate::family::{RevokeReason, Status};
 pub use crate::policy::{
-    AllowList, AllowListError, ClientPolicy, IpCheck, KNOB_NAMES, Location, OnReuse, Origin, Pkce,
-    PolicyError, PolicyOverrides, PolicySet, PolicySetBuilder, PolicyVersion, Provenance, Rotation,
-    ScopeProvenance, UnknownClients, format_duration,
+    AccessTokenFormat, AllowList, AllowListError, ClientPolicy, IpCheck, KNOB_NAMES, Location,
+    OnReuse, Origin, Pkce, PolicyError, PolicyOverrides, PolicySet, PolicySetBuilder,
+    PolicyVersion, Provenance, Rotation, ScopeProvenance, UnknownClients, format_duration,
 };
 pub use crate::token::{
     FamilyId, Generation, KeyId, KeyRing, KeySecret, TOKEN_LEN, Token, TokenKind,

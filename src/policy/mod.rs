@@ -70,6 +70,20 @@ pub enum UnknownClients {
     Refuse,
 }
 
+/// The access tokens the server mints for a client (README "Opaque access
+/// tokens"). Only minting follows the knob: a token of either kind verifies
+/// until it expires, whatever the client's knob says by then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccessTokenFormat {
+    /// An RFC 9068 JWT signed with Ed25519: verifiable offline, valid
+    /// until it expires whatever happens to its family.
+    Jwt,
+    /// An `rga_` token derived like refresh tokens: no signature, verified
+    /// by introspection or `Engine::verify_access_token`, dead as soon as
+    /// its family is revoked.
+    Opaque,
+}
+
 /// PKCE requirement at the code exchange (RFC 7636).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Pkce {
@@ -118,6 +132,7 @@ knob_names! {
     Pkce { S256 => "s256", S256OrPlain => "s256_or_plain", Optional => "optional" }
     UnknownClients { Defaults => "defaults", Refuse => "refuse" }
     Dpop { Off => "off", Allowed => "allowed", Required => "required" }
+    AccessTokenFormat { Jwt => "jwt", Opaque => "opaque" }
 }
 
 /// Longest grace period a policy may set.
@@ -145,6 +160,7 @@ pub struct ClientPolicy {
     pub(crate) access_token_ttl: Duration,
     pub(crate) client_secret_sha256: Option<[u8; 32]>,
     pub(crate) dpop: Dpop,
+    pub(crate) access_token_format: AccessTokenFormat,
 }
 
 impl Default for ClientPolicy {
@@ -167,6 +183,7 @@ impl Default for ClientPolicy {
             access_token_ttl: Duration::from_secs(300),
             client_secret_sha256: None,
             dpop: Dpop::Off,
+            access_token_format: AccessTokenFormat::Jwt,
         }
     }
 }
@@ -232,6 +249,10 @@ impl ClientPolicy {
     pub fn dpop(&self) -> Dpop {
         self.dpop
     }
+    /// The kind of access token the server mints for the client.
+    pub fn access_token_format(&self) -> AccessTokenFormat {
+        self.access_token_format
+    }
     /// Whether the client is public: it has no `client_secret_sha256`, so
     /// nothing but the token (and, when bound, its DPoP key) constrains
     /// who presents it. Only public clients' families are DPoP-bound (RFC
@@ -279,6 +300,7 @@ impl ClientPolicy {
             ("access_token_ttl", format_duration(self.access_token_ttl)),
             ("client_secret_sha256", secret),
             ("dpop", self.dpop.to_string()),
+            ("access_token_format", self.access_token_format.to_string()),
         ]
     }
 
@@ -286,7 +308,10 @@ impl ClientPolicy {
         for (k, v) in self.knobs() {
             // A knob added later is left out at its default, so that a set
             // which does not use it keeps the version it had before.
-            if k == "dpop" && self.dpop == Dpop::Off {
+            if (k == "dpop" && self.dpop == Dpop::Off)
+                || (k == "access_token_format"
+                    && self.access_token_format == AccessTokenFormat::Jwt)
+            {
                 continue;
             }
             let _ = write!(out, "{k}={v};");
@@ -326,6 +351,7 @@ pub const KNOB_NAMES: &[&str] = &[
     "access_token_ttl",
     "client_secret_sha256",
     "dpop",
+    "access_token_format",
 ];
 
 /// Write a duration the way policy files spell it ("45s", "10m", "30d").
@@ -369,6 +395,7 @@ pub struct PolicyOverrides {
     pub access_token_ttl: Option<Duration>,
     pub client_secret_sha256: Option<Option<[u8; 32]>>,
     pub dpop: Option<Dpop>,
+    pub access_token_format: Option<AccessTokenFormat>,
 }
 
 macro_rules! setters {
@@ -403,6 +430,7 @@ impl PolicyOverrides {
         access_token_ttl: Duration,
         client_secret_sha256: Option<[u8; 32]>,
         dpop: Dpop,
+        access_token_format: AccessTokenFormat,
     }
 
     /// Range problems of the values set here, as (knob, what is allowed).
@@ -466,6 +494,7 @@ impl PolicyOverrides {
             self.access_token_ttl.is_some(),
             self.client_secret_sha256.is_some(),
             self.dpop.is_some(),
+            self.access_token_format.is_some(),
         ]
     }
 
@@ -487,7 +516,8 @@ impl PolicyOverrides {
             max_families_per_subject,
             access_token_ttl,
             client_secret_sha256,
-            dpop
+            dpop,
+            access_token_format
         );
         if let Some(list) = &self.ip_allowlist {
             p.ip_allowlist = AllowList::new(list);
