@@ -25,8 +25,8 @@ use super::net::Peer;
 use super::{App, MAX_BODY};
 use refresh_guard::limits::MAX_CLIENT_ID_LEN;
 use refresh_guard::{
-    Accepted, Decision, ExchangeRequest, Generation, OAuthError as Code, Pkce, PolicySet,
-    RedeemRequest, UnknownClients,
+    Accepted, AccessTokenFormat, Decision, ExchangeRequest, Generation, OAuthError as Code, Pkce,
+    PolicySet, RedeemRequest, UnknownClients,
 };
 
 pub(crate) fn router(app: Arc<App>) -> Router {
@@ -538,6 +538,11 @@ fn issue(
 ) -> Result<Response, OAuthError> {
     #[cfg(test)]
     tests::before_response(app, accepted);
+    let policies = app.engine.policies();
+    let policy = policies.policy(&client.id);
+    if policy.access_token_format() == AccessTokenFormat::Opaque {
+        return issue_opaque(app, accepted, scope);
+    }
     let granted = accepted.scope();
     let scope = match scope {
         // Checked against the family before the redemption; intersect all
@@ -545,13 +550,7 @@ fn issue(
         Some(s) => narrow_scope(s, granted).unwrap_or_else(|| granted.to_owned()),
         None => granted.to_owned(),
     };
-    let ttl = app
-        .engine
-        .policies()
-        .policy(&client.id)
-        .access_token_ttl()
-        .as_secs()
-        .max(1);
+    let ttl = policy.access_token_ttl().as_secs().max(1);
     let now = app.engine.now().as_secs();
     let claims = AccessClaims {
         iss: app.issuer.clone(),
@@ -570,6 +569,31 @@ fn issue(
         "expires_in": ttl,
         "refresh_token": accepted.token.as_str(),
         "scope": claims.scope,
+    });
+    Ok(json(StatusCode::OK, body.to_string(), true))
+}
+
+/// The token response with an opaque access token (README "Opaque access
+/// tokens"): no signature, derived from the acceptance alone, so a
+/// revocation racing the response cannot fail it (the token it carries is
+/// then inactive from the start). The scope answered is what the token
+/// grants, in the grant's order (RFC 6749 §3.3: order does not matter).
+fn issue_opaque(
+    app: &App,
+    accepted: &Accepted,
+    scope: Option<&str>,
+) -> Result<Response, OAuthError> {
+    let minted = app.engine.access_token(accepted, scope).map_err(|e| {
+        app.engine_failed("access token", &e);
+        OAuthError::server()
+    })?;
+    let ttl = minted.expires_at.since(minted.issued_at).as_secs().max(1);
+    let body = serde_json::json!({
+        "access_token": minted.token.as_str(),
+        "token_type": "Bearer",
+        "expires_in": ttl,
+        "refresh_token": accepted.token.as_str(),
+        "scope": minted.scope(),
     });
     Ok(json(StatusCode::OK, body.to_string(), true))
 }
@@ -650,6 +674,26 @@ async fn introspect_inner(
     let token = required(&form, "token")?;
     let visible = |client: &str| caller.as_deref().is_none_or(|c| c == client);
     let inactive = || json(StatusCode::OK, r#"{"active":false}"#.to_owned(), true);
+    // `token_type_hint` (RFC 7662 §2.1) is only a hint, and every kind of
+    // token here says what it is by its form (`rga_`, `rgt_`, a JWS), so
+    // it is not needed to find the token and a wrong one changes nothing.
+    if let Some(info) = app.engine.verify_access_token(token) {
+        if !visible(info.client()) {
+            return Ok(inactive());
+        }
+        let body = serde_json::json!({
+            "active": true,
+            "client_id": info.client(),
+            "sub": info.subject(),
+            "scope": info.scope(),
+            "aud": info.client(),
+            "exp": info.expires_at.as_secs(),
+            "iat": info.issued_at.as_secs(),
+            "iss": app.issuer,
+            "token_type": "Bearer",
+        });
+        return Ok(json(StatusCode::OK, body.to_string(), true));
+    }
     if let Some(info) = app.engine.introspect(token) {
         if !info.active || !visible(&info.client) {
             return Ok(inactive());
