@@ -117,6 +117,11 @@ impl AccessFields {
     /// does not hold `self.key`.
     pub(crate) fn mint(&self, keys: &KeyRing, secret: &FamilySecret) -> Option<AccessToken> {
         let tag = keys.access_tag(self.key, &self.message(secret))?;
+        Some(self.assemble(&tag))
+    }
+
+    /// Lay out the token of these fields and `tag`.
+    fn assemble(&self, tag: &[u8; 16]) -> AccessToken {
         let mut raw = [0u8; RAW_LEN];
         raw[0] = self.key.0;
         raw[1..17].copy_from_slice(self.family.as_bytes());
@@ -124,11 +129,11 @@ impl AccessFields {
         raw[21..29].copy_from_slice(&self.issued_at.as_millis().to_be_bytes());
         raw[29..37].copy_from_slice(&self.expires_at.as_millis().to_be_bytes());
         raw[37..45].copy_from_slice(&self.scope_mask.to_be_bytes());
-        raw[45..].copy_from_slice(&tag);
+        raw[45..].copy_from_slice(tag);
         let mut bytes = [0u8; ACCESS_TOKEN_LEN];
         bytes[..PREFIX.len()].copy_from_slice(PREFIX);
         b64::encode(&raw, &mut bytes[PREFIX.len()..]);
-        Some(AccessToken { bytes })
+        AccessToken { bytes }
     }
 }
 
@@ -140,6 +145,12 @@ pub(crate) struct ParsedAccess {
 }
 
 impl ParsedAccess {
+    /// The token these fields and tag spell (the fuzz target checks that
+    /// parsing and this agree: every token has exactly one spelling).
+    pub(crate) fn reassemble(&self) -> AccessToken {
+        self.fields.assemble(&self.tag)
+    }
+
     /// Constant-time check of the tag against the family's secret; false
     /// when the key is no longer in the ring.
     pub(crate) fn verify(&self, keys: &KeyRing, secret: &FamilySecret) -> bool {
