@@ -136,6 +136,9 @@ fn run(mode: &str, load: Load, durability: Durability, connections: usize, secs:
             policy_set: Some(policies()),
             data: dir.clone(),
             durability,
+            // Every connection comes from 127.0.0.1: the per-source cap
+            // (32 by default) would reset half of them at connect.
+            max_connections_per_source: connections,
             admin_token: AdminTokenSource::Value(
                 AdminToken::new("bench-admin-token-0123456789").expect("token"),
             ),

@@ -563,14 +563,31 @@ fn issue(
         scope,
     };
     let access_token = app.signer.sign(&claims);
-    let body = serde_json::json!({
-        "access_token": access_token,
-        "token_type": "Bearer",
-        "expires_in": ttl,
-        "refresh_token": accepted.token.as_str(),
-        "scope": claims.scope,
-    });
-    Ok(json(StatusCode::OK, body.to_string(), true))
+    Ok(token_response(&access_token, ttl, accepted, &claims.scope))
+}
+
+/// The successful token response (RFC 6749 §5.1), serialized from a struct
+/// rather than built as a `serde_json::Value` (a map of owned strings per
+/// grant). Members in the order the `Value` wrote them.
+fn token_response(access_token: &str, ttl: u64, accepted: &Accepted, scope: &str) -> Response {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        access_token: &'a str,
+        expires_in: u64,
+        refresh_token: &'a str,
+        scope: &'a str,
+        token_type: &'static str,
+    }
+    let body = Body {
+        access_token,
+        expires_in: ttl,
+        refresh_token: accepted.token.as_str(),
+        scope,
+        token_type: "Bearer",
+    };
+    // Serializing borrowed strings and an integer cannot fail.
+    let text = serde_json::to_string(&body).unwrap_or_default();
+    json(StatusCode::OK, text, true)
 }
 
 /// The token response with an opaque access token (README "Opaque access
@@ -588,14 +605,12 @@ fn issue_opaque(
         OAuthError::server()
     })?;
     let ttl = minted.expires_at.since(minted.issued_at).as_secs().max(1);
-    let body = serde_json::json!({
-        "access_token": minted.token.as_str(),
-        "token_type": "Bearer",
-        "expires_in": ttl,
-        "refresh_token": accepted.token.as_str(),
-        "scope": minted.scope(),
-    });
-    Ok(json(StatusCode::OK, body.to_string(), true))
+    Ok(token_response(
+        minted.token.as_str(),
+        ttl,
+        accepted,
+        minted.scope(),
+    ))
 }
 
 async fn revoke(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
