@@ -166,6 +166,27 @@ mod tests {
         assert_eq!(other.verify(&jwt, Timestamp::from_secs(1_500)), None);
     }
 
+    /// Ed25519 is deterministic (RFC 8032 §5.1.6): the signature over a
+    /// token's signing input is the one an independent implementation
+    /// (ring, BoringSSL's code) makes with the same seed, so swapping the
+    /// signer can never change a token or the JWKS.
+    #[test]
+    fn signatures_match_an_independent_ed25519() {
+        let s = AccessTokenSigner::new(&[7; 32]);
+        let jwt = s.sign(&claims(2_000));
+        let (input, sig) = jwt.rsplit_once('.').unwrap();
+        let other = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7; 32]).unwrap();
+        assert_eq!(
+            B64.decode(sig).unwrap(),
+            other.sign(input.as_bytes()).as_ref()
+        );
+        use ring::signature::KeyPair as _;
+        assert_eq!(
+            s.jwks()["keys"][0]["x"],
+            B64.encode(other.public_key().as_ref())
+        );
+    }
+
     /// RFC 8037 appendix A: the thumbprint of the example key.
     #[test]
     fn thumbprint_matches_rfc8037_example() {
