@@ -4,6 +4,8 @@
 //! every one of them must produce the same 64 bytes; the bench checks that
 //! before it measures.
 //!
+//! - `aws-lc-rs`: `aws_lc_rs::signature::Ed25519KeyPair::sign`
+//!   (`AccessTokenSigner::sign` uses it);
 //! - `dalek/sign`: `ed25519_dalek::SigningKey::sign`, what the server used
 //!   before: it re-derives the expanded key (one SHA-512 of the seed) per
 //!   signature;
@@ -11,6 +13,9 @@
 //!   key computed once;
 //! - `ring`: `ring::signature::Ed25519KeyPair::sign`, BoringSSL's
 //!   field arithmetic with its x86-64 assembly.
+//!
+//! The bench's numbers, and why the server signs with aws-lc-rs:
+//! BENCHMARKS.md "Ed25519 signers".
 //!
 //! `cargo build --profile bench -p refresh-guard-server --bench signer`,
 //! then run the binary with `--bench` (criterion's options apply).
@@ -46,15 +51,20 @@ fn signers(c: &mut Criterion) {
     let expanded = ed25519_dalek::hazmat::ExpandedSecretKey::from(&SEED);
     let public = dalek.verifying_key();
     let ring = ring::signature::Ed25519KeyPair::from_seed_unchecked(&SEED).expect("seed");
+    let aws = aws_lc_rs::signature::Ed25519KeyPair::from_seed_unchecked(&SEED).expect("seed");
 
     // Deterministic: the same signature from every signer.
     let reference = dalek.sign(&msg).to_bytes();
     let raw = ed25519_dalek::hazmat::raw_sign::<sha2::Sha512>(&expanded, &msg, &public);
     assert_eq!(raw.to_bytes(), reference, "dalek/expanded");
     assert_eq!(ring.sign(&msg).as_ref(), reference, "ring");
+    assert_eq!(aws.sign(&msg).as_ref(), reference, "aws-lc-rs");
 
     let mut g = c.benchmark_group("sign_access_token");
     g.throughput(Throughput::Elements(1));
+    g.bench_function(format!("aws-lc-rs/{}B", msg.len()), |b| {
+        b.iter(|| aws.sign(black_box(&msg)))
+    });
     g.bench_function(format!("dalek/sign/{}B", msg.len()), |b| {
         b.iter(|| dalek.sign(black_box(&msg)))
     });
