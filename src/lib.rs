@@ -7,7 +7,8 @@
 //! database round trip.
 //!
 //! What it deliberately does not do: authenticate users or clients, render
-//! consent, mint access tokens, or talk HTTP: the library has no HTTP
+//! consent, sign access tokens (it derives opaque ones bound to their
+//! family, [`Engine::access_token`]), or talk HTTP: the library has no HTTP
 //! stack, no async runtime and no logging subscriber. The OAuth token
 //! service (`refresh-guard serve`) is a separate crate,
 //! `refresh-guard-server`, built on this public API. Tokens are derived
