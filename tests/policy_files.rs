@@ -72,7 +72,10 @@ fn unknown_knob_far_from_any_lists_them_all() {
         e[0].starts_with("policies/a.toml:2:1: defaults.colour: unknown knob `colour`; knobs are rotation, grace_period,"),
         "{e:?}"
     );
-    assert!(e[0].ends_with("client_secret_sha256, dpop"), "{e:?}");
+    assert!(
+        e[0].ends_with("client_secret_sha256, dpop, access_token_format"),
+        "{e:?}"
+    );
 }
 
 #[test]
