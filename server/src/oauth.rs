@@ -629,14 +629,23 @@ async fn revoke_inner(
     let form = parse_form(&bytes)?;
     let client = authenticate(app, headers, &form)?;
     let token = required(&form, "token")?.to_owned();
-    // `token_type_hint` is optional and only a hint (RFC 7009 §2.1): access
-    // tokens are self-contained JWTs and expire on their own, so every
+    // `token_type_hint` is optional and only a hint (RFC 7009 §2.1): every
+    // token says what it is by its form. A JWT access token is
+    // self-contained and expires on its own. An opaque one of this client
+    // lives only as long as its family, and nothing per token is stored
+    // to end it alone, so revoking it revokes its family, refresh token
+    // included (RFC 7009 §2.1 lets the server revoke "the respective
+    // refresh token as well"; README "Opaque access tokens"). Any other
     // token is tried as a refresh token.
     let engine = app.engine.clone();
     let id = client.id.clone();
-    let result = tokio::task::spawn_blocking(move || engine.revoke_token(&token, Some(&id)))
-        .await
-        .map_err(|_| OAuthError::server())?;
+    let result = tokio::task::spawn_blocking(move || match engine.verify_access_token(&token) {
+        Some(info) if info.client() == id => engine.revoke_family(info.family),
+        Some(_) => Ok(false),
+        None => engine.revoke_token(&token, Some(&id)),
+    })
+    .await
+    .map_err(|_| OAuthError::server())?;
     match result {
         // 200 also for unknown, already revoked, or another client's
         // tokens (RFC 7009 §2.2). The body is empty, so it has no content

@@ -199,3 +199,33 @@ fn each_client_gets_its_own_policys_format() {
     assert_eq!(as_api(&opaque), inactive());
     assert_eq!(as_api(&jwt), inactive());
 }
+
+/// Revoking an opaque access token revokes its family (RFC 7009 §2.1: the
+/// server may revoke the refresh token as well; nothing per token is
+/// stored to end it alone). Before, the endpoint answered 200 and the
+/// token stayed active until it expired. Another client's token is left
+/// alone, with the same 200 (RFC 7009 §2.2).
+#[test]
+fn revoking_an_opaque_access_token_revokes_its_family() {
+    let s = server("opaque-revoke-at");
+    let t = s.exchange("app", &s.code("app", "user-8", "openid")).json();
+    let at = t["access_token"].as_str().unwrap();
+    let rt = t["refresh_token"].as_str().unwrap();
+    // Another client presenting it: 200, nothing revoked.
+    let other = s.exchange("spa", &s.code("spa", "user-8", "openid")).json();
+    let r = s.form(
+        "/oauth2/revoke",
+        &format!("token={at}&client_id=spa&token_type_hint=access_token"),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(introspect(&s, at, "")["active"], true);
+    let _ = other;
+    // Its own client: the access token and the family are dead.
+    let r = s.form(
+        "/oauth2/revoke",
+        &format!("token={at}&client_id=app&token_type_hint=access_token"),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(introspect(&s, at, ""), inactive());
+    s.refresh("app", rt).assert_error(400, "invalid_grant");
+}
