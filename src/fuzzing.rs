@@ -89,6 +89,56 @@ fn parse_round_trips(s: &str) {
     }
 }
 
+/// `verify_access_token`: any presented access token other than the real
+/// one is refused and changes nothing; a parsed one spells itself back; no
+/// access token is a refresh token or a code (README "Opaque access
+/// tokens").
+pub fn verify_access_token(data: &[u8]) {
+    static REAL: OnceLock<String> = OnceLock::new();
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Some(p) = crate::access::parse(s) {
+        assert_eq!(p.reassemble().as_str(), s, "re-encodes differently");
+        for kind in [TokenKind::Refresh, TokenKind::Code] {
+            assert!(
+                token::parse(s, kind).is_none(),
+                "an access token parsed as {kind:?}"
+            );
+        }
+    }
+    let (e, _, _) = engine();
+    let real = REAL.get_or_init(|| {
+        let issued = e
+            .issue(&IssueRequest {
+                client: CLIENT,
+                subject: "s",
+                scope: "openid",
+                ip: Some(ip()),
+            })
+            .expect("issue");
+        let a = issued.accepted().expect("issued");
+        e.access_token(a, None)
+            .expect("minted")
+            .token
+            .as_str()
+            .to_owned()
+    });
+    if s == real {
+        return;
+    }
+    let before = e.stats().families;
+    assert!(
+        e.verify_access_token(s).is_none(),
+        "a forged access token verified"
+    );
+    assert_eq!(e.stats().families, before);
+    assert!(
+        e.verify_access_token(real).is_some(),
+        "the real token survives"
+    );
+}
+
 /// `redeem_token`: any presented refresh token other than the real one is
 /// denied `invalid_token` and changes nothing.
 pub fn redeem_token(data: &[u8]) {

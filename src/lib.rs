@@ -7,7 +7,8 @@
 //! database round trip.
 //!
 //! What it deliberately does not do: authenticate users or clients, render
-//! consent, mint access tokens, or talk HTTP: the library has no HTTP
+//! consent, sign access tokens (it derives opaque ones bound to their
+//! family, [`Engine::access_token`]), or talk HTTP: the library has no HTTP
 //! stack, no async runtime and no logging subscriber (the optional `redis`
 //! feature's shared store owns a one-thread runtime for its connection;
 //! README "Several instances"). The OAuth token
@@ -46,6 +47,7 @@
 #![warn(missing_docs)]
 
 // The public interface is:
+pub use crate::access::{ACCESS_TOKEN_LEN, AccessToken, AccessTokenInfo, IssuedAccessToken};
 pub use crate::clock::{Clock, CoarseClock, ManualClock, SystemClock, Timestamp};
 pub use crate::compliance::{
     Control, ControlLevel, ControlRow, ControlStatus, Evidence, Profile, ProfileReport,
@@ -64,9 +66,9 @@ pub use crate::event::{
 };
 pub use crate::family::{RevokeReason, Status};
 pub use crate::policy::{
-    AllowList, AllowListError, ClientPolicy, IpCheck, KNOB_NAMES, Location, OnReuse, Origin, Pkce,
-    PolicyError, PolicyOverrides, PolicySet, PolicySetBuilder, PolicyVersion, Provenance, Rotation,
-    ScopeProvenance, UnknownClients, format_duration,
+    AccessTokenFormat, AllowList, AllowListError, ClientPolicy, IpCheck, KNOB_NAMES, Location,
+    OnReuse, Origin, Pkce, PolicyError, PolicyOverrides, PolicySet, PolicySetBuilder,
+    PolicyVersion, Provenance, Rotation, ScopeProvenance, UnknownClients, format_duration,
 };
 pub use crate::token::{
     FamilyId, Generation, KeyId, KeyRing, KeySecret, TOKEN_LEN, Token, TokenKind,
@@ -103,6 +105,7 @@ pub mod private_files {
     pub use crate::store::private::{Refusal, check_dir, create_dir, file_options, tighten_file};
 }
 
+mod access;
 mod clock;
 mod code;
 mod compliance;

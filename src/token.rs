@@ -22,7 +22,7 @@ const TAG_LEN: usize = 16;
 /// key id (1) + family id (16) + generation (4) + tag (16).
 const RAW_LEN: usize = 1 + 16 + 4 + TAG_LEN;
 /// 37 raw bytes are 50 base64 characters without padding.
-const B64_LEN: usize = 50;
+const B64_LEN: usize = b64::encoded_len(RAW_LEN);
 /// Length in bytes (and characters) of every token and code.
 pub const TOKEN_LEN: usize = PREFIX_LEN + B64_LEN;
 
@@ -318,6 +318,17 @@ impl KeyRing {
         Some(mac.tag(&msg))
     }
 
+    /// The tag of an access token whose MAC message (domain, key id,
+    /// fields and family secret) is `msg`; `None` if the ring does not hold
+    /// `key`.
+    pub(crate) fn access_tag(
+        &self,
+        key: KeyId,
+        msg: &[u8; ACCESS_MSG_LEN],
+    ) -> Option<[u8; TAG_LEN]> {
+        Some(self.entry(key)?.2.tag_access(msg))
+    }
+
     #[cfg(test)]
     pub(crate) fn mint(
         &self,
@@ -358,6 +369,13 @@ impl fmt::Debug for KeyRing {
 /// What a tag is the MAC of: domain label, key id, family id, generation,
 /// family secret.
 const MAC_MSG_LEN: usize = 4 + 1 + 16 + 4 + 16;
+/// What an access token's tag is the MAC of: its own domain label, key id,
+/// family id, generation, issue and expiry times, scope mask, family secret
+/// (see `crate::access`).
+pub(crate) const ACCESS_MSG_LEN: usize = 4 + 1 + 16 + 4 + 8 + 8 + 8 + 16;
+/// An access token's MAC domain: distinct from every [`TokenKind`]'s, and
+/// its message is longer, so no tag of one kind is ever a tag of another.
+pub(crate) const ACCESS_DOMAIN: &[u8; 4] = b"rg1a";
 
 /// SHA-256's initial state (FIPS 180-4, 5.3.3).
 const SHA256_IV: [u32; 8] = [
@@ -377,17 +395,17 @@ fn compress(state: &mut [u32; 8], block: &[u8; 64]) {
     sha2::compress256(state, std::slice::from_ref(GenericArray::from_slice(block)));
 }
 
-/// The last block of a SHA-256 message whose final `data` follows one
-/// already-compressed 64-byte block: data, the 0x80 marker, zeros, and the
-/// message length in bits.
-fn final_block(data: &[u8]) -> [u8; 64] {
+/// The last block of a SHA-256 message whose final `data` follows
+/// `before` already-compressed bytes (whole blocks): data, the 0x80
+/// marker, zeros, and the message length in bits.
+fn final_block(data: &[u8], before: u64) -> [u8; 64] {
     const { assert!(MAC_MSG_LEN <= 55) };
     debug_assert!(data.len() <= 55, "one block holds at most 55 data bytes");
     let mut block = [0u8; 64];
     block[..data.len()].copy_from_slice(data);
     block[data.len()] = 0x80;
-    // The length fits: data is at most 55 bytes.
-    let bits = (64 + data.len() as u64) * 8;
+    // The length fits: data is at most 55 bytes, `before` a few blocks.
+    let bits = (before + data.len() as u64) * 8;
     block[56..].copy_from_slice(&bits.to_be_bytes());
     block
 }
@@ -419,13 +437,31 @@ impl MacKey {
     /// The first [`TAG_LEN`] bytes of HMAC-SHA-256(key, `msg`).
     fn tag(&self, msg: &[u8; MAC_MSG_LEN]) -> [u8; TAG_LEN] {
         let mut inner = self.inner;
-        compress(&mut inner, &final_block(msg));
+        compress(&mut inner, &final_block(msg, 64));
+        self.finish(inner)
+    }
+
+    /// The same for an access token's longer message: one more
+    /// compression (a whole block of the message, then its tail).
+    fn tag_access(&self, msg: &[u8; ACCESS_MSG_LEN]) -> [u8; TAG_LEN] {
+        const { assert!(ACCESS_MSG_LEN > 64 && ACCESS_MSG_LEN - 64 <= 55) };
+        let (head, tail) = msg.split_at(64);
+        let mut inner = self.inner;
+        let mut block = [0u8; 64];
+        block.copy_from_slice(head);
+        compress(&mut inner, &block);
+        compress(&mut inner, &final_block(tail, 128));
+        self.finish(inner)
+    }
+
+    /// The outer hash over the inner digest, truncated.
+    fn finish(&self, inner: [u32; 8]) -> [u8; TAG_LEN] {
         let mut digest = [0u8; 32];
         for (o, w) in digest.chunks_exact_mut(4).zip(inner) {
             o.copy_from_slice(&w.to_be_bytes());
         }
         let mut outer = self.outer;
-        compress(&mut outer, &final_block(&digest));
+        compress(&mut outer, &final_block(&digest, 64));
         let mut tag = [0u8; TAG_LEN];
         for (o, w) in tag.chunks_exact_mut(4).zip(outer) {
             o.copy_from_slice(&w.to_be_bytes());
@@ -436,7 +472,7 @@ impl MacKey {
 
 /// Constant-time equality of two tags: one data-independent comparison of
 /// their XOR, rather than one per byte.
-fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
+pub(crate) fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
     let half = |t: &[u8; TAG_LEN], i: usize| {
         let mut w = [0u8; 8];
         w.copy_from_slice(&t[i..i + 8]);
@@ -465,13 +501,21 @@ pub(crate) fn assemble(
     Token { bytes }
 }
 
-/// base64url without padding for exactly the token's 37 bytes. A fixed
-/// shape needs no general codec: this one is branch-free per character and
-/// rejects non-canonical spellings (non-zero trailing bits).
-mod b64 {
-    use super::{B64_LEN, RAW_LEN};
-
+/// base64url without padding for exactly a token's raw bytes (37 for
+/// refresh tokens and codes, 61 for access tokens: both one byte past a
+/// whole number of 3-byte groups). A fixed shape needs no general codec:
+/// this one is branch-free per character and rejects non-canonical
+/// spellings (non-zero trailing bits).
+pub(crate) mod b64 {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+    /// Longest raw input: the decoder's scratch buffer is sized by it.
+    const MAX_RAW: usize = 64;
+
+    /// The encoded length of `raw` bytes (`raw % 3 == 1`).
+    pub(crate) const fn encoded_len(raw: usize) -> usize {
+        raw / 3 * 4 + 2
+    }
 
     /// Character → 6-bit value, 0xFF for characters outside the alphabet.
     const DECODE: [u8; 256] = {
@@ -484,8 +528,9 @@ mod b64 {
         t
     };
 
-    pub(super) fn encode(raw: &[u8; RAW_LEN], out: &mut [u8]) {
-        debug_assert_eq!(out.len(), B64_LEN);
+    pub(crate) fn encode<const RAW: usize>(raw: &[u8; RAW], out: &mut [u8]) {
+        const { assert!(RAW % 3 == 1 && RAW <= MAX_RAW) };
+        debug_assert_eq!(out.len(), encoded_len(RAW));
         for (chunk, o) in raw.chunks_exact(3).zip(out.chunks_exact_mut(4)) {
             let n = u32::from(chunk[0]) << 16 | u32::from(chunk[1]) << 8 | u32::from(chunk[2]);
             o[0] = ALPHABET[(n >> 18) as usize & 63];
@@ -493,10 +538,11 @@ mod b64 {
             o[2] = ALPHABET[(n >> 6) as usize & 63];
             o[3] = ALPHABET[n as usize & 63];
         }
-        // 37 = 12 * 3 + 1: the last byte is two characters, 4 zero bits.
-        let last = raw[RAW_LEN - 1];
-        out[B64_LEN - 2] = ALPHABET[(last >> 2) as usize];
-        out[B64_LEN - 1] = ALPHABET[((last & 3) << 4) as usize];
+        // RAW = 3k + 1: the last byte is two characters, 4 zero bits.
+        let last = raw[RAW - 1];
+        let len = encoded_len(RAW);
+        out[len - 2] = ALPHABET[(last >> 2) as usize];
+        out[len - 1] = ALPHABET[((last & 3) << 4) as usize];
     }
 
     /// [`DECODE`] shifted to each character's place in a group of four, so
@@ -517,13 +563,15 @@ mod b64 {
 
     static PLACED: [[u32; 256]; 4] = [placed(18), placed(12), placed(6), placed(0)];
 
-    pub(super) fn decode(s: &[u8]) -> Option<[u8; RAW_LEN]> {
-        let (groups, tail) = s
-            .split_first_chunk::<{ B64_LEN - 2 }>()
-            .filter(|(_, t)| t.len() == 2)?;
+    pub(crate) fn decode<const RAW: usize>(s: &[u8]) -> Option<[u8; RAW]> {
+        const { assert!(RAW % 3 == 1 && RAW <= MAX_RAW) };
+        if s.len() != encoded_len(RAW) {
+            return None;
+        }
+        let (groups, tail) = s.split_at(encoded_len(RAW) - 2);
         // Three bytes per group, each written as four (the fourth is
         // overwritten by the next group or lies past the token).
-        let mut wide = [0u8; RAW_LEN + 3];
+        let mut wide = [0u8; MAX_RAW + 3];
         let mut bad = 0u32;
         for (g, c) in groups.chunks_exact(4).enumerate() {
             let n = PLACED[0][c[0] as usize]
@@ -541,9 +589,9 @@ mod b64 {
         if bad >> 31 != 0 || (a | b) & 0x80 != 0 || b & 0x0F != 0 {
             return None;
         }
-        let mut raw = [0u8; RAW_LEN];
-        raw[..RAW_LEN - 1].copy_from_slice(&wide[..RAW_LEN - 1]);
-        raw[RAW_LEN - 1] = a << 2 | b >> 4;
+        let mut raw = [0u8; RAW];
+        raw[..RAW - 1].copy_from_slice(&wide[..RAW - 1]);
+        raw[RAW - 1] = a << 2 | b >> 4;
         Some(raw)
     }
 }
@@ -603,7 +651,7 @@ pub(crate) fn parse(s: &str, kind: TokenKind) -> Option<ParsedToken> {
     }
     // Non-zero trailing bits are refused, so every token has exactly one
     // spelling.
-    let raw = b64::decode(&b[PREFIX_LEN..])?;
+    let raw: [u8; RAW_LEN] = b64::decode(&b[PREFIX_LEN..])?;
     let mut family = [0u8; 16];
     family.copy_from_slice(&raw[1..17]);
     let mut generation = [0u8; 4];
@@ -859,8 +907,8 @@ mod tests {
             assert_eq!(out.as_slice(), URL_SAFE_NO_PAD.encode(raw).as_bytes());
             assert_eq!(b64::decode(&out), Some(raw));
         }
-        assert_eq!(b64::decode(&[b'A'; B64_LEN - 1]), None);
-        assert_eq!(b64::decode(&[b'A'; B64_LEN + 1]), None);
+        assert_eq!(b64::decode::<RAW_LEN>(&[b'A'; B64_LEN - 1]), None);
+        assert_eq!(b64::decode::<RAW_LEN>(&[b'A'; B64_LEN + 1]), None);
         // Every byte outside the alphabet, at every position, is refused.
         let mut good = [0u8; B64_LEN];
         b64::encode(&raw, &mut good);
@@ -871,7 +919,7 @@ mod tests {
                 }
                 let mut bad = good;
                 bad[at] = c;
-                assert_eq!(b64::decode(&bad), None, "{c:#04x} at {at}");
+                assert_eq!(b64::decode::<RAW_LEN>(&bad), None, "{c:#04x} at {at}");
             }
         }
     }

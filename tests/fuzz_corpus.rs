@@ -36,6 +36,11 @@ fn redeem_token_corpus() {
 }
 
 #[test]
+fn verify_access_token_corpus() {
+    replay("verify_access_token", fuzzing::verify_access_token);
+}
+
+#[test]
 fn exchange_code_corpus() {
     replay("exchange_code", fuzzing::exchange_code);
 }

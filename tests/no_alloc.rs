@@ -250,3 +250,32 @@ fn redeem_of_a_dpop_bound_family_does_not_allocate() {
     assert_eq!(d.accepted().unwrap().kind, AcceptKind::GraceReplay);
     assert_eq!(n, 0, "bound grace replay allocated");
 }
+
+/// Verifying an opaque access token allocates nothing for short client
+/// ids, subjects and scopes, narrowed or not.
+#[test]
+fn verify_access_token_does_not_allocate() {
+    let engine = Engine::builder().build().unwrap();
+    let a = engine
+        .issue(&IssueRequest {
+            client: "app",
+            subject: "alice",
+            scope: "openid profile email",
+            ip: None,
+        })
+        .unwrap()
+        .accepted()
+        .unwrap()
+        .clone();
+    let full = engine.access_token(&a, None).unwrap().token;
+    let narrowed = engine.access_token(&a, Some("email")).unwrap().token;
+    let _ = engine.verify_access_token(&full).unwrap();
+    for t in [full, narrowed] {
+        let (n, info) = allocations(|| engine.verify_access_token(&t));
+        assert!(info.is_some());
+        assert_eq!(n, 0, "verify allocated {n} times");
+    }
+    let (n, info) = allocations(|| engine.verify_access_token("rga_nonsense"));
+    assert!(info.is_none());
+    assert_eq!(n, 0);
+}

@@ -73,7 +73,7 @@ fn unknown_knob_far_from_any_lists_them_all() {
         "{e:?}"
     );
     assert!(
-        e[0].ends_with("client_secret_sha256, dpop, dpop_nonce"),
+        e[0].ends_with("client_secret_sha256, dpop, dpop_nonce, access_token_format"),
         "{e:?}"
     );
 }

@@ -4,9 +4,9 @@
 //! Encoding a JWT is base64url of two small JSON objects and one signature;
 //! a general JOSE crate would bring far more than it does here.
 
+use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -45,8 +45,15 @@ pub struct Confirmation {
 }
 
 /// Signs access tokens with one Ed25519 key. `Debug` shows only the key id.
+///
+/// The signer is aws-lc-rs, the fastest of those measured
+/// (`benches/signer.rs`, BENCHMARKS.md "Ed25519 signers"); Ed25519 is
+/// deterministic (RFC 8032 §5.1.6), so its tokens are byte for byte those
+/// of any other implementation with the same seed.
 pub struct AccessTokenSigner {
-    key: SigningKey,
+    key: Ed25519KeyPair,
+    /// The public key, as the JWKS publishes it and `verify` checks it.
+    public: [u8; 32],
     kid: String,
     /// base64url of the constant header, computed once.
     header: String,
@@ -65,11 +72,16 @@ impl AccessTokenSigner {
     /// the public key (RFC 7638-style thumbprint, base64url, 16 chars), so
     /// it changes exactly when the key does.
     pub fn new(seed: &[u8; 32]) -> AccessTokenSigner {
-        let key = SigningKey::from_bytes(seed);
-        let kid = thumbprint(&key.verifying_key());
+        // Every 32-byte string is an Ed25519 seed (RFC 8032 §5.1.5): the
+        // library refuses only other lengths.
+        let key = Ed25519KeyPair::from_seed_unchecked(seed).expect("a 32-byte Ed25519 seed");
+        let mut public = [0u8; 32];
+        public.copy_from_slice(key.public_key().as_ref());
+        let kid = thumbprint(&public);
         let header = serde_json::json!({"alg": "EdDSA", "typ": "at+jwt", "kid": kid});
         AccessTokenSigner {
             key,
+            public,
             header: B64.encode(header.to_string()),
             kid,
         }
@@ -88,9 +100,9 @@ impl AccessTokenSigner {
         jwt.push_str(&self.header);
         jwt.push('.');
         B64.encode_string(&payload, &mut jwt);
-        let signature: Signature = self.key.sign(jwt.as_bytes());
+        let signature = self.key.sign(jwt.as_bytes());
         jwt.push('.');
-        B64.encode_string(signature.to_bytes(), &mut jwt);
+        B64.encode_string(signature.as_ref(), &mut jwt);
         jwt
     }
 
@@ -103,9 +115,8 @@ impl AccessTokenSigner {
             return None;
         }
         let sig: [u8; 64] = B64.decode(sig).ok()?.try_into().ok()?;
-        self.key
-            .verifying_key()
-            .verify_strict(signed.as_bytes(), &Signature::from_bytes(&sig))
+        UnparsedPublicKey::new(&ED25519, &self.public)
+            .verify(signed.as_bytes(), &sig)
             .ok()?;
         let claims: AccessClaims = serde_json::from_slice(&B64.decode(payload).ok()?).ok()?;
         (claims.exp > now.as_secs()).then_some(claims)
@@ -117,7 +128,7 @@ impl AccessTokenSigner {
             "keys": [{
                 "kty": "OKP",
                 "crv": "Ed25519",
-                "x": B64.encode(self.key.verifying_key().as_bytes()),
+                "x": B64.encode(self.public),
                 "kid": self.kid,
                 "use": "sig",
                 "alg": "EdDSA",
@@ -127,11 +138,11 @@ impl AccessTokenSigner {
 }
 
 /// RFC 7638 thumbprint of an OKP key, cut to 16 base64url characters.
-fn thumbprint(key: &VerifyingKey) -> String {
+fn thumbprint(public: &[u8; 32]) -> String {
     // Members in lexicographic order, no whitespace (RFC 7638 §3.2).
     let canonical = format!(
         r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
-        B64.encode(key.as_bytes())
+        B64.encode(public)
     );
     let mut kid = B64.encode(Sha256::digest(canonical.as_bytes()));
     kid.truncate(16);
@@ -176,6 +187,41 @@ mod tests {
         assert_eq!(s.verify(&bad, Timestamp::from_secs(1_500)), None);
         let other = AccessTokenSigner::new(&[8; 32]);
         assert_eq!(other.verify(&jwt, Timestamp::from_secs(1_500)), None);
+    }
+
+    /// The signer moved from ed25519-dalek to aws-lc-rs: for a fixed key
+    /// and claims the token is byte for byte the one ed25519-dalek made
+    /// (Ed25519 is deterministic, RFC 8032 §5.1.6), and the JWKS publishes
+    /// the same key, so no token or cached JWKS changes.
+    #[test]
+    fn tokens_and_jwks_are_those_of_the_previous_signer() {
+        use ed25519_dalek::Signer as _;
+        for seed in [
+            [7u8; 32],
+            [0u8; 32],
+            std::array::from_fn(|i| (i as u8).wrapping_mul(37)),
+        ] {
+            let s = AccessTokenSigner::new(&seed);
+            let old = ed25519_dalek::SigningKey::from_bytes(&seed);
+            let jwt = s.sign(&claims(2_000));
+            let (input, sig) = jwt.rsplit_once('.').unwrap();
+            let expected = old.sign(input.as_bytes()).to_bytes();
+            assert_eq!(B64.decode(sig).unwrap(), expected);
+            assert_eq!(
+                jwt,
+                format!("{input}.{}", B64.encode(expected)),
+                "the whole token"
+            );
+            assert_eq!(
+                s.jwks()["keys"][0]["x"],
+                B64.encode(old.verifying_key().as_bytes())
+            );
+            // Verification accepts the old signer's tokens.
+            assert_eq!(
+                s.verify(&jwt, Timestamp::from_secs(1_500)),
+                Some(claims(2_000))
+            );
+        }
     }
 
     /// RFC 8037 appendix A: the thumbprint of the example key.

@@ -26,8 +26,8 @@ use super::net::Peer;
 use super::{App, MAX_BODY};
 use refresh_guard::limits::MAX_CLIENT_ID_LEN;
 use refresh_guard::{
-    Accepted, Decision, ExchangeRequest, Generation, Jkt, OAuthError as Code, Pkce, PolicySet,
-    RedeemRequest, UnknownClients,
+    Accepted, AccessTokenFormat, Decision, ExchangeRequest, Generation, Jkt, OAuthError as Code,
+    Pkce, PolicySet, RedeemRequest, UnknownClients,
 };
 
 pub(crate) fn router(app: Arc<App>) -> Router {
@@ -629,6 +629,17 @@ fn issue(
 ) -> Result<Response, OAuthError> {
     #[cfg(test)]
     tests::before_response(app, accepted);
+    let policies = app.engine.policies();
+    let policy = policies.policy(&client.id);
+    // An opaque token is bound to a key only through its family
+    // (introspection answers the family's `cnf`): for a proof whose key the
+    // family does not hold (a confidential client's, RFC 9449 §5), the
+    // binding must travel in the token, so a JWT is issued instead.
+    if policy.access_token_format() == AccessTokenFormat::Opaque
+        && jkt.is_none_or(|k| accepted.jkt() == Some(&k))
+    {
+        return issue_opaque(app, accepted, scope);
+    }
     let granted = accepted.scope();
     let scope = match scope {
         // Checked against the family before the redemption; intersect all
@@ -636,13 +647,7 @@ fn issue(
         Some(s) => narrow_scope(s, granted).unwrap_or_else(|| granted.to_owned()),
         None => granted.to_owned(),
     };
-    let ttl = app
-        .engine
-        .policies()
-        .policy(&client.id)
-        .access_token_ttl()
-        .as_secs()
-        .max(1);
+    let ttl = policy.access_token_ttl().as_secs().max(1);
     let now = app.engine.now().as_secs();
     let claims = AccessClaims {
         iss: app.issuer.clone(),
@@ -658,14 +663,68 @@ fn issue(
         }),
     };
     let access_token = app.signer.sign(&claims);
-    let body = serde_json::json!({
-        "access_token": access_token,
-        "token_type": if jkt.is_some() { "DPoP" } else { "Bearer" },
-        "expires_in": ttl,
-        "refresh_token": accepted.token.as_str(),
-        "scope": claims.scope,
-    });
-    Ok(json(StatusCode::OK, body.to_string(), true))
+    Ok(token_response(
+        &access_token,
+        ttl,
+        accepted,
+        &claims.scope,
+        claims.cnf.is_some(),
+    ))
+}
+
+/// The successful token response (RFC 6749 §5.1), serialized from a struct
+/// rather than built as a `serde_json::Value` (a map of owned strings per
+/// grant). Members in the order the `Value` wrote them.
+/// `dpop`: the access token is bound to a DPoP key (RFC 9449 §5).
+fn token_response(
+    access_token: &str,
+    ttl: u64,
+    accepted: &Accepted,
+    scope: &str,
+    dpop: bool,
+) -> Response {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        access_token: &'a str,
+        expires_in: u64,
+        refresh_token: &'a str,
+        scope: &'a str,
+        token_type: &'static str,
+    }
+    let body = Body {
+        access_token,
+        expires_in: ttl,
+        refresh_token: accepted.token.as_str(),
+        scope,
+        token_type: if dpop { "DPoP" } else { "Bearer" },
+    };
+    // Serializing borrowed strings and an integer cannot fail.
+    let text = serde_json::to_string(&body).unwrap_or_default();
+    json(StatusCode::OK, text, true)
+}
+
+/// The token response with an opaque access token (README "Opaque access
+/// tokens"): no signature, derived from the acceptance alone, so a
+/// revocation racing the response cannot fail it (the token it carries is
+/// then inactive from the start). The scope answered is what the token
+/// grants, in the grant's order (RFC 6749 §3.3: order does not matter).
+fn issue_opaque(
+    app: &App,
+    accepted: &Accepted,
+    scope: Option<&str>,
+) -> Result<Response, OAuthError> {
+    let minted = app.engine.access_token(accepted, scope).map_err(|e| {
+        app.engine_failed("access token", &e);
+        OAuthError::server()
+    })?;
+    let ttl = minted.expires_at.since(minted.issued_at).as_secs().max(1);
+    Ok(token_response(
+        minted.token.as_str(),
+        ttl,
+        accepted,
+        minted.scope(),
+        accepted.jkt().is_some(),
+    ))
 }
 
 async fn revoke(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
@@ -684,14 +743,23 @@ async fn revoke_inner(
     let form = parse_form(&bytes)?;
     let client = authenticate(app, headers, &form)?;
     let token = required(&form, "token")?.to_owned();
-    // `token_type_hint` is optional and only a hint (RFC 7009 §2.1): access
-    // tokens are self-contained JWTs and expire on their own, so every
+    // `token_type_hint` is optional and only a hint (RFC 7009 §2.1): every
+    // token says what it is by its form. A JWT access token is
+    // self-contained and expires on its own. An opaque one of this client
+    // lives only as long as its family, and nothing per token is stored
+    // to end it alone, so revoking it revokes its family, refresh token
+    // included (RFC 7009 §2.1 lets the server revoke "the respective
+    // refresh token as well"; README "Opaque access tokens"). Any other
     // token is tried as a refresh token.
     let engine = app.engine.clone();
     let id = client.id.clone();
-    let result = tokio::task::spawn_blocking(move || engine.revoke_token(&token, Some(&id)))
-        .await
-        .map_err(|_| OAuthError::server())?;
+    let result = tokio::task::spawn_blocking(move || match engine.verify_access_token(&token) {
+        Some(info) if info.client() == id => engine.revoke_family(info.family),
+        Some(_) => Ok(false),
+        None => engine.revoke_token(&token, Some(&id)),
+    })
+    .await
+    .map_err(|_| OAuthError::server())?;
     match result {
         // 200 also for unknown, already revoked, or another client's
         // tokens (RFC 7009 §2.2). The body is empty, so it has no content
@@ -744,6 +812,30 @@ async fn introspect_inner(
     let token = required(&form, "token")?;
     let visible = |client: &str| caller.as_deref().is_none_or(|c| c == client);
     let inactive = || json(StatusCode::OK, r#"{"active":false}"#.to_owned(), true);
+    // `token_type_hint` (RFC 7662 §2.1) is only a hint, and every kind of
+    // token here says what it is by its form (`rga_`, `rgt_`, a JWS), so
+    // it is not needed to find the token and a wrong one changes nothing.
+    if let Some(info) = app.engine.verify_access_token(token) {
+        if !visible(info.client()) {
+            return Ok(inactive());
+        }
+        let mut body = serde_json::json!({
+            "active": true,
+            "client_id": info.client(),
+            "sub": info.subject(),
+            "scope": info.scope(),
+            "aud": info.client(),
+            "exp": info.expires_at.as_secs(),
+            "iat": info.issued_at.as_secs(),
+            "iss": app.issuer,
+            "token_type": if info.jkt.is_some() { "DPoP" } else { "Bearer" },
+        });
+        // Bound through its family (RFC 9449 §6.2).
+        if let Some(jkt) = &info.jkt {
+            body["cnf"] = serde_json::json!({ "jkt": jkt.to_base64url() });
+        }
+        return Ok(json(StatusCode::OK, body.to_string(), true));
+    }
     if let Some(info) = app.engine.introspect(token) {
         if !info.active || !visible(&info.client) {
             return Ok(inactive());

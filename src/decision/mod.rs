@@ -11,7 +11,7 @@ use crate::clock::Timestamp;
 use crate::dpop::{self, Binding, Jkt};
 use crate::family::{Family, Grant, SubjectName};
 use crate::policy::{ClientPolicy, IpCheck, PolicyVersion, Rotation};
-use crate::token::{FamilyId, Generation, Token};
+use crate::token::{FamilyId, FamilySecret, Generation, Token};
 
 mod plan;
 #[cfg(test)]
@@ -305,12 +305,20 @@ pub struct Accepted {
     pub(crate) grant: Arc<Grant>,
     /// The family's subject.
     pub(crate) subject: SubjectName,
+    /// The family's secret, so that an access token can be minted for the
+    /// acceptance without a second lookup a revocation or sweep could race
+    /// (see `Engine::access_token`). Never shown: `Debug` redacts it.
+    pub(crate) secret: FamilySecret,
 }
 
 impl Accepted {
     /// What an acceptance carries of the family `grant` and `subject` name:
     /// counted references, no copies (a move of a large `Decision` costs
     /// more than the count; BENCHMARKS.md "This phase: before and after").
+    // Each argument is one field the three acceptance sites (issue,
+    // exchange, redeem) copy out of the record under its lock; a struct to
+    // carry them would be this function again.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn of(
         token: Token,
         family: FamilyId,
@@ -319,6 +327,7 @@ impl Accepted {
         policy_version: PolicyVersion,
         grant: &Arc<Grant>,
         subject: &SubjectName,
+        secret: FamilySecret,
     ) -> Accepted {
         Accepted {
             token,
@@ -328,6 +337,7 @@ impl Accepted {
             policy_version,
             grant: grant.clone(),
             subject: subject.clone(),
+            secret,
         }
     }
 
@@ -344,6 +354,13 @@ impl Accepted {
     /// The client the family is bound to.
     pub fn client(&self) -> &str {
         &self.grant.client
+    }
+
+    /// The DPoP key (RFC 7638 thumbprint) the family's tokens are bound
+    /// to, if any: an opaque access token minted for this acceptance is
+    /// bound to the same key through its family (RFC 9449 §6).
+    pub fn jkt(&self) -> Option<&Jkt> {
+        self.grant.jkt.as_ref()
     }
 }
 

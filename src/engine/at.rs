@@ -5,6 +5,9 @@ use crate::decision::Decision;
 use crate::error::Error;
 use crate::token::FamilyId;
 
+use crate::access::{AccessTokenInfo, IssuedAccessToken};
+use crate::decision::Accepted;
+
 use super::{
     AuthorizeRequest, Durable, Engine, ExchangeRequest, Introspection, IssueRequest, RedeemRequest,
     SweepReport,
@@ -114,5 +117,19 @@ impl<'e> At<'e> {
     /// [`Engine::sweep`] at this time.
     pub fn sweep(self, budget: usize) -> Result<SweepReport, Error> {
         self.engine.sweep_at(budget, self.now)
+    }
+
+    /// [`Engine::access_token`] at this time.
+    pub fn access_token(
+        self,
+        accepted: &Accepted,
+        scope: Option<&str>,
+    ) -> Result<IssuedAccessToken, Error> {
+        self.engine.access_token_at(accepted, scope, self.now)
+    }
+
+    /// [`Engine::verify_access_token`] at this time.
+    pub fn verify_access_token(self, token: &str) -> Option<AccessTokenInfo> {
+        self.engine.verify_access_token_at(token, self.now)
     }
 }

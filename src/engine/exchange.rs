@@ -124,6 +124,7 @@ impl Engine {
                     version,
                     &f.grant,
                     &f.subject,
+                    f.secret,
                 );
                 let lsn = self.persist(f)?;
                 shard.outcomes[outcome_slot(plan.verdict)] += 1;

@@ -134,19 +134,19 @@ impl Engine {
                     if token_kind == TokenKind::Refresh {
                         cache_tag(&mut f, &keys, tag);
                     }
-                    let id = f.id;
+                    let (id, secret) = (f.id, f.secret);
                     let lsn = self.persist(&mut f)?;
                     let (slot, collapse) = shard.insert(f);
                     shard.outcomes[outcome_slot(Verdict::Accept(kind))] += 1;
                     let loc = self.table.loc(&id, slot);
                     drop(shard);
                     subjects.push(loc);
-                    Ok((id, tag, collapse, lsn))
+                    Ok((id, tag, secret, collapse, lsn))
                 })(),
             };
             (evicted, created)
         };
-        if let Ok((_, _, collapse, _)) = &mut created
+        if let Ok((_, _, _, collapse, _)) = &mut created
             && let Some(collapse) = collapse.take()
         {
             // Milliseconds of kernel work, so with no lock held (see `huge`).
@@ -161,12 +161,12 @@ impl Engine {
                 now,
             )
         });
-        let (id, tag, _, lsn) = created?;
+        let (id, tag, secret, _, lsn) = created?;
         let wait_lsn = lsn.max(evicted?);
         self.settle(wait_lsn)?;
         let token = token::assemble(token_kind, keys.active(), &id, generation, &tag);
         Ok(Decision::Accept(Accepted::of(
-            token, id, generation, kind, version, &grant, &subject,
+            token, id, generation, kind, version, &grant, &subject, secret,
         )))
     }
 

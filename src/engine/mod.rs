@@ -21,6 +21,7 @@ use crate::striped::Striped;
 use crate::table::{Interner, Loc, OUTCOMES, SubjectIndex, Table};
 use crate::token::{self, FamilyId, Generation, KeyRing, KeyUid, Token, TokenKind};
 
+mod access;
 mod at;
 mod builder;
 mod exchange;

@@ -182,6 +182,7 @@ impl Engine {
                         version,
                         &f.grant,
                         &f.subject,
+                        f.secret,
                     )
                 });
                 let lsn = self.persist(f)?;

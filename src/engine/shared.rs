@@ -344,6 +344,7 @@ impl Engine {
                     version,
                     &f.grant,
                     &f.subject,
+                    f.secret,
                 ))),
                 None => invalid(),
             },
@@ -591,6 +592,7 @@ impl Engine {
                     version,
                     &f.grant,
                     &f.subject,
+                    f.secret,
                 ))),
                 None => invalid(),
             },
@@ -631,7 +633,9 @@ impl Engine {
         let (id, secret) = rnd.split_at(16);
         let id = FamilyId::from_bytes(id.try_into().expect("16 bytes"));
         let mut f = Family {
-            grant: self.interner.grant_for(&id, req.client, req.scope, jkt.as_ref()),
+            grant: self
+                .interner
+                .grant_for(&id, req.client, req.scope, jkt.as_ref()),
             id,
             secret: FamilySecret(secret.try_into().expect("16 bytes")),
             subject: SubjectName::new(req.subject),
@@ -698,7 +702,7 @@ impl Engine {
             .add(outcome_slot(Verdict::Accept(kind)));
         let token = token::assemble(token_kind, keys.active(), &f.id, generation, &tag);
         Ok(Decision::Accept(Accepted::of(
-            token, f.id, generation, kind, version, &f.grant, &f.subject,
+            token, f.id, generation, kind, version, &f.grant, &f.subject, f.secret,
         )))
     }
 

@@ -21,8 +21,8 @@ use toml::de::{DeTable, DeValue};
 
 use super::provenance::{Location, Locations};
 use super::{
-    IpCheck, IpRange, KNOB_NAMES, OnReuse, Pkce, PolicyOverrides, PolicySet, PolicySetBuilder,
-    Rotation, UnknownClients,
+    AccessTokenFormat, IpCheck, IpRange, KNOB_NAMES, OnReuse, Pkce, PolicyOverrides, PolicySet,
+    PolicySetBuilder, Rotation, UnknownClients,
 };
 use crate::dpop::Dpop;
 use crate::error::Error;
@@ -659,6 +659,15 @@ fn set_knob(
         "ip_check" => o.ip_check = choice(v, span, IpCheck::from_name, IpCheck::NAMES, bad),
         "pkce" => o.pkce = choice(v, span, Pkce::from_name, Pkce::NAMES, bad),
         "dpop" => o.dpop = choice(v, span, Dpop::from_name, Dpop::NAMES, bad),
+        "access_token_format" => {
+            o.access_token_format = choice(
+                v,
+                span,
+                AccessTokenFormat::from_name,
+                AccessTokenFormat::NAMES,
+                bad,
+            )
+        }
         "grace_period" => o.grace_period = duration(v, span, false, bad).flatten(),
         "code_ttl" => o.code_ttl = duration(v, span, false, bad).flatten(),
         "access_token_ttl" => o.access_token_ttl = duration(v, span, false, bad).flatten(),
@@ -989,7 +998,8 @@ mod tests {
             access_token_ttl = \"1h\"\n\
             client_secret_sha256 = \"00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF\"\n\
             dpop = \"required\"\n\
-            dpop_nonce = true\n";
+            dpop_nonce = true\n\
+            access_token_format = \"opaque\"\n";
 
     #[test]
     fn every_knob_is_read() {
@@ -1013,6 +1023,7 @@ mod tests {
             "set",
             "required",
             "true",
+            "opaque",
         ];
         assert_eq!(knobs.len(), KNOB_NAMES.len());
         for ((k, v), e) in knobs.iter().zip(expected) {
@@ -1061,6 +1072,41 @@ mod tests {
         let set = load("[clients.spa]\ndpop_nonce = true\n").unwrap();
         assert!(set.policy("spa").dpop_nonce());
         assert!(!set.defaults().dpop_nonce(), "off by default");
+    }
+
+    /// A bad `access_token_format` is refused naming file, line, column and
+    /// key, with the values allowed; the whole set is refused, so nothing
+    /// changes.
+    #[test]
+    fn a_bad_access_token_format_names_file_line_and_the_values_allowed() {
+        let errors =
+            load("[defaults]\nidle_ttl = \"1d\"\n[clients.api]\naccess_token_format = \"opaq\"\n")
+                .unwrap_err();
+        let text = errors.to_string();
+        assert!(
+            text.contains(
+                "p.toml:4:23: clients.api.access_token_format: \"opaq\" is not allowed; \
+                 use one of \"jwt\", \"opaque\" (did you mean \"opaque\"?)"
+            ),
+            "{text}"
+        );
+        let errors = load("[defaults]\naccess_token_format = 1\n").unwrap_err();
+        assert!(
+            errors
+                .to_string()
+                .contains("p.toml:2:23: defaults.access_token_format: expected one of \"jwt\", \"opaque\"; found an integer"),
+            "{errors}"
+        );
+        let set = load("[clients.api]\naccess_token_format = \"opaque\"\n").unwrap();
+        assert_eq!(
+            set.policy("api").access_token_format(),
+            crate::AccessTokenFormat::Opaque
+        );
+        assert_eq!(
+            set.defaults().access_token_format(),
+            crate::AccessTokenFormat::Jwt,
+            "jwt by default"
+        );
     }
 
     /// Provenance names each knob's own line, and a client inherits what

@@ -70,6 +70,20 @@ pub enum UnknownClients {
     Refuse,
 }
 
+/// The access tokens the server mints for a client (README "Opaque access
+/// tokens"). Only minting follows the knob: a token of either kind verifies
+/// until it expires, whatever the client's knob says by then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccessTokenFormat {
+    /// An RFC 9068 JWT signed with Ed25519: verifiable offline, valid
+    /// until it expires whatever happens to its family.
+    Jwt,
+    /// An `rga_` token derived like refresh tokens: no signature, verified
+    /// by introspection or `Engine::verify_access_token`, dead as soon as
+    /// its family is revoked.
+    Opaque,
+}
+
 /// PKCE requirement at the code exchange (RFC 7636).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Pkce {
@@ -118,6 +132,7 @@ knob_names! {
     Pkce { S256 => "s256", S256OrPlain => "s256_or_plain", Optional => "optional" }
     UnknownClients { Defaults => "defaults", Refuse => "refuse" }
     Dpop { Off => "off", Allowed => "allowed", Required => "required" }
+    AccessTokenFormat { Jwt => "jwt", Opaque => "opaque" }
 }
 
 /// Longest grace period a policy may set.
@@ -146,6 +161,7 @@ pub struct ClientPolicy {
     pub(crate) client_secret_sha256: Option<[u8; 32]>,
     pub(crate) dpop: Dpop,
     pub(crate) dpop_nonce: bool,
+    pub(crate) access_token_format: AccessTokenFormat,
 }
 
 impl Default for ClientPolicy {
@@ -169,6 +185,7 @@ impl Default for ClientPolicy {
             client_secret_sha256: None,
             dpop: Dpop::Off,
             dpop_nonce: false,
+            access_token_format: AccessTokenFormat::Jwt,
         }
     }
 }
@@ -241,6 +258,10 @@ impl ClientPolicy {
     pub fn dpop_nonce(&self) -> bool {
         self.dpop_nonce
     }
+    /// The kind of access token the server mints for the client.
+    pub fn access_token_format(&self) -> AccessTokenFormat {
+        self.access_token_format
+    }
     /// Whether the client is public: it has no `client_secret_sha256`, so
     /// nothing but the token (and, when bound, its DPoP key) constrains
     /// who presents it. Only public clients' families are DPoP-bound (RFC
@@ -289,6 +310,7 @@ impl ClientPolicy {
             ("client_secret_sha256", secret),
             ("dpop", self.dpop.to_string()),
             ("dpop_nonce", self.dpop_nonce.to_string()),
+            ("access_token_format", self.access_token_format.to_string()),
         ]
     }
 
@@ -296,7 +318,11 @@ impl ClientPolicy {
         for (k, v) in self.knobs() {
             // A knob added later is left out at its default, so that a set
             // which does not use it keeps the version it had before.
-            if (k == "dpop" && self.dpop == Dpop::Off) || (k == "dpop_nonce" && !self.dpop_nonce) {
+            if (k == "dpop" && self.dpop == Dpop::Off)
+                || (k == "dpop_nonce" && !self.dpop_nonce)
+                || (k == "access_token_format"
+                    && self.access_token_format == AccessTokenFormat::Jwt)
+            {
                 continue;
             }
             let _ = write!(out, "{k}={v};");
@@ -337,6 +363,7 @@ pub const KNOB_NAMES: &[&str] = &[
     "client_secret_sha256",
     "dpop",
     "dpop_nonce",
+    "access_token_format",
 ];
 
 /// Write a duration the way policy files spell it ("45s", "10m", "30d").
@@ -381,6 +408,7 @@ pub struct PolicyOverrides {
     pub client_secret_sha256: Option<Option<[u8; 32]>>,
     pub dpop: Option<Dpop>,
     pub dpop_nonce: Option<bool>,
+    pub access_token_format: Option<AccessTokenFormat>,
 }
 
 macro_rules! setters {
@@ -416,6 +444,7 @@ impl PolicyOverrides {
         client_secret_sha256: Option<[u8; 32]>,
         dpop: Dpop,
         dpop_nonce: bool,
+        access_token_format: AccessTokenFormat,
     }
 
     /// Range problems of the values set here, as (knob, what is allowed).
@@ -480,6 +509,7 @@ impl PolicyOverrides {
             self.client_secret_sha256.is_some(),
             self.dpop.is_some(),
             self.dpop_nonce.is_some(),
+            self.access_token_format.is_some(),
         ]
     }
 
@@ -502,7 +532,8 @@ impl PolicyOverrides {
             access_token_ttl,
             client_secret_sha256,
             dpop,
-            dpop_nonce
+            dpop_nonce,
+            access_token_format
         );
         if let Some(list) = &self.ip_allowlist {
             p.ip_allowlist = AllowList::new(list);
