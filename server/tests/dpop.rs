@@ -9,7 +9,7 @@ mod support;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use refresh_guard::{Dpop, PolicyOverrides, PolicySet};
+use refresh_guard::{AccessTokenFormat, Dpop, PolicyOverrides, PolicySet};
 use refresh_guard_server::dpop::NonceKey;
 use serde_json::json;
 use server_http::*;
@@ -18,7 +18,9 @@ use support::dpop_proof::ProofKey;
 
 /// - `spa`: public, `dpop = allowed`;
 /// - `nonce-spa`: the same, and proofs must carry a server nonce;
-/// - `backend`: confidential, `dpop = allowed`.
+/// - `backend`: confidential, `dpop = allowed`;
+/// - `opaque-spa`, `opaque-backend`: `spa` and `backend` with opaque
+///   access tokens.
 fn dpop_policies() -> PolicySet {
     let hash: [u8; 32] = Sha256::digest(BACKEND_SECRET.as_bytes()).into();
     let allowed = || PolicyOverrides::new().dpop(Dpop::Allowed);
@@ -26,6 +28,16 @@ fn dpop_policies() -> PolicySet {
         .client("spa", allowed())
         .client("nonce-spa", allowed().dpop_nonce(true))
         .client("backend", allowed().client_secret_sha256(Some(hash)))
+        .client(
+            "opaque-spa",
+            allowed().access_token_format(AccessTokenFormat::Opaque),
+        )
+        .client(
+            "opaque-backend",
+            allowed()
+                .client_secret_sha256(Some(hash))
+                .access_token_format(AccessTokenFormat::Opaque),
+        )
         .build()
         .unwrap()
 }
@@ -296,6 +308,79 @@ fn bound_tokens_carry_cnf_jkt_everywhere() {
             .get("cnf")
             .is_none()
     );
+}
+
+/// An opaque access token is bound through its family: a bound family's
+/// is a `DPoP` token whose introspection carries the family's `cnf.jkt`;
+/// an unbound family's is a bearer token without `cnf`. Regression: the
+/// opaque response said `Bearer` and its introspection dropped `cnf`, so a
+/// resource server would have accepted it without a proof.
+#[test]
+fn an_opaque_access_token_of_a_bound_family_is_dpop_bound() {
+    let s = server("dpop-opaque");
+    let key = ProofKey::eddsa(6);
+    let code = s.code("opaque-spa", "user-1", "openid");
+    let t = exchange_with(&s, "opaque-spa", &code, &[&proof(&s, &key)]).json();
+    assert_eq!(t["token_type"], "DPoP", "{t}");
+    let at = t["access_token"].as_str().unwrap();
+    assert!(at.starts_with("rga_"), "{t}");
+    let auth = format!("Bearer {ADMIN}");
+    let introspect = |token: &str| {
+        s.form_with(
+            "/oauth2/introspect",
+            &format!("token={token}"),
+            &[("Authorization", &auth)],
+        )
+        .json()
+    };
+    let i = introspect(at);
+    assert_eq!(i["active"], true, "{i}");
+    assert_eq!(i["token_type"], "DPoP", "{i}");
+    assert_eq!(i["cnf"]["jkt"], key.jkt(), "{i}");
+    // Refreshed with the key's proof: still bound.
+    let rt = t["refresh_token"].as_str().unwrap();
+    let r = refresh_with(&s, "opaque-spa", rt, &[&proof(&s, &key)]).json();
+    assert_eq!(r["token_type"], "DPoP", "{r}");
+    assert_eq!(
+        introspect(r["access_token"].as_str().unwrap())["cnf"]["jkt"],
+        key.jkt()
+    );
+    // No proof: a bearer family, a bearer token.
+    let plain = s.family("opaque-spa", "user-2", "openid");
+    let r = s.refresh("opaque-spa", &plain).json();
+    assert_eq!(r["token_type"], "Bearer", "{r}");
+    let i = introspect(r["access_token"].as_str().unwrap());
+    assert_eq!(i["active"], true, "{i}");
+    assert_eq!(i["token_type"], "Bearer", "{i}");
+    assert!(i.get("cnf").is_none(), "{i}");
+}
+
+/// A confidential client's family is never bound (RFC 9449 §5), so an
+/// opaque token could not carry its proof's key: the server answers a JWT
+/// with `cnf.jkt` instead. Regression: it answered an unbound opaque token
+/// labelled `Bearer`, dropping the binding the client asked for.
+#[test]
+fn a_confidential_opaque_client_with_a_proof_gets_a_bound_jwt() {
+    let s = server("dpop-opaque-backend");
+    let key = ProofKey::es256(7);
+    let code = s.code("opaque-backend", "user-1", "openid");
+    let t = s
+        .form_with(
+            "/oauth2/token",
+            &format!(
+                "grant_type=authorization_code&code={code}&redirect_uri={}&code_verifier={VERIFIER}",
+                enc(REDIRECT)
+            ),
+            &[
+                ("Authorization", &basic("opaque-backend", BACKEND_SECRET)),
+                ("DPoP", &proof(&s, &key)),
+            ],
+        )
+        .json();
+    assert_eq!(t["token_type"], "DPoP", "{t}");
+    let at = t["access_token"].as_str().unwrap();
+    assert!(!at.starts_with("rga_"), "{t}");
+    assert_eq!(jwt_part(at, 1)["cnf"]["jkt"], key.jkt());
 }
 
 /// A confidential client's access token is bound to the proof's key, its
