@@ -277,6 +277,7 @@ pub(crate) enum Backend {
     Shared { url: String, engines: usize },
 }
 
+#[cfg(feature = "redis")]
 fn shared_cases() -> u32 {
     std::env::var("PROPTEST_SHARED_CASES")
         .ok()
