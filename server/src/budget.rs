@@ -3,11 +3,15 @@
 //!
 //! Without that, idle sockets that got in first keep everyone else in the
 //! accept backlog until a timeout frees them (the README's "Server"
-//! section, "Connections"). A connection that has never had a request
-//! gives way first, the oldest first; then the keep-alive connection idle
-//! the longest. A connection in the middle of a request never does: while
+//! section, "Connections"). The connection that gives way belongs to the
+//! source holding the most slots, so that a flood from a few sources
+//! evicts its own sockets, not a client whose first request is still on
+//! the wire; within that source, one that has never had a request gives
+//! way first, the oldest first, then the keep-alive connection idle the
+//! longest. A connection in the middle of a request never does: while
 //! every slot is mid-request, newcomers wait for one to finish.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -15,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
+use super::limits::Source;
 use super::net::stopped;
 
 /// Accepted; no request has reached the handler yet.
@@ -43,6 +48,9 @@ pub(crate) struct ConnState {
     phase: AtomicU8,
     /// The budget's clock when the phase began.
     since: AtomicU64,
+    /// Where it comes from; `None` for a source exempt from the per-source
+    /// cap (a trusted proxy), which counts as one connection of its own.
+    source: Option<Source>,
     /// Chosen to give way; not chosen again.
     evicting: AtomicBool,
     evict: Notify,
@@ -66,7 +74,11 @@ impl Budget {
     /// A slot for a new connection: a free one, or the one an idle
     /// connection gives up. Waits while every connection is mid-request;
     /// `None` once the server stops.
-    pub(crate) async fn slot(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) -> Option<Slot> {
+    pub(crate) async fn slot(
+        self: &Arc<Self>,
+        source: Option<Source>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Slot> {
         let mut evicted = false;
         let permit = loop {
             if let Ok(p) = self.slots.clone().try_acquire_owned() {
@@ -93,6 +105,7 @@ impl Budget {
         let state = Arc::new(ConnState {
             phase: AtomicU8::new(FRESH),
             since: AtomicU64::new(id),
+            source,
             evicting: AtomicBool::new(false),
             evict: Notify::new(),
         });
@@ -107,9 +120,15 @@ impl Budget {
 
     /// Tell the connection that should give way first to do so; whether
     /// there was one.
+    /// Runs only when no slot is free: the count per source it builds is
+    /// off the path of any request.
     fn evict_one(&self) -> bool {
         let victim = {
             let open = self.open.lock();
+            let mut held: HashMap<Source, usize> = HashMap::new();
+            for s in open.values().filter_map(|c| c.source) {
+                *held.entry(s).or_insert(0) += 1;
+            }
             open.values()
                 .filter(|c| !c.evicting.load(Ordering::Relaxed))
                 .filter_map(|c| {
@@ -118,7 +137,8 @@ impl Budget {
                         IDLE => true,
                         _ => return None,
                     };
-                    Some(((idle, c.since.load(Ordering::Relaxed)), c))
+                    let slots = c.source.map_or(1, |s| held[&s]);
+                    Some(((Reverse(slots), idle, c.since.load(Ordering::Relaxed)), c))
                 })
                 .min_by_key(|(order, _)| *order)
                 .map(|(_, c)| c.clone())
@@ -214,11 +234,11 @@ mod tests {
         rt().block_on(async {
             let (_tx, mut stop) = watch::channel(false);
             let b = Budget::new(3);
-            let kept = b.slot(&mut stop).await.unwrap();
+            let kept = b.slot(None, &mut stop).await.unwrap();
             kept.phases().begin();
             kept.phases().end();
-            let old = b.slot(&mut stop).await.unwrap();
-            let young = b.slot(&mut stop).await.unwrap();
+            let old = b.slot(None, &mut stop).await.unwrap();
+            let young = b.slot(None, &mut stop).await.unwrap();
             assert!(b.evict_one());
             assert!(old.state.evicting.load(Ordering::Relaxed));
             assert!(!young.state.evicting.load(Ordering::Relaxed));
@@ -230,20 +250,47 @@ mod tests {
         });
     }
 
+    /// Regression: the oldest connection without a request gave way first,
+    /// whoever held the other slots, so a flood from one source evicted a
+    /// lone client whose first request was still on the wire. The source
+    /// holding the most slots now gives way first.
+    #[test]
+    fn a_flood_from_one_source_evicts_its_own_sockets_before_a_lone_client() {
+        rt().block_on(async {
+            let (_tx, mut stop) = watch::channel(false);
+            let b = Budget::new(4);
+            let lone = b.slot(Some(Source::V4(1)), &mut stop).await.unwrap();
+            let mut held = Vec::new();
+            for _ in 0..3 {
+                held.push(b.slot(Some(Source::V4(2)), &mut stop).await.unwrap());
+            }
+            assert!(b.evict_one());
+            assert!(!lone.state.evicting.load(Ordering::Relaxed));
+            assert!(held[0].state.evicting.load(Ordering::Relaxed), "its oldest");
+            // Down to two against one: the flood still gives way first.
+            drop(held.remove(0));
+            assert!(b.evict_one());
+            assert!(held[0].state.evicting.load(Ordering::Relaxed));
+            assert!(!lone.state.evicting.load(Ordering::Relaxed));
+        });
+    }
+
     #[test]
     fn a_connection_mid_request_never_gives_way() {
         rt().block_on(async {
             let (_tx, mut stop) = watch::channel(false);
             let b = Budget::new(1);
-            let busy = b.slot(&mut stop).await.unwrap();
+            let busy = b.slot(None, &mut stop).await.unwrap();
             busy.phases().begin();
-            let waiting =
-                tokio::time::timeout(std::time::Duration::from_millis(50), b.slot(&mut stop));
+            let waiting = tokio::time::timeout(
+                std::time::Duration::from_millis(50),
+                b.slot(None, &mut stop),
+            );
             assert!(waiting.await.is_err(), "a slot without a free one");
             assert!(!busy.state.evicting.load(Ordering::Relaxed));
             // Its request ends: the waiting newcomer takes that slot.
             let b2 = b.clone();
-            let next = tokio::spawn(async move { b2.slot(&mut stop).await.is_some() });
+            let next = tokio::spawn(async move { b2.slot(None, &mut stop).await.is_some() });
             tokio::task::yield_now().await;
             busy.phases().end();
             busy.evicted().await;

@@ -85,6 +85,13 @@ pub(crate) struct SourceClaim {
     source: Option<Source>,
 }
 
+impl SourceClaim {
+    /// The source claimed; `None` when it is exempt from the cap.
+    pub(crate) fn source(&self) -> Option<Source> {
+        self.source
+    }
+}
+
 impl Drop for SourceClaim {
     fn drop(&mut self) {
         let Some(source) = self.source else {

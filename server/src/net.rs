@@ -95,7 +95,7 @@ pub(crate) async fn serve(
             let _ = stream.set_zero_linger();
             continue;
         };
-        let Some(slot) = limits.budget.slot(&mut stop).await else {
+        let Some(slot) = limits.budget.slot(claim.source(), &mut stop).await else {
             return;
         };
         let _ = stream.set_nodelay(true);

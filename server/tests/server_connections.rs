@@ -259,6 +259,30 @@ fn idle_sockets_from_many_sources_cannot_hold_the_budget() {
     );
 }
 
+/// Regression: the oldest connection without a request gave way first,
+/// whoever held the other slots, so a flood from one source evicted a lone
+/// client whose first request was still on the wire. The source holding
+/// the most slots now gives way first.
+#[test]
+fn a_flood_from_one_source_does_not_evict_a_lone_clients_first_request() {
+    let s = TestServer::with("evict-flood", |c| {
+        c.max_connections = 4;
+        c.max_connections_per_source = 4;
+        c.first_request_timeout = c.header_timeout;
+    });
+    let mut clients = Clients::new();
+    // Connected, its request not sent yet.
+    let mut lone = clients.connect(2, s.addr).unwrap();
+    let flood = clients.idle(3, s.addr, 4);
+    // The flood's fourth took the slot of the flood's first.
+    assert_eq!(clients.closed(flood.start..flood.start + 1, PROMPT), 1);
+    assert_eq!(keep_alive_get(&mut lone, "/healthz"), 200);
+    assert_eq!(
+        clients.closed(flood.start + 1..flood.end, Duration::from_millis(300)),
+        0
+    );
+}
+
 /// A connection that has had a request gives way only after every one
 /// that never sent a request.
 #[test]
@@ -318,19 +342,27 @@ fn admin_answers_while_its_port_holds_idle_sockets() {
         c.first_request_timeout = c.header_timeout;
     });
     let mut clients = Clients::new();
-    // Four sources fill the 8 slots; a fifth gets 2 by taking the oldest
-    // two, and is refused 3 over its cap; the probe takes the next oldest.
+    // Four sources fill the 8 slots, two each; a fifth gets 2 by taking
+    // the oldest of the sources holding the most (all tied: host 2's first,
+    // then host 3's first of the three left with two), and is refused 3
+    // over its cap; the probe takes the oldest of those still holding two
+    // (host 4's first).
     let oldest = clients.idle(2, s.admin, 2);
     let next = clients.idle(3, s.admin, 1);
-    let mut rest = clients.idle(3, s.admin, 1);
-    rest.end = clients.idle(4, s.admin, 2).end;
-    rest.end = clients.idle(5, s.admin, 2).end;
-    let fifth = clients.idle(6, s.admin, 5);
+    let third = clients.idle(3, s.admin, 1);
+    let fourth = clients.idle(4, s.admin, 2);
+    let fifth_host = clients.idle(5, s.admin, 2);
+    let sixth = clients.idle(6, s.admin, 5);
     assert_eq!(healthz(s.admin, true), Ok(200));
-    assert_eq!(clients.closed(fifth, PROMPT), 3, "over the cap");
-    assert_eq!(clients.closed(oldest, PROMPT), 2);
+    assert_eq!(clients.closed(sixth, PROMPT), 3, "over the cap");
+    assert_eq!(clients.closed(oldest.start..oldest.start + 1, PROMPT), 1);
     assert_eq!(clients.closed(next, PROMPT), 1);
-    assert_eq!(clients.closed(rest, Duration::from_millis(300)), 0);
+    assert_eq!(clients.closed(fourth.start..fourth.start + 1, PROMPT), 1);
+    let quiet = Duration::from_millis(300);
+    assert_eq!(clients.closed(oldest.start + 1..oldest.end, quiet), 0);
+    assert_eq!(clients.closed(third, quiet), 0);
+    assert_eq!(clients.closed(fourth.start + 1..fourth.end, quiet), 0);
+    assert_eq!(clients.closed(fifth_host, quiet), 0);
     let text = s.admin("GET", "/metrics", None).text();
     for want in [
         "refresh_guard_http_connections_refused_total{listener=\"admin\",reason=\"per_source_cap\"} 3",
