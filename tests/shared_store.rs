@@ -1118,3 +1118,76 @@ fn a_shared_access_token_ends_with_its_familys_idle_lifetime() {
         None
     );
 }
+
+fn wait_linked(replica: &RedisServer) {
+    replica.wait_until("master_link_status:up", Duration::from_secs(20), || {
+        replica
+            .cmd(&["INFO", "replication"])
+            .text()
+            .is_some_and(|i| i.contains("master_link_status:up"))
+    });
+}
+
+/// Regression (`wait_replicas` did not exist): a write acknowledged by
+/// fewer replicas than asked must be a bounded `Error::Store` naming the
+/// shortfall, never an acceptance and never a hang; the store serves
+/// again once the replica is back.
+#[test]
+fn a_missing_replica_makes_each_waited_write_a_bounded_store_error() {
+    let primary = RedisServer::start();
+    let mut replica = RedisServer::options().replica_of(&primary).start();
+    wait_linked(&replica);
+    let mut o = options();
+    o.wait_replicas = 1;
+    let c = Cluster::with(primary, 1, grace(), o);
+    let t1 = c.issue(0, "alice", at(0));
+    let t2 = token_of(&c.redeem(0, &t1, at(1)));
+    replica.stop();
+    for i in 0..2u64 {
+        let started = std::time::Instant::now();
+        let r = c.engines[0]
+            .at(at(2 + i))
+            .redeem(&RedeemRequest::new(t2.as_str(), CLIENT).ip(ip()));
+        let took = started.elapsed();
+        match r {
+            Err(refresh_guard::Error::Store { detail, .. }) => {
+                assert!(detail.contains("0 of 1 replicas"), "{detail}");
+            }
+            other => panic!("attempt {i}: expected a store error, got {other:?}"),
+        }
+        assert!(took < Duration::from_secs(2), "attempt {i} took {took:?}");
+    }
+    // An issue waits too (its subject's set and record).
+    let issued = c.engines[0].at(at(4)).issue(&IssueRequest {
+        client: CLIENT,
+        subject: "bob",
+        scope: "openid",
+        ip: ip(),
+    });
+    assert!(matches!(issued, Err(refresh_guard::Error::Store { .. })));
+    replica.restart();
+    wait_linked(&replica);
+    // The writes stayed on the primary: t2 was rotated by the first
+    // attempt, so the client's retry is a grace replay of the successor
+    // it never saw, and that successor rotates.
+    let d = c.redeem(0, &t2, at(5));
+    assert_eq!(kind_of(&d), Some(AcceptKind::GraceReplay));
+    let t3 = token_of(&d);
+    assert_eq!(kind_of(&c.redeem(0, &t3, at(6))), Some(AcceptKind::Rotated));
+}
+
+/// `wait_timeout` must answer a shortfall before the command timeout.
+#[test]
+fn a_wait_timeout_not_below_the_command_timeout_is_refused() {
+    let server = RedisServer::start();
+    let mut o = options();
+    o.wait_replicas = 1;
+    o.wait_timeout = o.command_timeout;
+    assert!(matches!(
+        RedisStore::connect(&server.url(), o),
+        Err(refresh_guard::Error::InvalidArgument {
+            name: "wait_timeout",
+            ..
+        })
+    ));
+}
