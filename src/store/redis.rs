@@ -340,7 +340,11 @@ impl RedisStore {
         let client = redis::cluster::ClusterClient::builder(nodes.iter().copied())
             .connection_timeout(options.connect_timeout)
             .response_timeout(options.command_timeout)
-            .retries(1)
+            // A slot being resharded can take more than one redirection
+            // (ASK, then MOVED while the nodes learn the new owner one by
+            // one); they are retried at once, and the caller never waits
+            // past its command timeout anyway.
+            .retries(4)
             .build()
             .map_err(|_| Error::InvalidArgument {
                 name: "redis cluster nodes",
@@ -499,7 +503,7 @@ impl RedisStore {
             let Some((n, t)) = wait else {
                 return Ok(parse_cas(inv.invoke_async(&mut c).await?)?);
             };
-            let (v, acked) = waited(&mut c, &script, &inv, &key, n, t).await?;
+            let (v, acked) = waited(&mut c, &script, &inv, n, t).await?;
             let cas = parse_cas(v)?;
             match cas {
                 Cas::Done(_) if acked < i64::from(n) => {
@@ -539,7 +543,7 @@ impl RedisStore {
             let out = match wait {
                 None => inv.invoke_async(&mut c).await?,
                 Some((n, t)) => {
-                    let (v, acked) = waited(&mut c, &script, &inv, &key, n, t).await?;
+                    let (v, acked) = waited(&mut c, &script, &inv, n, t).await?;
                     if acked < i64::from(n) {
                         return Err(Failure::short("subject set", acked, n, t));
                     }
@@ -645,80 +649,47 @@ impl Failure {
     }
 }
 
-/// `inv` (a script on `key`) then `WAIT n t` as one pipeline, so a waited
-/// write costs one round trip plus the replicas' acknowledgement. WAIT
-/// counts the replicas that hold every write of its own connection so far,
-/// so it must follow the write on the connection, and node, that made it:
-/// on a cluster the pipeline is routed by `key`, and its redirections are
-/// followed here (a pipeline's MOVED or ASK comes back as its first reply,
-/// not followed by the cluster client). Answers the script's reply and the
-/// number of replicas that acknowledged.
+/// `inv` then `WAIT n t` as one pipeline, so a waited write costs one
+/// round trip plus the replicas' acknowledgement. WAIT counts the replicas
+/// that hold every write of its own connection so far, so it must follow
+/// the write on the connection, and node, that made it: on a cluster the
+/// client routes the pipeline by the script's key and follows a MOVED or
+/// ASK in its replies by sending the whole pipeline again to the node
+/// named (after ASKING), so the WAIT goes where the write went. Answers the
+/// script's reply and the number of replicas that acknowledged.
 async fn waited(
     c: &mut Conn,
     script: &Script,
     inv: &redis::ScriptInvocation<'_>,
-    key: &str,
     n: u32,
     t: Duration,
 ) -> Result<(Value, i64), Failure> {
-    use redis::{ErrorKind, ServerErrorKind};
     let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
     let mut p = redis::pipe();
     p.invoke_script(inv).cmd("WAIT").arg(n).arg(ms);
     p.ignore_errors();
-    // NOSCRIPT (a restarted server) and MOVED take one more try each.
-    for _ in 0..3 {
+    let mut loaded = false;
+    loop {
         let vals: Vec<Value> = p.query_async(c).await?;
-        let (first, acked) = pair(vals, 0)?;
+        let (first, acked) = pair(vals)?;
         let Value::ServerError(e) = first else {
             return Ok((first, acked?));
         };
         let e = redis::RedisError::from(e);
-        match (e.kind(), &mut *c) {
-            (ErrorKind::Server(ServerErrorKind::NoScript), _) => {
-                script.load_async(c).await?;
-            }
-            // The slot moved: a routed read lets the cluster client learn
-            // its new owner, and the pipeline goes there next time.
-            (ErrorKind::Server(ServerErrorKind::Moved), Conn::Cluster(cc)) => {
-                redis::cmd("EXISTS").arg(key).query_async::<i64>(cc).await?;
-            }
-            // The slot is migrating and the key is on the importing node:
-            // script and WAIT go there, after ASKING.
-            (ErrorKind::Server(ServerErrorKind::Ask), Conn::Cluster(cc)) => {
-                let Some((host, port)) = e.redirect_node() else {
-                    return Err(e.into());
-                };
-                let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
-                    host: host.to_owned(),
-                    port,
-                };
-                let mut q = redis::pipe();
-                q.cmd("ASKING")
-                    .invoke_script(inv)
-                    .cmd("WAIT")
-                    .arg(n)
-                    .arg(ms);
-                let vals = cc.route_pipeline(q, 0, 3, route).await?;
-                let (first, acked) = pair(vals, 1)?;
-                if let Value::ServerError(e) = first {
-                    return Err(redis::RedisError::from(e).into());
-                }
-                return Ok((first, acked?));
-            }
-            _ => return Err(e.into()),
+        // A server that restarted (or a node new to the slot) has not seen
+        // the script: load it and send again, once.
+        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) && !loaded {
+            script.load_async(c).await?;
+            loaded = true;
+            continue;
         }
+        return Err(e.into());
     }
-    Err(redis::RedisError::from((
-        redis::ErrorKind::Io,
-        "a waited write was redirected three times in a row",
-    ))
-    .into())
 }
 
-/// The script's reply (at `at`) and WAIT's (after it) of a pipeline.
-fn pair(vals: Vec<Value>, at: usize) -> Result<(Value, Result<i64, Failure>), Failure> {
-    let mut it = vals.into_iter().skip(at);
+/// The script's reply and WAIT's of a pipeline.
+fn pair(vals: Vec<Value>) -> Result<(Value, Result<i64, Failure>), Failure> {
+    let mut it = vals.into_iter();
     match (it.next(), it.next()) {
         (Some(first), Some(Value::Int(n))) => Ok((first, Ok(n))),
         (Some(first), Some(Value::ServerError(e))) => {
