@@ -136,14 +136,65 @@ fn engines_on_a_cluster_answer_as_one_engine_with_families_spread_over_its_nodes
         .count();
     assert_eq!(live, 3);
     assert_eq!(engines[1].at(t0).revoke_subject("alice", None).unwrap(), 3);
-    // A client scan is one server's: refused on a cluster, naming it.
-    assert!(matches!(
-        engines[0].revoke_client(CLIENT),
-        Err(refresh_guard::Error::InvalidArgument {
-            name: "revoke_client",
-            ..
-        })
-    ));
+}
+
+/// Regression: `revoke_client` on a cluster was refused ("a scan of one
+/// server"); it now scans every primary, and every family of the client,
+/// whichever node holds it, ends.
+#[test]
+fn revoke_client_on_a_cluster_revokes_the_clients_families_on_every_primary() {
+    let nodes = cluster();
+    let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let mut o = RedisOptions::default();
+    o.key_ttl = None;
+    let set = PolicySet::builder()
+        .client(CLIENT, PolicyOverrides::new())
+        .client("other-app", PolicyOverrides::new())
+        .build()
+        .unwrap();
+    let engine = Engine::builder()
+        .keys(KeyRing::new(KeyId(1), &KeySecret::generate().unwrap()))
+        .policies(set)
+        .shared_store(RedisStore::connect_cluster(&urls, o).unwrap())
+        .build()
+        .unwrap();
+    let t0 = Timestamp::from_secs(1_700_000_000);
+    let issue = |client: &str, subject: &str| {
+        engine
+            .at(t0)
+            .issue(&IssueRequest {
+                client,
+                subject,
+                scope: "openid",
+                ip: None,
+            })
+            .unwrap()
+            .accepted()
+            .unwrap()
+            .token
+    };
+    let mine: Vec<_> = (0..24)
+        .map(|i| issue(CLIENT, &format!("bob-{i}")))
+        .collect();
+    let other = issue("other-app", "carol");
+    for node in &nodes {
+        assert!(!family_slots(node).is_empty(), "a node holds no family");
+    }
+    assert_eq!(engine.at(t0).revoke_client(CLIENT).unwrap(), 24);
+    for t in &mine {
+        let d = engine
+            .at(t0)
+            .redeem(&RedeemRequest::new(t.as_str(), CLIENT));
+        assert_eq!(d.unwrap().deny_reason(), Some(DenyReason::Revoked));
+    }
+    let d = engine
+        .at(t0)
+        .redeem(&RedeemRequest::new(other.as_str(), "other-app"));
+    assert!(
+        d.unwrap().accepted().is_some(),
+        "another client's family is left alone"
+    );
 }
 
 /// A node's cluster id.

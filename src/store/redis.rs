@@ -331,8 +331,8 @@ impl RedisStore {
     /// Connect to a Redis Cluster through any of its `nodes` (URLs as for
     /// [`connect`](Self::connect)). Each family's keys carry its id as a
     /// hash tag, and each script touches one key, so every state change is
-    /// one call on the family's node. [`Engine::revoke_client`] scans one
-    /// server and is refused on a cluster.
+    /// one call on the family's node. [`Engine::revoke_client`] scans
+    /// every primary.
     ///
     /// [`Engine::revoke_client`]: crate::Engine::revoke_client
     pub fn connect_cluster(nodes: &[&str], options: RedisOptions) -> Result<RedisStore, Error> {
@@ -385,11 +385,6 @@ impl RedisStore {
             join: Arc::new(Script::new(JOIN)),
             options,
         }
-    }
-
-    /// Whether this is a cluster's connection.
-    pub(crate) fn is_cluster(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
     }
 
     /// Whether the last command failed (Redis unreachable or silent): a
@@ -591,33 +586,89 @@ impl RedisStore {
         })
     }
 
-    /// Every family id in the store (an administrative scan).
+    /// Every family id in the store (an administrative scan): of the one
+    /// server, or of every primary of a cluster (a family moved by a
+    /// reshard during the scan can be missed or seen twice).
     pub(crate) fn scan(&self) -> Reply<Vec<FamilyId>> {
         let pattern = format!("{}:f:*", self.options.prefix);
         let prefix_len = self.options.prefix.len() + 4;
         self.spawn("scan", move |mut c| async move {
-            let mut cursor = 0u64;
+            let nodes = match &mut c {
+                Conn::One(_) => vec![None],
+                Conn::Cluster(cc) => primaries(cc).await?.into_iter().map(Some).collect(),
+            };
             let mut ids = Vec::new();
-            loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await?;
+            for node in nodes {
+                let keys = scan_node(&mut c, node, &pattern).await?;
                 ids.extend(
                     keys.iter()
                         .filter_map(|k| member_id(k.get(prefix_len..)?.strip_suffix(b"}")?)),
                 );
-                if next == 0 {
-                    return Ok(ids);
-                }
-                cursor = next;
             }
+            Ok(ids)
         })
     }
+}
+
+/// The keys matching `pattern` of one server: the connection's own
+/// (`node` `None`), or a cluster's node at (host, port).
+async fn scan_node(
+    c: &mut Conn,
+    node: Option<(String, u16)>,
+    pattern: &str,
+) -> redis::RedisResult<Vec<Vec<u8>>> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    let mut cursor = 0u64;
+    let mut out = Vec::new();
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000);
+        let (next, keys): (u64, Vec<Vec<u8>>) = match (&node, &mut *c) {
+            (Some((host, port)), Conn::Cluster(cc)) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                redis::from_redis_value(cc.route_command(cmd, route).await?)?
+            }
+            _ => cmd.query_async(c).await?,
+        };
+        out.extend(keys);
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
+}
+
+/// The primaries of a cluster, as (host, port), from `CLUSTER SLOTS`
+/// (each range: start, end, then its primary first).
+async fn primaries(
+    cc: &mut redis::cluster_async::ClusterConnection,
+) -> redis::RedisResult<Vec<(String, u16)>> {
+    let ranges: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(cc).await?;
+    let mut out = Vec::new();
+    for range in ranges {
+        let Value::Array(items) = range else { continue };
+        let Some(Value::Array(node)) = items.get(2) else {
+            continue;
+        };
+        let (Some(host), Some(Value::Int(port))) = (node.first(), node.get(1)) else {
+            continue;
+        };
+        let host: String = redis::from_redis_value(host.clone())?;
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        if !out.contains(&(host.clone(), port)) {
+            out.push((host, port));
+        }
+    }
+    Ok(out)
 }
 
 /// Why a command on the store's runtime failed.
