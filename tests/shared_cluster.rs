@@ -456,3 +456,73 @@ fn a_live_reshard_with_waited_writes_loses_no_rotation_and_gives_no_wrong_answer
     let errors = redeem_through_a_reshard(&nodes[..3], o);
     eprintln!("store errors during the reshard (repeated): {errors}");
 }
+
+/// `wait_replicas` on a cluster: the WAIT goes to the node that took the
+/// write. With node 0's replica stopped, the writes of families on node 0
+/// fall short (a store error naming the shortfall) and those on the other
+/// nodes, whose replicas are up, are answered; a WAIT sent to every
+/// primary, or to another node, would fail them all or pass them all.
+#[test]
+fn a_waited_write_on_a_cluster_waits_on_the_node_that_took_it() {
+    let mut nodes = cluster_with_replicas();
+    let urls: Vec<String> = nodes[..3].iter().map(|n| n.url()).collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let mut o = RedisOptions::default();
+    o.key_ttl = None;
+    o.wait_replicas = 1;
+    let engine = Engine::builder()
+        .keys(KeyRing::new(KeyId(1), &KeySecret::generate().unwrap()))
+        .policies(
+            PolicySet::builder()
+                .client(CLIENT, PolicyOverrides::new())
+                .build()
+                .unwrap(),
+        )
+        .shared_store(RedisStore::connect_cluster(&urls, o).unwrap())
+        .build()
+        .unwrap();
+    let t0 = Timestamp::from_secs(1_700_000_000);
+    let tokens: Vec<_> = (0..24)
+        .map(|i| {
+            engine
+                .at(t0)
+                .issue(&IssueRequest {
+                    client: CLIENT,
+                    subject: &format!("user-{i}"),
+                    scope: "openid",
+                    ip: None,
+                })
+                .unwrap()
+                .accepted()
+                .unwrap()
+                .token
+        })
+        .collect();
+    nodes[3].stop();
+    let (mut short, mut served) = (0, 0);
+    for t in &tokens {
+        let id = engine.at(t0).introspect(t.as_str()).unwrap().family;
+        let slot = match nodes[1].cmd(&["CLUSTER", "KEYSLOT", &format!("rg:f:{{{id}}}")]) {
+            Reply::Int(s) => s,
+            other => panic!("{other:?}"),
+        };
+        let on_node_0 = slot <= 5460;
+        let started = Instant::now();
+        let r = engine
+            .at(t0)
+            .redeem(&RedeemRequest::new(t.as_str(), CLIENT));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        match r {
+            Err(refresh_guard::Error::Store { detail, .. }) if on_node_0 => {
+                assert!(detail.contains("0 of 1 replicas"), "{detail}");
+                short += 1;
+            }
+            Ok(d) if !on_node_0 => {
+                assert_eq!(d.accepted().map(|a| a.kind), Some(AcceptKind::Rotated));
+                served += 1;
+            }
+            other => panic!("family on node 0: {on_node_0}: {other:?}"),
+        }
+    }
+    assert!(short > 0 && served > 0, "{short} short, {served} served");
+}
