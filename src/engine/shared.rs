@@ -222,7 +222,10 @@ impl Engine {
             codec::encode(&base, &mut before);
             codec::encode(&f, &mut after);
             let write = (after != before).then_some(after);
-            // Versions count writes from 1; far below i64::MAX.
+            // Versions count writes from 1; far below i64::MAX. On an error
+            // (a timeout, a replica shortfall) the write may have landed:
+            // the cache keeps the version judged, so the next call's
+            // compare-and-set answers with whatever the store holds then.
             match sh.store.cas(&id, version as i64, write).await? {
                 Cas::Done(v) => {
                     sh.cache.put(&f, v);
