@@ -1,7 +1,8 @@
-//! What a redemption against a shared Redis can cost, before the engine's
-//! Redis store exists: the limit (a no-op script), the naive store users
-//! write by hand (WATCH, GET, decide, MULTI/SET/EXEC), and a stand-in of the
-//! store's shape (one compare-and-set script by EVALSHA). 64 concurrent
+//! What a redemption against a shared Redis costs: (a) the engine on its
+//! Redis store (`RedisStore`, with `--features redis`), beside the limit
+//! (c, a no-op script), the naive store users write by hand (b, WATCH,
+//! GET, decide, MULTI/SET/EXEC), and a stand-in of the store's shape (a′,
+//! one compare-and-set script by EVALSHA, no engine). 64 concurrent
 //! callers, a `redis-server` on loopback started by the bench itself
 //! (tests/redis_support). The figures are in BENCHMARKS.md, "Redis: the
 //! limit and the naive store".
@@ -208,6 +209,19 @@ impl ScriptCaller {
     }
 }
 
+/// An engine on a `RedisStore` of `server`, with the default policy.
+#[cfg(feature = "redis")]
+fn store_engine(server: &RedisServer) -> refresh_guard::Engine {
+    let store =
+        refresh_guard::RedisStore::connect(&server.url(), refresh_guard::RedisOptions::default())
+            .expect("connect the store");
+    refresh_guard::Engine::builder()
+        .keys(refresh_guard::KeyRing::generate().expect("a key ring"))
+        .shared_store(store)
+        .build()
+        .expect("an engine on the store")
+}
+
 fn bench(c: &mut Criterion) {
     let server = RedisServer::start();
     let client = redis::Client::open(server.url()).expect("a redis url");
@@ -277,6 +291,48 @@ fn bench(c: &mut Criterion) {
         })
     });
     summary("c_noop_script_evalsha", &latencies, 0, &server, before);
+
+    // (a) The engine on its Redis store: a rotation per redemption, each
+    // caller on its own families, every record in the engine's cache (so
+    // one compare-and-set script per redemption, as (a') sends).
+    #[cfg(feature = "redis")]
+    {
+        let engine = store_engine(&server);
+        let mut tokens: Vec<(usize, Vec<refresh_guard::Token>)> = (0..CALLERS)
+            .map(|i| (i, Vec::with_capacity(FAMILIES_PER_CALLER)))
+            .collect();
+        thread::scope(|s| {
+            for (i, mine) in tokens.iter_mut() {
+                let engine = &engine;
+                s.spawn(move || {
+                    for f in 0..FAMILIES_PER_CALLER {
+                        let req = refresh_guard::IssueRequest {
+                            client: "bench-app",
+                            subject: &format!("user-{i}-{f}"),
+                            scope: "openid",
+                            ip: None,
+                        };
+                        let d = engine.issue(&req).expect("issue on the store");
+                        mine.push(d.accepted().expect("issued").token);
+                    }
+                });
+            }
+        });
+        let before = io_counts(&server);
+        g.bench_function("a_engine_redis_store", |b| {
+            b.iter_custom(|iters| {
+                spread(&mut tokens, iters, &latencies, |(_, mine), k| {
+                    let f = k % FAMILIES_PER_CALLER;
+                    let req = refresh_guard::RedeemRequest::new(mine[f].as_str(), "bench-app");
+                    match engine.redeem(&req).expect("the store answers") {
+                        refresh_guard::Decision::Accept(a) => mine[f] = a.token,
+                        other => panic!("an unshared family was denied: {other:?}"),
+                    }
+                })
+            })
+        });
+        summary("a_engine_redis_store", &latencies, 0, &server, before);
+    }
 
     // (a') The store's shape: one compare-and-set script per redemption.
     let before = io_counts(&server);

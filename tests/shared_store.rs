@@ -1033,3 +1033,161 @@ fn shadow_counts_each_confirmed_decision_once() {
     assert_eq!(report.count(CLIENT, "rotated", "kept"), 1, "{report:?}");
     assert_eq!(report.rows.iter().map(|r| r.count).sum::<u64>(), 1);
 }
+
+/// Regression: opaque access tokens were verified against the in-process
+/// table only, so on a shared engine they were never valid, and a family
+/// revoked on engine A left them valid on engine B's cache.
+#[test]
+fn an_access_token_is_live_on_every_engine_until_its_family_is_revoked_on_any() {
+    let c = Cluster::new(2, PolicyOverrides::default());
+    let t1 = c.issue(0, "alice", at(0));
+    let d = c.redeem(1, &t1, at(1));
+    let accepted = d.accepted().expect("rotated");
+    // Minted by the engine that accepted, verified by both.
+    let at1 = c.engines[1].at(at(1)).access_token(accepted, None).unwrap();
+    for e in 0..2 {
+        let info = c.engines[e]
+            .at(at(2))
+            .verify_access_token(&at1.token)
+            .expect("live on every engine");
+        assert_eq!(info.subject(), "alice");
+        assert_eq!(info.client(), CLIENT);
+    }
+    // Engine 1 caches the family as live; the revocation goes through
+    // engine 0 and must be seen by engine 1 at once.
+    assert!(
+        c.engines[0]
+            .at(at(3))
+            .revoke_family(accepted.family)
+            .unwrap()
+    );
+    for e in [1, 0] {
+        assert_eq!(
+            c.engines[e].at(at(4)).verify_access_token(&at1.token),
+            None,
+            "revoked on engine 0, seen by engine {e}"
+        );
+    }
+}
+
+/// Regression: liveness of a shared engine's access token comes from the
+/// store, so a store error is "not active", never a cached "active".
+#[test]
+fn an_access_token_of_a_cached_family_is_not_active_while_the_store_is_down() {
+    let mut c = Cluster::new(1, PolicyOverrides::default());
+    let t1 = c.issue(0, "alice", at(0));
+    let a = c.redeem(0, &t1, at(1));
+    let at1 = c.engines[0]
+        .at(at(1))
+        .access_token(a.accepted().unwrap(), None)
+        .unwrap();
+    assert!(
+        c.engines[0]
+            .at(at(2))
+            .verify_access_token(&at1.token)
+            .is_some()
+    );
+    c.server.kill();
+    assert_eq!(c.engines[0].at(at(2)).verify_access_token(&at1.token), None);
+}
+
+/// An access token past its family's idle lifetime under the policy in
+/// force is refused by a shared engine too (the store's record decides).
+#[test]
+fn a_shared_access_token_ends_with_its_familys_idle_lifetime() {
+    let policy = PolicyOverrides {
+        idle_ttl: Some(Some(Duration::from_secs(60))),
+        access_token_ttl: Some(Duration::from_secs(3600)),
+        ..PolicyOverrides::default()
+    };
+    let c = Cluster::new(2, policy);
+    let t1 = c.issue(0, "alice", at(0));
+    let a = c.redeem(0, &t1, at(1));
+    let at1 = c.engines[0]
+        .at(at(1))
+        .access_token(a.accepted().unwrap(), None)
+        .unwrap();
+    assert!(
+        c.engines[1]
+            .at(at(60))
+            .verify_access_token(&at1.token)
+            .is_some()
+    );
+    assert_eq!(
+        c.engines[1].at(at(62)).verify_access_token(&at1.token),
+        None
+    );
+}
+
+fn wait_linked(replica: &RedisServer) {
+    replica.wait_until("master_link_status:up", Duration::from_secs(20), || {
+        replica
+            .cmd(&["INFO", "replication"])
+            .text()
+            .is_some_and(|i| i.contains("master_link_status:up"))
+    });
+}
+
+/// Regression (`wait_replicas` did not exist): a write acknowledged by
+/// fewer replicas than asked must be a bounded `Error::Store` naming the
+/// shortfall, never an acceptance and never a hang; the store serves
+/// again once the replica is back.
+#[test]
+fn a_missing_replica_makes_each_waited_write_a_bounded_store_error() {
+    let primary = RedisServer::start();
+    let mut replica = RedisServer::options().replica_of(&primary).start();
+    wait_linked(&replica);
+    let mut o = options();
+    o.wait_replicas = 1;
+    let c = Cluster::with(primary, 1, grace(), o);
+    let t1 = c.issue(0, "alice", at(0));
+    let t2 = token_of(&c.redeem(0, &t1, at(1)));
+    replica.stop();
+    for i in 0..2u64 {
+        let started = std::time::Instant::now();
+        let r = c.engines[0]
+            .at(at(2 + i))
+            .redeem(&RedeemRequest::new(t2.as_str(), CLIENT).ip(ip()));
+        let took = started.elapsed();
+        match r {
+            Err(refresh_guard::Error::Store { detail, .. }) => {
+                assert!(detail.contains("0 of 1 replicas"), "{detail}");
+            }
+            other => panic!("attempt {i}: expected a store error, got {other:?}"),
+        }
+        assert!(took < Duration::from_secs(2), "attempt {i} took {took:?}");
+    }
+    // An issue waits too (its subject's set and record).
+    let issued = c.engines[0].at(at(4)).issue(&IssueRequest {
+        client: CLIENT,
+        subject: "bob",
+        scope: "openid",
+        ip: ip(),
+    });
+    assert!(matches!(issued, Err(refresh_guard::Error::Store { .. })));
+    replica.restart();
+    wait_linked(&replica);
+    // The writes stayed on the primary: t2 was rotated by the first
+    // attempt, so the client's retry is a grace replay of the successor
+    // it never saw, and that successor rotates.
+    let d = c.redeem(0, &t2, at(5));
+    assert_eq!(kind_of(&d), Some(AcceptKind::GraceReplay));
+    let t3 = token_of(&d);
+    assert_eq!(kind_of(&c.redeem(0, &t3, at(6))), Some(AcceptKind::Rotated));
+}
+
+/// `wait_timeout` must answer a shortfall before the command timeout.
+#[test]
+fn a_wait_timeout_not_below_the_command_timeout_is_refused() {
+    let server = RedisServer::start();
+    let mut o = options();
+    o.wait_replicas = 1;
+    o.wait_timeout = o.command_timeout;
+    assert!(matches!(
+        RedisStore::connect(&server.url(), o),
+        Err(refresh_guard::Error::InvalidArgument {
+            name: "wait_timeout",
+            ..
+        })
+    ));
+}

@@ -9,6 +9,8 @@ use crate::access::{
 use crate::clock::Timestamp;
 use crate::decision::{self, Accepted};
 use crate::error::Error;
+use crate::family::Family;
+use crate::policy::ClientPolicy;
 use crate::token::{Generation, TokenKind};
 
 use super::Engine;
@@ -83,6 +85,11 @@ impl Engine {
     /// not end the access tokens minted before it. The tag is compared in
     /// constant time; nothing is allocated for short client ids, subjects
     /// and scopes.
+    ///
+    /// With a shared store (README "Several instances") whether the family
+    /// lives is the store's word: one read per call, so a family revoked
+    /// through any engine ends its access tokens on every engine at once.
+    /// A store error answers `None` (fail closed).
     pub fn verify_access_token(&self, token: &str) -> Option<AccessTokenInfo> {
         self.at(self.now()).verify_access_token(token)
     }
@@ -94,34 +101,51 @@ impl Engine {
         now: Timestamp,
     ) -> Option<AccessTokenInfo> {
         let parsed = access::parse(token)?;
-        let fields = parsed.fields;
+        #[cfg(feature = "redis")]
+        if let Some(sh) = &self.shared {
+            return self.shared_verify_access(sh, &parsed, now);
+        }
         let keys = self.keys.load();
-        let policies = self.policies.load();
-        let shard = self.table.lock(&fields.family);
-        let f = shard.get(&fields.family)?;
+        let shard = self.table.lock(&parsed.fields.family);
+        let f = shard.get(&parsed.fields.family)?;
         if !parsed.verify(&keys, &f.secret) {
             return None;
         }
-        // Authentic from here on. A generation past the family's is a
-        // rolled-back store (README "The order of checks", step 7): fail
-        // closed, as a code's generation grants nothing.
-        let live = f.is_active()
-            && decision::expiry(f, policies.policy(f.client()), now).is_none()
-            && fields.generation != Generation::CODE
-            && fields.generation <= f.generation
-            && now < fields.expires_at;
-        if !live {
-            return None;
-        }
-        Some(AccessTokenInfo {
-            family: f.id,
-            generation: fields.generation,
-            issued_at: fields.issued_at,
-            expires_at: fields.expires_at,
-            jkt: f.jkt().copied(),
-            client: Copied::of(f.client()),
-            subject: f.subject.clone(),
-            scope: masked_scope(f.scope(), fields.scope_mask),
-        })
+        access_info(
+            f,
+            &parsed.fields,
+            self.policies.load().policy(f.client()),
+            now,
+        )
     }
+}
+
+/// What an authentic access token of `f` grants at `now`, if it is live.
+pub(super) fn access_info(
+    f: &Family,
+    fields: &AccessFields,
+    policy: &ClientPolicy,
+    now: Timestamp,
+) -> Option<AccessTokenInfo> {
+    // A generation past the family's is a rolled-back store (README "The
+    // order of checks", step 7): fail closed, as a code's generation
+    // grants nothing.
+    let live = f.is_active()
+        && decision::expiry(f, policy, now).is_none()
+        && fields.generation != Generation::CODE
+        && fields.generation <= f.generation
+        && now < fields.expires_at;
+    if !live {
+        return None;
+    }
+    Some(AccessTokenInfo {
+        family: f.id,
+        generation: fields.generation,
+        issued_at: fields.issued_at,
+        expires_at: fields.expires_at,
+        jkt: f.jkt().copied(),
+        client: Copied::of(f.client()),
+        subject: f.subject.clone(),
+        scope: masked_scope(f.scope(), fields.scope_mask),
+    })
 }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::access::{AccessTokenInfo, ParsedAccess};
 use crate::clock::Timestamp;
 use crate::code::{self, CodeState, ExchangeCheck};
 use crate::decision::{self, AcceptKind, Accepted, Decision, DenyReason, Plan, Request, Verdict};
@@ -113,6 +114,11 @@ impl Cache {
             None => {}
         }
         m.insert(f.id, (f.clone(), version));
+    }
+
+    /// The cached family's secret (it never changes).
+    fn secret(&self, id: &FamilyId) -> Option<FamilySecret> {
+        self.shard(id).lock().get(id).map(|(f, _)| f.secret)
     }
 
     fn remove(&self, id: &FamilyId) {
@@ -216,7 +222,10 @@ impl Engine {
             codec::encode(&base, &mut before);
             codec::encode(&f, &mut after);
             let write = (after != before).then_some(after);
-            // Versions count writes from 1; far below i64::MAX.
+            // Versions count writes from 1; far below i64::MAX. On an error
+            // (a timeout, a replica shortfall) the write may have landed:
+            // the cache keeps the version judged, so the next call's
+            // compare-and-set answers with whatever the store holds then.
             match sh.store.cas(&id, version as i64, write).await? {
                 Cas::Done(v) => {
                     sh.cache.put(&f, v);
@@ -495,20 +504,14 @@ impl Engine {
     }
 
     /// [`Engine::revoke_client`] against the shared store: a scan of every
-    /// family key, an administrative operation.
+    /// family key (on each primary of a cluster), an administrative
+    /// operation.
     pub(super) fn shared_revoke_client(
         &self,
         sh: &Shared,
         client: &str,
         now: Timestamp,
     ) -> Result<usize, Error> {
-        if sh.store.is_cluster() {
-            return Err(Error::InvalidArgument {
-                name: "revoke_client",
-                expected: "a single Redis server (a cluster's families are not scanned); \
-                           revoke by subject or family",
-            });
-        }
         block_on(async {
             let version = self.policies.load().version();
             let mut n = 0;
@@ -732,6 +735,38 @@ impl Engine {
             policies.policy(f.client()),
             now,
         ))
+    }
+
+    /// [`Engine::verify_access_token`] against the shared store. The tag
+    /// depends only on the family's secret, which never changes, so a
+    /// cached record may refuse a forgery without the network; whether
+    /// the family lives (revoked, expired, its generation) is read from
+    /// the store every time, so a revocation through another engine is
+    /// seen at once. A store error is "not active" (fail closed).
+    pub(super) fn shared_verify_access(
+        &self,
+        sh: &Shared,
+        parsed: &ParsedAccess,
+        now: Timestamp,
+    ) -> Option<AccessTokenInfo> {
+        let id = parsed.fields.family;
+        let keys = self.keys.load_full();
+        if !keys.contains(parsed.fields.key) {
+            return None;
+        }
+        if let Some(secret) = sh.cache.secret(&id)
+            && !parsed.verify(&keys, &secret)
+        {
+            return None;
+        }
+        let (v, bytes) = block_on(sh.store.get(&id)).ok()??;
+        let f = self.decode(&id, &bytes).ok()?;
+        sh.cache.put(&f, v);
+        if !parsed.verify(&keys, &f.secret) {
+            return None;
+        }
+        let policies = self.policies.load();
+        super::access::access_info(&f, &parsed.fields, policies.policy(f.client()), now)
     }
 
     /// A copy of one family's record, read from the shared store.

@@ -23,7 +23,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -81,6 +81,17 @@ pub struct RedisOptions {
     /// (a burst of grace replays: each one counts) take up to N attempts
     /// for the last of them. Default 64.
     pub max_attempts: u32,
+    /// Replicas that must acknowledge each write before the call answers
+    /// (Redis `WAIT`, pipelined with the write: one round trip, plus the
+    /// replicas' acknowledgement). 0, the default, waits for none. Fewer
+    /// acknowledgements within [`wait_timeout`](Self::wait_timeout) make
+    /// the call `Error::Store` naming the shortfall: the write is on the
+    /// primary and may or may not survive a failover (README "Durability
+    /// on failover").
+    pub wait_replicas: u32,
+    /// Bound on that wait; less than `command_timeout`, so that a
+    /// shortfall is answered as one. Default 100 ms.
+    pub wait_timeout: Duration,
 }
 
 impl Default for RedisOptions {
@@ -93,6 +104,8 @@ impl Default for RedisOptions {
             on_rollback: OnRollback::RollForward,
             prefix: "rg".to_owned(),
             max_attempts: 64,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(100),
         }
     }
 }
@@ -114,6 +127,17 @@ impl RedisOptions {
         }
         if self.max_attempts == 0 {
             return bad("max_attempts", "at least 1");
+        }
+        // WAIT's timeout 0 is "forever"; one past the command timeout would
+        // answer every shortfall as a timeout instead of naming it.
+        if self.wait_replicas > 0
+            && (self.wait_timeout < Duration::from_millis(1)
+                || self.wait_timeout >= self.command_timeout)
+        {
+            return bad(
+                "wait_timeout",
+                "at least 1 ms and less than command_timeout when wait_replicas > 0",
+            );
         }
         if self.prefix.is_empty() || self.prefix.len() > 64 || self.prefix.contains(['{', '}', ':'])
         {
@@ -233,6 +257,12 @@ pub struct RedisStore {
     /// `None` only while dropping.
     runtime: Option<tokio::runtime::Runtime>,
     conn: Conn,
+    /// With `wait_replicas`, the connections of the writes that WAIT: a
+    /// WAIT holds its connection until the replicas answer (Redis
+    /// processes nothing more from that client meanwhile), so reads and
+    /// confirmations keep `conn` and waited writes take these in turn.
+    writers: Vec<Conn>,
+    next_writer: AtomicUsize,
     cas: Arc<Script>,
     join: Arc<Script>,
     options: RedisOptions,
@@ -286,31 +316,23 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
-        let (tx, rx) = oneshot::channel();
-        let bound = options.connect_timeout * 2;
-        runtime.spawn(async move {
-            let r = tokio::time::timeout(bound, ConnectionManager::new_with_config(client, config))
-                .await;
-            let _ = tx.send(r);
-        });
-        let conn = match block_on(rx) {
-            Ok(Ok(Ok(conn))) => Conn::One(conn),
-            Ok(Ok(Err(e))) => return Err(redis_error("connect", e)),
-            Ok(Err(_)) => {
-                return Err(Error::store(format!(
-                    "redis connect: no connection within {bound:?}"
-                )));
-            }
-            Err(_) => return Err(Error::store("redis connect: its runtime stopped")),
+        let open_one = || {
+            let (client, config) = (client.clone(), config.clone());
+            let fut = async move { ConnectionManager::new_with_config(client, config).await };
+            open(&runtime, &options, "connect", fut).map(Conn::One)
         };
-        Ok(RedisStore::with(runtime, conn, options))
+        let conn = open_one()?;
+        let writers = (0..writers(&options))
+            .map(|_| open_one())
+            .collect::<Result<_, _>>()?;
+        Ok(RedisStore::with(runtime, conn, writers, options))
     }
 
     /// Connect to a Redis Cluster through any of its `nodes` (URLs as for
     /// [`connect`](Self::connect)). Each family's keys carry its id as a
     /// hash tag, and each script touches one key, so every state change is
-    /// one call on the family's node. [`Engine::revoke_client`] scans one
-    /// server and is refused on a cluster.
+    /// one call on the family's node. [`Engine::revoke_client`] scans
+    /// every primary.
     ///
     /// [`Engine::revoke_client`]: crate::Engine::revoke_client
     pub fn connect_cluster(nodes: &[&str], options: RedisOptions) -> Result<RedisStore, Error> {
@@ -318,33 +340,35 @@ impl RedisStore {
         let client = redis::cluster::ClusterClient::builder(nodes.iter().copied())
             .connection_timeout(options.connect_timeout)
             .response_timeout(options.command_timeout)
-            .retries(1)
+            // A slot being resharded can take more than one redirection
+            // (ASK, then MOVED while the nodes learn the new owner one by
+            // one); they are retried at once, and the caller never waits
+            // past its command timeout anyway.
+            .retries(4)
             .build()
             .map_err(|_| Error::InvalidArgument {
                 name: "redis cluster nodes",
                 expected: "one or more redis://host:port URLs",
             })?;
         let runtime = runtime()?;
-        let (tx, rx) = oneshot::channel();
-        let bound = options.connect_timeout * 2;
-        runtime.spawn(async move {
-            let r = tokio::time::timeout(bound, client.get_async_connection()).await;
-            let _ = tx.send(r);
-        });
-        let conn = match block_on(rx) {
-            Ok(Ok(Ok(conn))) => Conn::Cluster(conn),
-            Ok(Ok(Err(e))) => return Err(redis_error("cluster connect", e)),
-            Ok(Err(_)) => {
-                return Err(Error::store(format!(
-                    "redis cluster connect: no connection within {bound:?}"
-                )));
-            }
-            Err(_) => return Err(Error::store("redis connect: its runtime stopped")),
+        let open_one = || {
+            let client = client.clone();
+            let fut = async move { client.get_async_connection().await };
+            open(&runtime, &options, "cluster connect", fut).map(Conn::Cluster)
         };
-        Ok(RedisStore::with(runtime, conn, options))
+        let conn = open_one()?;
+        let writers = (0..writers(&options))
+            .map(|_| open_one())
+            .collect::<Result<_, _>>()?;
+        Ok(RedisStore::with(runtime, conn, writers, options))
     }
 
-    fn with(runtime: tokio::runtime::Runtime, conn: Conn, options: RedisOptions) -> RedisStore {
+    fn with(
+        runtime: tokio::runtime::Runtime,
+        conn: Conn,
+        writers: Vec<Conn>,
+        options: RedisOptions,
+    ) -> RedisStore {
         let unhealthy = Arc::new(AtomicBool::new(false));
         runtime.spawn(probe(
             conn.clone(),
@@ -355,15 +379,12 @@ impl RedisStore {
             unhealthy,
             runtime: Some(runtime),
             conn,
+            writers,
+            next_writer: AtomicUsize::new(0),
             cas: Arc::new(Script::new(CAS)),
             join: Arc::new(Script::new(JOIN)),
             options,
         }
-    }
-
-    /// Whether this is a cluster's connection.
-    pub(crate) fn is_cluster(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
     }
 
     /// Whether the last command failed (Redis unreachable or silent): a
@@ -394,17 +415,32 @@ impl RedisStore {
     fn spawn<T, F>(&self, what: &'static str, op: impl FnOnce(Conn) -> F) -> Reply<T>
     where
         T: Send + 'static,
-        F: Future<Output = redis::RedisResult<T>> + Send + 'static,
+        F: Future<Output = Result<T, Failure>> + Send + 'static,
+    {
+        self.spawn_on(self.conn.clone(), what, op)
+    }
+
+    /// [`spawn`](Self::spawn) on connection `conn`.
+    fn spawn_on<T, F>(&self, conn: Conn, what: &'static str, op: impl FnOnce(Conn) -> F) -> Reply<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, Failure>> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let timeout = self.options.command_timeout;
-        let fut = op(self.conn.clone());
+        let fut = op(conn);
         let unhealthy = self.unhealthy.clone();
         if let Some(rt) = &self.runtime {
             rt.spawn(async move {
                 let r = match tokio::time::timeout(timeout, fut).await {
                     Ok(Ok(v)) => Ok(v),
-                    Ok(Err(e)) => Err(redis_error(what, e)),
+                    Ok(Err(Failure::Redis(e))) => Err(redis_error(what, e)),
+                    // Redis answered: the connection is healthy.
+                    Ok(Err(Failure::Unreplicated(e))) => {
+                        unhealthy.store(false, Ordering::Relaxed);
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
                     Err(_) => Err(Error::store(format!(
                         "redis {what}: no answer within {timeout:?}"
                     ))),
@@ -414,6 +450,17 @@ impl RedisStore {
             });
         }
         Reply(rx)
+    }
+
+    /// The connection for a write, and the WAIT that must follow it
+    /// (replicas, timeout), if the options ask for one.
+    fn writer(&self) -> (Conn, Option<(u32, Duration)>) {
+        if self.writers.is_empty() {
+            return (self.conn.clone(), None);
+        }
+        let i = self.next_writer.fetch_add(1, Ordering::Relaxed) % self.writers.len();
+        let wait = (self.options.wait_replicas, self.options.wait_timeout);
+        (self.writers[i].clone(), Some(wait))
     }
 
     /// Read one family's version and record.
@@ -436,15 +483,29 @@ impl RedisStore {
         let key = self.family_key(id);
         let ttl = self.options.ttl_ms();
         let script = self.cas.clone();
-        self.spawn("compare-and-set", move |mut c| async move {
-            let v: Value = script
-                .key(key)
+        // Only a write waits for replicas: a confirmation changes nothing.
+        let (conn, wait) = match record {
+            Some(_) => self.writer(),
+            None => (self.conn.clone(), None),
+        };
+        let id = *id;
+        self.spawn_on(conn, "compare-and-set", move |mut c| async move {
+            let mut inv = script.prepare_invoke();
+            inv.key(&key)
                 .arg(expected)
                 .arg(record.unwrap_or_default())
-                .arg(ttl)
-                .invoke_async(&mut c)
-                .await?;
-            parse_cas(v)
+                .arg(ttl);
+            let Some((n, t)) = wait else {
+                return Ok(parse_cas(inv.invoke_async(&mut c).await?)?);
+            };
+            let (v, acked) = waited(&mut c, &script, &inv, n, t).await?;
+            let cas = parse_cas(v)?;
+            match cas {
+                Cas::Done(_) if acked < i64::from(n) => {
+                    Err(Failure::short(&format!("family {id}"), acked, n, t))
+                }
+                cas => Ok(cas),
+            }
         })
     }
 
@@ -463,16 +524,27 @@ impl RedisStore {
         let client = client.to_owned();
         let ttl = self.options.ttl_ms();
         let script = self.join.clone();
-        self.spawn("subject join", move |mut c| async move {
-            let out: Vec<Vec<u8>> = script
-                .key(key)
+        // The subject's set is the authority for the cap and for subject
+        // revocation: a family lost from it would escape both.
+        let (conn, wait) = self.writer();
+        self.spawn_on(conn, "subject join", move |mut c| async move {
+            let mut inv = script.prepare_invoke();
+            inv.key(&key)
                 .arg(member)
                 .arg(created_ms)
                 .arg(client)
                 .arg(cap)
-                .arg(ttl)
-                .invoke_async(&mut c)
-                .await?;
+                .arg(ttl);
+            let out = match wait {
+                None => inv.invoke_async(&mut c).await?,
+                Some((n, t)) => {
+                    let (v, acked) = waited(&mut c, &script, &inv, n, t).await?;
+                    if acked < i64::from(n) {
+                        return Err(Failure::short("subject set", acked, n, t));
+                    }
+                    redis::from_redis_value::<Vec<Vec<u8>>>(v)?
+                }
+            };
             Ok(out.iter().filter_map(|m| member_id(m)).collect())
         })
     }
@@ -510,36 +582,175 @@ impl RedisStore {
             for (id, client) in &members {
                 cmd.arg(format!("{id}{client}"));
             }
-            cmd.query_async::<()>(&mut c).await
+            Ok(cmd.query_async::<()>(&mut c).await?)
         })
     }
 
-    /// Every family id in the store (an administrative scan).
+    /// Every family id in the store (an administrative scan): of the one
+    /// server, or of every primary of a cluster (a family moved by a
+    /// reshard during the scan can be missed or seen twice).
     pub(crate) fn scan(&self) -> Reply<Vec<FamilyId>> {
         let pattern = format!("{}:f:*", self.options.prefix);
         let prefix_len = self.options.prefix.len() + 4;
         self.spawn("scan", move |mut c| async move {
-            let mut cursor = 0u64;
+            let nodes = match &mut c {
+                Conn::One(_) => vec![None],
+                Conn::Cluster(cc) => primaries(cc).await?.into_iter().map(Some).collect(),
+            };
             let mut ids = Vec::new();
-            loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await?;
+            for node in nodes {
+                let keys = scan_node(&mut c, node, &pattern).await?;
                 ids.extend(
                     keys.iter()
                         .filter_map(|k| member_id(k.get(prefix_len..)?.strip_suffix(b"}")?)),
                 );
-                if next == 0 {
-                    return Ok(ids);
-                }
-                cursor = next;
             }
+            Ok(ids)
         })
+    }
+}
+
+/// The keys matching `pattern` of one server: the connection's own
+/// (`node` `None`), or a cluster's node at (host, port).
+async fn scan_node(
+    c: &mut Conn,
+    node: Option<(String, u16)>,
+    pattern: &str,
+) -> redis::RedisResult<Vec<Vec<u8>>> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    let mut cursor = 0u64;
+    let mut out = Vec::new();
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000);
+        let (next, keys): (u64, Vec<Vec<u8>>) = match (&node, &mut *c) {
+            (Some((host, port)), Conn::Cluster(cc)) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                redis::from_redis_value(cc.route_command(cmd, route).await?)?
+            }
+            _ => cmd.query_async(c).await?,
+        };
+        out.extend(keys);
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
+}
+
+/// The primaries of a cluster, as (host, port), from `CLUSTER SLOTS`
+/// (each range: start, end, then its primary first).
+async fn primaries(
+    cc: &mut redis::cluster_async::ClusterConnection,
+) -> redis::RedisResult<Vec<(String, u16)>> {
+    let ranges: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(cc).await?;
+    let mut out = Vec::new();
+    for range in ranges {
+        let Value::Array(items) = range else { continue };
+        let Some(Value::Array(node)) = items.get(2) else {
+            continue;
+        };
+        let (Some(host), Some(Value::Int(port))) = (node.first(), node.get(1)) else {
+            continue;
+        };
+        let host: String = redis::from_redis_value(host.clone())?;
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        if !out.contains(&(host.clone(), port)) {
+            out.push((host, port));
+        }
+    }
+    Ok(out)
+}
+
+/// Why a command on the store's runtime failed.
+enum Failure {
+    /// Redis or the connection failed.
+    Redis(redis::RedisError),
+    /// Written on the primary, but fewer replicas acknowledged than asked.
+    Unreplicated(Error),
+}
+
+impl From<redis::RedisError> for Failure {
+    fn from(e: redis::RedisError) -> Failure {
+        Failure::Redis(e)
+    }
+}
+
+impl From<redis::ParsingError> for Failure {
+    fn from(e: redis::ParsingError) -> Failure {
+        Failure::Redis(e.into())
+    }
+}
+
+impl Failure {
+    fn short(what: &str, acked: i64, wanted: u32, timeout: Duration) -> Failure {
+        Failure::Unreplicated(Error::store(format!(
+            "redis: {what} written on the primary, but {acked} of {wanted} replicas \
+             acknowledged within {timeout:?}: it may not survive a failover"
+        )))
+    }
+}
+
+/// `inv` then `WAIT n t` as one pipeline, so a waited write costs one
+/// round trip plus the replicas' acknowledgement. WAIT counts the replicas
+/// that hold every write of its own connection so far, so it must follow
+/// the write on the connection, and node, that made it: on a cluster the
+/// client routes the pipeline by the script's key and follows a MOVED or
+/// ASK in its replies by sending the whole pipeline again to the node
+/// named (after ASKING), so the WAIT goes where the write went. Answers the
+/// script's reply and the number of replicas that acknowledged.
+async fn waited(
+    c: &mut Conn,
+    script: &Script,
+    inv: &redis::ScriptInvocation<'_>,
+    n: u32,
+    t: Duration,
+) -> Result<(Value, i64), Failure> {
+    let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+    let mut p = redis::pipe();
+    p.invoke_script(inv).cmd("WAIT").arg(n).arg(ms);
+    p.ignore_errors();
+    let mut loaded = false;
+    loop {
+        let vals: Vec<Value> = p.query_async(c).await?;
+        let (first, acked) = pair(vals)?;
+        let Value::ServerError(e) = first else {
+            return Ok((first, acked?));
+        };
+        let e = redis::RedisError::from(e);
+        // A server that restarted (or a node new to the slot) has not seen
+        // the script: load it and send again, once.
+        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) && !loaded {
+            script.load_async(c).await?;
+            loaded = true;
+            continue;
+        }
+        return Err(e.into());
+    }
+}
+
+/// The script's reply and WAIT's of a pipeline.
+fn pair(vals: Vec<Value>) -> Result<(Value, Result<i64, Failure>), Failure> {
+    let mut it = vals.into_iter();
+    match (it.next(), it.next()) {
+        (Some(first), Some(Value::Int(n))) => Ok((first, Ok(n))),
+        (Some(first), Some(Value::ServerError(e))) => {
+            Ok((first, Err(redis::RedisError::from(e).into())))
+        }
+        _ => Err(redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "a waited write answered an unexpected shape",
+        ))
+        .into()),
     }
 }
 
@@ -596,6 +807,42 @@ fn parse_cas(v: Value) -> redis::RedisResult<Cas> {
             Ok(Cas::Stale(int(v).ok_or_else(bad)?, r.clone()))
         }
         _ => Err(bad()),
+    }
+}
+
+/// Connections of waited writes (see `RedisStore::writers`).
+fn writers(options: &RedisOptions) -> usize {
+    if options.wait_replicas > 0 {
+        WRITERS
+    } else {
+        0
+    }
+}
+
+/// Waited writes in flight at once: each holds its connection for the
+/// replicas' acknowledgement.
+const WRITERS: usize = 4;
+
+/// Open one connection on `runtime` within twice the connect timeout (a
+/// cluster's connect is several).
+fn open<C: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    options: &RedisOptions,
+    what: &'static str,
+    fut: impl Future<Output = redis::RedisResult<C>> + Send + 'static,
+) -> Result<C, Error> {
+    let (tx, rx) = oneshot::channel();
+    let bound = options.connect_timeout * 2;
+    runtime.spawn(async move {
+        let _ = tx.send(tokio::time::timeout(bound, fut).await);
+    });
+    match block_on(rx) {
+        Ok(Ok(Ok(conn))) => Ok(conn),
+        Ok(Ok(Err(e))) => Err(redis_error(what, e)),
+        Ok(Err(_)) => Err(Error::store(format!(
+            "redis {what}: no connection within {bound:?}"
+        ))),
+        Err(_) => Err(Error::store("redis connect: its runtime stopped")),
     }
 }
 
