@@ -117,13 +117,26 @@ impl Instance {
     }
 }
 
-/// Run `serve` expecting it to refuse to start; its output.
+/// Run `serve` expecting it to refuse to start; its output. One still
+/// running after 30 s has started: it is killed and the test fails.
 fn refused(data: &Path, policies: &Path, store: &str) -> Output {
-    let out = serve(data, policies, store)
+    let mut child = serve(data, policies, store)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run refresh-guard serve");
-    assert!(!out.status.success(), "it started");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait for serve").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve started where it had to refuse");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("serve's output");
+    assert!(!out.status.success(), "it exited 0");
     out
 }
 
@@ -353,6 +366,9 @@ fn redis_down_is_503_with_retry_after_and_serving_resumes_when_it_is_back() {
     let t1 = p.a.http.family("spa", "user-r", "openid");
     let code = p.a.http.code("spa", "user-r2", "openid");
     p.redis.stop();
+    // B has sent Redis nothing since: `/healthz` finds the outage itself.
+    let h = p.b.http.get("/healthz");
+    assert_eq!(h.status, 503, "an idle instance: {}", h.text());
 
     let unavailable = |r: &Resp, what: &str| {
         assert_eq!(r.status, 503, "{what}: {}", r.text());
