@@ -9,9 +9,7 @@ use std::time::Duration;
 use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 use refresh_guard::{Durability, IpRange, Profile};
 use refresh_guard_server::dpop::{DpopAlg, DpopSettings};
-use refresh_guard_server::{
-    AdminToken, AdminTokenSource, Config, Server, ServerError, StoreUrl,
-};
+use refresh_guard_server::{AdminToken, AdminTokenSource, Config, Server, ServerError, StoreUrl};
 
 use crate::{FAILED, Io, NOT_MET, USAGE};
 

@@ -86,7 +86,9 @@ impl StoreUrl {
             }
             "redis+cluster" => {
                 if rest.contains('/') {
-                    return Err(bad("a cluster URL has no /DB (a cluster has database 0 only)"));
+                    return Err(bad(
+                        "a cluster URL has no /DB (a cluster has database 0 only)",
+                    ));
                 }
                 let mut nodes = Vec::new();
                 for node in rest.split(',') {
@@ -135,13 +137,11 @@ impl StoreUrl {
                     .set_number_of_retries(1)
                     .set_min_delay(Duration::from_millis(10))
                     .set_max_delay(Duration::from_millis(100));
-                let conn = tokio::time::timeout(
-                    bound,
-                    ConnectionManager::new_with_config(client, config),
-                )
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(failed)?;
+                let conn =
+                    tokio::time::timeout(bound, ConnectionManager::new_with_config(client, config))
+                        .await
+                        .map_err(|_| timed_out())?
+                        .map_err(failed)?;
                 Ok(Conn::One(conn))
             }
             StoreUrl::Cluster(nodes) => {
@@ -296,8 +296,7 @@ impl StoreLink {
             }
             Err(_) => {
                 return Err(ServerError::Config(
-                    "--store: the key fingerprints could not be checked: no answer in time"
-                        .into(),
+                    "--store: the key fingerprints could not be checked: no answer in time".into(),
                 ));
             }
         };

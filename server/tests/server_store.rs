@@ -229,7 +229,9 @@ fn a_token_rotated_on_one_instance_is_reuse_on_the_other() {
 fn a_subject_revoked_on_one_instance_is_revoked_on_the_other() {
     let p = pair(RedisServer::start());
     let t1 = p.a.http.family("spa", "user-7", "openid");
-    let r = p.b.http.admin("POST", "/admin/v1/subjects/user-7/revoke", None);
+    let r =
+        p.b.http
+            .admin("POST", "/admin/v1/subjects/user-7/revoke", None);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["revoked"], 1);
     p.a.http
@@ -277,22 +279,22 @@ fn an_instance_whose_keys_contradict_the_store_refuses_to_start() {
     let e = TempDir::new("store-e");
     copy_keys(p.data_a.path(), e.path());
     std::fs::write(e.path().join("mac-keys"), format!("{ring}1 {other}\n")).unwrap();
-    let err = String::from_utf8_lossy(&refused(e.path(), p.policies.path(), &url).stderr)
-        .into_owned();
+    let err =
+        String::from_utf8_lossy(&refused(e.path(), p.policies.path(), &url).stderr).into_owned();
     assert!(err.contains("mac-keys key id 1 is not the key"), "{err}");
 
     // Another signing key: refused, naming its file.
     let f = TempDir::new("store-f");
     copy_keys(p.data_a.path(), f.path());
     std::fs::write(f.path().join("jwt-ed25519.key"), format!("{other}\n")).unwrap();
-    let err = String::from_utf8_lossy(&refused(f.path(), p.policies.path(), &url).stderr)
-        .into_owned();
+    let err =
+        String::from_utf8_lossy(&refused(f.path(), p.policies.path(), &url).stderr).into_owned();
     assert!(err.contains("jwt-ed25519.key is not the key"), "{err}");
 
     // An empty data directory makes its own keys: refused.
     let g = TempDir::new("store-g");
-    let err = String::from_utf8_lossy(&refused(g.path(), p.policies.path(), &url).stderr)
-        .into_owned();
+    let err =
+        String::from_utf8_lossy(&refused(g.path(), p.policies.path(), &url).stderr).into_owned();
     assert!(err.contains("are not the key"), "{err}");
 }
 
@@ -322,15 +324,22 @@ fn a_dpop_proof_used_on_one_instance_is_refused_on_the_other() {
         "grant_type=authorization_code&code={code}&redirect_uri={}&client_id=dpop-spa&code_verifier={VERIFIER}",
         enc(REDIRECT)
     );
-    let r = p.a.http.form_with("/oauth2/token", &body, &[("DPoP", &proof)]);
+    let r =
+        p.a.http
+            .form_with("/oauth2/token", &body, &[("DPoP", &proof)]);
     let t1 = refresh_token(&r);
     let replay = format!("grant_type=refresh_token&refresh_token={t1}&client_id=dpop-spa");
-    let r = p.b.http.form_with("/oauth2/token", &replay, &[("DPoP", &proof)]);
+    let r =
+        p.b.http
+            .form_with("/oauth2/token", &replay, &[("DPoP", &proof)]);
     let text = r.assert_error(400, "invalid_dpop_proof");
     assert!(text.contains("already used"), "{text}");
     // The refusal spent nothing: a fresh proof on B refreshes.
     let fresh = key.proof("POST", HTU, now(), "jti-shared-2", None);
-    refresh_token(&p.b.http.form_with("/oauth2/token", &replay, &[("DPoP", &fresh)]));
+    refresh_token(
+        &p.b.http
+            .form_with("/oauth2/token", &replay, &[("DPoP", &fresh)]),
+    );
 
     // A nonce from A works on B.
     let code = p.a.http.code("nonce-spa", "user-n", "openid");
@@ -339,11 +348,16 @@ fn a_dpop_proof_used_on_one_instance_is_refused_on_the_other() {
         enc(REDIRECT)
     );
     let bare = key.proof("POST", HTU, now(), "jti-shared-3", None);
-    let r = p.a.http.form_with("/oauth2/token", &body, &[("DPoP", &bare)]);
+    let r =
+        p.a.http
+            .form_with("/oauth2/token", &body, &[("DPoP", &bare)]);
     r.assert_error(400, "use_dpop_nonce");
     let nonce = r.header("dpop-nonce").expect("a nonce").to_owned();
     let with_nonce = key.proof("POST", HTU, now(), "jti-shared-4", Some(&nonce));
-    refresh_token(&p.b.http.form_with("/oauth2/token", &body, &[("DPoP", &with_nonce)]));
+    refresh_token(
+        &p.b.http
+            .form_with("/oauth2/token", &body, &[("DPoP", &with_nonce)]),
+    );
 }
 
 /// Poll `f` every 50 ms until it holds, for at most `bound`.
@@ -386,13 +400,27 @@ fn redis_down_is_503_with_retry_after_and_serving_resumes_when_it_is_back() {
         &[("DPoP", &proof)],
     );
     unavailable(&r, "a DPoP proof");
-    let r = p.a.http.form(
-        "/oauth2/revoke",
-        &format!("token={t1}&client_id=spa"),
-    );
+    let r =
+        p.a.http
+            .form("/oauth2/revoke", &format!("token={t1}&client_id=spa"));
     unavailable(&r, "revocation");
-    let r = p.a.http.admin("POST", "/admin/v1/subjects/user-r/revoke", None);
+    let r =
+        p.a.http
+            .admin("POST", "/admin/v1/subjects/user-r/revoke", None);
     unavailable(&r, "admin subject revocation");
+    let r = p.b.http.admin(
+        "POST",
+        "/admin/v1/authorizations",
+        Some(serde_json::json!({
+            "client_id": "spa",
+            "subject": "user-r4",
+            "scope": "openid",
+            "redirect_uri": REDIRECT,
+            "code_challenge": challenge(VERIFIER),
+            "code_challenge_method": "S256",
+        })),
+    );
+    unavailable(&r, "admin authorization");
     let h = p.b.http.get("/healthz");
     assert_eq!(h.status, 503, "{}", h.text());
     assert_eq!(h.json()["store"], "unavailable");
@@ -417,6 +445,9 @@ fn redis_down_is_503_with_retry_after_and_serving_resumes_when_it_is_back() {
         enc(REDIRECT)
     );
     let proof = key.proof("POST", HTU, now(), "jti-down-1", None);
-    refresh_token(&p.b.http.form_with("/oauth2/token", &body, &[("DPoP", &proof)]));
+    refresh_token(
+        &p.b.http
+            .form_with("/oauth2/token", &body, &[("DPoP", &proof)]),
+    );
     let _ = (&p.data_b, &p.b);
 }
