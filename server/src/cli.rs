@@ -75,7 +75,8 @@ pub(crate) struct ServeArgs {
     )]
     data: PathBuf,
     /// Store several instances share, instead of DIR/log:
-    /// redis://HOST:PORT[/DB] or redis+cluster://HOST:PORT,HOST:PORT,...
+    /// redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] (TLS) or
+    /// redis+cluster://HOST:PORT,HOST:PORT,...
     /// (every instance needs the same key files: README "Several instances
     /// of the server")
     #[arg(

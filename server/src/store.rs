@@ -32,7 +32,9 @@ const FORMS: &str = "redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] or \
 /// never the URL (it may carry credentials).
 #[derive(Clone, PartialEq, Eq)]
 pub enum StoreUrl {
-    /// One Redis server: `redis://` or `rediss://` (TLS).
+    /// One Redis server: `redis://`, or `rediss://` (TLS, the server's
+    /// certificate checked against the system's roots or
+    /// `$SSL_CERT_FILE`).
     One(String),
     /// A Redis Cluster, reached through any of these node URLs.
     Cluster(Vec<String>),
@@ -71,15 +73,6 @@ impl StoreUrl {
                     && db.parse::<u16>().is_err()
                 {
                     return Err(bad("the database after '/' must be a number"));
-                }
-                if scheme == "rediss" {
-                    // Parsed and refused here, not at connect time: the
-                    // client is built without TLS (server/Cargo.toml).
-                    return Err(bad(
-                        "rediss:// (TLS to Redis) is not built into this server; \
-                         reach Redis over a private network or a local TLS tunnel \
-                         and use redis://",
-                    ));
                 }
                 redis::Client::open(url).map_err(|_| bad("the Redis client refuses it"))?;
                 Ok(StoreUrl::One(url.to_owned()))
@@ -425,6 +418,7 @@ mod tests {
         );
         assert!(StoreUrl::parse("redis://user:pw@redis.internal:6379").is_ok());
         assert!(StoreUrl::parse("redis://[::1]:6379/").is_ok());
+        assert!(StoreUrl::parse("rediss://redis.internal:6380/0").is_ok());
         assert_eq!(
             StoreUrl::parse("redis+cluster://10.0.0.1:7000,10.0.0.2:7001"),
             Ok(StoreUrl::Cluster(vec![
@@ -442,7 +436,7 @@ mod tests {
             ("redis+cluster://a:1,b", "HOST:PORT"),
             ("redis+cluster://a:1,,b:2", "host is missing"),
             ("redis+cluster://a:1/0", "no /DB"),
-            ("rediss://h:6379", "TLS"),
+            ("rediss://h:x", "port"),
             ("redis://secret-pw@h:x", "port"),
         ] {
             let e = StoreUrl::parse(bad).unwrap_err();

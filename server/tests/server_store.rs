@@ -81,7 +81,12 @@ fn serve(data: &Path, policies: &Path, store: &str) -> Command {
 impl Instance {
     /// Start on `data` and wait for the "listening" line for the ports.
     fn start(data: &Path, policies: &Path, store: &str) -> Instance {
-        let mut child = serve(data, policies, store)
+        Instance::spawn(serve(data, policies, store))
+    }
+
+    /// Spawn `command` (a [`serve`]) and wait for its ports.
+    fn spawn(mut command: Command) -> Instance {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -450,4 +455,158 @@ fn redis_down_is_503_with_retry_after_and_serving_resumes_when_it_is_back() {
             .form_with("/oauth2/token", &body, &[("DPoP", &proof)]),
     );
     let _ = (&p.data_b, &p.b);
+}
+
+/// A `redis-server` speaking TLS only, with a certificate for
+/// `localhost` from a throwaway CA (made with the `openssl` command, which
+/// `.ci/run` installs when missing); killed on drop.
+struct TlsRedis {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl TlsRedis {
+    fn start() -> TlsRedis {
+        let dir = tempfile::Builder::new()
+            .prefix("refresh-guard-redis-tls-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("run openssl");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-keyout", "ca.key", "-out", "ca.crt"],
+            ]
+            .concat()
+            .into_iter()
+            .chain(["-days", "2", "-subj", "/CN=refresh-guard test CA"])
+            .collect::<Vec<_>>(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", "server.key", "-out", "server.csr"],
+            ]
+            .concat()
+            .into_iter()
+            .chain(["-subj", "/CN=localhost"])
+            .collect::<Vec<_>>(),
+        );
+        std::fs::write(
+            d.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(
+            d.join("redis.conf"),
+            format!(
+                "bind 127.0.0.1\nport 0\ntls-port {port}\ntls-cert-file server.crt\n\
+                 tls-key-file server.key\ntls-ca-cert-file ca.crt\ntls-auth-clients no\n\
+                 save \"\"\ndaemonize no\nlogfile \"\"\ndir \"{}\"\n",
+                d.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(std::env::var_os("REDIS_SERVER").unwrap_or("redis-server".into()))
+            .arg("redis.conf")
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut r = TlsRedis { child, port, dir };
+        eventually(
+            "redis-server listening for TLS",
+            Duration::from_secs(20),
+            || {
+                assert!(
+                    matches!(r.child.try_wait(), Ok(None)),
+                    "redis-server exited"
+                );
+                std::net::TcpStream::connect(("127.0.0.1", r.port)).is_ok()
+            },
+        );
+        r
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `rediss://`: TLS to Redis, the server's certificate checked (here
+/// against the test CA in `$SSL_CERT_FILE`); a certificate the roots do
+/// not vouch for stops the start.
+#[test]
+fn rediss_connects_with_tls_and_checks_the_certificate() {
+    let redis = TlsRedis::start();
+    let url = format!("rediss://localhost:{}/", redis.port);
+    let policies = TempDir::new("tls-policies");
+    std::fs::write(policies.path().join("policies.toml"), POLICIES).unwrap();
+    let data = TempDir::new("tls-data");
+    let ca = redis.dir.path().join("ca.crt");
+
+    let untrusted = TempDir::new("tls-untrusted");
+    let out = serve(untrusted.path(), policies.path(), &url)
+        .env("SSL_CERT_FILE", redis.dir.path().join("server.csr"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an unverified certificate was accepted"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--store: cannot connect to Redis"), "{err}");
+
+    let mut c = serve(data.path(), policies.path(), &url);
+    c.env("SSL_CERT_FILE", &ca);
+    let a = Instance::spawn(c);
+    let t1 = a.http.family("spa", "user-tls", "openid");
+    refresh_token(&a.http.refresh("spa", &t1));
+    assert_eq!(a.http.get("/healthz").status, 200);
 }
