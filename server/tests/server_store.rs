@@ -260,7 +260,7 @@ fn an_instance_whose_keys_contradict_the_store_refuses_to_start() {
     copy_keys(p.data_a.path(), c.path());
     std::fs::write(
         c.path().join("mac-keys"),
-        format!("active 0\n0 {other}\n2 {}\n", format!("{:064x}", 9)),
+        format!("active 0\n0 {other}\n2 {:064x}\n", 9),
     )
     .unwrap();
     let out = refused(c.path(), p.policies.path(), &url);
