@@ -610,3 +610,94 @@ fn rediss_connects_with_tls_and_checks_the_certificate() {
     refresh_token(&a.http.refresh("spa", &t1));
     assert_eq!(a.http.get("/healthz").status, 200);
 }
+
+fn text(r: Reply) -> String {
+    match r {
+        Reply::Simple(s) => s,
+        other => other.text().unwrap_or_else(|| format!("{other:?}")),
+    }
+}
+
+/// Three primaries sharing the 16384 slots, once every node says ok (as
+/// the library's tests/shared_cluster.rs builds it).
+fn cluster() -> Vec<RedisServer> {
+    let nodes: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::options().cluster().start())
+        .collect();
+    let ranges = [("0", "5460"), ("5461", "10922"), ("10923", "16383")];
+    for (node, (from, to)) in nodes.iter().zip(ranges) {
+        let added = node.cmd(&["CLUSTER", "ADDSLOTSRANGE", from, to]);
+        assert_eq!(text(added), "OK");
+    }
+    for node in &nodes[1..] {
+        let bus = match node.cmd(&["CONFIG", "GET", "cluster-port"]) {
+            Reply::Array(Some(kv)) => kv[1].text().unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let port = node.port().to_string();
+        let met = nodes[0].cmd(&["CLUSTER", "MEET", "127.0.0.1", &port, &bus]);
+        assert_eq!(text(met), "OK");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in &nodes {
+        node.wait_until("cluster_state:ok", deadline - Instant::now(), || {
+            node.cmd(&["CLUSTER", "INFO"]).text().is_some_and(|i| {
+                i.contains("cluster_state:ok") && i.contains("cluster_known_nodes:3")
+            })
+        });
+    }
+    nodes
+}
+
+/// `redis+cluster://`: two instances on a three-node cluster answer as
+/// one (rotation seen across, reuse revoking on both, a DPoP `jti` used on
+/// one refused on the other), and the fingerprint script refuses a
+/// contradicting key there too.
+#[test]
+fn instances_on_a_redis_cluster_answer_as_one() {
+    let nodes = cluster();
+    let hosts: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port()))
+        .collect();
+    let url = format!("redis+cluster://{}", hosts.join(","));
+    let policies = TempDir::new("cluster-policies");
+    std::fs::write(policies.path().join("policies.toml"), POLICIES).unwrap();
+    let (data_a, data_b) = (TempDir::new("cluster-a"), TempDir::new("cluster-b"));
+    let a = Instance::start(data_a.path(), policies.path(), &url);
+    copy_keys(data_a.path(), data_b.path());
+    let b = Instance::start(data_b.path(), policies.path(), &url);
+
+    let t1 = a.http.family("spa", "user-c", "openid");
+    let t2 = refresh_token(&b.http.refresh("spa", &t1));
+    a.http
+        .refresh("spa", &t1)
+        .assert_error(400, "invalid_grant");
+    b.http
+        .refresh("spa", &t2)
+        .assert_error(400, "invalid_grant");
+
+    let key = ProofKey::es256(8);
+    let code = a.http.code("dpop-spa", "user-cd", "openid");
+    let body = format!(
+        "grant_type=authorization_code&code={code}&redirect_uri={}&client_id=dpop-spa&code_verifier={VERIFIER}",
+        enc(REDIRECT)
+    );
+    let proof = key.proof("POST", HTU, now(), "jti-cluster-1", None);
+    let t = refresh_token(
+        &a.http
+            .form_with("/oauth2/token", &body, &[("DPoP", &proof)]),
+    );
+    let replay = format!("grant_type=refresh_token&refresh_token={t}&client_id=dpop-spa");
+    b.http
+        .form_with("/oauth2/token", &replay, &[("DPoP", &proof)])
+        .assert_error(400, "invalid_dpop_proof");
+    assert_eq!(b.http.get("/healthz").status, 200);
+
+    let c = TempDir::new("cluster-c");
+    copy_keys(data_a.path(), c.path());
+    std::fs::write(c.path().join("dpop-nonce.key"), format!("{:064x}\n", 5)).unwrap();
+    let err =
+        String::from_utf8_lossy(&refused(c.path(), policies.path(), &url).stderr).into_owned();
+    assert!(err.contains("dpop-nonce.key is not the key"), "{err}");
+}
