@@ -339,6 +339,22 @@ fn a_dpop_proof_used_on_one_instance_is_refused_on_the_other() {
             .form_with("/oauth2/token", &replay, &[("DPoP", &proof)]);
     let text = r.assert_error(400, "invalid_dpop_proof");
     assert!(text.contains("already used"), "{text}");
+    // One record, expiring with the proof's window (60 s + 1 s): Redis
+    // holds no proof longer than it could be replayed.
+    let records = match p.redis.cmd(&["KEYS", "rg:dpop:*"]) {
+        Reply::Array(Some(keys)) => keys,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(records.len(), 1);
+    let record = records[0].text().unwrap();
+    assert!(
+        record.starts_with("rg:dpop:{") && record.ends_with('}'),
+        "{record}"
+    );
+    match p.redis.cmd(&["PTTL", &record]) {
+        Reply::Int(ms) => assert!((50_000..=61_000).contains(&ms), "{ms}"),
+        other => panic!("{other:?}"),
+    }
     // The refusal spent nothing: a fresh proof on B refreshes.
     let fresh = key.proof("POST", HTU, now(), "jti-shared-2", None);
     refresh_token(
