@@ -40,7 +40,7 @@ fn verify(c: &mut Criterion) {
                 },
                 |p| {
                     let jkt = verifier
-                        .verify(&ProofRequest {
+                        .verify_now(&ProofRequest {
                             values: &[p.as_bytes()],
                             method: "POST",
                             now: NOW,

@@ -41,7 +41,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
 
 /// `/healthz` on the admin listener: with the store's own error.
 async fn healthz(State(app): State<Arc<App>>) -> Response {
-    super::oauth::health(&app, true)
+    super::oauth::health(&app, true).await
 }
 
 async fn require_admin(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
@@ -86,6 +86,19 @@ fn engine_error(app: &App, what: &str, e: &Error) -> Response {
         ),
         _ => {
             app.engine_failed(what, e);
+            if app.is_unavailable(e) {
+                // As at the token endpoint: nothing changed, retry.
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    OAuthCode::TemporarilyUnavailable.as_str(),
+                    "the shared store is unavailable; retry shortly",
+                );
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    super::oauth::RETRY_AFTER_SECS.into(),
+                );
+                return r;
+            }
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 OAuthCode::ServerError.as_str(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 use refresh_guard::{Durability, IpRange, Profile};
 use refresh_guard_server::dpop::{DpopAlg, DpopSettings};
-use refresh_guard_server::{AdminToken, AdminTokenSource, Config, Server, ServerError};
+use refresh_guard_server::{AdminToken, AdminTokenSource, Config, Server, ServerError, StoreUrl};
 
 use crate::{FAILED, Io, NOT_MET, USAGE};
 
@@ -20,6 +20,11 @@ pub(crate) const ADMIN_TOKEN_ENV: &str = "REFRESH_GUARD_ADMIN_TOKEN";
 const AFTER_HELP: &str = "\
 The admin token is read from --admin-token-file, else from \
 $REFRESH_GUARD_ADMIN_TOKEN, else generated into DATA/admin.token.
+
+With --store, several instances share families, codes and DPoP replay \
+records through Redis, and DATA holds only keys and the admin token: give \
+every instance the same mac-keys, jwt-ed25519.key and dpop-nonce.key. An \
+instance whose key contradicts the store's fingerprint of it refuses to start.
 
 Logs go to stdout, as JSON when stdout is not a terminal; RUST_LOG filters \
 them. SIGTERM or Ctrl-C shuts down gracefully; SIGHUP reloads the policy \
@@ -59,7 +64,8 @@ pub(crate) struct ServeArgs {
         default_value_os_t = Config::default().policies
     )]
     policies: PathBuf,
-    /// Data directory: key ring, signing key, admin token, store (DIR/log)
+    /// Data directory: key ring, signing key, DPoP nonce key, admin token,
+    /// and the embedded store (DIR/log) unless --store is given
     #[arg(
         long,
         value_name = "DIR",
@@ -68,9 +74,23 @@ pub(crate) struct ServeArgs {
         default_value_os_t = Config::default().data
     )]
     data: PathBuf,
-    /// Store durability
+    /// Store several instances share, instead of DIR/log:
+    /// redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] (TLS) or
+    /// redis+cluster://HOST:PORT,HOST:PORT,...
+    /// (every instance needs the same key files: README "Several instances
+    /// of the server")
     #[arg(
         long,
+        value_name = "URL",
+        env = "REFRESH_GUARD_STORE",
+        hide_env_values = true
+    )]
+    store: Option<String>,
+    /// Store durability (the embedded store; with --store, Redis's
+    /// persistence decides)
+    #[arg(
+        long,
+        conflicts_with = "store",
         value_name = "MODE",
         env = "REFRESH_GUARD_DURABILITY",
         hide_env_values = true,
@@ -371,7 +391,11 @@ impl ServeArgs {
             })?),
             (None, None) => AdminTokenSource::Generate,
         };
+        // Parsed here rather than by clap: clap's error would quote the
+        // value, and a Redis URL may carry a password.
+        let store = self.store.as_deref().map(StoreUrl::parse).transpose()?;
         let config = Config {
+            store,
             listen: self.listen,
             admin_listen: self.admin_listen,
             policies: self.policies,
@@ -533,6 +557,7 @@ mod tests {
         assert_eq!(o.config.policies, PathBuf::from("./policies"));
         assert_eq!(o.config.data, PathBuf::from("./data"));
         assert_eq!(o.config.durability, Durability::Sync);
+        assert!(o.config.store.is_none());
         assert_eq!(o.config.max_connections, d.max_connections);
         assert!(o.config.trusted_proxies.is_empty());
         assert!(o.config.issuer.is_none());
@@ -691,6 +716,46 @@ mod tests {
         }
         let e = options(&[], Some("short")).err().unwrap();
         assert!(e.contains(ADMIN_TOKEN_ENV) && !e.contains("short"), "{e}");
+    }
+
+    /// `--store`: the three URL forms reach the config; a bad one is
+    /// refused naming the flag and what is wrong, never quoting the value
+    /// (it may hold a password); `--durability` is the embedded store's
+    /// and conflicts with it.
+    #[test]
+    fn store_flag_parses_and_bad_urls_name_the_flag() {
+        let o = options(&["--store", "redis://127.0.0.1:6379/1"], None).unwrap();
+        assert_eq!(
+            o.config.store,
+            Some(StoreUrl::One("redis://127.0.0.1:6379/1".into()))
+        );
+        let o = options(&["--store=redis+cluster://a:7000,b:7001"], None).unwrap();
+        assert!(matches!(o.config.store, Some(StoreUrl::Cluster(n)) if n.len() == 2));
+        for bad in [
+            "redis://:pw-s3cret@host:notaport",
+            "redis+cluster://pw-s3cret@a:7000,b",
+            "mysql://pw-s3cret@h",
+        ] {
+            let e = options(&["--store", bad], None).err().unwrap();
+            assert!(e.starts_with("--store: "), "{bad}: {e}");
+            assert!(!e.contains("pw-s3cret"), "{bad}: {e}");
+        }
+        let e = options(&["--store", "redis://h:1", "--durability", "none"], None)
+            .err()
+            .unwrap();
+        assert!(e.contains("--durability") && e.contains("--store"), "{e}");
+        let arg = <Cli as clap::CommandFactory>::command()
+            .find_subcommand("serve")
+            .unwrap()
+            .get_arguments()
+            .find(|a| a.get_id() == "store")
+            .unwrap()
+            .get_env()
+            .map(|e| e.to_owned());
+        assert_eq!(
+            arg.as_deref(),
+            Some(std::ffi::OsStr::new("REFRESH_GUARD_STORE"))
+        );
     }
 
     /// `--authorization-endpoint` (and its variable) reaches the config,

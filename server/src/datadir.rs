@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::ServerError;
+use super::store::{KeyPrint, fingerprint};
 use refresh_guard::private_files::{self as private, Refusal};
 use refresh_guard::{Error, KeyId, KeyRing, KeySecret};
 
@@ -183,7 +184,7 @@ fn random32() -> Result<[u8; 32], ServerError> {
     Ok(b)
 }
 
-fn to_hex(bytes: &[u8]) -> String {
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -208,7 +209,14 @@ fn from_hex32(s: &str) -> Option<[u8; 32]> {
 
 /// Load the MAC key ring from `<data>/mac-keys`, creating it with one
 /// fresh key (id 0) on first start.
+#[cfg(test)]
 pub fn key_ring(data: &Path) -> Result<KeyRing, ServerError> {
+    key_ring_with_prints(data).map(|(ring, _)| ring)
+}
+
+/// [`key_ring`], with each key's fingerprint (`serve --store` compares
+/// them with the store's).
+pub(crate) fn key_ring_with_prints(data: &Path) -> Result<(KeyRing, Vec<KeyPrint>), ServerError> {
     let path = data.join(MAC_KEYS);
     let (text, created) = read_or_create(&path, || {
         Ok(format!(
@@ -224,6 +232,7 @@ pub fn key_ring(data: &Path) -> Result<KeyRing, ServerError> {
         tracing::info!(path = %path.display(), "created the MAC key ring");
     }
     let mut ring: Option<KeyRing> = None;
+    let mut prints = Vec::new();
     let mut active = None;
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -244,9 +253,15 @@ pub fn key_ring(data: &Path) -> Result<KeyRing, ServerError> {
             continue;
         }
         let id = id(a)?;
-        let secret = from_hex32(b)
-            .map(KeySecret::from_bytes)
-            .ok_or_else(|| invalid(&path, n + 1, "key must be 64 hex digits"))?;
+        let bytes =
+            from_hex32(b).ok_or_else(|| invalid(&path, n + 1, "key must be 64 hex digits"))?;
+        let field = format!("mac:{}", id.0);
+        prints.push(KeyPrint {
+            print: fingerprint(&field, &bytes),
+            field,
+            what: format!("{} key id {}", path.display(), id.0),
+        });
+        let secret = KeySecret::from_bytes(bytes);
         match &mut ring {
             None => ring = Some(KeyRing::new(id, &secret)),
             Some(r) => r
@@ -259,7 +274,17 @@ pub fn key_ring(data: &Path) -> Result<KeyRing, ServerError> {
         ring.set_active(id)
             .map_err(|e| invalid(&path, 0, e.to_string()))?;
     }
-    Ok(ring)
+    Ok((ring, prints))
+}
+
+/// The fingerprint of a single-key file (the signing key, the DPoP nonce
+/// key) under `field`.
+pub(crate) fn file_print(data: &Path, file: &str, field: &str, key: &[u8; 32]) -> KeyPrint {
+    KeyPrint {
+        field: field.to_owned(),
+        what: data.join(file).display().to_string(),
+        print: fingerprint(field, key),
+    }
 }
 
 /// Load the Ed25519 seed from `<data>/jwt-ed25519.key`, creating it on

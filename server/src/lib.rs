@@ -52,6 +52,7 @@ mod metrics;
 mod net;
 mod oauth;
 mod policies;
+mod store;
 
 use std::fmt;
 use std::future::Future;
@@ -66,6 +67,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 pub use self::datadir::{AdminToken, AdminTokenSource};
+pub use self::store::{RedisReplayCache, StoreUrl};
 
 /// Entry points for the fuzz targets in `fuzz/`: the server's parsers of
 /// untrusted bytes, reachable from outside the crate but not part of its
@@ -76,7 +78,7 @@ pub use self::jwt::{AccessClaims, AccessTokenSigner, Confirmation};
 
 use refresh_guard::{
     AllowList, Durability, Engine, Error, IpRange, LoadErrors, LogHooks, LogOptions, LogStore,
-    PolicyReloader, PolicySet, PolicyVersion, Profile, ProfileReport, ReloadError,
+    PolicyReloader, PolicySet, PolicyVersion, Profile, ProfileReport, RedisOptions, ReloadError,
 };
 
 use self::budget::Budget;
@@ -106,10 +108,19 @@ pub struct Config {
     /// Compliance profiles reported, not enforced (`--report-profile`):
     /// with the required ones, `/metrics` counts their controls not met.
     pub report_profiles: Vec<&'static Profile>,
-    /// Data directory (`--data`): keys, admin token, store.
+    /// Data directory (`--data`): keys, admin token, store (the embedded
+    /// log, only without [`store`](Self::store)).
     pub data: PathBuf,
     /// Store durability (`--durability`); `None` keeps state in memory only.
+    /// Unused with a shared [`store`](Self::store): Redis's persistence
+    /// decides what survives.
     pub durability: Durability,
+    /// The store several instances share (`--store`; README "Several
+    /// instances of the server"): families, codes and DPoP replay records
+    /// in Redis, no embedded log.
+    pub store: Option<StoreUrl>,
+    /// Options of the shared store: timeouts, cache, key TTL, key prefix.
+    pub store_options: RedisOptions,
     /// Peers whose `X-Forwarded-For` is believed (`--trusted-proxies`).
     pub trusted_proxies: Vec<IpRange>,
     /// The admin API's bearer token.
@@ -187,6 +198,8 @@ impl Default for Config {
             report_profiles: Vec::new(),
             data: PathBuf::from("./data"),
             durability: Durability::Sync,
+            store: None,
+            store_options: RedisOptions::default(),
             trusted_proxies: Vec::new(),
             admin_token: AdminTokenSource::Generate,
             issuer: None,
@@ -258,6 +271,15 @@ pub enum ServerError {
     },
     /// The engine or its store failed.
     Engine(Error),
+    /// A key in the data directory is not the key the shared store knows by
+    /// that name (`--store`): this instance would mint tokens the others
+    /// refuse, or refuse theirs.
+    KeyConflict {
+        /// Each conflicting key: its file and, for the ring, its id.
+        keys: Vec<String>,
+        /// The store's hash of fingerprints.
+        hash: String,
+    },
     /// A configuration value is out of range, or the command line is wrong.
     Config(String),
     /// The async runtime failed.
@@ -290,6 +312,16 @@ impl fmt::Display for ServerError {
                 )
             }
             ServerError::Engine(e) => write!(f, "engine: {e}"),
+            ServerError::KeyConflict { keys, hash } => write!(
+                f,
+                "{} not the key the shared store knows by that name (fingerprint in \
+                 {hash}): copy the key files from an instance already on this store, \
+                 and give a new key a new id (README \"Several instances of the server\")",
+                match keys.as_slice() {
+                    [one] => format!("{one} is"),
+                    more => format!("{} are", more.join(", ")),
+                }
+            ),
             ServerError::Config(s) => f.write_str(s),
             ServerError::Runtime(s) => write!(f, "runtime: {s}"),
         }
@@ -321,6 +353,9 @@ pub(crate) struct App {
     pub(crate) jwks: String,
     /// Checks DPoP proofs at the token endpoint.
     pub(crate) dpop: dpop::ProofVerifier,
+    /// The server's own link to the shared store (`--store`): `/healthz`
+    /// pings it. `None` with the embedded store.
+    shared: Option<store::StoreLink>,
 }
 
 impl App {
@@ -338,12 +373,41 @@ impl App {
         )
     }
 
-    /// Note an engine failure; a store failure makes `/healthz` fail.
+    /// Note an engine failure; a failure of the embedded store makes
+    /// `/healthz` fail until a restart (it has failed closed).
     pub(crate) fn engine_failed(&self, what: &str, e: &Error) {
+        if self.shared.is_some() && matches!(e, Error::Store { .. }) {
+            // A shared store heals by itself (README "Several instances"):
+            // nothing latches, `/healthz` asks Redis.
+            tracing::warn!(error = %e, "{what} failed: the shared store did not answer");
+            return;
+        }
         if matches!(e, Error::Store { .. } | Error::Corrupt { .. }) {
             self.healthy.store(false, Ordering::Relaxed);
         }
         tracing::error!(error = %e, "{what} failed");
+    }
+
+    /// Whether `e` is a shared store that did not answer: the request
+    /// changed nothing and can be retried once Redis is back, so it is
+    /// answered 503 `temporarily_unavailable` with `Retry-After`, not 500.
+    pub(crate) fn is_unavailable(&self, e: &Error) -> bool {
+        self.shared.is_some() && matches!(e, Error::Store { .. })
+    }
+
+    /// Whether the store is a shared one.
+    pub(crate) fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The shared store's fault, if it has one now: the engine's last
+    /// command failed, or Redis does not answer a PING.
+    pub(crate) async fn shared_fault(&self) -> Option<String> {
+        let link = self.shared.as_ref()?;
+        if let Some(e) = self.engine.store_failure() {
+            return Some(e.to_string());
+        }
+        (!link.ping().await).then(|| "redis: no answer to PING".to_owned())
     }
 
     /// The RFC 8414 metadata document under the policy set in force.
@@ -566,7 +630,7 @@ impl Server {
             addr = %public.local_addr().unwrap_or(config.listen),
             admin_addr = %admin.local_addr().unwrap_or(config.admin_listen),
             issuer = %app.issuer,
-            durability = %app.engine.durability(),
+            durability = %durability_name(&app.engine, app.is_shared()),
             policy_version = %app.engine.policies().version(),
             max_connections,
             admin_max_connections,
@@ -652,7 +716,7 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
     }
     let data = &config.data;
     datadir::ensure_dir(data)?;
-    let keys = datadir::key_ring(data)?;
+    let (keys, mut prints) = datadir::key_ring_with_prints(data)?;
     let seed = datadir::signing_key(data)?;
     let nonce_key = datadir::dpop_nonce_key(data)?;
     let admin = datadir::admin_token(&config.admin_token, data)?;
@@ -661,7 +725,36 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
         .keys(keys)
         .policies(set)
         .events(events::LogSink);
-    if config.durability != Durability::None {
+    let mut shared = None;
+    if let Some(url) = &config.store {
+        // The keys are compared with the store's before the engine uses
+        // the store: an instance with a contradicting key never serves.
+        prints.push(datadir::file_print(
+            data,
+            datadir::SIGNING_KEY,
+            "jwt-ed25519",
+            &seed,
+        ));
+        prints.push(datadir::file_print(
+            data,
+            datadir::DPOP_NONCE_KEY,
+            "dpop-nonce",
+            &nonce_key,
+        ));
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|e| ServerError::Runtime(format!("--store needs a runtime: {e}")))?;
+        let link = rt.block_on(async {
+            let conn = url.connect(&config.store_options).await?;
+            let link = store::StoreLink::new(conn, &config.store_options);
+            let added = link.check_fingerprints(&prints).await?;
+            for field in added {
+                tracing::info!(key = %field, "key fingerprint added to the shared store");
+            }
+            Ok::<_, ServerError>(link)
+        })?;
+        builder = builder.shared_store(url.connect_store(config.store_options.clone())?);
+        shared = Some(link);
+    } else if config.durability != Durability::None {
         let dir = data.join(datadir::LOG_DIR);
         let options = LogOptions {
             durability: config.durability,
@@ -677,7 +770,7 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
     tracing::info!(
         data = %data.display(),
         families = engine.stats().families,
-        durability = %engine.durability(),
+        durability = %durability_name(&engine, shared.is_some()),
         "engine ready"
     );
     let issuer = issuer_for(&config, addr);
@@ -688,7 +781,10 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
     let dpop = dpop::ProofVerifier::new(
         &config.dpop,
         &token_endpoint,
-        Box::new(dpop::MemoryReplayCache::new(config.dpop.replay_capacity)),
+        match &shared {
+            Some(link) => Box::new(store::RedisReplayCache::new(link.clone())),
+            None => Box::new(dpop::MemoryReplayCache::new(config.dpop.replay_capacity)),
+        },
         dpop::NonceKey::new(&nonce_key),
     )
     .ok_or_else(|| {
@@ -733,7 +829,18 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
         metadata,
         jwks,
         dpop,
+        shared,
     })
+}
+
+/// The durability `/healthz` and the logs name: the local store's mode, or
+/// `redis` for a shared store (whose persistence Redis decides).
+pub(crate) fn durability_name(engine: &Engine, shared: bool) -> String {
+    if shared {
+        "redis".to_owned()
+    } else {
+        engine.durability().to_string()
+    }
 }
 
 /// The sweeper and the compactor, until stopped.

@@ -30,6 +30,11 @@ use refresh_guard::{
     Pkce, PolicySet, RedeemRequest, UnknownClients,
 };
 
+/// `Retry-After` of a 503 for a shared store that did not answer: the
+/// store probes Redis every 100 ms and reconnects by itself, so a second
+/// is enough for a blip, and an outage answers again as cheaply.
+pub(crate) const RETRY_AFTER_SECS: u32 = 1;
+
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/oauth2/token", post(token))
@@ -121,6 +126,8 @@ pub(crate) struct OAuthError {
     pub(crate) basic: bool,
     /// A `DPoP-Nonce` to send (RFC 9449 §8).
     pub(crate) dpop_nonce: Option<String>,
+    /// Seconds for `Retry-After` (RFC 9110 §10.2.3).
+    pub(crate) retry_after: Option<u32>,
 }
 
 impl OAuthError {
@@ -135,6 +142,33 @@ impl OAuthError {
             description: description.into(),
             basic: false,
             dpop_nonce: None,
+            retry_after: None,
+        }
+    }
+
+    /// 503 `temporarily_unavailable` with `Retry-After`: the shared store
+    /// did not answer, nothing changed, and the same request may be sent
+    /// again (the store reconnects by itself; README "Several instances of
+    /// the server").
+    pub(crate) fn unavailable(description: impl Into<Cow<'static, str>>) -> OAuthError {
+        OAuthError {
+            retry_after: Some(RETRY_AFTER_SECS),
+            ..OAuthError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::TemporarilyUnavailable,
+                description,
+            )
+        }
+    }
+
+    /// The answer to an engine error: 503 when the shared store did not
+    /// answer, else 500 (and the failure is noted).
+    pub(crate) fn engine(app: &App, what: &str, e: &refresh_guard::Error) -> OAuthError {
+        app.engine_failed(what, e);
+        if app.is_unavailable(e) {
+            OAuthError::unavailable("the shared store is unavailable; retry shortly")
+        } else {
+            OAuthError::server()
         }
     }
 
@@ -177,6 +211,10 @@ impl OAuthError {
         if let Some(n) = self.dpop_nonce {
             set_dpop_nonce(&mut r, n);
         }
+        if let Some(secs) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         r
     }
 
@@ -194,6 +232,7 @@ impl OAuthError {
                 Code::ServerError,
                 e.to_string(),
             ),
+            ProofError::ReplayUnavailable => OAuthError::unavailable(e.to_string()),
             _ => OAuthError::new(
                 StatusCode::BAD_REQUEST,
                 Code::InvalidDpopProof,
@@ -481,6 +520,7 @@ async fn token_inner(
             now,
             nonce_required,
         })
+        .await
         .map_err(|e| OAuthError {
             dpop_nonce: nonce.clone(),
             ..OAuthError::proof(e)
@@ -534,10 +574,7 @@ async fn code_grant(
         Ok(pending) => pending.await,
         Err(e) => Err(e),
     };
-    let decision = decision.map_err(|e| {
-        app.engine_failed("code exchange", &e);
-        OAuthError::server()
-    })?;
+    let decision = decision.map_err(|e| OAuthError::engine(app, "code exchange", &e))?;
     app.metrics.decision(&client.id, &decision);
     if let Some(e) = denied(&decision) {
         return Err(e);
@@ -586,10 +623,7 @@ async fn refresh_grant(
         Err(e) => Err(e),
     };
     app.metrics.redeem_latency.observe(started.elapsed());
-    let decision = decision.map_err(|e| {
-        app.engine_failed("refresh", &e);
-        OAuthError::server()
-    })?;
+    let decision = decision.map_err(|e| OAuthError::engine(app, "refresh", &e))?;
     app.metrics.decision(&client.id, &decision);
     if let Some(e) = denied(&decision) {
         return Err(e);
@@ -713,10 +747,10 @@ fn issue_opaque(
     accepted: &Accepted,
     scope: Option<&str>,
 ) -> Result<Response, OAuthError> {
-    let minted = app.engine.access_token(accepted, scope).map_err(|e| {
-        app.engine_failed("access token", &e);
-        OAuthError::server()
-    })?;
+    let minted = app
+        .engine
+        .access_token(accepted, scope)
+        .map_err(|e| OAuthError::engine(app, "access token", &e))?;
     let ttl = minted.expires_at.since(minted.issued_at).as_secs().max(1);
     Ok(token_response(
         minted.token.as_str(),
@@ -765,10 +799,7 @@ async fn revoke_inner(
         // tokens (RFC 7009 §2.2). The body is empty, so it has no content
         // type: an empty `application/json` body is not JSON.
         Ok(_) => Ok(StatusCode::OK.into_response()),
-        Err(e) => {
-            app.engine_failed("revocation", &e);
-            Err(OAuthError::server())
-        }
+        Err(e) => Err(OAuthError::engine(app, "revocation", &e)),
     }
 }
 
@@ -897,7 +928,7 @@ async fn jwks(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
-    health(&app, false)
+    health(&app, false).await
 }
 
 /// `/healthz`: 503 naming the store once it has failed closed (a write
@@ -905,15 +936,34 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 /// itself, so it says so before any request meets the failure. The
 /// operating system's error, which names files, only on the admin
 /// listener (`detail`).
-pub(crate) fn health(app: &App, detail: bool) -> Response {
+///
+/// With a shared store (`--store`): 503 while Redis does not answer (the
+/// engine's last command failed, or a PING now), `ok` again by itself
+/// once it does; nothing latches.
+pub(crate) async fn health(app: &App, detail: bool) -> Response {
+    let mut body = serde_json::json!({
+        "policy_version": app.engine.policies().version().to_string(),
+        "durability": super::durability_name(&app.engine, app.is_shared()),
+    });
+    if app.is_shared() {
+        let fault = app.shared_fault().await;
+        body["status"] = if fault.is_none() { "ok" } else { "failing" }.into();
+        body["store"] = if fault.is_none() { "ok" } else { "unavailable" }.into();
+        if let Some(f) = fault {
+            body["fault"] = "the shared store does not answer: every call that needs it \
+                             is answered 503 until it does (no restart needed)"
+                .into();
+            if detail {
+                body["detail"] = f.into();
+            }
+            return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string(), true);
+        }
+        return json(StatusCode::OK, body.to_string(), true);
+    }
     let failure = app.engine.store_failure();
     let healthy = app.is_healthy() && failure.is_none();
-    let mut body = serde_json::json!({
-        "status": if healthy { "ok" } else { "failing" },
-        "store": if healthy { "ok" } else { "failed" },
-        "policy_version": app.engine.policies().version().to_string(),
-        "durability": app.engine.durability().to_string(),
-    });
+    body["status"] = if healthy { "ok" } else { "failing" }.into();
+    body["store"] = if healthy { "ok" } else { "failed" }.into();
     if !healthy {
         body["fault"] = "the store failed closed: every change is refused until a restart \
                          (the cause is in the server log)"

@@ -405,11 +405,12 @@ fn cli_diff_fails_if_either_side_fails() {
 }
 
 /// Every `serve` flag, with the variable it can also come from.
-const SERVE_FLAGS: [(&str, &str); 22] = [
+const SERVE_FLAGS: [(&str, &str); 23] = [
     ("--listen <ADDR>", "REFRESH_GUARD_LISTEN"),
     ("--admin-listen <ADDR>", "REFRESH_GUARD_ADMIN_LISTEN"),
     ("--policies <DIR>", "REFRESH_GUARD_POLICIES"),
     ("--data <DIR>", "REFRESH_GUARD_DATA"),
+    ("--store <URL>", "REFRESH_GUARD_STORE"),
     ("--durability <MODE>", "REFRESH_GUARD_DURABILITY"),
     ("--trusted-proxies <LIST>", "REFRESH_GUARD_TRUSTED_PROXIES"),
     (

@@ -108,6 +108,11 @@ pub enum OAuthError {
     /// `use_dpop_nonce` (RFC 9449 §8, §12.2): the proof must carry the
     /// server nonce sent in the `DPoP-Nonce` header of this answer.
     UseDpopNonce,
+    /// `temporarily_unavailable` (RFC 6749 §4.1.2.1, used at the token
+    /// endpoint too): a store the decision needs did not answer; the
+    /// request changed nothing and may be retried (with `Retry-After`,
+    /// RFC 9110 §10.2.3).
+    TemporarilyUnavailable,
 }
 
 impl OAuthError {
@@ -122,6 +127,7 @@ impl OAuthError {
             OAuthError::ServerError => "server_error",
             OAuthError::InvalidDpopProof => "invalid_dpop_proof",
             OAuthError::UseDpopNonce => "use_dpop_nonce",
+            OAuthError::TemporarilyUnavailable => "temporarily_unavailable",
         }
     }
 }

@@ -30,7 +30,7 @@ use refresh_guard::Jkt;
 
 pub use self::htu::normalise as normalise_htu;
 pub use self::nonce::{NONCE_BUCKET_SECS, NonceKey};
-pub use self::replay::{MemoryReplayCache, ReplayCache, ReplayError, ReplayKey};
+pub use self::replay::{MemoryReplayCache, ReplayCache, ReplayError, ReplayFuture, ReplayKey};
 
 /// Longest proof accepted, in bytes: an ES256 proof with its key is about
 /// 600; this leaves room for long `jti`s and extra members, and bounds the
@@ -152,6 +152,9 @@ pub enum ProofError {
     Replayed,
     /// The replay cache is full of live proofs: refused, not evicted.
     ReplayCacheFull,
+    /// The shared replay records did not answer (`serve --store` with
+    /// Redis unreachable): refused, never accepted unrecorded.
+    ReplayUnavailable,
 }
 
 impl fmt::Display for ProofError {
@@ -187,6 +190,9 @@ impl fmt::Display for ProofError {
             ProofError::Replayed => f.write_str("DPoP proof jti was already used"),
             ProofError::ReplayCacheFull => f.write_str(
                 "too many DPoP proofs in their replay window; retry with a new proof shortly",
+            ),
+            ProofError::ReplayUnavailable => f.write_str(
+                "the DPoP replay records are unavailable; retry with a new proof shortly",
             ),
         }
     }
@@ -374,7 +380,35 @@ impl ProofVerifier {
     /// Every check of RFC 9449 §4.3, in its order; the proof's `jti` is
     /// recorded only once every other check passed. `Ok(None)` when the
     /// request has no `DPoP` header.
-    pub fn verify(&self, req: &ProofRequest<'_>) -> Result<Option<Jkt>, ProofError> {
+    pub async fn verify(&self, req: &ProofRequest<'_>) -> Result<Option<Jkt>, ProofError> {
+        let Some((jkt, replay_key, expires)) = self.check(req)? else {
+            return Ok(None);
+        };
+        match self.replay.first_use(&replay_key, expires, req.now).await {
+            Ok(true) => Ok(Some(jkt)),
+            Ok(false) => Err(ProofError::Replayed),
+            Err(ReplayError::Full) => Err(ProofError::ReplayCacheFull),
+            Err(ReplayError::Unavailable) => Err(ProofError::ReplayUnavailable),
+        }
+    }
+
+    /// [`verify`](Self::verify) for a cache that answers at once (the
+    /// in-memory one): fuzz targets, benches and tests, which have no
+    /// runtime. A cache that would wait is refused as unavailable.
+    #[doc(hidden)]
+    pub fn verify_now(&self, req: &ProofRequest<'_>) -> Result<Option<Jkt>, ProofError> {
+        use std::future::Future as _;
+        use std::task::{Context, Poll, Waker};
+        let mut fut = std::pin::pin!(self.verify(req));
+        match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(ProofError::ReplayUnavailable),
+        }
+    }
+
+    /// Every check but the replay: the key's thumbprint, the replay key
+    /// and when the record may expire.
+    fn check(&self, req: &ProofRequest<'_>) -> Result<Option<(Jkt, ReplayKey, u64)>, ProofError> {
         let value = match req.values {
             [] => return Ok(None),
             [one] => *one,
@@ -463,11 +497,7 @@ impl ProofVerifier {
         let replay_key: ReplayKey = h.finalize().into();
         // Kept until the proof would be refused as too old anyway.
         let expires = iat.saturating_add(self.max_age).saturating_add(1);
-        match self.replay.first_use(&replay_key, expires, req.now) {
-            Ok(true) => Ok(Some(key.thumbprint())),
-            Ok(false) => Err(ProofError::Replayed),
-            Err(ReplayError::Full) => Err(ProofError::ReplayCacheFull),
-        }
+        Ok(Some((key.thumbprint(), replay_key, expires)))
     }
 }
 

@@ -7,6 +7,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 
 use parking_lot::Mutex;
 
@@ -20,14 +22,22 @@ pub type ReplayKey = [u8; 32];
 pub enum ReplayError {
     /// Every slot holds a proof still inside its window.
     Full,
+    /// The shared store did not answer: the proof is refused, not
+    /// accepted unrecorded (fail closed).
+    Unavailable,
 }
+
+/// The answer of [`ReplayCache::first_use`]: a future, since a shared
+/// cache asks the network and must not block a runtime thread; the
+/// in-memory cache answers at once.
+pub type ReplayFuture = Pin<Box<dyn Future<Output = Result<bool, ReplayError>> + Send>>;
 
 /// Remembers which proofs were used, until they expire.
 pub trait ReplayCache: Send + Sync {
     /// Record `key` as used until `expires` (seconds since the epoch):
     /// `Ok(true)` if this is its first use, `Ok(false)` if it was seen and
     /// has not expired at `now`.
-    fn first_use(&self, key: &ReplayKey, expires: u64, now: u64) -> Result<bool, ReplayError>;
+    fn first_use(&self, key: &ReplayKey, expires: u64, now: u64) -> ReplayFuture;
 }
 
 /// The in-memory cache, bounded to `capacity` live entries.
@@ -70,7 +80,14 @@ impl MemoryReplayCache {
 }
 
 impl ReplayCache for MemoryReplayCache {
-    fn first_use(&self, key: &ReplayKey, expires: u64, now: u64) -> Result<bool, ReplayError> {
+    fn first_use(&self, key: &ReplayKey, expires: u64, now: u64) -> ReplayFuture {
+        Box::pin(std::future::ready(self.record(key, expires, now)))
+    }
+}
+
+impl MemoryReplayCache {
+    /// [`ReplayCache::first_use`], answered at once.
+    pub fn record(&self, key: &ReplayKey, expires: u64, now: u64) -> Result<bool, ReplayError> {
         let mut inner = self.inner.lock();
         let Inner { seen, by_expiry } = &mut *inner;
         while let Some(Reverse((at, k))) = by_expiry.peek() {
@@ -99,9 +116,9 @@ mod tests {
     #[test]
     fn a_key_is_seen_until_it_expires() {
         let c = MemoryReplayCache::new(8);
-        assert_eq!(c.first_use(&[1; 32], 100, 40), Ok(true));
-        assert_eq!(c.first_use(&[1; 32], 100, 99), Ok(false));
-        assert_eq!(c.first_use(&[1; 32], 160, 100), Ok(true), "expired at 100");
+        assert_eq!(c.record(&[1; 32], 100, 40), Ok(true));
+        assert_eq!(c.record(&[1; 32], 100, 99), Ok(false));
+        assert_eq!(c.record(&[1; 32], 160, 100), Ok(true), "expired at 100");
         assert_eq!(c.len(), 1);
     }
 
@@ -110,10 +127,10 @@ mod tests {
     #[test]
     fn a_full_cache_refuses_and_evicts_nothing_live() {
         let c = MemoryReplayCache::new(2);
-        assert_eq!(c.first_use(&[1; 32], 100, 0), Ok(true));
-        assert_eq!(c.first_use(&[2; 32], 200, 0), Ok(true));
-        assert_eq!(c.first_use(&[3; 32], 200, 50), Err(ReplayError::Full));
-        assert_eq!(c.first_use(&[1; 32], 100, 50), Ok(false), "still there");
-        assert_eq!(c.first_use(&[3; 32], 200, 100), Ok(true), "1 expired");
+        assert_eq!(c.record(&[1; 32], 100, 0), Ok(true));
+        assert_eq!(c.record(&[2; 32], 200, 0), Ok(true));
+        assert_eq!(c.record(&[3; 32], 200, 50), Err(ReplayError::Full));
+        assert_eq!(c.record(&[1; 32], 100, 50), Ok(false), "still there");
+        assert_eq!(c.record(&[3; 32], 200, 100), Ok(true), "1 expired");
     }
 }

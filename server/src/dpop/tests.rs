@@ -26,7 +26,7 @@ fn verifier(capacity: usize) -> ProofVerifier {
 }
 
 fn check(v: &ProofVerifier, proof: &str, now: u64, nonce: bool) -> Result<Option<Jkt>, ProofError> {
-    v.verify(&ProofRequest {
+    v.verify_now(&ProofRequest {
         values: &[proof.as_bytes()],
         method: "POST",
         now,
