@@ -30,8 +30,11 @@ const ISSUER: &str = "http://auth.test";
 const HTU: &str = "http://auth.test/oauth2/token";
 
 /// `spa` as in every server test; `dpop-spa` binds families to DPoP keys;
-/// `nonce-spa` also needs server nonces.
+/// `nonce-spa` also needs server nonces; `opaque-spa` gets opaque access
+/// tokens.
 const POLICIES: &str = "\
+[clients.opaque-spa]
+access_token_format = \"opaque\"
 [clients.dpop-spa]
 dpop = \"allowed\"
 [clients.nonce-spa]
@@ -242,6 +245,41 @@ fn a_subject_revoked_on_one_instance_is_revoked_on_the_other() {
     p.a.http
         .refresh("spa", &t1)
         .assert_error(400, "invalid_grant");
+}
+
+/// An opaque access token minted on A is active on B (derived from the
+/// shared key ring, alive while its family lives in the store), and a
+/// revocation of its family through B ends it on A.
+#[test]
+fn an_opaque_access_token_lives_and_dies_with_its_family_on_every_instance() {
+    let p = pair(RedisServer::start());
+    let introspect = |i: &Instance, token: &str| {
+        let r = i.http.form_with(
+            "/oauth2/introspect",
+            &format!("token={}", enc(token)),
+            &[("Authorization", &format!("Bearer {ADMIN}"))],
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let t1 = p.a.http.family("opaque-spa", "user-9", "openid");
+    let r = p.a.http.refresh("opaque-spa", &t1);
+    let t2 = refresh_token(&r);
+    let at = r.json()["access_token"].as_str().unwrap().to_owned();
+    assert!(at.starts_with("rga_"), "{}", r.text());
+    for (name, i) in [("A", &p.a), ("B", &p.b)] {
+        let j = introspect(i, &at);
+        assert_eq!(j["active"], true, "{name}: {j}");
+        assert_eq!(j["sub"], "user-9", "{name}: {j}");
+    }
+    let r = p.b.http.form(
+        "/oauth2/revoke",
+        &format!("token={t2}&client_id=opaque-spa"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (name, i) in [("A", &p.a), ("B", &p.b)] {
+        assert_eq!(introspect(i, &at)["active"], false, "{name}: revoked");
+    }
 }
 
 /// A key file that contradicts the store's fingerprint for its name stops

@@ -297,8 +297,9 @@ fn redis_error(what: &str, e: redis::RedisError) -> Error {
 }
 
 impl RedisStore {
-    /// Connect to `url` (`redis://host:port/db`, `rediss://` is not built
-    /// in, `redis+unix:///path`), within `options.connect_timeout`. The
+    /// Connect to `url` (`redis://host:port/db`, `redis+unix:///path`;
+    /// `rediss://` when the embedder enables one of the `redis` crate's TLS
+    /// features, as the server does), within `options.connect_timeout`. The
     /// URL may carry credentials; it is not kept or printed.
     pub fn connect(url: &str, options: RedisOptions) -> Result<RedisStore, Error> {
         options.check()?;
