@@ -94,7 +94,7 @@ pub use crate::store::LogHooks;
 pub use crate::store::{Dropped, LogOptions, LogStore, RepairReport, RolledBack};
 pub use crate::store::{Durability, RecordRef, Snapshot, Store, StoredRecord};
 #[cfg(feature = "redis")]
-pub use crate::store::{OnRollback, RedisOptions, RedisStore};
+pub use crate::store::{OnRollback, RedisConnection, RedisOptions, RedisStore};
 
 /// Directories and files that hold secrets, under the store's rules
 /// (docs/store.md, "Permissions"): created 0700 and 0600, refused when

@@ -743,16 +743,16 @@ fn build_app(config: Config, addr: SocketAddr) -> Result<App, ServerError> {
         ));
         let rt = tokio::runtime::Handle::try_current()
             .map_err(|e| ServerError::Runtime(format!("--store needs a runtime: {e}")))?;
-        let link = rt.block_on(async {
-            let conn = url.connect(&config.store_options).await?;
-            let link = store::StoreLink::new(conn, &config.store_options);
+        let redis = url.connect_store(config.store_options.clone())?;
+        let link = store::StoreLink::new(redis.connection(), &config.store_options);
+        rt.block_on(async {
             let added = link.check_fingerprints(&prints).await?;
             for field in added {
                 tracing::info!(key = %field, "key fingerprint added to the shared store");
             }
-            Ok::<_, ServerError>(link)
+            Ok::<_, ServerError>(())
         })?;
-        builder = builder.shared_store(url.connect_store(config.store_options.clone())?);
+        builder = builder.shared_store(redis);
         shared = Some(link);
     } else if config.durability != Durability::None {
         let dir = data.join(datadir::LOG_DIR);

@@ -2,8 +2,9 @@
 //! (README "Several instances of the server").
 //!
 //! The engine's state lives in the library's [`RedisStore`]. This module
-//! holds what the server adds on top, on a connection of its own driven by
-//! the server's runtime:
+//! holds what the server adds on top, on the store's own multiplexed
+//! connection ([`RedisStore::connection`]), awaited from the server's
+//! runtime:
 //!
 //! - the URL flag, parsed without ever echoing it (it may carry a
 //!   password);
@@ -17,9 +18,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use redis::Value;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use refresh_guard::{RedisOptions, RedisStore};
+use refresh_guard::{Error, RedisConnection, RedisOptions, RedisStore};
 
 use super::ServerError;
 use super::dpop::{ReplayCache, ReplayError, ReplayFuture, ReplayKey};
@@ -97,7 +96,8 @@ impl StoreUrl {
         }
     }
 
-    /// Connect the engine's store.
+    /// Connect the engine's store; the server's own commands use its
+    /// connection too ([`RedisStore::connection`]).
     pub(crate) fn connect_store(&self, options: RedisOptions) -> Result<RedisStore, ServerError> {
         match self {
             StoreUrl::One(url) => RedisStore::connect(url, options),
@@ -106,51 +106,12 @@ impl StoreUrl {
                 RedisStore::connect_cluster(&nodes, options)
             }
         }
-        .map_err(ServerError::Engine)
-    }
-
-    /// The server's own connection, on the current runtime. It reconnects
-    /// by itself, as the engine's does.
-    pub(crate) async fn connect(&self, options: &RedisOptions) -> Result<Conn, ServerError> {
-        let failed = |e: redis::RedisError| {
-            ServerError::Config(format!("--store: cannot connect to Redis: {}", cause(&e)))
-        };
-        let bound = options.connect_timeout * 2;
-        let timed_out = || {
-            ServerError::Config(format!(
-                "--store: Redis did not answer within {bound:?} (the server's own connection)"
-            ))
-        };
-        match self {
-            StoreUrl::One(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(failed)?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(options.connect_timeout))
-                    .set_response_timeout(Some(options.command_timeout))
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(10))
-                    .set_max_delay(Duration::from_millis(100));
-                let conn =
-                    tokio::time::timeout(bound, ConnectionManager::new_with_config(client, config))
-                        .await
-                        .map_err(|_| timed_out())?
-                        .map_err(failed)?;
-                Ok(Conn::One(conn))
+        .map_err(|e| match e {
+            Error::Store { .. } => {
+                ServerError::Config(format!("--store: cannot connect to Redis: {e}"))
             }
-            StoreUrl::Cluster(nodes) => {
-                let client = redis::cluster::ClusterClient::builder(nodes.iter().cloned())
-                    .connection_timeout(options.connect_timeout)
-                    .response_timeout(options.command_timeout)
-                    .retries(1)
-                    .build()
-                    .map_err(failed)?;
-                let conn = tokio::time::timeout(bound, client.get_async_connection())
-                    .await
-                    .map_err(|_| timed_out())?
-                    .map_err(failed)?;
-                Ok(Conn::Cluster(conn))
-            }
-        }
+            e => ServerError::Engine(e),
+        })
     }
 }
 
@@ -197,53 +158,17 @@ fn host_port(s: &str, need_port: bool) -> Result<(), String> {
     }
 }
 
-/// The server's own connection to the store: one server's (reconnecting
-/// by itself) or a cluster's (routing each command by its key's slot).
-#[derive(Clone)]
-pub(crate) enum Conn {
-    One(ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
-}
-
-impl redis::aio::ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        match self {
-            Conn::One(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::One(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::One(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
 /// The server's side of the store: its connection, command timeout and
 /// key prefix (the engine's, so one `KEYS rg:*` shows everything).
 #[derive(Clone)]
 pub(crate) struct StoreLink {
-    conn: Conn,
+    conn: RedisConnection,
     timeout: Duration,
     prefix: String,
 }
 
 impl StoreLink {
-    pub(crate) fn new(conn: Conn, options: &RedisOptions) -> StoreLink {
+    pub(crate) fn new(conn: RedisConnection, options: &RedisOptions) -> StoreLink {
         StoreLink {
             conn,
             timeout: options.command_timeout,

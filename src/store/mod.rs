@@ -30,7 +30,7 @@ use crate::family::Family;
 use crate::token::{FamilyId, Generation};
 
 #[cfg(feature = "redis")]
-pub use self::redis::{OnRollback, RedisOptions, RedisStore};
+pub use self::redis::{OnRollback, RedisConnection, RedisOptions, RedisStore};
 #[cfg(feature = "durable")]
 pub use log::LOG_SUBDIR;
 #[cfg(feature = "durable")]

@@ -223,6 +223,33 @@ enum Conn {
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
+/// The store's multiplexed connection, for an embedder's own commands on
+/// the same Redis (the server's key fingerprints, DPoP replay records,
+/// health PINGs): one connection and one reconnect logic for both. Cheap
+/// to clone; it may be used from any tokio runtime (the connection's
+/// task runs on the store's).
+#[derive(Clone)]
+pub struct RedisConnection(Conn);
+
+impl redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        self.0.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        self.0.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
 impl redis::aio::ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         match self {
@@ -362,6 +389,12 @@ impl RedisStore {
             .map(|_| open_one())
             .collect::<Result<_, _>>()?;
         Ok(RedisStore::with(runtime, conn, writers, options))
+    }
+
+    /// The store's connection, for the embedder's own commands (see
+    /// [`RedisConnection`]).
+    pub fn connection(&self) -> RedisConnection {
+        RedisConnection(self.conn.clone())
     }
 
     fn with(
