@@ -2,7 +2,7 @@
 
 use crate::clock::Timestamp;
 use crate::code::{self, ExchangeCheck};
-use crate::decision::{self, Accepted, Decision, DenyReason, Verdict};
+use crate::decision::{self, Accepted, Decision, Verdict};
 use crate::error::Error;
 use crate::store::Lsn;
 use crate::token::{self, Generation, TokenKind};
@@ -81,11 +81,7 @@ impl Engine {
             return Ok((refused, None));
         }
         let version = policies.version();
-        let invalid = || {
-            self.unsharded_outcomes
-                .add(outcome_slot(Verdict::Deny(DenyReason::InvalidToken)));
-            Ok((deny(DenyReason::InvalidToken, None, version), None))
-        };
+        let invalid = || Ok((self.invalid_token(version), None));
         let Some(parsed) = token::parse(req.code, TokenKind::Code) else {
             return invalid();
         };

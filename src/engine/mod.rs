@@ -565,6 +565,35 @@ fn mint_current(f: &mut Family, keys: &KeyRing) -> Option<Token> {
     ))
 }
 
+impl Engine {
+    /// The answer to a token that is malformed, under an unknown key id,
+    /// of no known family or forged (README "The order of checks", steps
+    /// 1–3): counted with the outcomes of no shard, nothing else touched.
+    fn invalid_token(&self, version: PolicyVersion) -> Decision {
+        self.unsharded_outcomes
+            .add(outcome_slot(Verdict::Deny(DenyReason::InvalidToken)));
+        deny(DenyReason::InvalidToken, None, version)
+    }
+}
+
+/// Refuse an acceptance whose successor could not be minted: on rotation
+/// it is minted with the active key, else with the key of the current
+/// generation, and a key removed from the ring makes the current token
+/// dead. Refused as a token whose key is unknown (nothing changes, nothing
+/// is revoked or reported), rather than forking the family.
+fn refuse_unmintable(plan: &mut decision::Plan, f: &Family, keys: &KeyRing) {
+    if let Verdict::Accept(kind) = plan.verdict {
+        let mint_key = if kind == decision::AcceptKind::Rotated {
+            keys.active()
+        } else {
+            f.key
+        };
+        if !keys.contains(mint_key) {
+            *plan = decision::Plan::deny(DenyReason::InvalidToken);
+        }
+    }
+}
+
 fn deny(reason: DenyReason, family: Option<FamilyId>, version: PolicyVersion) -> Decision {
     Decision::Deny(Denied {
         reason,

@@ -3,15 +3,13 @@
 //! carries out the plan it returns.
 
 use crate::clock::Timestamp;
-use crate::decision::{
-    self, AcceptKind, Accepted, Bind, Change, Decision, DenyReason, Plan, Request, Verdict,
-};
+use crate::decision::{self, Accepted, Bind, Change, Decision, DenyReason, Request, Verdict};
 use crate::error::Error;
 use crate::store::Lsn;
 use crate::token::{self, TokenKind};
 
 use super::stats::outcome_slot;
-use super::{Durable, Engine, RedeemRequest, deny, mint_current};
+use super::{Durable, Engine, RedeemRequest, deny, mint_current, refuse_unmintable};
 
 impl Engine {
     /// Redeem a refresh token: `req` names the token, the presenting
@@ -92,11 +90,7 @@ impl Engine {
             return Ok((refused, None));
         }
         let version = policies.version();
-        let invalid = || {
-            self.unsharded_outcomes
-                .add(outcome_slot(Verdict::Deny(DenyReason::InvalidToken)));
-            Ok((deny(DenyReason::InvalidToken, None, version), None))
-        };
+        let invalid = || Ok((self.invalid_token(version), None));
         // 1. Parse; unknown key ids are malformed too.
         let Some(parsed) = token::parse(token, TokenKind::Refresh) else {
             return invalid();
@@ -136,21 +130,7 @@ impl Engine {
             now,
         };
         let mut plan = decision::decide(f, &req, policy);
-        if let Verdict::Accept(kind) = plan.verdict {
-            // The token to return is minted with the active key on rotation,
-            // else with the key of the current generation. If that key was
-            // removed, the current token is dead: refuse rather than fork,
-            // as for a token whose key is unknown (nothing changes, nothing
-            // is revoked or reported).
-            let mint_key = if kind == AcceptKind::Rotated {
-                keys.active()
-            } else {
-                f.key
-            };
-            if !keys.contains(mint_key) {
-                plan = Plan::deny(DenyReason::InvalidToken);
-            }
-        }
+        refuse_unmintable(&mut plan, f, &keys);
         slot.outcomes[outcome_slot(plan.verdict)] += 1;
         // Shadow: the same pure decision on the same state under the
         // candidate set, counted and otherwise discarded.

@@ -42,7 +42,7 @@ use super::execute::event_of;
 use super::stats::outcome_slot;
 use super::{
     Engine, ExchangeRequest, Introspection, IssueRequest, RedeemRequest, SweepReport, Who, deny,
-    mint_current,
+    mint_current, refuse_unmintable,
 };
 
 pub(crate) use crate::store::redis::block_on;
@@ -259,11 +259,7 @@ impl Engine {
             return Ok(refused);
         }
         let version = policies.version();
-        let invalid = || {
-            self.unsharded_outcomes
-                .add(outcome_slot(Verdict::Deny(DenyReason::InvalidToken)));
-            Ok(deny(DenyReason::InvalidToken, None, version))
-        };
+        let invalid = || Ok(self.invalid_token(version));
         let Some(parsed) = token::parse(req.token, TokenKind::Refresh) else {
             return invalid();
         };
@@ -299,17 +295,8 @@ impl Engine {
                     f.tag_uid = KeyUid::NONE;
                     plan = decision::decide(f, &request, policy);
                 }
-                if let Verdict::Accept(kind) = plan.verdict {
-                    // As one engine: a successor whose key is gone is refused.
-                    let mint_key = if kind == AcceptKind::Rotated {
-                        keys.active()
-                    } else {
-                        f.key
-                    };
-                    if !keys.contains(mint_key) {
-                        plan = Plan::deny(DenyReason::InvalidToken);
-                    }
-                }
+                // As one engine: a successor whose key is gone is refused.
+                refuse_unmintable(&mut plan, f, &keys);
                 // Shadow: the same decision under the candidate set, on the
                 // same record, counted once the store confirmed it.
                 let candidate = shadow
@@ -551,11 +538,7 @@ impl Engine {
             return Ok(refused);
         }
         let version = policies.version();
-        let invalid = || {
-            self.unsharded_outcomes
-                .add(outcome_slot(Verdict::Deny(DenyReason::InvalidToken)));
-            Ok(deny(DenyReason::InvalidToken, None, version))
-        };
+        let invalid = || Ok(self.invalid_token(version));
         let Some(parsed) = token::parse(req.code, TokenKind::Code) else {
             return invalid();
         };
