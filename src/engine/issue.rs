@@ -11,7 +11,7 @@ use crate::event::{Event, EventKind};
 use crate::family::{Family, RevokeReason, SubjectName};
 use crate::policy::{ClientPolicy, PolicyVersion};
 use crate::table::Loc;
-use crate::token::{self, FamilyId, FamilySecret, Generation, KeyUid, TokenKind};
+use crate::token::{self, FamilyId, FamilySecret, Generation, KeyRing, KeyUid, TokenKind};
 
 use super::revoke::Revocation;
 use super::stats::outcome_slot;
@@ -57,6 +57,43 @@ impl Engine {
     /// Create a family at generation 1 (a direct issue) or 0 (an
     /// authorization code carrying `code`), applying the subject cap, and
     /// return its first token.
+    /// A new family's record, not yet placed anywhere: a code's (the
+    /// code's generation) when `code` is given, else a refresh token's.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fresh_family(
+        &self,
+        id: FamilyId,
+        secret: &[u8],
+        req: &IssueRequest<'_>,
+        code: Option<Box<CodeState>>,
+        jkt: Option<&Jkt>,
+        keys: &KeyRing,
+        now: Timestamp,
+    ) -> Family {
+        Family {
+            grant: self.interner.grant_for(&id, req.client, req.scope, jkt),
+            id,
+            secret: FamilySecret(secret.try_into().expect("16 bytes")),
+            subject: SubjectName::new(req.subject),
+            created: now,
+            last_used: now,
+            rotated_at: now,
+            generation: if code.is_some() {
+                Generation::CODE
+            } else {
+                Generation::FIRST
+            },
+            key: keys.active(),
+            tag: [0; 16],
+            tag_uid: KeyUid::NONE,
+            grace_used: 0,
+            rotation_ip: req.ip.map(|a| a.to_canonical()),
+            revoked: None,
+            code,
+            lsn: 0,
+        }
+    }
+
     pub(super) fn start_family(
         &self,
         req: &IssueRequest<'_>,
@@ -87,26 +124,7 @@ impl Engine {
         // The random part picks the shard (and the grant's stripe); the id
         // then names the free slot it takes there, so it cannot collide.
         let placed = FamilyId::new(0, random);
-        let mut f = Family {
-            id: placed,
-            secret: FamilySecret(secret.try_into().expect("16 bytes")),
-            grant: self
-                .interner
-                .grant_for(&placed, req.client, req.scope, jkt.as_ref()),
-            subject: SubjectName::new(req.subject),
-            created: now,
-            last_used: now,
-            rotated_at: now,
-            generation,
-            key: keys.active(),
-            tag: [0; 16],
-            tag_uid: KeyUid::NONE,
-            grace_used: 0,
-            rotation_ip: req.ip.map(|a| a.to_canonical()),
-            revoked: None,
-            code,
-            lsn: 0,
-        };
+        let mut f = self.fresh_family(placed, secret, req, code, jkt.as_ref(), &keys, now);
         let (grant, subject) = (f.grant.clone(), f.subject.clone());
         let (evicted, mut created) = {
             let mut subjects = self.subjects.lock(req.subject);

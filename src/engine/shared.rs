@@ -31,7 +31,7 @@ use crate::decision::{self, AcceptKind, Accepted, Decision, DenyReason, Plan, Re
 use crate::dpop::Jkt;
 use crate::error::Error;
 use crate::event::EventKind;
-use crate::family::{Family, RevokeReason, SubjectName};
+use crate::family::{Family, RevokeReason};
 use crate::policy::{ClientPolicy, PolicyVersion};
 use crate::store::codec;
 use crate::store::redis::{Cas, OnRollback, RedisStore};
@@ -618,26 +618,7 @@ impl Engine {
         crate::random::fill(&mut rnd)?;
         let (id, secret) = rnd.split_at(16);
         let id = FamilyId::from_bytes(id.try_into().expect("16 bytes"));
-        let mut f = Family {
-            grant: self
-                .interner
-                .grant_for(&id, req.client, req.scope, jkt.as_ref()),
-            id,
-            secret: FamilySecret(secret.try_into().expect("16 bytes")),
-            subject: SubjectName::new(req.subject),
-            created: now,
-            last_used: now,
-            rotated_at: now,
-            generation,
-            key: keys.active(),
-            tag: [0; 16],
-            tag_uid: KeyUid::NONE,
-            grace_used: 0,
-            rotation_ip: req.ip.map(|a| a.to_canonical()),
-            revoked: None,
-            code,
-            lsn: 0,
-        };
+        let mut f = self.fresh_family(id, secret, req, code, jkt.as_ref(), &keys, now);
         let cap = policy.max_families_per_subject;
         let evicted = sh
             .store
