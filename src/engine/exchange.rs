@@ -2,10 +2,12 @@
 
 use crate::clock::Timestamp;
 use crate::code::{self, ExchangeCheck};
-use crate::decision::{self, Accepted, Decision, Verdict};
+use crate::decision::{self, Accepted, Decision, Plan, Verdict};
 use crate::error::Error;
+use crate::family::Family;
+use crate::policy::PolicySet;
 use crate::store::Lsn;
-use crate::token::{self, Generation, TokenKind};
+use crate::token::{self, Generation, KeyRing, ParsedToken, TokenKind};
 
 use super::stats::outcome_slot;
 use super::{Durable, Engine, ExchangeRequest, deny, mint_current};
@@ -67,6 +69,39 @@ impl Engine {
         Ok(Durable::pending(self, self.exchange_inner(req, now)?))
     }
 
+    /// The exchange's checks and change on the code's record (under its
+    /// shard lock, or in the shared store's transaction): `None` when the
+    /// token is not a code this record minted, else the plan, applied and
+    /// its binding made.
+    pub(super) fn exchange_on(
+        &self,
+        f: &mut Family,
+        parsed: &ParsedToken,
+        req: &ExchangeRequest<'_>,
+        policies: &PolicySet,
+        keys: &KeyRing,
+        now: Timestamp,
+    ) -> Option<Plan> {
+        // Only generation 0 is a code; a tag that verifies for any other
+        // generation under the code domain was never minted.
+        if parsed.generation != Generation::CODE || !keys.verify(parsed, &f.secret) {
+            return None;
+        }
+        let policy = policies.policy(f.client());
+        let check = ExchangeCheck {
+            client: req.client,
+            redirect_uri: req.redirect_uri,
+            verifier: req.code_verifier,
+            ip: req.ip,
+            jkt: req.dpop.as_ref(),
+            now,
+        };
+        let plan = code::decide_exchange(f, &check, policy);
+        decision::apply(f, plan.change, now, req.ip, keys.active());
+        self.rebind(f, plan.bind, req.dpop.as_ref());
+        Some(plan)
+    }
+
     pub(super) fn exchange_inner(
         &self,
         req: &ExchangeRequest<'_>,
@@ -91,24 +126,10 @@ impl Engine {
             drop(shard);
             return invalid();
         };
-        // Only generation 0 is a code; a tag that verifies for any other
-        // generation under the code domain was never minted.
-        if parsed.generation != Generation::CODE || !keys.verify(&parsed, &f.secret) {
+        let Some(plan) = self.exchange_on(f, &parsed, req, &policies, &keys, now) else {
             drop(shard);
             return invalid();
-        }
-        let policy = policies.policy(f.client());
-        let check = ExchangeCheck {
-            client: req.client,
-            redirect_uri: req.redirect_uri,
-            verifier: req.code_verifier,
-            ip: req.ip,
-            jkt: req.dpop.as_ref(),
-            now,
         };
-        let plan = code::decide_exchange(f, &check, policy);
-        decision::apply(f, plan.change, now, req.ip, keys.active());
-        self.rebind(f, plan.bind, req.dpop.as_ref());
         match plan.verdict {
             Verdict::Accept(kind) => {
                 let token = mint_current(f, &keys).expect("the active key is always in the ring");

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 
 use crate::access::{AccessTokenInfo, ParsedAccess};
 use crate::clock::Timestamp;
-use crate::code::{self, CodeState, ExchangeCheck};
+use crate::code::CodeState;
 use crate::decision::{self, AcceptKind, Accepted, Decision, DenyReason, Plan, Request, Verdict};
 use crate::dpop::Jkt;
 use crate::error::Error;
@@ -545,21 +545,7 @@ impl Engine {
         let keys = self.keys.load_full();
         let judged = self
             .transact(sh, parsed.family, |f| {
-                if parsed.generation != Generation::CODE || !keys.verify(&parsed, &f.secret) {
-                    return None;
-                }
-                let policy = policies.policy(f.client());
-                let check = ExchangeCheck {
-                    client: req.client,
-                    redirect_uri: req.redirect_uri,
-                    verifier: req.code_verifier,
-                    ip: req.ip,
-                    jkt: req.dpop.as_ref(),
-                    now,
-                };
-                let plan = code::decide_exchange(f, &check, policy);
-                decision::apply(f, plan.change, now, req.ip, keys.active());
-                self.rebind(f, plan.bind, req.dpop.as_ref());
+                let plan = self.exchange_on(f, &parsed, &req, &policies, &keys, now)?;
                 let revoked = plan.cascade.family().is_some_and(|r| f.revoke(r, now));
                 Some((plan, revoked))
             })
